@@ -1,0 +1,300 @@
+"""The One-head Defense score: how far masking a head turns the last prompt token's hidden state.
+
+Cost model. The unmasked pass is the prefill generation needs anyway, so it is never repeated:
+
+* ``positions="all"`` (paper-exact): masking head (l, h) cannot change layers below ``l``, so the
+  masked branch replays only layers ``l..L-1`` from the unmasked pass's captured layer inputs
+  (about ``(L - l) / L`` of a prefill instead of a whole one).
+* ``positions="last"`` (fast): masking only the last position cannot change the keys and values of
+  earlier positions, so the prompt minus its last token is prefilled once with a KV cache, and the
+  last token is run as one decode step, unmasked and masked (the masked one replaying only layers
+  ``l..L-1``). The masked branch costs about one decode step.
+
+Replays call the model's own decoder layers with the keyword arguments the model itself passed them
+(attention masks, rotary embeddings, caches), captured by pre-forward hooks; so no model family's
+mask or position logic is re-implemented here. Many heads are scored in one batched replay, one
+head per batch row.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
+from ohd_guard.errors import InvalidInputError, ScreeningError
+from ohd_guard.masking import HeadRef, MaskSpec, head_mask
+
+# Inputs whose last dimension is the token sequence (sliced for the prefix / step passes).
+_SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+def angle_degrees(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Angle in degrees between rows of ``a`` and ``b`` (``[..., D]``), in float64.
+
+    Uses ``2 * atan2(|a^ - b^|, |a^ + b^|)``, which is exact for tiny angles where
+    ``arccos(cos)`` loses all precision (angles here are often below one degree).
+    """
+    a = torch.as_tensor(a).detach().to("cpu", torch.float64)
+    b = torch.as_tensor(b).detach().to("cpu", torch.float64)
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    rad = 2.0 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1))
+    return np.degrees(rad.numpy())
+
+
+@dataclass
+class _LayerCall:
+    """What the model passed to one decoder layer: ``layer(hidden, *args, **kwargs)``."""
+
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Prefill:
+    """The unmasked pass over a batch, kept so masked branches can reuse it."""
+
+    inputs: dict[str, Any]
+    base_states: torch.Tensor  # [B, D] score-site state at the last prompt position
+    calls: dict[int, _LayerCall] = field(default_factory=dict)  # decoder-layer inputs, from `from_layer` on
+    prefix_cache: Any = None  # "last" mode: KV cache of the prompt minus its last token
+    cache: Any = None  # KV cache of the whole prompt (for generation), when kept
+    next_token_logits: torch.Tensor | None = None  # [B, V] logits of the first answer token
+
+    @property
+    def batch_size(self) -> int:
+        return self.base_states.shape[0]
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _expand(x, batch: int, k: int):
+    """Repeat batch-sized tensors (recursively) so row ``b*k + j`` is prompt ``b``'s copy ``j``."""
+    if k == 1 or batch == 1:  # batch-1 tensors broadcast
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dim() >= 1 and x.shape[0] == batch:
+            return x.repeat_interleave(k, dim=0)
+        if x.dim() == 3 and x.shape[1] == batch:  # multimodal rotary position ids [3, B, T]
+            return x.repeat_interleave(k, dim=1)
+        return x
+    if isinstance(x, tuple):
+        return tuple(_expand(v, batch, k) for v in x)
+    if isinstance(x, list):
+        return [_expand(v, batch, k) for v in x]
+    if isinstance(x, dict):
+        return {key: _expand(v, batch, k) for key, v in x.items()}
+    return x
+
+
+class DeflectionScorer:
+    """Computes deflection angles of prompts for given heads on one model.
+
+    Args:
+        model: a transformers causal LM or VLM (eval mode).
+        processor: its tokenizer (text models) or processor (VLMs), used only by :meth:`encode`.
+        spec: how heads are masked.
+        score_layer: index into HF ``hidden_states`` where the angle is read: ``None`` or
+            ``num_layers`` means the last layer after the final norm (paper); ``k`` means the output
+            of decoder layer ``k - 1``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: Any = None,
+        spec: MaskSpec = MaskSpec(),
+        score_layer: int | None = None,
+        adapter: ArchitectureAdapter | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.adapter = adapter or get_adapter(model)
+        self.spec = spec
+        L = self.adapter.num_layers
+        self.score_layer = L if score_layer is None else int(score_layer)
+        if not 1 <= self.score_layer <= L:
+            raise InvalidInputError(f"score_layer must be in 1..{L}, got {score_layer}")
+
+    # -- inputs -------------------------------------------------------------------------------
+    def encode(self, conversations: Sequence[Any]) -> dict[str, Any]:
+        """Render conversations with the chat template (generation prompt added), left-padded."""
+        from ohd_guard.rendering import encode_conversations
+
+        return encode_conversations(self.processor, conversations, device=model_device(self.model))
+
+    # -- unmasked pass ------------------------------------------------------------------------
+    @contextmanager
+    def _capture(self, from_layer: int, calls: dict[int, _LayerCall], site: list) -> Iterator[None]:
+        handles = []
+        try:
+            for i in range(from_layer, self.adapter.num_layers):
+
+                def pre(module, args, kwargs, i=i):
+                    calls[i] = _LayerCall(args[0] if args else kwargs.get("hidden_states"), tuple(args[1:]), dict(kwargs))
+
+                handles.append(self.adapter.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(self._site_module().register_forward_hook(lambda m, a, out: site.append(_first(out)[:, -1])))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _site_module(self) -> nn.Module:
+        if self.score_layer == self.adapter.num_layers:
+            return self.adapter.final_norm
+        return self.adapter.layers[self.score_layer - 1]
+
+    @torch.no_grad()
+    def prefill(self, inputs: dict[str, Any], from_layer: int = 0, keep_cache: bool = False) -> Prefill:
+        """Run the unmasked pass, capturing decoder-layer inputs from ``from_layer`` on."""
+        calls: dict[int, _LayerCall] = {}
+        site: list[torch.Tensor] = []
+        if self.spec.positions == "all":
+            with self._capture(from_layer, calls, site):
+                out = self.model(**inputs, use_cache=keep_cache, logits_to_keep=1)
+            return Prefill(
+                inputs, site[-1], calls, cache=out.past_key_values if keep_cache else None,
+                next_token_logits=out.logits[:, -1],
+            )
+        # "last": prefix with cache, then the last token as one decode step.
+        if inputs["input_ids"].shape[1] < 2:
+            raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
+        prefix = {k: (v[:, :-1] if k in _SEQ_KEYS else v) for k, v in inputs.items()}
+        out = self.model(**prefix, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        prefix_cache = copy.deepcopy(cache)
+        step = self._step_inputs(inputs, cache)
+        with self._capture(from_layer, calls, site):
+            out = self.model(**step, logits_to_keep=1)
+        return Prefill(
+            inputs, site[-1], calls, prefix_cache=prefix_cache, cache=cache if keep_cache else None,
+            next_token_logits=out.logits[:, -1],
+        )
+
+    def _step_inputs(self, inputs: dict[str, Any], cache) -> dict[str, Any]:
+        """Inputs of one decode step for the last prompt token, built the way ``generate`` builds them."""
+        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        return self.model.prepare_inputs_for_generation(
+            inputs["input_ids"], next_sequence_length=1, past_key_values=cache,
+            attention_mask=inputs.get("attention_mask"), is_first_iteration=False, use_cache=True, **extra,
+        )
+
+    # -- masked branches ----------------------------------------------------------------------
+    @torch.no_grad()
+    def masked_states(
+        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_rows: int = 256
+    ) -> torch.Tensor:
+        """Score-site states [B, K, D] with column ``k`` masking the heads ``columns[k]`` together."""
+        B = prefill.batch_size
+        outs: list[torch.Tensor] = [None] * len(columns)  # type: ignore[list-item]
+        # Group columns by the first layer they touch: a replay from layer l serves them all.
+        by_start: dict[int, list[int]] = {}
+        for k, heads in enumerate(columns):
+            if not heads:
+                raise InvalidInputError("an empty head set cannot be masked")
+            by_start.setdefault(min(h.layer for h in heads), []).append(k)
+        per_chunk = max(1, max_rows // B)
+        for start, ks in sorted(by_start.items()):
+            if start >= self.score_layer:
+                for k in ks:  # a head at or above the score layer cannot move it
+                    outs[k] = prefill.base_states[:, None]
+                continue
+            if start not in prefill.calls:
+                raise ScreeningError(f"prefill captured layers from {min(prefill.calls, default='none')}, need {start}")
+            for c in range(0, len(ks), per_chunk):
+                chunk = ks[c : c + per_chunk]
+                states = self._replay(prefill, start, [tuple(columns[k]) for k in chunk])
+                for j, k in enumerate(chunk):
+                    outs[k] = states[:, j : j + 1]
+        return torch.cat(outs, dim=1)
+
+    def _replay(self, prefill: Prefill, start: int, heads: list[tuple[HeadRef, ...]]) -> torch.Tensor:
+        B, K = prefill.batch_size, len(heads)
+        rows = [heads[j] for _ in range(B) for j in range(K)]  # row b*K + j masks heads[j]
+        cache = None
+        if prefill.prefix_cache is not None:
+            cache = copy.deepcopy(prefill.prefix_cache)
+            if K > 1:
+                cache.batch_repeat_interleave(K)
+        call = prefill.calls[start]
+        h = _expand(call.hidden, B, K)
+        if B == 1 and K > 1:
+            h = h.expand(K, *h.shape[1:])
+        with head_mask(self.adapter, rows, self.spec):
+            for i in range(start, self.score_layer):
+                c = prefill.calls[i]
+                kwargs = _expand(c.kwargs, B, K)
+                if "past_key_values" in kwargs:
+                    kwargs["past_key_values"] = cache
+                h = _first(self.adapter.layers[i](h, *_expand(c.args, B, K), **kwargs))
+        last = h[:, -1]
+        if self.score_layer == self.adapter.num_layers:
+            last = self.adapter.final_norm(last)
+        return last.reshape(B, K, -1)
+
+    # -- convenience --------------------------------------------------------------------------
+    def head_angles(self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_rows: int = 256) -> np.ndarray:
+        """Angles [B, K] for a prefill, column ``k`` masking ``columns[k]``."""
+        masked = self.masked_states(prefill, columns, max_rows=max_rows)
+        return angle_degrees(prefill.base_states[:, None].expand_as(masked), masked)
+
+    def angles(
+        self,
+        conversations: Sequence[Any],
+        heads: Sequence[HeadRef] | Sequence[Sequence[HeadRef]],
+        batch_size: int = 8,
+        max_rows: int = 256,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Angles [N, K] of N conversations for K heads (or K head sets masked together)."""
+        columns = [(h,) if isinstance(h, HeadRef) else tuple(h) for h in heads]
+        if not columns:
+            raise InvalidInputError("no heads given")
+        start = min(h.layer for col in columns for h in col)
+        result = np.zeros((len(conversations), len(columns)))
+        batches = range(0, len(conversations), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=f"scoring {len(columns)} head(s)", unit="batch")
+        for s in batches:
+            inputs = self.encode(conversations[s : s + batch_size])
+            pre = self.prefill(inputs, from_layer=min(start, self.score_layer - 1))
+            result[s : s + batch_size] = self.head_angles(pre, columns, max_rows=max_rows)
+        return result
+
+
+def all_heads(adapter: ArchitectureAdapter, below_layer: int | None = None) -> list[HeadRef]:
+    """Every head of the language model (optionally only layers below ``below_layer``)."""
+    top = adapter.num_layers if below_layer is None else min(below_layer, adapter.num_layers)
+    return [HeadRef(layer=l, head=h) for l in range(top) for h in range(adapter.num_heads)]
+
+
+def naive_angles(
+    model: nn.Module, inputs: dict[str, Any], heads: Sequence[HeadRef], spec: MaskSpec, adapter=None
+) -> np.ndarray:
+    """Reference implementation: two full forward passes per head, hidden_states[-1] at the last token.
+
+    Used by tests and benchmarks to check the optimised paths; it is what the paper's code does.
+    """
+    adapter = adapter or get_adapter(model)
+    with torch.no_grad():
+        base = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
+        out = np.zeros((base.shape[0], len(heads)))
+        for k, h in enumerate(heads):
+            with head_mask(adapter, [h], spec):
+                masked = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
+            out[:, k] = angle_degrees(base, masked)
+    return out
+
