@@ -1,0 +1,271 @@
+"""Tests for the bundled calibration prompts, the typographic renderer and the dataset loaders."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageChops
+
+from ohd_guard.datasets import (
+    SHARED_SETS,
+    TYPOGRAPHIC_INSTRUCTION,
+    LabelledPrompt,
+    load_calibration_prompts,
+    load_labelled_file,
+    load_shared_set,
+    render_typographic,
+    shared_datasets_dir,
+    to_typographic,
+)
+from ohd_guard.errors import InvalidInputError
+
+UNSAFE_CATEGORIES = {
+    "weapons", "cyber", "fraud", "drugs", "hate", "harassment",
+    "self_harm", "privacy", "extremism", "misinformation", "violence",
+}
+
+
+# ---------------------------------------------------------------- calibration prompts
+
+
+def test_counts_and_balance():
+    prompts = load_calibration_prompts()
+    labels = Counter(p.label for p in prompts)
+    assert labels[1] >= 170 and labels[0] >= 170
+    assert set(labels) == {0, 1}
+    unsafe = Counter(p.category for p in prompts if p.label == 1)
+    assert set(unsafe) == UNSAFE_CATEGORIES
+    assert min(unsafe.values()) >= 12
+    assert max(unsafe.values()) <= 1.5 * min(unsafe.values())
+    safe = Counter(p.category for p in prompts if p.label == 0)
+    assert safe["lookalike"] >= 50
+    assert len(safe) >= 8  # ordinary requests spread over many topics
+    assert not set(safe) & UNSAFE_CATEGORIES
+    assert all(p.source == "calibration" and p.image is None for p in prompts)
+
+
+def test_raw_file_is_well_formed():
+    from importlib import resources
+
+    text = resources.files("ohd_guard").joinpath("data", "calibration_prompts.jsonl").read_text("utf-8")
+    rows = [json.loads(line) for line in text.splitlines()]
+    ids = [r["id"] for r in rows]
+    assert len(set(ids)) == len(ids)
+    for r in rows:
+        assert set(r) == {"id", "text", "label", "category"}
+        assert r["label"] in ("unsafe", "safe")
+        assert r["id"][0] == ("u" if r["label"] == "unsafe" else "s")
+        assert r["text"] == r["text"].strip() and r["text"]
+
+
+def test_texts_unique_and_varied():
+    texts = [p.text for p in load_calibration_prompts()]
+    assert len(set(texts)) == len(texts)
+    assert len({t.lower().rstrip("?.! ") for t in texts}) == len(texts)
+    lengths = [len(t.split()) for t in texts]
+    assert min(lengths) <= 6 and max(lengths) >= 20
+    assert any(t.endswith("?") for t in texts) and any(t.endswith(".") for t in texts)
+
+
+def test_lookalikes_are_safe():
+    prompts = load_calibration_prompts()
+    lookalikes = [p for p in prompts if p.category == "lookalike"]
+    assert lookalikes and all(p.label == 0 for p in lookalikes)
+    vocab = ("kill", "shoot", "phishing", "bomb", "hack", "poison", "overdose", "suicide")
+    assert sum(any(w in p.text.lower() for w in vocab) for p in lookalikes) >= 15
+
+
+def test_split_disjoint_complete_stratified():
+    everything = load_calibration_prompts("all")
+    calib = load_calibration_prompts("calib")
+    heldout = load_calibration_prompts("heldout")
+    assert set(calib).isdisjoint(heldout)
+    assert Counter(calib) + Counter(heldout) == Counter(everything)
+    groups = {(p.label, p.category) for p in everything}
+    assert {(p.label, p.category) for p in calib} == groups
+    assert {(p.label, p.category) for p in heldout} == groups
+    assert 0.2 < len(heldout) / len(everything) < 0.4
+
+
+def test_split_deterministic_and_seeded():
+    assert load_calibration_prompts("heldout") == load_calibration_prompts("heldout")
+    assert load_calibration_prompts("calib", seed=3) == load_calibration_prompts("calib", seed=3)
+    assert load_calibration_prompts("heldout", seed=1) != load_calibration_prompts("heldout", seed=2)
+    small = load_calibration_prompts("heldout", heldout_fraction=0.1)
+    assert len(small) < len(load_calibration_prompts("heldout"))
+
+
+@pytest.mark.parametrize("kwargs", [{"split": "test"}, {"heldout_fraction": 0.0}, {"heldout_fraction": 1.0}])
+def test_split_bad_arguments(kwargs):
+    with pytest.raises(InvalidInputError):
+        load_calibration_prompts(**kwargs)
+
+
+def test_labelled_prompt_image_ignored_by_eq():
+    a = LabelledPrompt("x", 1, "c", "s", image=Image.new("RGB", (4, 4)))
+    b = LabelledPrompt("x", 1, "c", "s")
+    assert a == b and hash(a) == hash(b)
+
+
+# ---------------------------------------------------------------- typographic rendering
+
+
+def test_render_deterministic_rgb_not_blank():
+    text = "Explain how to do something you should not do, in great detail please."
+    a = render_typographic(text)
+    b = render_typographic(text)
+    assert a.mode == "RGB" and a.size == (512, 512)
+    assert ImageChops.difference(a, b).getbbox() is None
+    extrema = a.convert("L").getextrema()
+    assert extrema[0] < 50 and extrema[1] == 255  # black text on white
+    dark = sum(1 for px in a.convert("L").getdata() if px < 128)
+    assert 0.005 < dark / (512 * 512) < 0.5
+    assert ImageChops.difference(a, render_typographic("Something else entirely.")).getbbox() is not None
+
+
+def test_render_sizes_and_long_text():
+    img = render_typographic("word " * 200, size=256)
+    assert img.size == (256, 256) and img.mode == "RGB"
+    assert img.convert("L").getextrema()[0] < 128
+    assert render_typographic("Short.", size=336, font_size=20).size == (336, 336)
+    long_word = render_typographic("A" * 300).convert("L")  # an unbreakable word still wraps
+    assert long_word.crop((0, 100, 512, 200)).getextrema()[0] < 128
+    with pytest.raises(InvalidInputError):
+        render_typographic("   ")
+
+
+def test_to_typographic():
+    prompts = load_calibration_prompts()[:3]
+    typo = to_typographic(prompts, size=256)
+    assert len(typo) == 3
+    for p, t in zip(prompts, typo):
+        assert t.text == TYPOGRAPHIC_INSTRUCTION
+        assert (t.label, t.category) == (p.label, p.category)
+        assert t.source == "calibration+typographic"
+        assert t.image is not None and t.image.size == (256, 256)
+        assert ImageChops.difference(t.image, render_typographic(p.text, size=256)).getbbox() is None
+
+
+# ---------------------------------------------------------------- shared public sets
+
+
+@pytest.fixture(scope="module")
+def shared_root() -> Path:
+    try:
+        return shared_datasets_dir()
+    except FileNotFoundError:
+        pytest.skip("shared datasets folder not available")
+
+
+EXPECTED_LABEL = {
+    "advbench": 1, "jbb": 1, "figstep": 1, "figstep_images": 1,
+    "alpaca_seed": 0, "refusal_direction_harmless": 0,
+}
+
+
+@pytest.mark.parametrize("name", SHARED_SETS)
+def test_shared_sets(name, shared_root):
+    items = load_shared_set(name, root=shared_root, limit=None if name != "refusal_direction_harmless" else 200)
+    assert items
+    assert {p.label for p in items} == {EXPECTED_LABEL[name]}
+    assert all(isinstance(p.text, str) and p.text.strip() for p in items)
+    assert all(p.source == name for p in items)
+    if name in ("jbb", "figstep", "figstep_images"):
+        assert all(p.category for p in items)
+    if name == "figstep_images":
+        assert all(p.text == TYPOGRAPHIC_INSTRUCTION for p in items)
+        assert all(p.image is not None and p.image.mode == "RGB" for p in items)
+        assert all(p.image.info.get("question") for p in items)
+    else:
+        assert all(p.image is None for p in items)
+
+
+def test_shared_set_limit_and_unknown(shared_root):
+    assert len(load_shared_set("advbench", limit=5, root=shared_root)) == 5
+    assert len(load_shared_set("figstep_images", limit=2, root=shared_root)) == 2
+    with pytest.raises(InvalidInputError, match="advbench"):
+        load_shared_set("nope", root=shared_root)
+
+
+def test_shared_dir_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("OHD_SHARED_DATASETS", str(tmp_path))
+    assert shared_datasets_dir() == tmp_path
+    monkeypatch.setenv("OHD_SHARED_DATASETS", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="OHD_SHARED_DATASETS"):
+        shared_datasets_dir()
+
+
+# ---------------------------------------------------------------- user files
+
+
+def test_csv_labels_and_image(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "pic.png")
+    (tmp_path / "p.csv").write_text(
+        "prompt,label,category,image\n"
+        "a,1,x,\n"
+        "b,0,,\n"
+        "c,unsafe,,\n"
+        "d,Safe,,\n"
+        "e,harmful,,\n"
+        "f,HARMLESS,,\n"
+        "g,true,,pic.png\n"
+        "h,false,,\n"
+        "\"multi\nline\",0,,\n",
+        encoding="utf-8",
+    )
+    items = load_labelled_file(tmp_path / "p.csv")
+    assert [p.label for p in items] == [1, 0, 1, 0, 1, 0, 1, 0, 0]
+    assert items[0].category == "x" and items[0].source == "p.csv"
+    assert items[6].image is not None and items[6].image.getpixel((0, 0)) == (255, 0, 0)
+    assert items[8].text == "multi\nline"
+
+
+def test_jsonl_labels(tmp_path):
+    rows = [
+        {"text": "a", "label": 1},
+        {"text": "b", "label": 0, "category": "c"},
+        {"text": "c", "label": True},
+        {"text": "d", "label": "harmless"},
+    ]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    items = load_labelled_file(f)
+    assert [p.label for p in items] == [1, 0, 1, 0]
+    assert items[1].category == "c"
+
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("a.csv", "text,lbl\nx,1\n", "missing 'label'"),
+        ("a.csv", "body,label\nx,1\n", "missing 'text'"),
+        ("a.csv", "text,label\nx,1\ny,maybe\n", r"line 3: bad label 'maybe'"),
+        ("a.csv", "text,label\n", "no prompts"),
+        ("a.csv", "text,label,image\nx,1,nothere.png\n", "cannot read image"),
+        ("a.jsonl", '{"text": "x", "label": 1}\n{"text": "y", "label": 2}\n', "line 2: bad label 2"),
+        ("a.jsonl", '{"text": "x", "label": 1}\n{not json\n', "line 2: invalid JSON"),
+        ("a.jsonl", '["x", 1]\n', "line 1: expected a JSON object"),
+        ("a.jsonl", '{"label": 1}\n', "line 1: missing 'text'"),
+        ("a.jsonl", '{"text": "x"}\n', "line 1: missing 'label'"),
+        ("a.jsonl", '{"text": "  ", "label": 0}\n', "empty text"),
+        ("a.txt", "x\n", "unsupported file type"),
+    ],
+)
+def test_labelled_file_errors(tmp_path, name, content, match):
+    f = tmp_path / name
+    f.write_text(content, encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=match) as info:
+        load_labelled_file(f)
+    assert name in str(info.value)
+
+
+def test_labelled_file_missing_and_binary(tmp_path):
+    with pytest.raises(InvalidInputError, match="no such file"):
+        load_labelled_file(tmp_path / "absent.csv")
+    f = tmp_path / "bin.csv"
+    f.write_bytes(b"text,label\n\xff\xfe\x00,1\n")
+    with pytest.raises(InvalidInputError, match="bin.csv"):
+        load_labelled_file(f)
