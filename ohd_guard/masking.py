@@ -69,8 +69,11 @@ def _row_scales(
     return scale.to(device) if hit else None
 
 
-def _apply(t: torch.Tensor, scale: torch.Tensor, layout: str, last_only: bool, num_heads: int, head_dim: int):
+def _apply(t: torch.Tensor, scale: torch.Tensor, layout: str, last_only: bool, num_heads: int, head_dim: int,
+           prefix_rows: bool = False):
     """Scale the per-head slices of ``t`` (a query or head-output tensor) by ``scale`` [rows, heads]."""
+    if prefix_rows and scale.shape[0] > t.shape[0]:
+        scale = scale[: t.shape[0]]
     if scale.shape[0] not in (1, t.shape[0]):
         raise InvalidInputError(
             f"head mask has {scale.shape[0]} rows but the forward pass has batch size {t.shape[0]}"
@@ -100,8 +103,12 @@ def head_mask(
     adapter: ArchitectureAdapter,
     heads: Sequence[HeadRef] | Sequence[Sequence[HeadRef]],
     spec: MaskSpec = MaskSpec(),
+    prefix_rows: bool = False,
 ) -> Iterator[None]:
     """Mask ``heads`` (the same for every row) or ``heads[r]`` for batch row ``r``, inside the block.
+
+    With ``prefix_rows``, a forward pass may run on the first ``n`` rows only (they get the first
+    ``n`` rows' masks); the staircase replay of the scorer grows its batch layer by layer.
 
     >>> with head_mask(adapter, [HeadRef(layer=8, head=2)]):
     ...     out = model(**inputs)
@@ -137,7 +144,7 @@ def head_mask(
                 def q_hook(module, args, output, scale=scale, layout=site.layout):
                     if not active():
                         return None
-                    return _apply(output, scale, layout, last_only, H, d)
+                    return _apply(output, scale, layout, last_only, H, d, prefix_rows)
 
                 handles.append(site.module.register_forward_hook(q_hook))
             else:
@@ -145,7 +152,7 @@ def head_mask(
                 def o_hook(module, args, scale=scale):
                     if not active():
                         return None
-                    return (_apply(args[0], scale, "flat", last_only, H, d), *args[1:])
+                    return (_apply(args[0], scale, "flat", last_only, H, d, prefix_rows), *args[1:])
 
                 handles.append(adapter.output_projection(layer).register_forward_pre_hook(o_hook))
         token = _active_masks.set(_active_masks.get() | {mask_id})

@@ -78,22 +78,25 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _expand(x, batch: int, k: int):
-    """Repeat batch-sized tensors (recursively) so row ``b*k + j`` is prompt ``b``'s copy ``j``."""
-    if k == 1 or batch == 1:  # batch-1 tensors broadcast
-        return x
+def _select(x, idx: torch.Tensor, batch: int, force: bool = False):
+    """Pick batch rows ``idx`` of every batch-sized tensor in ``x`` (recursively).
+
+    With batch 1, tensors broadcast and are left alone unless ``force``.
+    """
     if isinstance(x, torch.Tensor):
+        if batch == 1 and not force:
+            return x
         if x.dim() >= 1 and x.shape[0] == batch:
-            return x.repeat_interleave(k, dim=0)
+            return x.index_select(0, idx)
         if x.dim() == 3 and x.shape[1] == batch:  # multimodal rotary position ids [3, B, T]
-            return x.repeat_interleave(k, dim=1)
+            return x.index_select(1, idx)
         return x
     if isinstance(x, tuple):
-        return tuple(_expand(v, batch, k) for v in x)
+        return tuple(_select(v, idx, batch, force) for v in x)
     if isinstance(x, list):
-        return [_expand(v, batch, k) for v in x]
+        return [_select(v, idx, batch, force) for v in x]
     if isinstance(x, dict):
-        return {key: _expand(v, batch, k) for key, v in x.items()}
+        return {key: _select(v, idx, batch, force) for key, v in x.items()}
     return x
 
 
@@ -193,60 +196,74 @@ class DeflectionScorer:
     # -- masked branches ----------------------------------------------------------------------
     @torch.no_grad()
     def masked_states(
-        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_rows: int = 256
+        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192
     ) -> torch.Tensor:
-        """Score-site states [B, K, D] with column ``k`` masking the heads ``columns[k]`` together."""
-        B = prefill.batch_size
-        outs: list[torch.Tensor] = [None] * len(columns)  # type: ignore[list-item]
-        # Group columns by the first layer they touch: a replay from layer l serves them all.
-        by_start: dict[int, list[int]] = {}
-        for k, heads in enumerate(columns):
-            if not heads:
-                raise InvalidInputError("an empty head set cannot be masked")
-            by_start.setdefault(min(h.layer for h in heads), []).append(k)
-        per_chunk = max(1, max_rows // B)
-        for start, ks in sorted(by_start.items()):
-            if start >= self.score_layer:
-                for k in ks:  # a head at or above the score layer cannot move it
-                    outs[k] = prefill.base_states[:, None]
-                continue
-            if start not in prefill.calls:
-                raise ScreeningError(f"prefill captured layers from {min(prefill.calls, default='none')}, need {start}")
-            for c in range(0, len(ks), per_chunk):
-                chunk = ks[c : c + per_chunk]
-                states = self._replay(prefill, start, [tuple(columns[k]) for k in chunk])
-                for j, k in enumerate(chunk):
-                    outs[k] = states[:, j : j + 1]
-        return torch.cat(outs, dim=1)
+        """Score-site states [B, K, D] with column ``k`` masking the heads ``columns[k]`` together.
 
-    def _replay(self, prefill: Prefill, start: int, heads: list[tuple[HeadRef, ...]]) -> torch.Tensor:
-        B, K = prefill.batch_size, len(heads)
-        rows = [heads[j] for _ in range(B) for j in range(K)]  # row b*K + j masks heads[j]
+        Columns are sorted by the first layer they touch and replayed in chunks of at most
+        ``max_tokens`` rows x positions (memory bound).
+        """
+        B = prefill.batch_size
+        cols = [tuple(c) for c in columns]
+        if any(not c for c in cols):
+            raise InvalidInputError("an empty head set cannot be masked")
+        starts = [min(h.layer for h in c) for c in cols]
+        outs: list[torch.Tensor | None] = [None] * len(cols)
+        live = [k for k in sorted(range(len(cols)), key=lambda k: starts[k]) if starts[k] < self.score_layer]
+        for k in set(range(len(cols))) - set(live):  # a head at or above the score layer cannot move it
+            outs[k] = prefill.base_states
+        if live:
+            if starts[live[0]] not in prefill.calls:
+                raise ScreeningError(f"prefill captured layers from {min(prefill.calls)}, need {starts[live[0]]}")
+            seq = prefill.calls[starts[live[0]]].hidden.shape[1]
+            per_chunk = max(1, max_tokens // (B * seq))
+            for c in range(0, len(live), per_chunk):
+                chunk = live[c : c + per_chunk]
+                states = self._replay(prefill, [cols[k] for k in chunk], [starts[k] for k in chunk])
+                for j, k in enumerate(chunk):
+                    outs[k] = states[:, j]
+        return torch.stack(outs, dim=1)  # type: ignore[arg-type]
+
+    def _replay(self, prefill: Prefill, cols: list[tuple[HeadRef, ...]], starts: list[int]) -> torch.Tensor:
+        """Replay decoder layers for masked rows, row ``j*B + b`` = column ``j`` on prompt ``b``.
+
+        A staircase: columns are sorted by start layer and a column's rows join the batch at
+        its start layer (below it they equal the unmasked pass), so every layer runs once, on
+        all rows that need it — large matrix products instead of one small replay per layer.
+        """
+        B, K = prefill.batch_size, len(cols)
+        dev = prefill.base_states.device
+        row_prompt = torch.arange(B, device=dev).repeat(K)  # [K*B]
+        row_start = torch.tensor(starts, device=dev).repeat_interleave(B)
+        rows = [cols[j] for j in range(K) for _ in range(B)]
         cache = None
         if prefill.prefix_cache is not None:
-            cache = copy.deepcopy(prefill.prefix_cache)
-            if K > 1:
-                cache.batch_repeat_interleave(K)
-        call = prefill.calls[start]
-        h = _expand(call.hidden, B, K)
-        if B == 1 and K > 1:
-            h = h.expand(K, *h.shape[1:])
-        with head_mask(self.adapter, rows, self.spec):
-            for i in range(start, self.score_layer):
-                c = prefill.calls[i]
-                kwargs = _expand(c.kwargs, B, K)
-                if "past_key_values" in kwargs:
+            cache = copy.copy(prefill.prefix_cache)
+            cache.layers = [copy.copy(layer) for layer in prefill.prefix_cache.layers]
+        h = None
+        with head_mask(self.adapter, rows, self.spec, prefix_rows=True):
+            for i in range(starts[0], self.score_layer):
+                n_active = int((row_start <= i).sum())
+                call = prefill.calls[i]
+                n_old = 0 if h is None else h.shape[0]
+                if n_active > n_old:
+                    new = _select(call.hidden, row_prompt[n_old:n_active], B, force=True)
+                    h = new if h is None else torch.cat([h, new])
+                idx = row_prompt[:n_active]
+                kwargs = _select(call.kwargs, idx, B)
+                if cache is not None:
+                    cache.layers[i].batch_select_indices(idx)
                     kwargs["past_key_values"] = cache
-                h = _first(self.adapter.layers[i](h, *_expand(c.args, B, K), **kwargs))
+                h = _first(self.adapter.layers[i](h, *_select(call.args, idx, B), **kwargs))
         last = h[:, -1]
         if self.score_layer == self.adapter.num_layers:
             last = self.adapter.final_norm(last)
-        return last.reshape(B, K, -1)
+        return last.reshape(K, B, -1).transpose(0, 1)
 
     # -- convenience --------------------------------------------------------------------------
-    def head_angles(self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_rows: int = 256) -> np.ndarray:
+    def head_angles(self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192) -> np.ndarray:
         """Angles [B, K] for a prefill, column ``k`` masking ``columns[k]``."""
-        masked = self.masked_states(prefill, columns, max_rows=max_rows)
+        masked = self.masked_states(prefill, columns, max_tokens=max_tokens)
         return angle_degrees(prefill.base_states[:, None].expand_as(masked), masked)
 
     def angles(
@@ -254,7 +271,7 @@ class DeflectionScorer:
         conversations: Sequence[Any],
         heads: Sequence[HeadRef] | Sequence[Sequence[HeadRef]],
         batch_size: int = 8,
-        max_rows: int = 256,
+        max_tokens: int = 8192,
         progress: bool = False,
     ) -> np.ndarray:
         """Angles [N, K] of N conversations for K heads (or K head sets masked together)."""
@@ -271,7 +288,7 @@ class DeflectionScorer:
         for s in batches:
             inputs = self.encode(conversations[s : s + batch_size])
             pre = self.prefill(inputs, from_layer=min(start, self.score_layer - 1))
-            result[s : s + batch_size] = self.head_angles(pre, columns, max_rows=max_rows)
+            result[s : s + batch_size] = self.head_angles(pre, columns, max_tokens=max_tokens)
         return result
 
 

@@ -1,0 +1,123 @@
+"""Head search: which single head's mask separates unsafe from safe prompts best.
+
+The paper's selectivity rule: score every head by its mean angle on unsafe and on safe prompts;
+keep heads whose safe angle is below the ``percentile``-th percentile of safe angles over all heads
+(heads that move *every* prompt react to surface form, not safety); rank the kept heads by
+``unsafe - safe``. The two-stage search ranks all heads with the fast (last-position, KV-cached)
+score, then re-scores the best ``top_k`` with the requested (e.g. paper-exact) mask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from ohd_guard.errors import CalibrationError
+from ohd_guard.masking import HeadRef, MaskSpec
+from ohd_guard.metrics import auroc
+from ohd_guard.profile import HeadStats
+from ohd_guard.scoring import DeflectionScorer, all_heads
+
+Strategy = Literal["two-stage", "exact", "fast"]
+
+
+@dataclass
+class HeadScores:
+    """Angles of every scored head on the unsafe and safe calibration prompts."""
+
+    heads: list[HeadRef]
+    unsafe: np.ndarray  # [N_unsafe, K] degrees
+    safe: np.ndarray  # [N_safe, K] degrees
+    spec: MaskSpec
+
+    def stats(self, percentile: float = 80.0, eligible: np.ndarray | None = None) -> list[HeadStats]:
+        """Per-head statistics, selective heads first, each group ranked by unsafe - safe mean angle."""
+        u, s = self.unsafe.mean(0), self.safe.mean(0)
+        if eligible is None:
+            eligible = s <= np.percentile(s, percentile)
+        labels = np.r_[np.ones(len(self.unsafe)), np.zeros(len(self.safe))]
+        rows = [
+            HeadStats(
+                head=h, unsafe_mean=float(u[k]), safe_mean=float(s[k]), gap=float(u[k] - s[k]),
+                auroc=auroc(np.r_[self.unsafe[:, k], self.safe[:, k]], labels), eligible=bool(eligible[k]),
+            )
+            for k, h in enumerate(self.heads)
+        ]
+        return sorted(rows, key=lambda r: (not r.eligible, -r.gap))
+
+
+@dataclass
+class SearchResult:
+    ranking: list[HeadStats]  # best first
+    scores: HeadScores  # angles under the final mask spec (top_k heads in a two-stage search)
+    first_stage: HeadScores | None = None
+    strategy: str = ""
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best(self) -> HeadRef:
+        if not self.ranking or not self.ranking[0].eligible:
+            raise CalibrationError("no head passed the selectivity rule")
+        return self.ranking[0].head
+
+
+def score_heads(
+    scorer: DeflectionScorer,
+    unsafe: Sequence[Any],
+    safe: Sequence[Any],
+    heads: Sequence[HeadRef],
+    batch_size: int = 8,
+    progress: bool = False,
+) -> HeadScores:
+    if len(unsafe) < 2 or len(safe) < 2:
+        raise CalibrationError(f"need at least 2 unsafe and 2 safe prompts, got {len(unsafe)} and {len(safe)}")
+    u = scorer.angles(list(unsafe), heads, batch_size=batch_size, progress=progress)
+    s = scorer.angles(list(safe), heads, batch_size=batch_size, progress=progress)
+    return HeadScores(list(heads), u, s, scorer.spec)
+
+
+def search_heads(
+    model,
+    processor,
+    unsafe: Sequence[Any],
+    safe: Sequence[Any],
+    *,
+    spec: MaskSpec = MaskSpec(),
+    score_layer: int | None = None,
+    strategy: Strategy = "two-stage",
+    top_k: int = 8,
+    percentile: float = 80.0,
+    heads: Sequence[HeadRef] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> SearchResult:
+    """Rank heads by the selectivity rule; ``result.best`` is the head to use."""
+    t0 = time.perf_counter()
+    final = DeflectionScorer(model, processor, spec=spec, score_layer=score_layer)
+    candidates = list(heads) if heads is not None else all_heads(final.adapter, below_layer=final.score_layer)
+    timings: dict[str, float] = {}
+    if strategy == "exact" or (strategy == "two-stage" and spec.positions == "last"):
+        scores = score_heads(final, unsafe, safe, candidates, batch_size, progress)
+        result = SearchResult(scores.stats(percentile), scores, strategy=strategy)
+    else:
+        fast_spec = spec.model_copy(update={"positions": "last"})
+        fast = DeflectionScorer(model, processor, spec=fast_spec, score_layer=score_layer, adapter=final.adapter)
+        first = score_heads(fast, unsafe, safe, candidates, batch_size, progress)
+        timings["rank_all_fast"] = time.perf_counter() - t0
+        ranked = first.stats(percentile)
+        if strategy == "fast":
+            result = SearchResult(ranked, first, first, strategy=strategy)
+        else:
+            top = [r.head for r in ranked if r.eligible][:top_k] or [r.head for r in ranked[:top_k]]
+            t1 = time.perf_counter()
+            scores = score_heads(final, unsafe, safe, top, batch_size, progress)
+            timings["rescore_top_exact"] = time.perf_counter() - t1
+            eligible = np.array([next(r.eligible for r in ranked if r.head == h) for h in top])
+            result = SearchResult(scores.stats(percentile, eligible), scores, first, strategy=strategy)
+    result.seconds = time.perf_counter() - t0
+    result.timings = timings
+    return result
