@@ -52,8 +52,9 @@ def encode_conversations(processor: Any, conversations: Sequence[Any], device=No
         tok.padding_side = "left"
         if tok.pad_token is None:
             raise InvalidInputError("the tokenizer has no pad token; set tokenizer.pad_token first")
+        pad = {"processor_kwargs": {"padding": True}} if mm else {"padding": True}
         enc = processor.apply_chat_template(
-            batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+            batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **pad
         )
     finally:
         tok.padding_side = old_side

@@ -31,8 +31,6 @@ from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
 from ohd_guard.errors import InvalidInputError, ScreeningError
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 
-# Inputs whose last dimension is the token sequence (sliced for the prefix / step passes).
-_SEQ_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
 
 
 def angle_degrees(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -100,6 +98,40 @@ def _select(x, idx: torch.Tensor, batch: int, force: bool = False):
     return x
 
 
+def _last_position_call(call: _LayerCall, seq: int) -> _LayerCall:
+    """The inputs a decoder layer would get for the last prompt token run as one decode step."""
+
+    def cut(key: str, x):
+        if isinstance(x, torch.Tensor):
+            if key == "attention_mask" and x.dim() == 4 and x.shape[-2] == seq:
+                return x[..., -1:, :]  # [B, 1, query, key]: keep the last query row, all keys
+            if key == "position_ids" and x.shape[-1] == seq:
+                return x[..., -1:]
+            if key == "position_embeddings" and x.dim() >= 2 and x.shape[-2] == seq:
+                return x[..., -1:, :]  # rotary cos/sin [B, T, d]
+            return x
+        if isinstance(x, (tuple, list)):
+            return type(x)(cut(key, v) for v in x)
+        if isinstance(x, dict):  # per-layer-type masks or rotary tables
+            return {k: cut(key, v) for k, v in x.items()}
+        return x
+
+    return _LayerCall(call.hidden[:, -1:], call.args, {k: cut(k, v) for k, v in call.kwargs.items()})
+
+
+def _cropped_copy(cache, from_layer: int):
+    """A copy of ``cache`` without the last position; layers it shares with ``cache`` stay untouched."""
+    if cache is None:
+        raise ScreeningError("the model returned no KV cache; use MaskSpec(positions='all') for it")
+    out = copy.copy(cache)
+    out.layers = list(cache.layers)
+    for i in range(from_layer, len(out.layers)):
+        layer = copy.copy(cache.layers[i])
+        layer.crop(-1)
+        out.layers[i] = layer
+    return out
+
+
 class DeflectionScorer:
     """Computes deflection angles of prompts for given heads on one model.
 
@@ -160,37 +192,26 @@ class DeflectionScorer:
 
     @torch.no_grad()
     def prefill(self, inputs: dict[str, Any], from_layer: int = 0, keep_cache: bool = False) -> Prefill:
-        """Run the unmasked pass, capturing decoder-layer inputs from ``from_layer`` on."""
+        """Run the unmasked pass, capturing decoder-layer inputs from ``from_layer`` on.
+
+        In ``last`` mode the captured inputs are cut to the last position and the KV cache (cropped
+        by one token) is kept, so a masked branch is one decode step of layers ``l..L-1``.
+        """
         calls: dict[int, _LayerCall] = {}
         site: list[torch.Tensor] = []
-        if self.spec.positions == "all":
-            with self._capture(from_layer, calls, site):
-                out = self.model(**inputs, use_cache=keep_cache, logits_to_keep=1)
-            return Prefill(
-                inputs, site[-1], calls, cache=out.past_key_values if keep_cache else None,
-                next_token_logits=out.logits[:, -1],
-            )
-        # "last": prefix with cache, then the last token as one decode step.
-        if inputs["input_ids"].shape[1] < 2:
-            raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
-        prefix = {k: (v[:, :-1] if k in _SEQ_KEYS else v) for k, v in inputs.items()}
-        out = self.model(**prefix, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        prefix_cache = copy.deepcopy(cache)
-        step = self._step_inputs(inputs, cache)
+        last = self.spec.positions == "last"
         with self._capture(from_layer, calls, site):
-            out = self.model(**step, logits_to_keep=1)
+            out = self.model(**inputs, use_cache=keep_cache or last, logits_to_keep=1)
+        prefix_cache = None
+        if last:
+            T = inputs["input_ids"].shape[1]
+            if T < 2:
+                raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
+            calls = {i: _last_position_call(c, T) for i, c in calls.items()}
+            prefix_cache = _cropped_copy(out.past_key_values, from_layer)
         return Prefill(
-            inputs, site[-1], calls, prefix_cache=prefix_cache, cache=cache if keep_cache else None,
-            next_token_logits=out.logits[:, -1],
-        )
-
-    def _step_inputs(self, inputs: dict[str, Any], cache) -> dict[str, Any]:
-        """Inputs of one decode step for the last prompt token, built the way ``generate`` builds them."""
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-        return self.model.prepare_inputs_for_generation(
-            inputs["input_ids"], next_sequence_length=1, past_key_values=cache,
-            attention_mask=inputs.get("attention_mask"), is_first_iteration=False, use_cache=True, **extra,
+            inputs, site[-1], calls, prefix_cache=prefix_cache,
+            cache=out.past_key_values if keep_cache else None, next_token_logits=out.logits[:, -1],
         )
 
     # -- masked branches ----------------------------------------------------------------------
