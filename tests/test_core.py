@@ -1,0 +1,225 @@
+"""Core engine on tiny random models of every supported architecture, and on a planted head."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ohd_guard.adapters import ArchitectureAdapter, get_adapter, register_adapter
+from ohd_guard.errors import InvalidInputError, UnsupportedModelError
+from ohd_guard.masking import HeadRef, MaskSpec, head_mask
+from ohd_guard.rendering import is_multimodal
+from ohd_guard.scoring import DeflectionScorer, all_heads, angle_degrees, naive_angles
+from ohd_guard.testing import TINY_ARCHS, planted_head_model, tiny_model
+
+IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))
+
+
+def _convs(processor):
+    if is_multimodal(processor):
+        img = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "what is this"}]}]
+        return ["hello there friend", img]
+    return ["hello there friend", "a longer prompt about cats and dogs and birds"]
+
+
+def _hook_count(model) -> int:
+    """Hooks on the model, except the permanent output-capturing ones transformers installs itself."""
+    hooks = [h for m in model.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())]
+    return sum("output_capuring" not in getattr(h, "__qualname__", "") for h in hooks)
+
+
+@pytest.fixture()
+def no_hook_leak():
+    """Checks after the test that no model it touched has more hooks than before."""
+    models: list = []
+    yield lambda m: models.append((m, _hook_count(m))) or m
+    for m, n in models:
+        assert _hook_count(m) == n, "a hook was left registered"
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def tiny(request):
+    model, processor = tiny_model(request.param)
+    return request.param, model, processor
+
+
+def test_angle_degrees_is_exact_for_known_angles():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    t = np.radians([1e-4, 30.0, 180.0])
+    b = torch.tensor(np.stack([np.cos(t), np.sin(t)], 1))
+    np.testing.assert_allclose(angle_degrees(a, b), [1e-4, 30.0, 180.0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_optimised_angles_equal_two_full_passes_and_batch_equals_single(tiny, positions, no_hook_leak):
+    """Prefix replay (and, for 'last', the KV-cached decode step) reproduce the paper's two-pass angles."""
+    arch, model, processor = tiny
+    no_hook_leak(model)
+    scorer = DeflectionScorer(model, processor, spec=MaskSpec(positions=positions))
+    heads = all_heads(scorer.adapter)
+    convs = _convs(processor)
+    batched = scorer.angles(convs, heads, batch_size=2)
+    single = np.concatenate([scorer.angles([c], heads) for c in convs])
+    reference = np.concatenate([naive_angles(model, scorer.encode([c]), heads, scorer.spec) for c in convs])
+    assert reference.max() > 1e-3, "masking moved nothing: the mask is not reaching the heads"
+    np.testing.assert_allclose(batched, reference, atol=1e-4)
+    np.testing.assert_allclose(single, reference, atol=1e-4)
+
+
+def test_alpha_one_gives_zero_angle_and_masks_restore_exactly(tiny, no_hook_leak):
+    arch, model, processor = tiny
+    no_hook_leak(model)
+    scorer = DeflectionScorer(model, processor, spec=MaskSpec(alpha=1.0))
+    assert np.abs(scorer.angles(_convs(processor), all_heads(scorer.adapter))).max() < 1e-4
+    inputs = scorer.encode(_convs(processor)[1:])
+    with torch.no_grad():
+        before = model(**inputs).logits
+        with head_mask(scorer.adapter, [HeadRef(layer=0, head=1)]):
+            masked = model(**inputs).logits
+        after = model(**inputs).logits
+    assert not torch.equal(before, masked)
+    assert torch.equal(before, after)
+
+
+def test_query_mask_makes_attention_uniform(tiny):
+    """alpha=0 on the query: the head outputs the mean of its values over the causal prefix."""
+    arch, model, processor = tiny
+    adapter = get_adapter(model)
+    layer, head = adapter.num_layers - 1, 1
+    attn = adapter.attention(layer)
+    H, KV, d = adapter.num_heads, adapter.num_kv_heads, adapter.head_dim
+    got: dict[str, torch.Tensor] = {}
+    if hasattr(attn, "v_proj"):
+        h1 = attn.v_proj.register_forward_hook(lambda m, a, o: got.__setitem__("v", o))
+    else:  # fused qkv: [q | k | v]
+        h1 = attn.qkv_proj.register_forward_hook(lambda m, a, o: got.__setitem__("v", o[..., (H + KV) * d :]))
+    h2 = adapter.output_projection(layer).register_forward_pre_hook(lambda m, a: got.__setitem__("o", a[0]))
+    inputs = DeflectionScorer(model, processor).encode(_convs(processor)[1:])
+    try:
+        with torch.no_grad(), head_mask(adapter, [HeadRef(layer=layer, head=head)], MaskSpec(alpha=0.0)):
+            model(**inputs)
+    finally:
+        h1.remove()
+        h2.remove()
+    kv = head // (H // KV)
+    v_mean = got["v"][0, :, kv * d : (kv + 1) * d].float().mean(0)
+    out = got["o"][0, -1, head * d : (head + 1) * d].float()
+    window = getattr(attn, "sliding_window", None)
+    if window and window < inputs["input_ids"].shape[1]:
+        pytest.skip("sliding-window layer: the head averages over its window only")
+    torch.testing.assert_close(out, v_mean, atol=1e-4, rtol=1e-3)
+
+
+def test_exception_inside_mask_removes_every_hook(no_hook_leak):
+    model, processor = tiny_model("llama")
+    no_hook_leak(model)
+    adapter = get_adapter(model)
+    inputs = DeflectionScorer(model, processor).encode(["hello"])
+
+    def boom(module, args, output):
+        raise RuntimeError("hook failure")
+
+    handle = adapter.layers[1].register_forward_hook(boom)  # a user's hook, removed by the user below
+    with pytest.raises(RuntimeError, match="hook failure"):
+        with head_mask(adapter, [HeadRef(layer=0, head=0), HeadRef(layer=1, head=3)], MaskSpec(target="output")):
+            model(**inputs)
+    handle.remove()
+
+
+def test_mask_never_reaches_a_concurrent_forward_in_another_thread(no_hook_leak):
+    model, processor = tiny_model("llama")
+    no_hook_leak(model)
+    adapter = get_adapter(model)
+    inputs = DeflectionScorer(model, processor).encode(["a prompt about dogs"])
+    with torch.no_grad():
+        clean = model(**inputs).logits
+    inside, done = threading.Event(), threading.Event()
+    seen: dict[str, torch.Tensor] = {}
+
+    def masked_worker():
+        with head_mask(adapter, [HeadRef(layer=0, head=h) for h in range(4)], MaskSpec(alpha=0.0)):
+            inside.set()
+            done.wait(30)  # hold the mask while the other thread runs its forward
+            with torch.no_grad():
+                seen["masked"] = model(**inputs).logits
+
+    t = threading.Thread(target=masked_worker)
+    t.start()
+    assert inside.wait(30)
+    with torch.no_grad():
+        seen["concurrent"] = model(**inputs).logits
+    done.set()
+    t.join()
+    assert torch.equal(seen["concurrent"], clean)
+    assert not torch.equal(seen["masked"], clean)
+
+
+def test_bad_heads_and_unsupported_models_raise_typed_errors():
+    model, processor = tiny_model("llama")
+    adapter = get_adapter(model)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        with head_mask(adapter, [HeadRef(layer=9, head=0)]):
+            pass
+    with pytest.raises(InvalidInputError):
+        DeflectionScorer(model, processor, score_layer=99)
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(UnsupportedModelError, match="register_adapter"):
+        get_adapter(bert)
+
+
+def test_registered_adapter_is_used():
+    model, _ = tiny_model("llama")
+
+    class Custom(ArchitectureAdapter):
+        pass
+
+    register_adapter("llama", Custom)
+    try:
+        assert isinstance(get_adapter(model), Custom)
+    finally:
+        from ohd_guard import adapters
+
+        adapters._REGISTRY.pop("llama")
+    assert type(get_adapter(model)) is ArchitectureAdapter
+
+
+def test_gemma3_masks_after_the_query_norm():
+    model, _ = tiny_model("gemma3_text")
+    site = get_adapter(model).query_site(0)
+    assert site.layout == "bhtd" and site.module is get_adapter(model).attention(0).q_norm
+
+
+# -- planted head: the search must find it, the threshold must separate ----------------------------
+
+CLEAN = [
+    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
+    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
+    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
+    "name a famous river",
+]
+
+
+def _trigger(texts):
+    return [t.replace(" ", " zorblax ", 1) for t in texts]
+
+
+@pytest.mark.parametrize("strategy", ["two-stage", "exact"])
+def test_search_finds_the_planted_head_and_threshold_separates(strategy):
+    from ohd_guard.calibrate import calibrate
+
+    model, tok, info = planted_head_model(layer=1, head=2)
+    train, test = CLEAN[:8], CLEAN[8:]
+    profile = calibrate(model, tok, _trigger(train), train, strategy=strategy, top_k=4)
+    assert profile.heads == (HeadRef(layer=1, head=2),)
+    assert profile.top_heads[0].eligible and profile.top_heads[0].auroc == 1.0
+    scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)
+    unsafe = scorer.angles(_trigger(test), [profile.heads[0]])[:, 0]
+    safe = scorer.angles(test, [profile.heads[0]])[:, 0]
+    assert (unsafe > profile.threshold.value).all() and (safe <= profile.threshold.value).all()
+    assert profile.risk.risk(float(unsafe.min())) > 0.9 > 0.1 > profile.risk.risk(float(safe.max()))
