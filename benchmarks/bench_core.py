@@ -1,0 +1,135 @@
+"""Core-engine benchmark on the real embedded model. Prints markdown tables.
+
+    python benchmarks/bench_core.py [--per-set 60] [--cost-prompts 20] [--search-prompts 16]
+
+1. Detection: the shipped profile's head, paper-exact (all positions) vs fast (last position) mode,
+   on the project's held-out prompts and the public sets in ../shared/datasets: AUROC, DR, FPR,
+   and the rank correlation of the two modes' angles.
+2. Cost: screening (unmasked prefill + masked branch) / an unguarded prefill of the same prompt,
+   per mode, measured one prompt at a time in the same run.
+3. Head search: naive (two full passes per head and prompt, the paper's code) vs optimised
+   (prefix replay, staircase batching, two-stage), time and chosen head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from ohd_guard.calibrate import evaluate_angles
+from ohd_guard.cli import DEFAULT_PROFILE
+from ohd_guard.datasets import load_calibration_prompts, load_shared_set
+from ohd_guard.loading import load_model
+from ohd_guard.masking import MaskSpec
+from ohd_guard.profile import Profile
+from ohd_guard.scoring import DeflectionScorer, all_heads, naive_angles
+from ohd_guard.search import search_heads
+from ohd_guard.threshold import kde_threshold
+
+
+def table(rows, cols):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-set", type=int, default=60)
+    ap.add_argument("--cost-prompts", type=int, default=20)
+    ap.add_argument("--search-prompts", type=int, default=16, help="per class, for the naive-vs-optimised search")
+    ap.add_argument("--skip-search", action="store_true")
+    args = ap.parse_args()
+    model, tok = load_model()
+    profile = Profile.load(DEFAULT_PROFILE)
+    head = profile.heads[0]
+    scorers = {
+        "exact": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "all"})),
+        "fast": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "last"})),
+    }
+
+    def angles(mode, items):
+        return scorers[mode].angles([p.text for p in items], [head], batch_size=8)[:, 0]
+
+    # -- 1. detection per mode ----------------------------------------------------------------
+    calib = load_calibration_prompts("calib")
+    thresholds = {}
+    for mode in scorers:
+        cu = angles(mode, [p for p in calib if p.label == 1])
+        cs = angles(mode, [p for p in calib if p.label == 0])
+        thresholds[mode] = kde_threshold(cu, cs).value
+    held = load_calibration_prompts("heldout")
+    sets = {"project heldout": held}
+    for name in ("advbench", "jbb", "figstep", "alpaca_seed", "refusal_direction_harmless"):
+        sets[name] = load_shared_set(name)[:: max(1, len(load_shared_set(name)) // args.per_set)][: args.per_set]
+    harmless = sets["alpaca_seed"] + sets["refusal_direction_harmless"]
+    rows = []
+    for name, items in sets.items():
+        res = {m: angles(m, items) for m in scorers}
+        labels = np.array([p.label for p in items])
+        row = {"set": name, "n": len(items), "rho(exact,fast)": float(spearmanr(res["exact"], res["fast"])[0])}
+        for m in scorers:
+            a = res[m]
+            if labels.min() == labels.max():  # one-class set: AUROC against the harmless sets (or held-out unsafe)
+                other = harmless if labels[0] == 1 else [p for p in held if p.label == 1]
+                oa = angles(m, other)
+                u, s = (a, oa) if labels[0] == 1 else (oa, a)
+            else:
+                u, s = a[labels == 1], a[labels == 0]
+            met = evaluate_angles(name, u, s, thresholds[m])
+            row[f"AUROC {m}"] = met.auroc
+            row[f"DR {m}"] = float(np.mean(a[labels == 1] > thresholds[m])) if (labels == 1).any() else "-"
+            row[f"FPR {m}"] = float(np.mean(a[labels == 0] > thresholds[m])) if (labels == 0).any() else "-"
+        rows.append(row)
+    print(f"## Detection, head {head}, thresholds exact {thresholds['exact']:.3f} / fast {thresholds['fast']:.3f} deg\n")
+    print(table(rows, ["set", "n", "AUROC exact", "AUROC fast", "DR exact", "DR fast", "FPR exact", "FPR fast",
+                       "rho(exact,fast)"]))
+
+    # -- 2. cost per mode ---------------------------------------------------------------------
+    prompts = [p.text for p in held[: args.cost_prompts]]
+    t = {"prefill": 0.0, "exact": 0.0, "fast": 0.0}
+    for text in prompts:
+        inputs = scorers["exact"].encode([text])
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            t["prefill"] += time.perf_counter() - t0
+        for m, sc in scorers.items():
+            t0 = time.perf_counter()
+            pre = sc.prefill(inputs, from_layer=head.layer, keep_cache=True)
+            sc.head_angles(pre, [(head,)])
+            t[m] += time.perf_counter() - t0
+    print(f"\n## Screening cost, {len(prompts)} prompts one by one\n")
+    print(table([{"mode": m, "ms/prompt": 1000 * t[m] / len(prompts), "x prefill": t[m] / t["prefill"]}
+                 for m in ("prefill", "exact", "fast")], ["mode", "ms/prompt", "x prefill"]))
+
+    # -- 3. head search -----------------------------------------------------------------------
+    if args.skip_search:
+        return
+    n = args.search_prompts
+    u = [p.text for p in calib if p.label == 1][:n]
+    s = [p.text for p in calib if p.label == 0][:n]
+    spec = MaskSpec()
+    heads = all_heads(scorers["exact"].adapter)
+    t0 = time.perf_counter()
+    sample = heads[:: len(heads) // 6][:6]
+    for text in u + s:
+        naive_angles(model, scorers["exact"].encode([text]), sample, spec)
+    naive_est = (time.perf_counter() - t0) * len(heads) / len(sample)
+    rows = [{"search": "naive (2 passes/head/prompt), extrapolated from 6 heads", "seconds": naive_est, "head": "-"}]
+    for strategy in ("exact", "two-stage"):
+        r = search_heads(model, tok, u, s, spec=spec, strategy=strategy, batch_size=8)
+        rows.append({"search": f"optimised {strategy}", "seconds": r.seconds, "head": str(r.best)})
+    print(f"\n## Head search, {n}+{n} prompts, {len(heads)} heads\n")
+    print(table(rows, ["search", "seconds", "head"]))
+    print(f"\nshipped profile: {profile.calibration.n_unsafe}+{profile.calibration.n_safe} prompts, "
+          f"{profile.calibration.search}, {profile.calibration.seconds:.0f} s, head {head}")
+
+
+if __name__ == "__main__":
+    main()
