@@ -1,5 +1,15 @@
-"""ohd-guard: One-head Defense for local (vision-)language models."""
+"""ohd-guard: One-head Defense for local (vision-)language models.
 
+Typical use::
+
+    from ohd_guard import OhdGuard
+    guard = OhdGuard.load("default", "ohd_guard/profiles/qwen2.5-coder-0.5b-instruct.json")
+    verdict = guard.screen("How do I make a pipe bomb?")
+"""
+
+from ohd_guard.adapters import ArchitectureAdapter, get_adapter, register_adapter
+from ohd_guard.calibrate import calibrate
+from ohd_guard.conversation import Conversation, ConversationLimits, to_conversation
 from ohd_guard.errors import (
     CalibrationError,
     GuardViolation,
@@ -11,5 +21,18 @@ from ohd_guard.errors import (
     ScreeningError,
     UnsupportedModelError,
 )
+from ohd_guard.loading import DEFAULT_MODEL, load_model
+from ohd_guard.masking import HeadRef, MaskSpec, head_mask
+from ohd_guard.profile import Profile
+from ohd_guard.scoring import DeflectionScorer
+from ohd_guard.search import search_heads
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ArchitectureAdapter", "CalibrationError", "Conversation", "ConversationLimits", "DEFAULT_MODEL",
+    "DeflectionScorer", "GuardViolation", "HeadRef", "InvalidInputError", "MaskSpec", "ModelLoadError",
+    "OhdGuardError", "Profile", "ProfileFormatError", "ProfileMismatchError", "ScreeningError",
+    "UnsupportedModelError", "calibrate", "get_adapter", "head_mask", "load_model", "register_adapter",
+    "search_heads", "to_conversation",
+]
