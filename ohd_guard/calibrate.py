@@ -14,7 +14,7 @@ from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.metrics import auroc, rates_at_threshold
 from ohd_guard.profile import CalibrationMetrics, CalibrationSummary, ModelFingerprint, Profile
 from ohd_guard.scoring import DeflectionScorer
-from ohd_guard.search import Strategy, search_heads
+from ohd_guard.search import RankBy, Strategy, search_heads
 from ohd_guard.threshold import RiskCalibration, fpr_threshold, kde_threshold
 
 
@@ -69,6 +69,7 @@ def calibrate(
     strategy: Strategy = "two-stage",
     top_k: int = 8,
     percentile: float = 80.0,
+    rank_by: RankBy = "gap",
     threshold: Literal["kde"] | float = "kde",
     heldout: tuple[Sequence[Any], Sequence[Any]] | None = None,
     batch_size: int = 8,
@@ -91,13 +92,13 @@ def calibrate(
     if head is None:
         result = search_heads(
             model, processor, u_conv, s_conv, spec=spec, score_layer=score_layer, strategy=strategy,
-            top_k=top_k, percentile=percentile, batch_size=batch_size, progress=progress,
+            top_k=top_k, percentile=percentile, rank_by=rank_by, batch_size=batch_size, progress=progress,
         )
         head = result.best
         k = result.scores.heads.index(head)
         u_angles, s_angles = result.scores.unsafe[:, k], result.scores.safe[:, k]
         top_heads = result.ranking[: max(top_k, 10)]
-        how = f"{result.strategy}(k={top_k}, p={percentile:g})"
+        how = f"{result.strategy}(k={top_k}, p={percentile:g}, rank_by={rank_by})"
     else:
         scorer = DeflectionScorer(model, processor, spec=spec, score_layer=score_layer)
         u_angles = scorer.angles(u_conv, [head], batch_size=batch_size, progress=progress)[:, 0]

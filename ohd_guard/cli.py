@@ -53,7 +53,7 @@ def cmd_calibrate(args) -> int:
         model, processor, unsafe, safe,
         spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
         score_layer=args.score_layer, head=head, strategy=args.strategy, top_k=args.top_k,
-        percentile=args.percentile, threshold=threshold, batch_size=args.batch_size, progress=not args.quiet,
+        percentile=args.percentile, rank_by=args.rank_by, threshold=threshold, batch_size=args.batch_size, progress=not args.quiet,
         heldout=(
             [p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0]
         ) if heldout_items else None,
@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--head", type=int, nargs=2, metavar=("LAYER", "HEAD"), help="fix the head, skip the search")
     c.add_argument("--top-k", type=int, default=8)
     c.add_argument("--percentile", type=float, default=80.0)
+    c.add_argument("--rank-by", choices=["gap", "auroc"], default="gap",
+                   help="rank selective heads by mean-angle gap (paper) or by AUROC")
     c.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR instead of the KDE crossing")
     c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts")
     c.add_argument("--quiet", action="store_true")

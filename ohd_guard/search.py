@@ -22,6 +22,7 @@ from ohd_guard.profile import HeadStats
 from ohd_guard.scoring import DeflectionScorer, all_heads
 
 Strategy = Literal["two-stage", "exact", "fast"]
+RankBy = Literal["gap", "auroc"]
 
 
 @dataclass
@@ -33,8 +34,14 @@ class HeadScores:
     safe: np.ndarray  # [N_safe, K] degrees
     spec: MaskSpec
 
-    def stats(self, percentile: float = 80.0, eligible: np.ndarray | None = None) -> list[HeadStats]:
-        """Per-head statistics, selective heads first, each group ranked by unsafe - safe mean angle."""
+    def stats(
+        self, percentile: float = 80.0, eligible: np.ndarray | None = None, rank_by: RankBy = "gap"
+    ) -> list[HeadStats]:
+        """Per-head statistics, selective heads first, each group ranked by ``rank_by``.
+
+        ``gap`` (the paper): unsafe minus safe mean angle. ``auroc``: how well the head's angle
+        separates the two sets prompt by prompt, which a few extreme prompts cannot inflate.
+        """
         u, s = self.unsafe.mean(0), self.safe.mean(0)
         if eligible is None:
             eligible = s <= np.percentile(s, percentile)
@@ -46,7 +53,7 @@ class HeadScores:
             )
             for k, h in enumerate(self.heads)
         ]
-        return sorted(rows, key=lambda r: (not r.eligible, -r.gap))
+        return sorted(rows, key=lambda r: (not r.eligible, -(r.gap if rank_by == "gap" else r.auroc)))
 
 
 @dataclass
@@ -92,6 +99,7 @@ def search_heads(
     top_k: int = 8,
     percentile: float = 80.0,
     heads: Sequence[HeadRef] | None = None,
+    rank_by: RankBy = "gap",
     batch_size: int = 8,
     progress: bool = False,
 ) -> SearchResult:
@@ -102,13 +110,13 @@ def search_heads(
     timings: dict[str, float] = {}
     if strategy == "exact" or (strategy == "two-stage" and spec.positions == "last"):
         scores = score_heads(final, unsafe, safe, candidates, batch_size, progress)
-        result = SearchResult(scores.stats(percentile), scores, strategy=strategy)
+        result = SearchResult(scores.stats(percentile, rank_by=rank_by), scores, strategy=strategy)
     else:
         fast_spec = spec.model_copy(update={"positions": "last"})
         fast = DeflectionScorer(model, processor, spec=fast_spec, score_layer=score_layer, adapter=final.adapter)
         first = score_heads(fast, unsafe, safe, candidates, batch_size, progress)
         timings["rank_all_fast"] = time.perf_counter() - t0
-        ranked = first.stats(percentile)
+        ranked = first.stats(percentile, rank_by=rank_by)
         if strategy == "fast":
             result = SearchResult(ranked, first, first, strategy=strategy)
         else:
@@ -117,7 +125,7 @@ def search_heads(
             scores = score_heads(final, unsafe, safe, top, batch_size, progress)
             timings["rescore_top_exact"] = time.perf_counter() - t1
             eligible = np.array([next(r.eligible for r in ranked if r.head == h) for h in top])
-            result = SearchResult(scores.stats(percentile, eligible), scores, first, strategy=strategy)
+            result = SearchResult(scores.stats(percentile, eligible, rank_by), scores, first, strategy=strategy)
     result.seconds = time.perf_counter() - t0
     result.timings = timings
     return result

@@ -209,13 +209,13 @@ def _trigger(texts):
     return [t.replace(" ", " zorblax ", 1) for t in texts]
 
 
-@pytest.mark.parametrize("strategy", ["two-stage", "exact"])
-def test_search_finds_the_planted_head_and_threshold_separates(strategy):
+@pytest.mark.parametrize("strategy, rank_by", [("two-stage", "gap"), ("exact", "gap"), ("two-stage", "auroc")])
+def test_search_finds_the_planted_head_and_threshold_separates(strategy, rank_by):
     from ohd_guard.calibrate import calibrate
 
     model, tok, info = planted_head_model(layer=1, head=2)
     train, test = CLEAN[:8], CLEAN[8:]
-    profile = calibrate(model, tok, _trigger(train), train, strategy=strategy, top_k=4)
+    profile = calibrate(model, tok, _trigger(train), train, strategy=strategy, top_k=4, rank_by=rank_by)
     assert profile.heads == (HeadRef(layer=1, head=2),)
     assert profile.top_heads[0].eligible and profile.top_heads[0].auroc == 1.0
     scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)
