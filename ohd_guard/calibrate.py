@@ -69,7 +69,7 @@ def calibrate(
     strategy: Strategy = "two-stage",
     top_k: int = 8,
     percentile: float = 80.0,
-    rank_by: RankBy = "gap",
+    rank_by: RankBy = "auroc",
     threshold: Literal["kde"] | float = "kde",
     heldout: tuple[Sequence[Any], Sequence[Any]] | None = None,
     batch_size: int = 8,

@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--head", type=int, nargs=2, metavar=("LAYER", "HEAD"), help="fix the head, skip the search")
     c.add_argument("--top-k", type=int, default=8)
     c.add_argument("--percentile", type=float, default=80.0)
-    c.add_argument("--rank-by", choices=["gap", "auroc"], default="gap",
-                   help="rank selective heads by mean-angle gap (paper) or by AUROC")
+    c.add_argument("--rank-by", choices=["gap", "auroc"], default="auroc",
+                   help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)")
     c.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR instead of the KDE crossing")
     c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts")
     c.add_argument("--quiet", action="store_true")

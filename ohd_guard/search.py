@@ -99,7 +99,7 @@ def search_heads(
     top_k: int = 8,
     percentile: float = 80.0,
     heads: Sequence[HeadRef] | None = None,
-    rank_by: RankBy = "gap",
+    rank_by: RankBy = "auroc",
     batch_size: int = 8,
     progress: bool = False,
 ) -> SearchResult:
