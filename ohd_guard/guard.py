@@ -1,0 +1,731 @@
+"""The guard: screen every conversation with One-head Defense before the model answers it.
+
+``OhdGuard`` wraps a model, its processor and a calibrated :class:`~ohd_guard.profile.Profile`.
+Screening renders the whole conversation with the chat template (generation prompt included), runs
+the unmasked prefill once, masks the profile's head for one extra partial pass and compares the
+deflection angle with the profile's threshold. A safe conversation is answered by continuing from
+that very prefill's KV cache, so the guard costs one masked pass on top of plain generation; a
+flagged one gets a refusal (anchored, static or an exception). Whatever goes wrong while screening
+ends in a refusal or a typed error, never in an unguarded answer, unless the caller opts in.
+
+Concurrency: sync calls share one lock; async calls go to a single worker thread that owns the
+model, micro-batches concurrent ``ascreen`` requests into one batched prefill and runs generations
+one at a time. Every verdict is sent to listeners and to the ``ohd_guard.guard`` logger as the
+event :data:`EVENT_NAME` with a JSON-able payload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ohd_guard.conversation import Conversation, ConversationLimits, to_conversation
+from ohd_guard.errors import GuardViolation, InvalidInputError, ScreeningError
+from ohd_guard.masking import HeadRef
+from ohd_guard.profile import Profile
+from ohd_guard.refusal import ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, template_for
+from ohd_guard.rendering import is_multimodal, tokenizer_of
+from ohd_guard.scoring import DeflectionScorer, Prefill
+
+__all__ = ["EVENT_NAME", "GuardStats", "GuardedResponse", "GuardedStream", "AsyncGuardedStream", "OhdGuard", "Verdict"]
+
+EVENT_NAME = "ohd_guard.verdict"
+"""Stable name of the event emitted for every verdict (logging, listeners, framework callbacks)."""
+
+log = logging.getLogger("ohd_guard.guard")
+
+RefusalPolicy = Literal["anchored", "static", "raise"]
+ErrorPolicy = Literal["refuse", "raise", "allow"]
+
+try:  # the inputs generate() itself drops after the prefill; the cached prompt already holds them
+    from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
+except ImportError:  # pragma: no cover - older transformers
+    _PREFILL_ONLY = ("pixel_values", "pixel_attention_mask", "image_sizes", "pixel_values_videos", "pixel_mask")
+
+
+# ------------------------------------------------------------------------------------- data types
+class Verdict(BaseModel):
+    """The guard's decision on one conversation; ``model_dump(mode="json")`` is the event payload."""
+
+    model_config = ConfigDict(frozen=True)
+    flagged: bool
+    angle: float | None
+    """Deflection angle in degrees; None when screening failed."""
+    threshold: float
+    risk: float | None
+    """Graded risk in [0, 1] from the profile's risk calibration; None when screening failed."""
+    heads: tuple[HeadRef, ...]
+    mode: Literal["all", "last"]
+    """Mask positions of the profile (``all``: paper-exact, ``last``: fast)."""
+    latency_ms: float
+    reason: str
+    error: str | None = None
+    """``"ExceptionType: message"`` when screening failed (the verdict then follows ``on_error``)."""
+    conversation_digest: str | None = None
+    batch_size: int = 1
+    """How many conversations shared the prefill that screened this one (micro-batching)."""
+
+
+class GuardedResponse(BaseModel):
+    """An answer produced under the guard."""
+
+    model_config = ConfigDict(frozen=True)
+    text: str
+    verdict: Verdict
+    refused: bool
+    refusal_kind: Literal["anchored", "static"] | None = None
+
+
+class GuardStats(BaseModel):
+    """Counters of the screening prefills run so far (to see micro-batching at work)."""
+
+    model_config = ConfigDict(frozen=True)
+    screened: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+
+
+@dataclass
+class _Screened:
+    """One conversation's screening outcome, before the error policy is applied."""
+
+    verdict: Verdict
+    conversation: Conversation | None = None
+    inputs: dict[str, Any] | None = None
+    prefill: Prefill | None = None
+    exc: BaseException | None = None
+
+
+@dataclass
+class _Job:
+    kind: Literal["screen", "call"]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    raw: Any = None
+    t0: float = 0.0
+    fn: Callable[[], Any] | None = None
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
+
+
+_END = object()
+
+
+# ------------------------------------------------------------------------------ generation helpers
+class _ChunkStreamer:
+    """Streams decoded text so that the chunks join to exactly the decoded answer.
+
+    Decodes all answer tokens each step and emits the new tail, holding back an incomplete UTF-8
+    character (U+FFFD at the end), so streamed text always equals ``generate``'s text.
+    """
+
+    def __init__(self, tokenizer: Any, on_chunk: Callable[[str], None]):
+        self.tokenizer, self.on_chunk = tokenizer, on_chunk
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first pushes the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > self.sent:
+            self.on_chunk(text[self.sent :])
+            self.sent = len(text)
+
+
+class _Cancelled:
+    """Stopping criterion that ends generation once a stream's consumer has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _typed(exc: BaseException) -> BaseException:
+    """Bad input stays InvalidInputError; every other screening failure becomes a ScreeningError."""
+    if isinstance(exc, (InvalidInputError, ScreeningError)):
+        return exc
+    err = ScreeningError(f"screening failed: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+# ------------------------------------------------------------------------------------------ guard
+class OhdGuard:
+    """Screens conversations for a local (V)LM and answers flagged ones with a refusal.
+
+    Args:
+        model, processor: the guarded model and its tokenizer/processor.
+        profile: the profile calibrated for exactly this model (verified unless ``verify=False``).
+        refusal: ``"anchored"`` (safety instruction + forced answer prefix, then free continuation),
+            ``"static"`` (a fixed message) or ``"raise"`` (:class:`GuardViolation`).
+        refusal_template: a :class:`RefusalTemplate`, or a dict of fields overriding the family default.
+        on_error: ``"refuse"`` (fail closed: flagged verdict with ``error`` set), ``"raise"``
+            (InvalidInputError for bad input, ScreeningError otherwise) or ``"allow"`` (opt-in: the
+            input passes unscreened, logged at WARNING).
+        limits, fetcher, base_dir, allow_local_files: passed to :func:`to_conversation`.
+        max_prompt_tokens: longest rendered prompt screened (default: the context window).
+        max_batch_size, max_wait_ms: micro-batching of concurrent ``ascreen`` calls (and the chunk
+            size of :meth:`screen_batch`).
+        reuse_prefill: answer safe prompts from the screening prefill's KV cache.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        profile: Profile,
+        *,
+        refusal: RefusalPolicy = "anchored",
+        refusal_template: RefusalTemplate | dict[str, Any] | None = None,
+        on_error: ErrorPolicy = "refuse",
+        limits: ConversationLimits | None = None,
+        fetcher: Callable[[str], bytes] | None = None,
+        base_dir: str | Path | None = None,
+        allow_local_files: bool = True,
+        max_prompt_tokens: int | None = None,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 5.0,
+        reuse_prefill: bool = True,
+        verify: bool = True,
+    ):
+        if refusal not in ("anchored", "static", "raise"):
+            raise InvalidInputError(f"refusal must be 'anchored', 'static' or 'raise', not {refusal!r}")
+        if on_error not in ("refuse", "raise", "allow"):
+            raise InvalidInputError(f"on_error must be 'refuse', 'raise' or 'allow', not {on_error!r}")
+        if max_batch_size < 1 or max_wait_ms < 0:
+            raise InvalidInputError("max_batch_size must be >= 1 and max_wait_ms >= 0")
+        if verify:
+            profile.verify(model, processor)
+        self.model, self.processor, self.profile = model.eval(), processor, profile
+        self.refusal, self.on_error = refusal, on_error
+        base = template_for(model)
+        if isinstance(refusal_template, dict):
+            refusal_template = base.model_copy(update=refusal_template)
+        self.template: RefusalTemplate = RefusalTemplate.model_validate((refusal_template or base).model_dump())
+        self.limits = limits or ConversationLimits()
+        self.fetcher, self.base_dir, self.allow_local_files = fetcher, base_dir, allow_local_files
+        self.max_batch_size, self.max_wait_ms, self.reuse_prefill = max_batch_size, max_wait_ms, reuse_prefill
+        self.scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
+        self.heads: tuple[HeadRef, ...] = tuple(profile.heads)
+        self._from_layer = min(min(h.layer for h in self.heads), self.scorer.score_layer - 1)
+        ctx = getattr(self.scorer.adapter.text_config, "max_position_embeddings", None)
+        self.max_prompt_tokens = max_prompt_tokens or (int(ctx) if ctx else None)
+        self.tokenizer = tokenizer_of(processor)
+        self._multimodal = is_multimodal(processor)
+        self._prefix_ids = self.tokenizer.encode(self.template.forced_prefix, add_special_tokens=False)
+        # Qwen-VL keeps multimodal rope offsets on the model between calls; a stale one from another
+        # batch would shift the positions of a continued generation, so it is reset before a prefill.
+        self._rope_state = [m for m in model.modules() if hasattr(m, "rope_deltas")]
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[Verdict], Any]] = []
+        self._stats = GuardStats()
+        self._stats_lock = threading.Lock()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    @classmethod
+    def load(
+        cls, model_ref: Any = None, profile: str | Path | Profile | None = None, *,
+        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", **options: Any,
+    ) -> "OhdGuard":
+        """Load a model with :func:`~ohd_guard.loading.load_model` and guard it with ``profile``
+        (a path or a Profile; default: the profile shipped for the embedded model). A profile that
+        was calibrated on another model is refused with ProfileMismatchError."""
+        from ohd_guard.loading import load_model
+
+        if profile is None:
+            from ohd_guard.cli import DEFAULT_PROFILE
+
+            profile = DEFAULT_PROFILE
+        prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+        model, processor = load_model(model_ref, device=device, dtype=dtype)
+        return cls(model, processor, prof, **options)
+
+    # -- observability ----------------------------------------------------------------------------
+    @property
+    def threshold(self) -> float:
+        return float(self.profile.threshold.value)
+
+    @property
+    def stats(self) -> GuardStats:
+        return self._stats
+
+    def add_listener(self, fn: Callable[[Verdict], Any]) -> None:
+        """Call ``fn(verdict)`` for every verdict (from the worker thread for async calls)."""
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[Verdict], Any]) -> None:
+        self._listeners.remove(fn)
+
+    def _emit(self, verdict: Verdict) -> None:
+        payload = verdict.model_dump(mode="json")
+        level = logging.WARNING if verdict.error else logging.INFO
+        log.log(level, "%s %s", EVENT_NAME, json.dumps(payload), extra={"event_name": EVENT_NAME, "payload": payload})
+        for fn in list(self._listeners):
+            try:
+                fn(verdict)
+            except Exception:  # a broken listener must never break screening
+                log.exception("verdict listener %r failed", fn)
+
+    def _count_batch(self, n: int) -> None:
+        with self._stats_lock:
+            s = self._stats
+            self._stats = GuardStats(screened=s.screened + n, batches=s.batches + 1, largest_batch=max(s.largest_batch, n))
+
+    # -- screening core (callers hold the lock) ---------------------------------------------------
+    def _convert(self, raw: Any) -> Conversation:
+        conv = to_conversation(raw, limits=self.limits, fetcher=self.fetcher, base_dir=self.base_dir,
+                               allow_local_files=self.allow_local_files)  # fmt: skip
+        if not self._multimodal and conv.num_images:
+            conv.to_text_chat_messages()  # raises InvalidInputError: a text-only model cannot see images
+        return conv
+
+    def _score(self, convs: list[Conversation], keep_cache: bool) -> tuple[np.ndarray, Prefill, dict[str, Any]]:
+        inputs = self.scorer.encode(convs)
+        if self.max_prompt_tokens is not None:
+            mask = inputs.get("attention_mask")
+            lengths = mask.sum(-1) if mask is not None else torch.full((len(convs),), inputs["input_ids"].shape[1])
+            if int(lengths.max()) > self.max_prompt_tokens:
+                raise InvalidInputError(
+                    f"prompt too long: {int(lengths.max())} tokens rendered, over the model's context window "
+                    f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
+                )
+        for m in self._rope_state:
+            m.rope_deltas = None
+        pre = self.scorer.prefill(inputs, from_layer=self._from_layer, keep_cache=keep_cache)
+        if keep_cache and self.profile.mask.positions == "all":
+            # The masked replay reuses the layers' captured kwargs; without this it would append its
+            # masked keys/values to the cache kept for generation (and attend over them).
+            for call in pre.calls.values():
+                call.kwargs.pop("past_key_values", None)
+        angles = self.scorer.head_angles(pre, [self.heads])[:, 0]
+        if not np.all(np.isfinite(angles)):
+            raise ScreeningError("the deflection angle is not finite (NaN or infinite hidden states)")
+        return angles, pre, inputs
+
+    def _verdict(self, angle: float, t0: float, conv: Conversation, batch: int) -> Verdict:
+        flagged = angle > self.threshold
+        risk = float(self.profile.risk.risk(angle))
+        heads = "+".join(map(str, self.heads))
+        reason = (f"deflection {angle:.3f} deg {'>' if flagged else '<='} threshold {self.threshold:.3f} deg at head "
+                  f"{heads} (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")  # fmt: skip
+        return Verdict(
+            flagged=flagged, angle=float(angle), threshold=self.threshold, risk=risk, heads=self.heads,
+            mode=self.profile.mask.positions, latency_ms=(time.perf_counter() - t0) * 1e3, reason=reason,
+            conversation_digest=conv.digest(), batch_size=batch,
+        )
+
+    def _failed(self, exc: BaseException, t0: float, conv: Conversation | None) -> _Screened:
+        allow = self.on_error == "allow"
+        what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
+        verdict = Verdict(
+            flagged=not allow, angle=None, threshold=self.threshold, risk=None, heads=self.heads,
+            mode=self.profile.mask.positions, latency_ms=(time.perf_counter() - t0) * 1e3,
+            reason=f"{what} ({type(exc).__name__}); "
+            + ("passed unscreened because on_error='allow'" if allow else "treated as unsafe (fail closed)"),
+            error=f"{type(exc).__name__}: {exc}", conversation_digest=conv.digest() if conv is not None else None,
+        )
+        return _Screened(verdict, conversation=conv, exc=exc)
+
+    def _screen_many(self, raws: list[Any], t0s: list[float], keep_cache: bool = False) -> list[_Screened]:
+        """Screen conversations in batches of ``max_batch_size``; a batch that fails is retried one by
+        one, so a bad or unlucky request never takes its batch-mates down with it."""
+        out: list[_Screened | None] = [None] * len(raws)
+        convs: dict[int, Conversation] = {}
+        for i, raw in enumerate(raws):
+            try:
+                convs[i] = self._convert(raw)
+            except Exception as e:
+                out[i] = self._failed(e, t0s[i], None)
+        ids = list(convs)
+        todo = deque(ids[k : k + self.max_batch_size] for k in range(0, len(ids), self.max_batch_size))
+        while todo:
+            chunk = todo.popleft()
+            try:
+                angles, pre, inputs = self._score([convs[i] for i in chunk], keep_cache)
+            except Exception as e:
+                if len(chunk) > 1:
+                    todo.extendleft([i] for i in reversed(chunk))
+                else:
+                    out[chunk[0]] = self._failed(e, t0s[chunk[0]], convs[chunk[0]])
+                continue
+            self._count_batch(len(chunk))
+            for j, i in enumerate(chunk):
+                out[i] = _Screened(self._verdict(float(angles[j]), t0s[i], convs[i], len(chunk)), convs[i],
+                                   inputs if len(chunk) == 1 else None, pre if len(chunk) == 1 else None)  # fmt: skip
+        return out  # type: ignore[return-value]
+
+    def _settle(self, s: _Screened) -> Verdict:
+        """Publish the verdict, then apply ``on_error='raise'``."""
+        self._emit(s.verdict)
+        if s.exc is not None and self.on_error == "raise":
+            raise _typed(s.exc)
+        if s.exc is not None and self.on_error == "allow":
+            log.warning("screening failed and on_error='allow' lets the input through unscreened: %s", s.verdict.error)
+        return s.verdict
+
+    # -- answering (callers hold the lock) --------------------------------------------------------
+    def _generate(
+        self, inputs: dict[str, Any], prefill: Prefill | None, gen_kwargs: dict[str, Any],
+        on_chunk: Callable[[str], None] | None, cancel: threading.Event | None, processors: list | None = None,
+    ) -> str:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        for key in ("past_key_values", "streamer", "input_ids", "inputs"):
+            if key in gen_kwargs:
+                raise InvalidInputError(f"generation argument {key!r} is managed by the guard")
+        kw = dict(inputs)
+        T = kw["input_ids"].shape[1]
+        if prefill is not None and prefill.cache is not None and self.reuse_prefill:
+            try:  # continue from the screening prefill: generate recomputes only the last prompt token
+                prefill.cache.crop(-1)
+                kw = {k: v for k, v in kw.items() if k not in _PREFILL_ONLY}
+                kw["past_key_values"] = prefill.cache
+            except Exception as e:  # e.g. a sliding-window layer past its window cannot be cropped
+                log.debug("prefill cache not reusable (%s); generating from scratch", e)
+                kw = dict(inputs)
+        gk = dict(gen_kwargs)
+        lp = LogitsProcessorList(gk.pop("logits_processor", None) or [])
+        lp.extend(processors or [])
+        sc = StoppingCriteriaList(gk.pop("stopping_criteria", None) or [])
+        if cancel is not None:
+            sc.append(_Cancelled(cancel))
+        streamer = _ChunkStreamer(self.tokenizer, on_chunk) if on_chunk is not None else None
+        with torch.no_grad():
+            out = self.model.generate(**kw, **gk, logits_processor=lp, stopping_criteria=sc, streamer=streamer)
+        seq = out.sequences if hasattr(out, "sequences") else out
+        return self.tokenizer.decode(seq[0, T:], skip_special_tokens=True)
+
+    def _anchored(self, conv: Conversation, gen_kwargs: dict[str, Any], on_chunk, cancel) -> str:
+        inputs = self.scorer.encode([anchor(conv, self.template)])
+        forced = ForcedPrefixLogitsProcessor(self._prefix_ids, inputs["input_ids"].shape[1])
+        return self._generate(inputs, None, gen_kwargs, on_chunk, cancel, processors=[forced])
+
+    def _respond(
+        self, raw: Any, t0: float, gen_kwargs: dict[str, Any], on_chunk: Callable[[str], None] | None = None,
+        on_verdict: Callable[[Verdict], None] | None = None, cancel: threading.Event | None = None,
+    ) -> GuardedResponse:
+        """Screen one conversation (keeping its prefill), then answer it or refuse."""
+        s = self._screen_many([raw], [t0], keep_cache=self.reuse_prefill)[0]
+        verdict = self._settle(s)
+        if on_verdict is not None:
+            on_verdict(verdict)
+        if not verdict.flagged:
+            if s.exc is not None:  # on_error="allow": answer without the (failed) screening prefill
+                if s.conversation is None:
+                    raise _typed(s.exc)
+                text = self._generate(self.scorer.encode([s.conversation]), None, gen_kwargs, on_chunk, cancel)
+            else:
+                assert s.inputs is not None
+                text = self._generate(s.inputs, s.prefill, gen_kwargs, on_chunk, cancel)
+            return GuardedResponse(text=text, verdict=verdict, refused=False)
+        if self.refusal == "raise":
+            raise GuardViolation(verdict)
+        if self.refusal == "anchored" and s.exc is None and s.conversation is not None:
+            sent: list[str] = []
+
+            def relay(chunk: str) -> None:
+                sent.append(chunk)
+                on_chunk(chunk)  # type: ignore[misc]
+
+            try:
+                text = self._anchored(s.conversation, gen_kwargs, relay if on_chunk else None, cancel)
+                return GuardedResponse(text=text, verdict=verdict, refused=True, refusal_kind="anchored")
+            except Exception:
+                if sent:  # part of the refusal is already out: cannot switch to another answer
+                    raise
+                log.exception("anchored refusal failed; answering with the static refusal instead")
+        # static policy, and every refusal of an input that could not be screened (fail closed)
+        if on_chunk is not None:
+            on_chunk(self.template.static_message)
+        return GuardedResponse(text=self.template.static_message, verdict=verdict, refused=True, refusal_kind="static")
+
+    # -- sync API ---------------------------------------------------------------------------------
+    def screen(self, conversation: Any) -> Verdict:
+        """Screen one conversation (str, OpenAI-style messages, Conversation, ...)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            s = self._screen_many([conversation], [t0])[0]
+        return self._settle(s)
+
+    def screen_batch(self, conversations: list[Any]) -> list[Verdict]:
+        """Screen many conversations in batched prefills; with ``on_error='raise'`` the first error is
+        raised after every verdict has been published."""
+        t0 = time.perf_counter()
+        with self._lock:
+            results = self._screen_many(list(conversations), [t0] * len(conversations))
+        verdicts, first_error = [], None
+        for s in results:
+            try:
+                verdicts.append(self._settle(s))
+            except Exception as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        return verdicts
+
+    def generate(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
+        """Screen, then answer (safe) or refuse (flagged). ``generation_kwargs`` go to ``model.generate``."""
+        t0 = time.perf_counter()
+        with self._lock:
+            return self._respond(conversation, t0, {"max_new_tokens": max_new_tokens, **generation_kwargs})
+
+    def stream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> "GuardedStream":
+        """Like :meth:`generate`, as an iterator of text chunks; nothing is streamed before the verdict."""
+        return GuardedStream(self, conversation, {"max_new_tokens": max_new_tokens, **generation_kwargs})
+
+    # -- async API --------------------------------------------------------------------------------
+    async def ascreen(self, conversation: Any) -> Verdict:
+        """Screen on the worker thread; concurrent calls share batched prefills."""
+        return await self._submit("screen", raw=conversation)
+
+    async def agenerate(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
+        t0 = time.perf_counter()
+        kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
+        return await self._submit("call", fn=lambda: self._respond(conversation, t0, kw))
+
+    def astream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> "AsyncGuardedStream":
+        """Async iterator of text chunks, generated on the worker thread."""
+        return AsyncGuardedStream(self, conversation, {"max_new_tokens": max_new_tokens, **generation_kwargs})
+
+    def _submit(self, kind: Literal["screen", "call"], raw: Any = None, fn: Callable[[], Any] | None = None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        job = _Job(kind, loop, loop.create_future(), raw=raw, t0=time.perf_counter(), fn=fn)
+        self._ensure_worker()
+        self._queue.put(job)
+        return job.future
+
+    def _ensure_worker(self) -> None:
+        with self._stats_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(
+                    target=_worker_main, args=(weakref.ref(self), self._queue), name="ohd-guard-worker", daemon=True
+                )
+                self._worker.start()
+
+    def close(self) -> None:
+        """Stop the worker thread (it restarts on the next async call)."""
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            self._queue.put(None)
+            worker.join(timeout=30)
+
+    def __enter__(self) -> "OhdGuard":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- worker side ------------------------------------------------------------------------------
+    def _collect(self, first: _Job, q: queue.Queue, held: deque) -> list[_Job]:
+        """Gather more screen jobs until the batch is full or ``max_wait_ms`` has passed."""
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait_ms / 1e3
+        while len(batch) < self.max_batch_size:
+            try:
+                nxt = q.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if nxt is not None and nxt.kind == "screen":
+                batch.append(nxt)
+            else:
+                held.append(nxt)  # generation jobs and shutdown wait for this batch
+                if nxt is None:
+                    break
+        return batch
+
+    def _run_screen_jobs(self, jobs: list[_Job]) -> None:
+        jobs = [j for j in jobs if not j.future.cancelled()]
+        if not jobs:
+            return
+        with self._lock:
+            results = self._screen_many([j.raw for j in jobs], [j.t0 for j in jobs])
+        for job, s in zip(jobs, results):
+            try:
+                _deliver(job, self._settle(s), None)
+            except BaseException as e:
+                _deliver(job, None, e)
+
+    def _run_call_job(self, job: _Job) -> None:
+        if job.future.cancelled():
+            return
+        try:
+            with self._lock:
+                result = job.fn()  # type: ignore[misc]
+        except BaseException as e:
+            _deliver(job, None, e)
+        else:
+            _deliver(job, result, None)
+
+
+def _deliver(job: _Job, result: Any, exc: BaseException | None) -> None:
+    def settle() -> None:
+        if job.future.done():
+            return
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    try:
+        job.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
+        pass
+
+
+def _worker_main(ref: "weakref.ref[OhdGuard]", q: queue.Queue) -> None:
+    """The single thread that runs the model for async calls; holds only a weak reference to the
+    guard between jobs, so a guard nobody uses any more can be garbage-collected (and the thread ends)."""
+    held: deque = deque()
+    while True:
+        if held:
+            job = held.popleft()
+        else:
+            try:
+                job = q.get(timeout=1.0)
+            except queue.Empty:
+                if ref() is None:
+                    return
+                continue
+        guard = ref()
+        if job is None or guard is None:
+            return
+        try:
+            if job.kind == "screen":
+                guard._run_screen_jobs(guard._collect(job, q, held))
+            else:
+                guard._run_call_job(job)
+        except BaseException:  # never let the worker die with callers waiting
+            log.exception("ohd-guard worker failed")
+        del guard
+
+
+# ----------------------------------------------------------------------------------------- streams
+class _StreamBase:
+    """Shared state of sync and async streams: ``verdict`` is set before the first chunk arrives,
+    ``response`` once the stream is exhausted."""
+
+    def __init__(self, guard: OhdGuard, raw: Any, gen_kwargs: dict[str, Any]):
+        self._guard, self._raw, self._kw = guard, raw, gen_kwargs
+        self._cancel = threading.Event()
+        self._t0 = time.perf_counter()
+        self._done = False
+        self.verdict: Verdict | None = None
+        self.response: GuardedResponse | None = None
+
+    def _produce(self, push: Callable[[Any], None]) -> None:
+        try:
+            self.response = self._guard._respond(
+                self._raw, self._t0, self._kw, on_chunk=push, on_verdict=lambda v: setattr(self, "verdict", v),
+                cancel=self._cancel,
+            )
+            push(_END)
+        except BaseException as e:
+            push(_Failure(e))
+
+    def _item(self, item: Any) -> str:
+        if item is _END or isinstance(item, _Failure):
+            self._done = True
+            if isinstance(item, _Failure):
+                raise item.exc
+            raise StopIteration
+        return item
+
+
+class GuardedStream(_StreamBase):
+    """Iterator of answer chunks from :meth:`OhdGuard.stream`; generation runs in a thread holding
+    the guard's lock, and stops early when the stream is closed or garbage-collected."""
+
+    _thread: threading.Thread | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        if self._thread is None:
+            self._q: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(target=self._run, name="ohd-guard-stream", daemon=True)
+            self._thread.start()
+        return self._item(self._q.get())
+
+    def _run(self) -> None:
+        with self._guard._lock:
+            self._produce(self._q.put)
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._done = True
+
+    def __del__(self) -> None:
+        self._cancel.set()
+
+
+class AsyncGuardedStream(_StreamBase):
+    """Async iterator of answer chunks from :meth:`OhdGuard.astream`, produced on the worker thread."""
+
+    _q: asyncio.Queue | None = None
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        if self._q is None:
+            loop = asyncio.get_running_loop()
+            self._q = asyncio.Queue()
+            q = self._q
+
+            def push(item: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, item)
+                except RuntimeError:  # loop closed: the consumer is gone
+                    self._cancel.set()
+
+            self._job = self._guard._submit("call", fn=lambda: self._produce(push))
+        try:
+            return self._item(await self._q.get())
+        except StopIteration:
+            raise StopAsyncIteration from None
+        except asyncio.CancelledError:
+            self._cancel.set()
+            raise
+
+    async def aclose(self) -> None:
+        self._cancel.set()
+        self._done = True
+
+    def __del__(self) -> None:
+        self._cancel.set()
