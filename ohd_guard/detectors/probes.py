@@ -1,0 +1,262 @@
+"""Detectors that read the unmasked prefill only: safety-attention-head probes (SAHs) and HiddenDetect.
+
+Both cost one forward pass that generation runs anyway, and share it (see
+:class:`~ohd_guard.detectors.features.PrefillReader`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from ohd_guard.detectors.base import DetectorState, StateDetector, library_version
+from ohd_guard.detectors.features import (
+    Logistic, PrefillReader, balanced_accuracy, log_loss, out_of_fold, out_of_fold_many, stratified_folds,
+)
+from ohd_guard.errors import CalibrationError, InvalidInputError
+from ohd_guard.masking import HeadRef
+from ohd_guard.metrics import auroc
+from ohd_guard.profile import ModelFingerprint
+from ohd_guard.rendering import tokenizer_of
+from ohd_guard.threshold import kde_threshold
+
+
+def _check_sets(unsafe: Sequence[Any], safe: Sequence[Any], minimum: int = 2) -> None:
+    if len(unsafe) < minimum or len(safe) < minimum:
+        raise CalibrationError(f"need at least {minimum} unsafe and {minimum} safe prompts, got {len(unsafe)} and {len(safe)}")
+
+
+def _kde_or_midpoint(u: np.ndarray, s: np.ndarray) -> tuple[float, str]:
+    """The KDE crossing; the midpoint of the medians when the KDE rule refuses the data."""
+    try:
+        fit = kde_threshold(u, s)
+        return float(fit.value), fit.method
+    except (CalibrationError, InvalidInputError):
+        return (float(np.median(u)) + float(np.median(s))) / 2, "median_midpoint"
+
+
+# -- SAHs ---------------------------------------------------------------------------------------
+class SAHsState(DetectorState):
+    kind: Literal["sahs"] = "sahs"
+    heads: list[HeadRef]
+    head_cv_accuracy: list[float]
+    """Cross-validated balanced accuracy of each chosen head's own probe (the ranking criterion)."""
+    head_dim: int
+    l2: float
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    cv_auroc: float
+    """AUROC of the out-of-fold decision values of the final probe on the calibration prompts."""
+
+
+class SAHs(StateDetector):
+    """Safety attention heads: a linear probe on the last-token outputs of the most telling heads.
+
+    Every head's output (its slice of the ``o_proj`` input) at the last prompt token is read in one
+    unmasked prefill. Heads are ranked by the cross-validated balanced accuracy of a logistic probe
+    on that head alone (ties: lower log-loss); the ``top_k`` heads' outputs are concatenated and a
+    logistic regression on them is the detector, its L2 strength chosen by cross-validated
+    log-loss. Score = the probe's log-odds; threshold 0 (probability 0.5 under equal priors) or the
+    KDE crossing of the out-of-fold scores.
+    """
+
+    State = SAHsState
+    name = "SAHs"
+
+    def __init__(
+        self, top_k: int = 16, folds: int = 5, head_l2: float = 0.1, l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
+        threshold: Literal["prob", "kde"] = "prob", batch_size: int = 8, seed: int = 0,
+    ):
+        super().__init__()
+        if top_k < 1 or folds < 2:
+            raise InvalidInputError(f"need top_k >= 1 and folds >= 2, got {top_k} and {folds}")
+        self.top_k, self.folds, self.head_l2, self.l2_grid = top_k, folds, head_l2, tuple(l2_grid)
+        self.threshold_rule, self.batch_size, self.seed = threshold, batch_size, seed
+        self._probe: Logistic | None = None
+
+    def rank_heads(self, heads: np.ndarray, y: np.ndarray) -> list[tuple[float, float, int, int]]:
+        """``(cv balanced accuracy, cv log-loss, layer, head)`` for every head, best first."""
+        folds = stratified_folds(y, min(self.folds, int(min((y == 1).sum(), (y == 0).sum()))), self.seed)
+        N, L, H, d = heads.shape
+        oof = out_of_fold_many(heads.reshape(N, L * H, d).transpose(1, 0, 2), y, self.head_l2, folds)  # [L*H, N]
+        rows = [(balanced_accuracy(oof[k], y), log_loss(oof[k], y), k // H, k % H) for k in range(L * H)]
+        return sorted(rows, key=lambda r: (-r[0], r[1], r[2], r[3]))
+
+    def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "SAHs":
+        _check_sets(unsafe, safe)
+        t0 = time.perf_counter()
+        feats = PrefillReader(model, processor).read(list(unsafe) + list(safe), self.batch_size).heads
+        y = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
+        ranked = self.rank_heads(feats, y)[: self.top_k]
+        heads = [HeadRef(layer=r[2], head=r[3]) for r in ranked]
+        X = self._design(feats, heads)
+        folds = stratified_folds(y, min(self.folds, int(min((y == 1).sum(), (y == 0).sum()))), self.seed)
+        cv = {l2: out_of_fold(X, y, l2, folds) for l2 in self.l2_grid}
+        l2 = min(self.l2_grid, key=lambda v: (log_loss(cv[v], y), -v))
+        oof = cv[l2]
+        probe = Logistic.fit(X, y, l2)
+        if self.threshold_rule == "kde":
+            threshold, method = _kde_or_midpoint(oof[y == 1], oof[y == 0])
+        else:
+            threshold, method = 0.0, "probability_0.5"
+        state = SAHsState(
+            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
+            threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), heads=heads,
+            head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]), l2=l2,
+            mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
+            cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
+        )
+        self._bind(model, processor, state)
+        return self
+
+    @staticmethod
+    def _design(feats: np.ndarray, heads: Sequence[HeadRef]) -> np.ndarray:
+        return np.concatenate([feats[:, h.layer, h.head] for h in heads], axis=1)
+
+    def _bind(self, model, processor, state) -> None:
+        super()._bind(model, processor, state)
+        self._probe = Logistic(np.array(state.mean), np.array(state.scale), np.array(state.coef), state.intercept)
+
+    def score(self, convs: Sequence[Any]) -> np.ndarray:
+        """The probe's log-odds that each conversation is unsafe."""
+        self._require_fitted()
+        feats = PrefillReader(self.model, self.processor).read(convs, self.batch_size).heads
+        return self._probe.decision(self._design(feats, self.state.heads))  # type: ignore[union-attr]
+
+    @classmethod
+    def _from_state(cls, state: SAHsState) -> "SAHs":  # type: ignore[override]
+        return cls(top_k=len(state.heads), threshold="kde" if state.threshold_method != "probability_0.5" else "prob")
+
+
+# -- HiddenDetect -------------------------------------------------------------------------------
+REFUSAL_WORDS: tuple[str, ...] = (
+    "Sorry", "sorry", "cannot", "can't", "unable", "illegal", "unethical", "harmful", "apologize", "I", "As",
+    "Unfortunately", "unfortunately", "not", "No", "refuse", "inappropriate", "dangerous",
+)
+"""Words whose first token marks a refusal (HiddenDetect's refusal vector, extended a little)."""
+
+
+def refusal_token_ids(processor: Any, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:
+    """First token of each word, written alone and after a space (how it starts an answer vs mid-text)."""
+    tok = tokenizer_of(processor)
+    ids = set()
+    for w in words:
+        for form in (w, " " + w):
+            enc = tok.encode(form, add_special_tokens=False)
+            if enc:
+                ids.add(int(enc[0]))
+    if not ids:
+        raise InvalidInputError("no refusal word could be tokenized")
+    return sorted(ids)
+
+
+class HiddenDetectState(DetectorState):
+    kind: Literal["hiddendetect"] = "hiddendetect"
+    refusal_words: list[str]
+    refusal_token_ids: list[int]
+    band: tuple[int, int]
+    """First and last decoder layer (0-based, inclusive) whose refusal cosines are summed."""
+    band_auroc: float
+    layer_auroc: list[float]
+    """AUROC of each single layer's refusal cosine on the calibration prompts."""
+
+
+class HiddenDetect(StateDetector):
+    """Refusal signal in the logit lens: summed over the band of layers that separates best.
+
+    At the last prompt token of every decoder layer, the residual state is put through the final
+    norm and the LM head (logit lens); its cosine with a multi-hot vector over refusal words' first
+    tokens says how much that layer already "wants" to refuse. The score sums the cosines over a
+    contiguous band of layers, the band with the highest calibration AUROC (at least ``min_band``
+    layers). Threshold: the KDE crossing of the calibration scores.
+    """
+
+    State = HiddenDetectState
+    name = "HiddenDetect"
+
+    def __init__(self, words: Sequence[str] = REFUSAL_WORDS, min_band: int = 1, batch_size: int = 8,
+                 chunk_rows: int = 64):
+        super().__init__()
+        if min_band < 1:
+            raise InvalidInputError(f"min_band must be >= 1, got {min_band}")
+        self.words, self.min_band, self.batch_size, self.chunk_rows = list(words), min_band, batch_size, chunk_rows
+        self._ids: list[int] | None = None
+
+    @torch.no_grad()
+    def layer_cosines(self, convs: Sequence[Any]) -> np.ndarray:
+        """[N, L] cosine of each layer's logit-lens logits with the refusal vector, at the last token."""
+        if self._ids is None:
+            raise CalibrationError("HiddenDetect is not fitted")
+        reader = PrefillReader(self.model, self.processor)
+        layers = reader.read(convs, self.batch_size).layers  # [N, L, D]
+        param = next(self.model.parameters())
+        head = self.model.get_output_embeddings()
+        ids = torch.tensor(self._ids, device=param.device)
+        flat = torch.as_tensor(layers.reshape(-1, layers.shape[-1]))
+        out = []
+        for s in range(0, flat.shape[0], self.chunk_rows):
+            h = reader.adapter.final_norm(flat[s : s + self.chunk_rows].to(param.device, param.dtype))
+            logits = head(h).float()
+            out.append((logits[:, ids].sum(-1) / (logits.norm(dim=-1).clamp_min(1e-12) * len(ids) ** 0.5)).cpu())
+        return torch.cat(out).numpy().reshape(layers.shape[0], layers.shape[1]).astype(np.float64)
+
+    @staticmethod
+    def best_band(cu: np.ndarray, cs: np.ndarray, min_band: int = 1) -> tuple[tuple[int, int], float, list[float]]:
+        """The contiguous band of layers whose summed cosine has the highest AUROC.
+
+        Ties (common when several bands separate the calibration set perfectly) go to the larger
+        standardised mean difference, which drops layers that add only noise.
+        """
+        L = cu.shape[1]
+        labels = np.r_[np.ones(len(cu)), np.zeros(len(cs))]
+        both = np.concatenate([cu, cs])
+        cum = np.concatenate([np.zeros((len(both), 1)), np.cumsum(both, axis=1)], axis=1)
+        best: tuple[float, float, int, int] | None = None
+        for a in range(L):
+            for b in range(a + min_band - 1, L):
+                x = cum[:, b + 1] - cum[:, a]
+                pos, neg = x[: len(cu)], x[len(cu) :]
+                sd = np.sqrt((pos.var() + neg.var()) / 2)
+                sep = (pos.mean() - neg.mean()) / sd if sd > 0 else 0.0
+                key = (round(auroc(x, labels), 9), float(sep), a, b)
+                if best is None or key[:2] > best[:2]:
+                    best = key
+        assert best is not None
+        return (best[2], best[3]), float(best[0]), [auroc(both[:, l], labels) for l in range(L)]
+
+    def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "HiddenDetect":
+        _check_sets(unsafe, safe)
+        t0 = time.perf_counter()
+        self.model, self.processor = model, processor
+        self._ids = refusal_token_ids(processor, self.words)
+        cu, cs = self.layer_cosines(list(unsafe)), self.layer_cosines(list(safe))
+        band, area, per_layer = self.best_band(cu, cs, self.min_band)
+        su, ss = cu[:, band[0] : band[1] + 1].sum(1), cs[:, band[0] : band[1] + 1].sum(1)
+        threshold, method = _kde_or_midpoint(su, ss)
+        state = HiddenDetectState(
+            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
+            threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), refusal_words=self.words,
+            refusal_token_ids=self._ids, band=band, band_auroc=area, layer_auroc=per_layer,
+            seconds=round(time.perf_counter() - t0, 2),
+        )
+        self._bind(model, processor, state)
+        return self
+
+    def _bind(self, model, processor, state) -> None:
+        super()._bind(model, processor, state)
+        self._ids = list(state.refusal_token_ids)
+
+    def score(self, convs: Sequence[Any]) -> np.ndarray:
+        """Refusal cosine summed over the chosen band of layers."""
+        self._require_fitted()
+        a, b = self.state.band  # type: ignore[union-attr]
+        return self.layer_cosines(convs)[:, a : b + 1].sum(1)
+
+    @classmethod
+    def _from_state(cls, state: HiddenDetectState) -> "HiddenDetect":  # type: ignore[override]
+        return cls(words=state.refusal_words)
