@@ -1,0 +1,291 @@
+"""``ChatOhdGuard``: the guarded local (vision-)language model as a LangChain chat model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from ohd_guard_langchain.convert import to_message_dicts
+from ohd_guard_langchain.events import adispatch_verdict, dispatch_verdict, verdict_payload
+
+__all__ = ["ChatOhdGuard"]
+
+#: Per-call keyword arguments passed on to ``model.generate`` (others are refused, not ignored).
+_GEN_KEYS = {"top_p", "top_k", "repetition_penalty", "do_sample", "num_beams", "min_new_tokens", "seed"}
+
+
+class _StopTrimmer:
+    """Cuts streamed text at the first stop sequence, holding back a possible partial match."""
+
+    def __init__(self, stop: Sequence[str] | None):
+        self.stop = [s for s in (stop or []) if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.buf = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        self.buf += text
+        cut = min((i for s in self.stop if (i := self.buf.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            out, self.buf, self.stopped = self.buf[:cut], "", True
+            return out
+        if self.hold <= 0:
+            out, self.buf = self.buf, ""
+            return out
+        out, self.buf = self.buf[: -self.hold], self.buf[-self.hold:]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+def _cut(text: str, stop: Sequence[str] | None) -> str:
+    t = _StopTrimmer(stop)
+    return t.feed(text) + t.flush()
+
+
+class ChatOhdGuard(BaseChatModel):
+    """A local (vision-)language model that answers only what its One-head Defense guard passes.
+
+    Every call renders the whole conversation (text and images: v1 image blocks, OpenAI
+    ``image_url`` data URIs, legacy v0 blocks) with the model's chat template, screens it, and then
+    either answers from the screening prefill's KV cache or returns the guard's refusal (anchored,
+    static, or :class:`~ohd_guard.errors.GuardViolation` under ``refusal="raise"``). The verdict is
+    in ``response_metadata["ohd_guard"]`` and is sent as the custom event ``"ohd_guard.verdict"``.
+    Tool calling and structured output are not supported.
+
+    Build it with ``ChatOhdGuard(guard=...)``, :meth:`from_guard` or :meth:`from_profile`.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    model_name: str = Field(default="", alias="model")
+    """Name reported to tracing (default: the guarded model's name or type)."""
+    temperature: float | None = None
+    """Sampling temperature; ``None`` or ``0`` decode greedily."""
+    max_tokens: int | None = Field(default=None, gt=0)
+    """Most new tokens per answer (default 256)."""
+    top_p: float | None = None
+    """Nucleus sampling (with ``temperature > 0``)."""
+    stop: list[str] | None = None
+    """Stop sequences: generation ends at, and the answer is cut before, the first one."""
+    timeout: float | None = None
+    """Wall-clock cap of one generation in seconds (``max_time`` of ``generate``)."""
+    max_retries: int = 0
+    """Accepted for LangChain compatibility; a local model is not retried."""
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (callbacks then see each token)."""
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra ``model.generate`` arguments for every call (``repetition_penalty``, ...)."""
+
+    _guard: Any = PrivateAttr(default=None)
+
+    def __init__(self, *, guard: Any = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._guard = guard
+        if guard is not None and not self.model_name:
+            cfg = getattr(guard.model, "config", None)
+            self.model_name = str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or "local")
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_guard(cls, guard: Any, **kwargs: Any) -> ChatOhdGuard:
+        """Chat with the model an existing :class:`~ohd_guard.guard.OhdGuard` already holds."""
+        return cls(guard=guard, **kwargs)
+
+    @classmethod
+    def from_profile(cls, model_ref: Any = None, profile_path: str | Path | None = None, *,
+                     device: str = "auto", dtype: str = "auto", guard_options: dict[str, Any] | None = None,
+                     **kwargs: Any) -> ChatOhdGuard:
+        """Load a model and its profile with :meth:`OhdGuard.load` (defaults: the embedded model and
+        its shipped profile). ``guard_options`` go to ``OhdGuard`` (``refusal``, ``on_error``, ...)."""
+        from ohd_guard.guard import OhdGuard
+
+        guard = OhdGuard.load(model_ref, profile_path, device=device, dtype=dtype, **(guard_options or {}))
+        return cls(guard=guard, **kwargs)
+
+    @property
+    def guard(self) -> Any:
+        """The :class:`~ohd_guard.guard.OhdGuard` screening every call."""
+        if self._guard is None:
+            from ohd_guard.errors import InvalidInputError
+
+            raise InvalidInputError("ChatOhdGuard has no guard: build it with ChatOhdGuard(guard=...), "
+                                    "ChatOhdGuard.from_guard(guard) or ChatOhdGuard.from_profile(...)")
+        return self._guard
+
+    # -- LangChain metadata -------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "ohd-guard"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "top_p": self.top_p}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="ohd_guard", ls_model_name=kwargs.get("model", self.model_name),
+                                 ls_model_type="chat")
+        temperature = kwargs.get("temperature", self.temperature)
+        if temperature is not None:
+            params["ls_temperature"] = temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if max_tokens is not None:
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    # -- translation --------------------------------------------------------------------------------
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str] | None]:
+        from ohd_guard.errors import InvalidInputError
+
+        if kwargs.get("tools") or kwargs.get("tool_choice") or kwargs.get("functions"):
+            raise NotImplementedError("ChatOhdGuard does not support tool calling")
+        kw = {k: v for k, v in kwargs.items() if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice")}
+        gen: dict[str, Any] = dict(self.generation_kwargs)
+        gen["max_new_tokens"] = kw.pop("max_tokens", None) or kw.pop("max_new_tokens", None) or self.max_tokens or 256
+        temperature = kw.pop("temperature", self.temperature)
+        top_p = kw.pop("top_p", self.top_p)
+        if temperature:
+            gen.update(do_sample=True, temperature=float(temperature))
+            if top_p is not None:
+                gen["top_p"] = float(top_p)
+        else:
+            gen.setdefault("do_sample", False)
+        timeout = kw.pop("timeout", self.timeout)
+        if timeout:
+            gen["max_time"] = float(timeout)
+        unknown = set(kw) - _GEN_KEYS
+        if unknown:
+            raise InvalidInputError(f"ChatOhdGuard: unsupported call arguments {sorted(unknown)}; generation "
+                                    f"arguments allowed per call: {sorted(_GEN_KEYS | {'max_tokens', 'temperature'})}")
+        gen.update(kw)
+        stop = stop if stop is not None else self.stop
+        if stop:
+            gen.update(stop_strings=list(stop), tokenizer=self.guard.tokenizer)
+        return to_message_dicts(messages), gen, stop
+
+    def _metadata(self, verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
+        return {"model_name": self.model_name, "model_provider": "ohd_guard",
+                "ohd_guard": {"refused": refused, "refusal_kind": kind, "verdict": verdict_payload(verdict)}}
+
+    def _result(self, resp: Any, stop: list[str] | None) -> ChatResult:
+        text = _cut(resp.text, stop)
+        msg = AIMessage(content=text, response_metadata=self._metadata(resp.verdict, resp.refused, resp.refusal_kind))
+        return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    # -- calls --------------------------------------------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        raw, gen, stop = self._request(messages, stop, kwargs)
+        try:
+            resp = self.guard.generate(raw, **gen)
+        except Exception as e:
+            verdict = getattr(e, "verdict", None)  # GuardViolation under refusal="raise"
+            if verdict is not None and run_manager is not None:
+                dispatch_verdict(verdict, run_manager=run_manager)
+            raise
+        if run_manager is not None:
+            dispatch_verdict(resp.verdict, run_manager=run_manager)
+        return self._result(resp, stop)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        raw, gen, stop = self._request(messages, stop, kwargs)
+        try:
+            resp = await self.guard.agenerate(raw, **gen)
+        except Exception as e:
+            verdict = getattr(e, "verdict", None)
+            if verdict is not None and run_manager is not None:
+                await adispatch_verdict(verdict, run_manager=run_manager)
+            raise
+        if run_manager is not None:
+            await adispatch_verdict(resp.verdict, run_manager=run_manager)
+        return self._result(resp, stop)
+
+    def _final_chunk(self, stream: Any) -> ChatGenerationChunk:
+        resp, verdict = stream.response, stream.verdict
+        refused = resp.refused if resp is not None else bool(verdict and verdict.flagged)
+        kind = resp.refusal_kind if resp is not None else None
+        meta = self._metadata(verdict, refused, kind) if verdict is not None else {}
+        return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=meta, chunk_position="last"))
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        raw, gen, stop = self._request(messages, stop, kwargs)
+        stream = self.guard.stream(raw, **gen)
+        trim, sent = _StopTrimmer(stop), False
+
+        def announce() -> None:
+            nonlocal sent
+            if not sent and stream.verdict is not None and run_manager is not None:
+                dispatch_verdict(stream.verdict, run_manager=run_manager)
+                sent = True
+
+        try:
+            for piece in stream:
+                announce()
+                if text := trim.feed(piece):
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(text, chunk=chunk)
+                    yield chunk
+                if trim.stopped:
+                    break
+            else:
+                if tail := trim.flush():
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=tail))
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(tail, chunk=chunk)
+                    yield chunk
+        finally:
+            announce()
+            stream.close()
+        yield self._final_chunk(stream)
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        raw, gen, stop = self._request(messages, stop, kwargs)
+        stream = self.guard.astream(raw, **gen)
+        trim, sent = _StopTrimmer(stop), False
+
+        async def announce() -> None:
+            nonlocal sent
+            if not sent and stream.verdict is not None and run_manager is not None:
+                await adispatch_verdict(stream.verdict, run_manager=run_manager)
+                sent = True
+
+        try:
+            async for piece in stream:
+                await announce()
+                if text := trim.feed(piece):
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=text))
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(text, chunk=chunk)
+                    yield chunk
+                if trim.stopped:
+                    break
+            else:
+                if tail := trim.flush():
+                    chunk = ChatGenerationChunk(message=AIMessageChunk(content=tail))
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(tail, chunk=chunk)
+                    yield chunk
+        finally:
+            await announce()
+            await stream.aclose()
+        yield self._final_chunk(stream)

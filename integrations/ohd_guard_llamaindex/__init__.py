@@ -1,0 +1,47 @@
+"""LlamaIndex integration of ohd-guard (One-head Defense).
+
+- :func:`to_conversation` — ``ChatMessage`` (``TextBlock``/``ImageBlock``...) -> ``ohd_guard.Conversation``.
+- :class:`OhdGuardLLM` — the guarded local (vision-)language model as a LlamaIndex LLM.
+- :class:`GuardedLLM` — screen with the local guard in front of any other LlamaIndex LLM.
+- :class:`OhdGuardVerdictEvent` — verdicts as instrumentation events.
+- :class:`OhdGuardCallbackHandler` — legacy callback handler that aborts flagged LLM calls.
+
+Names are imported on first use, so ``import ohd_guard_llamaindex`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "GuardedLLM",
+    "OhdGuardCallbackHandler",
+    "OhdGuardLLM",
+    "OhdGuardVerdictEvent",
+    "UnsupportedContentError",
+    "to_conversation",
+]
+
+_WHERE = {
+    "GuardedLLM": "llm", "OhdGuardLLM": "llm", "OhdGuardCallbackHandler": "callbacks",
+    "OhdGuardVerdictEvent": "events", "UnsupportedContentError": "convert", "to_conversation": "convert",
+}  # fmt: skip
+
+if TYPE_CHECKING:
+    from ohd_guard_llamaindex.callbacks import OhdGuardCallbackHandler
+    from ohd_guard_llamaindex.convert import UnsupportedContentError, to_conversation
+    from ohd_guard_llamaindex.events import OhdGuardVerdictEvent
+    from ohd_guard_llamaindex.llm import GuardedLLM, OhdGuardLLM
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'ohd_guard_llamaindex' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"ohd_guard_llamaindex.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

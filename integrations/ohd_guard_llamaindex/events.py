@@ -1,0 +1,49 @@
+"""Verdicts as LlamaIndex instrumentation events.
+
+Every verdict is dispatched as an :class:`OhdGuardVerdictEvent` through this module's dispatcher
+(``get_dispatcher("ohd_guard_llamaindex.events")``, which propagates to the root dispatcher), so
+any ``BaseEventHandler`` added to the root or to this dispatcher sees it, with the ``span_id`` of
+the LLM call that produced it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.events.base import BaseEvent
+from pydantic import Field
+
+__all__ = ["OhdGuardVerdictEvent", "adispatch_verdict", "dispatch_verdict", "dispatcher"]
+
+dispatcher = get_dispatcher(__name__)
+
+
+class OhdGuardVerdictEvent(BaseEvent):
+    """The guard screened a conversation on its way to an LLM."""
+
+    verdict: Any
+    """The :class:`ohd_guard.guard.Verdict` (``flagged``, ``angle``, ``threshold``, ``risk``, ``reason``, ...)."""
+    source: str = Field(default="")
+    """What screened: ``"OhdGuardLLM"``, ``"GuardedLLM"`` or ``"OhdGuardCallbackHandler"``."""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "OhdGuardVerdictEvent"
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.verdict.flagged)
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        data = super().model_dump(**kwargs)
+        data["verdict"] = self.verdict.model_dump(mode="json")  # JSON-able for exporters
+        return data
+
+
+def dispatch_verdict(verdict: Any, source: str) -> None:
+    dispatcher.event(OhdGuardVerdictEvent(verdict=verdict, source=source))
+
+
+async def adispatch_verdict(verdict: Any, source: str) -> None:
+    await dispatcher.aevent(OhdGuardVerdictEvent(verdict=verdict, source=source))
