@@ -23,6 +23,7 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 from PIL import Image
 
@@ -285,6 +286,8 @@ def test_guarded_chat_model_and_raise_policy(guard):
     assert e.value.verdict.flagged and answerer.calls == 1
     with pytest.raises(GuardViolation):
         asyncio.run(g.ainvoke("zorblax"))
+    in_a_pipeline = ChatPromptTemplate.from_messages([("human", "{q}")]) | guarded(answerer, guard)
+    assert in_a_pipeline.invoke({"q": "zorblax"}).content.startswith("I cannot") and answerer.calls == 1
     chunks = list(guarded(answerer, guard).stream("zorblax"))
     assert len(chunks) == 1 and isinstance(chunks[0], AIMessageChunk) and chunks[0].chunk_position == "last"
 
@@ -393,6 +396,37 @@ class TestChatOhdGuardStandard(ChatModelUnitTests):
     @property
     def returns_usage_metadata(self) -> bool:
         return False
+
+
+class TestChatOhdGuardStandardIntegration(ChatModelIntegrationTests):
+    """langchain-tests' standard integration tests, run against the local planted model (no network):
+    invoke/stream/batch (sync and async), events, conversations, stop sequences, names. Tool calling,
+    structured output, usage metadata and the URL/PDF/audio/image-download tests are switched off;
+    image inputs are covered by test_chat_model_sees_images_with_a_vision_language_model below."""
+
+    @property
+    def chat_model_class(self):
+        return ChatOhdGuard
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"guard": planted_guard(), "model": "planted-llama", "max_tokens": 8}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return False
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False  # the suite downloads its test image from the web
 
 
 @pytest.mark.xfail(reason="tool calling is not supported by ChatOhdGuard", raises=NotImplementedError, strict=True)

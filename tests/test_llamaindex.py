@@ -158,13 +158,15 @@ def test_image_blocks_of_every_source(tmp_path):
     assert conv.num_images == 6 and all(i.size == (40, 30) and i.getpixel((0, 0)) == (255, 0, 0) for i in conv.images)
     with pytest.raises(InvalidInputError, match="fetcher"):
         to_conversation(user("x", None) + [ChatMessage(role="user", blocks=[ImageBlock(url="https://e.com/a.png")])])
-    assert to_conversation([ChatMessage(blocks=[ImageBlock(url="https://e.com/a.png")])], fetcher=lambda u: PNG).num_images == 1
+    remote = [ChatMessage(blocks=[ImageBlock(url="https://e.com/a.png")])]
+    assert to_conversation(remote, fetcher=lambda u: PNG).num_images == 1
 
 
 def test_roles_tools_and_text_like_blocks():
     msgs = [
         ChatMessage(role="user", content="find cats"),
-        ChatMessage(role="assistant", blocks=[ThinkingBlock(content="hm"), ToolCallBlock(tool_name="search", tool_kwargs={"q": "cats"})]),
+        ChatMessage(role="assistant", blocks=[ThinkingBlock(content="hm"),
+                                              ToolCallBlock(tool_name="search", tool_kwargs={"q": "cats"})]),
         ChatMessage(role="tool", content="page: zorblax", additional_kwargs={"name": "search", "tool_call_id": "1"}),
         ChatMessage(role="chatbot", content="ok"),
         ChatMessage(role="user", blocks=[CitableBlock(title="doc", source="s", content=[TextBlock(text="cited")]),
@@ -206,7 +208,8 @@ def test_local_llm_chat_with_images_answers_or_refuses(guard, events):
 def test_local_llm_streams_completes_and_runs_async(guard):
     llm = OhdGuardLLM(guard, max_new_tokens=4)
     chunks = list(llm.stream_chat(user("zorblax here")))
-    assert chunks[-1].message.content.startswith("I cannot") and "".join(c.delta for c in chunks) == chunks[-1].message.content
+    assert chunks[-1].message.content.startswith("I cannot")
+    assert "".join(c.delta for c in chunks) == chunks[-1].message.content
     assert llm.complete("tell me about zorblax").text.startswith("I cannot")
     assert not llm.complete("tell me about cats").additional_kwargs["ohd_guard"]["refused"]
     assert "".join(c.delta for c in llm.stream_complete("zorblax")).startswith("I cannot")
@@ -303,9 +306,9 @@ def test_async_chat_engine_and_the_local_llm_in_an_engine(guard, index):
     assert str(good) == "text text text text" and str(bad).startswith("I cannot")
     # the whole conversation is screened, so the flagged turn in the history keeps the chat refused
     assert str(after).startswith("I cannot") and str(fresh) == "text text text text" and len(answerer.seen) == 2
-    # LlamaIndex budgets prompts with its own tokenizer, far more conservatively than this tiny
-    # model's 512 positions need; the guard itself still refuses any prompt over the real window
-    local_llm = OhdGuardLLM(guard, max_new_tokens=4, context_window=2048)
+    # LlamaIndex budgets ~2,000 tokens per image (this model spends 16); the guard itself still
+    # refuses any prompt over the model's real 512-token window
+    local_llm = OhdGuardLLM(guard, max_new_tokens=4, context_window=8192)
     local = index.as_query_engine(llm=local_llm, multimodal=True, similarity_top_k=3)
     assert str(asyncio.run(local.aquery("is zorblax in the picture"))).startswith("I cannot")
 

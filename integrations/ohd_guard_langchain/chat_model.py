@@ -18,7 +18,8 @@ from ohd_guard_langchain.events import adispatch_verdict, dispatch_verdict, verd
 __all__ = ["ChatOhdGuard"]
 
 #: Per-call keyword arguments passed on to ``model.generate`` (others are refused, not ignored).
-_GEN_KEYS = {"top_p", "top_k", "repetition_penalty", "do_sample", "num_beams", "min_new_tokens", "seed"}
+_GEN_KEYS = {"top_p", "top_k", "repetition_penalty", "do_sample", "num_beams", "min_new_tokens"}
+_CALL_KEYS = _GEN_KEYS | {"max_tokens", "max_new_tokens", "temperature", "timeout"}
 
 
 class _StopTrimmer:
@@ -156,7 +157,8 @@ class ChatOhdGuard(BaseChatModel):
             raise NotImplementedError("ChatOhdGuard does not support tool calling")
         kw = {k: v for k, v in kwargs.items() if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice")}
         gen: dict[str, Any] = dict(self.generation_kwargs)
-        gen["max_new_tokens"] = kw.pop("max_tokens", None) or kw.pop("max_new_tokens", None) or self.max_tokens or 256
+        max_tokens, max_new_tokens = kw.pop("max_tokens", None), kw.pop("max_new_tokens", None)
+        gen["max_new_tokens"] = max_tokens or max_new_tokens or self.max_tokens or 256
         temperature = kw.pop("temperature", self.temperature)
         top_p = kw.pop("top_p", self.top_p)
         if temperature:
@@ -171,7 +173,7 @@ class ChatOhdGuard(BaseChatModel):
         unknown = set(kw) - _GEN_KEYS
         if unknown:
             raise InvalidInputError(f"ChatOhdGuard: unsupported call arguments {sorted(unknown)}; generation "
-                                    f"arguments allowed per call: {sorted(_GEN_KEYS | {'max_tokens', 'temperature'})}")
+                                    f"arguments allowed per call: {sorted(_CALL_KEYS)}")
         gen.update(kw)
         stop = stop if stop is not None else self.stop
         if stop:
