@@ -207,7 +207,7 @@ class EvalReport(BaseModel):
                 fpr, tpr, _ = roc_curve(s, y)
                 ax.plot(fpr, tpr, label=f"{d} ({auroc(s, y):.2f})", lw=1.4)
             ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-            ax.set_title(f"{name} ({curves[0][1][2]})", fontsize=9)
+            ax.set_title(f"{name}: {curves[0][1][2]}", fontsize=9)
             ax.set_xlabel("FPR")
             ax.set_ylabel("TPR")
             ax.legend(fontsize=7, loc="lower right")
@@ -346,7 +346,7 @@ def evaluate(
                     why = ""
                 except InvalidInputError as e:  # e.g. images for a text-only model
                     why = str(e).splitlines()[0]
-                    log.warning("%s cannot screen %s: %s", det.name, name, why)
+                    log.info("%s cannot screen %s: %s", det.name, name, why)
                 timing[(det.name, name)] = (time.perf_counter() - t0, why)
                 if progress:
                     print(f"[eval] {det.name:>22} {name:<28} {timing[(det.name, name)][0]:7.1f} s {why}", flush=True)

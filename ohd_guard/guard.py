@@ -24,13 +24,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
+from transformers import StoppingCriteria
+from transformers.generation import BaseStreamer
 
 from ohd_guard.conversation import Conversation, ConversationLimits, to_conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError, ScreeningError
@@ -40,7 +43,7 @@ from ohd_guard.refusal import ForcedPrefixLogitsProcessor, RefusalTemplate, anch
 from ohd_guard.rendering import is_multimodal, tokenizer_of
 from ohd_guard.scoring import DeflectionScorer, Prefill
 
-__all__ = ["EVENT_NAME", "GuardStats", "GuardedResponse", "GuardedStream", "AsyncGuardedStream", "OhdGuard", "Verdict"]
+__all__ = ["EVENT_NAME", "AsyncGuardedStream", "GuardStats", "GuardedResponse", "GuardedStream", "OhdGuard", "Verdict"]
 
 EVENT_NAME = "ohd_guard.verdict"
 """Stable name of the event emitted for every verdict (logging, listeners, framework callbacks)."""
@@ -128,7 +131,7 @@ _END = object()
 
 
 # ------------------------------------------------------------------------------ generation helpers
-class _ChunkStreamer:
+class _ChunkStreamer(BaseStreamer):
     """Streams decoded text so that the chunks join to exactly the decoded answer.
 
     Decodes all answer tokens each step and emits the new tail, holding back an incomplete UTF-8
@@ -160,7 +163,7 @@ class _ChunkStreamer:
             self.sent = len(text)
 
 
-class _Cancelled:
+class _Cancelled(StoppingCriteria):
     """Stopping criterion that ends generation once a stream's consumer has gone away."""
 
     def __init__(self, event: threading.Event):
@@ -257,7 +260,7 @@ class OhdGuard:
     def load(
         cls, model_ref: Any = None, profile: str | Path | Profile | None = None, *,
         device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", **options: Any,
-    ) -> "OhdGuard":
+    ) -> OhdGuard:
         """Load a model with :func:`~ohd_guard.loading.load_model` and guard it with ``profile``
         (a path or a Profile; default: the profile shipped for the embedded model). A profile that
         was calibrated on another model is refused with ProfileMismatchError."""
@@ -500,7 +503,7 @@ class OhdGuard:
         with self._lock:
             return self._respond(conversation, t0, {"max_new_tokens": max_new_tokens, **generation_kwargs})
 
-    def stream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> "GuardedStream":
+    def stream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedStream:
         """Like :meth:`generate`, as an iterator of text chunks; nothing is streamed before the verdict."""
         return GuardedStream(self, conversation, {"max_new_tokens": max_new_tokens, **generation_kwargs})
 
@@ -514,7 +517,7 @@ class OhdGuard:
         kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
         return await self._submit("call", fn=lambda: self._respond(conversation, t0, kw))
 
-    def astream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> "AsyncGuardedStream":
+    def astream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> AsyncGuardedStream:
         """Async iterator of text chunks, generated on the worker thread."""
         return AsyncGuardedStream(self, conversation, {"max_new_tokens": max_new_tokens, **generation_kwargs})
 
@@ -540,7 +543,7 @@ class OhdGuard:
             self._queue.put(None)
             worker.join(timeout=30)
 
-    def __enter__(self) -> "OhdGuard":
+    def __enter__(self) -> OhdGuard:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -603,7 +606,7 @@ def _deliver(job: _Job, result: Any, exc: BaseException | None) -> None:
         pass
 
 
-def _worker_main(ref: "weakref.ref[OhdGuard]", q: queue.Queue) -> None:
+def _worker_main(ref: weakref.ref[OhdGuard], q: queue.Queue) -> None:
     """The single thread that runs the model for async calls; holds only a weak reference to the
     guard between jobs, so a guard nobody uses any more can be garbage-collected (and the thread ends)."""
     held: deque = deque()

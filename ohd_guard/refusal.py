@@ -18,7 +18,7 @@ from transformers import LogitsProcessor
 
 from ohd_guard.conversation import Conversation
 
-__all__ = ["RefusalTemplate", "ForcedPrefixLogitsProcessor", "DEFAULT_TEMPLATES", "template_for", "anchor"]
+__all__ = ["DEFAULT_TEMPLATES", "ForcedPrefixLogitsProcessor", "RefusalTemplate", "anchor", "template_for"]
 
 _INSTRUCTION = (
     "Safety notice: this request was flagged as potentially harmful. Do not provide the requested content. "

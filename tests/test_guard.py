@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 from transformers import StoppingCriteria
 
 from ohd_guard.calibrate import calibrate
@@ -25,8 +26,9 @@ from ohd_guard.guard import EVENT_NAME, GuardedResponse, OhdGuard, Verdict
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.profile import CalibrationSummary, ModelFingerprint, Profile
 from ohd_guard.refusal import DEFAULT_TEMPLATES, RefusalTemplate, anchor, template_for
+from ohd_guard.rendering import is_multimodal
 from ohd_guard.scoring import DeflectionScorer
-from ohd_guard.testing import planted_head_model, tiny_model
+from ohd_guard.testing import TINY_ARCHS, planted_head_model, tiny_model
 from ohd_guard.threshold import RiskCalibration, ThresholdFit
 
 _WORDS = "the a cat dog sun moon story poem water fire light house city river song game tree bird".split()
@@ -102,6 +104,16 @@ def _answer_ids(guard: OhdGuard, conversation, **kw) -> tuple[GuardedResponse, l
     return r, spy.ids[guard.scorer.encode([prompt])["input_ids"].shape[1] :]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the thread
+    pool's hand-offs make each tiny forward ~10x slower; restored after this module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def planted():
     model, tok, info = planted_head_model()
@@ -142,7 +154,7 @@ def test_planted_head_guard_flags_trigger_and_passes_clean(make_guard, positions
     assert v.heads == (HeadRef(layer=1, head=2),) and v.mode == positions
     assert v.conversation_digest == to_conversation(CLEAN[-1]).digest()
     json.dumps(v.model_dump(mode="json"))  # the event payload is JSON-able
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         v.flagged = False  # frozen
 
 
@@ -171,7 +183,7 @@ def test_guard_angles_equal_the_scorer_with_and_without_the_kept_cache(make_guar
 
 # ------------------------------------------------------------------------------------- refusals
 def test_anchored_refusal_forces_the_prefix_then_continues(make_guard, planted):
-    model, tok, _ = planted
+    tok = planted[1]
     guard = make_guard()
     prefix = tok.encode(guard.template.forced_prefix, add_special_tokens=False)
     for kw in (GREEDY, dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=0)):
@@ -239,18 +251,31 @@ def test_benign_guarded_output_equals_unguarded_token_for_token(make_guard, plan
     assert len(calls) == 4 and all(cached == T - 1 for T, cached in calls)  # continued from the screening prefill
 
 
-@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
-def test_benign_guarded_vlm_output_with_image_equals_unguarded(arch):
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_benign_guarded_output_equals_unguarded_on_every_architecture(arch):
+    """Cache reuse across families: VLMs with an image, sliding windows, fused qkv, M-RoPE."""
     model, proc = tiny_model(arch)
     hooks = _hook_count(model)
-    with OhdGuard(model, proc, _manual_profile(model, proc, spec=MaskSpec(positions="last"))) as guard:
+    mm = is_multimodal(proc)
+    positions = "last" if arch != "gemma3" else "all"
+    with OhdGuard(model, proc, _manual_profile(model, proc, spec=MaskSpec(positions=positions))) as guard:
         # another batch first, so stale per-batch model state (Qwen-VL rope offsets) would show
-        guard.screen_batch([_image_turn(), "hello there", _image_turn("a red picture")])
-        for conv in (_image_turn(), "tell me about a cat"):
+        guard.screen_batch([_image_turn() if mm else "a dog", "hello there", _image_turn("a red picture") if mm else "hi"])
+        for conv in ([_image_turn()] if mm else []) + ["tell me about a cat"]:
             r, ids = _answer_ids(guard, conv, max_new_tokens=12, do_sample=False)
             assert not r.refused and r.verdict.error is None
             assert ids == _unguarded(model, proc, conv, max_new_tokens=12, do_sample=False)
     assert _hook_count(model) == hooks
+
+
+def test_uncroppable_cache_falls_back_to_plain_generation():
+    """A sliding-window layer past its window cannot be cropped: the answer is generated from scratch."""
+    model, tok = tiny_model("gemma3_text")  # sliding window 64
+    long = "tell me " + "a story about cats and dogs " * 15
+    with OhdGuard(model, tok, _manual_profile(model, tok, spec=MaskSpec(positions="all"))) as guard:
+        assert guard.scorer.encode([long])["input_ids"].shape[1] > 64
+        r, ids = _answer_ids(guard, long, max_new_tokens=10, do_sample=False)
+        assert not r.refused and ids == _unguarded(model, tok, long, max_new_tokens=10, do_sample=False)
 
 
 # --------------------------------------------------------------------------------------- streams

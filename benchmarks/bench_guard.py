@@ -1,0 +1,179 @@
+"""Guard benchmark on the real embedded model. Prints markdown tables.
+
+    python benchmarks/bench_guard.py [--prompts 6] [--repeats 2] [--new-tokens 32] [--concurrency 32]
+
+1. Latency on benign prompts the guard passes: guarded vs unguarded time-to-first-token
+   (``max_new_tokens=1``) and total latency (greedy, ``--new-tokens``), interleaved prompt by prompt
+   in one run, for the profile's mask mode and the other one (cost only: its threshold is disabled).
+2. Screening throughput: ``--concurrency`` concurrent ``ascreen`` calls, micro-batched
+   (max_batch_size 16) vs one by one (max_batch_size 1), and sync ``screen`` in a loop.
+3. Peak memory: resident-set growth during one answer to a long prompt, unguarded vs guarded, each
+   measured in a fresh child process (torch's CPU allocations bypass tracemalloc, so RSS is sampled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from ohd_guard.cli import DEFAULT_PROFILE
+from ohd_guard.datasets import load_calibration_prompts
+from ohd_guard.guard import OhdGuard
+from ohd_guard.loading import load_model
+from ohd_guard.profile import Profile
+
+LONG_PROMPT = "Summarise the following notes for a team meeting:\n" + "\n".join(
+    f"- item {i}: the build pipeline step {i} takes longer than expected and needs a cache" for i in range(60)
+)
+
+
+def table(rows, cols):
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def unguarded(model, guard, prompt, n):
+    inputs = guard.scorer.encode([prompt])  # the same rendering, inside the timing
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=n, do_sample=False)
+
+
+def latency(model, tok, profile, prompts, n, repeats, new_tokens):
+    rows = []
+    other = "last" if profile.mask.positions == "all" else "all"
+    for mode in (profile.mask.positions, other):
+        p = profile if mode == profile.mask.positions else profile.model_copy(
+            update={"mask": profile.mask.model_copy(update={"positions": mode}),
+                    "threshold": profile.threshold.model_copy(update={"value": 1e9})})  # fmt: skip
+        guard = OhdGuard(model, tok, p)
+        passing = [q for q in prompts if not guard.screen(q).flagged][:n]
+        guard.generate(passing[0], max_new_tokens=2)  # warm-up
+        res = {k: [] for k in ("ttft_g", "ttft_u", "total_g", "total_u")}
+        for q in passing:
+            per = {k: [] for k in res}
+            for _ in range(repeats):  # interleaved, so load changes hit both sides alike
+                per["ttft_u"].append(timed(lambda: unguarded(model, guard, q, 1)))
+                per["ttft_g"].append(timed(lambda: guard.generate(q, max_new_tokens=1, do_sample=False)))
+                per["total_u"].append(timed(lambda: unguarded(model, guard, q, new_tokens)))
+                per["total_g"].append(timed(lambda: guard.generate(q, max_new_tokens=new_tokens, do_sample=False)))
+            for k in res:
+                res[k].append(statistics.median(per[k]))
+        med = {k: statistics.median(v) * 1e3 for k, v in res.items()}
+        rows.append({
+            "mode": mode + (" (profile)" if p is profile else " (cost only)"), "prompts": len(passing),
+            "ttft_unguarded_ms": med["ttft_u"], "ttft_guarded_ms": med["ttft_g"],
+            "ttft_ratio": sum(res["ttft_g"]) / sum(res["ttft_u"]),
+            f"total_{new_tokens}tok_unguarded_ms": med["total_u"], f"total_{new_tokens}tok_guarded_ms": med["total_g"],
+            "total_ratio": sum(res["total_g"]) / sum(res["total_u"]),
+        })  # fmt: skip
+        guard.close()
+    return rows
+
+
+def throughput(model, tok, profile, prompts, n):
+    items = [prompts[i % len(prompts)] for i in range(n)]
+    rows = []
+
+    async def burst(guard):
+        return await asyncio.gather(*[guard.ascreen(q) for q in items])
+
+    for label, batch in (("ascreen, micro-batched (max_batch_size=16)", 16), ("ascreen, one by one (max_batch_size=1)", 1)):
+        with OhdGuard(model, tok, profile, max_batch_size=batch, max_wait_ms=5) as guard:
+            asyncio.run(burst(guard))  # warm-up, starts the worker
+            before = guard.stats
+            t = timed(lambda: asyncio.run(burst(guard)))
+            batches = guard.stats.batches - before.batches
+            rows.append({"calls": label, "n": n, "seconds": t, "screens_per_s": n / t, "prefills": batches})
+    with OhdGuard(model, tok, profile) as guard:
+        t = timed(lambda: [guard.screen(q) for q in items])
+        rows.append({"calls": "screen() in a loop", "n": n, "seconds": t, "screens_per_s": n / t, "prefills": n})
+    return rows
+
+
+def memory_child(condition: str, new_tokens: int) -> None:
+    """Runs in a fresh process: peak RSS growth during one answer to LONG_PROMPT."""
+    import psutil
+
+    model, tok = load_model()
+    guard = OhdGuard(model, tok, Profile.load(DEFAULT_PROFILE).model_copy(
+        update={"threshold": Profile.load(DEFAULT_PROFILE).threshold.model_copy(update={"value": 1e9})}))  # fmt: skip
+
+    def run(prompt):
+        if condition == "guarded":
+            guard.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+        else:
+            unguarded(model, guard, prompt, new_tokens)
+
+    run("Write a haiku about autumn.")  # warm-up on the same code path
+    proc = psutil.Process()
+    base = peak = proc.memory_info().rss
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(0.002)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    run(LONG_PROMPT)
+    stop.set()
+    th.join()
+    tokens = guard.scorer.encode([LONG_PROMPT])["input_ids"].shape[1]
+    print(json.dumps({"condition": condition, "prompt_tokens": tokens, "peak_growth_mib": (peak - base) / 2**20,
+                      "rss_after_load_mib": base / 2**20}))  # fmt: skip
+
+
+def memory(new_tokens):
+    rows = []
+    for condition in ("unguarded", "guarded"):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", condition, "--new-tokens", str(new_tokens)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=6, help="benign held-out prompts for the latency table")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--memory-child", choices=["guarded", "unguarded"], help=argparse.SUPPRESS)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args.memory_child, args.new_tokens)
+    model, tok = load_model()
+    profile = Profile.load(DEFAULT_PROFILE)
+    safe = [p.text for p in load_calibration_prompts("heldout") if p.label == 0]
+    print(f"model: embedded Qwen2.5-Coder-0.5B-Instruct ({next(model.parameters()).dtype}), torch threads "
+          f"{torch.get_num_threads()}; profile head {profile.heads[0]}, mode {profile.mask.positions}\n")
+    print("## Latency on benign prompts (median over prompts of the median of repeats)\n")
+    print(table(rows := latency(model, tok, profile, safe[: args.prompts * 3], args.prompts, args.repeats, args.new_tokens), list(rows[0])))
+    print("\n## Screening throughput\n")
+    print(table(rows := throughput(model, tok, profile, safe, args.concurrency), list(rows[0])))
+    if not args.skip_memory:
+        print("\n## Peak memory growth during one answer (fresh process each)\n")
+        print(table(rows := memory(args.new_tokens), list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
