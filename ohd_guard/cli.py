@@ -117,40 +117,289 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+EVAL_DETECTORS: dict[str, str] = {
+    "ohd": "the profile's One-head Defense as saved (head, mode and threshold from --profile)",
+    "ohd-fast": "One-head Defense, last-position mask; head from the profile, threshold fitted on the fit data",
+    "ohd-exact": "One-head Defense, mask at every position (paper); head from the profile, threshold fitted",
+    "largest-effect": "the head moving unsafe prompts most, no selectivity rule (exact mode), fitted",
+    "sahs": "logistic probe on the last-token outputs of the top 16 heads, fitted",
+    "hiddendetect": "logit-lens refusal-token cosine over the best band of layers, fitted",
+    "self-refusal": "the model's own greedy answer opens with a refusal phrase",
+}
+"""Detector names ``ohd-guard eval --detectors`` accepts."""
+
+
+def _detector_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in EVAL_DETECTORS]
+    if unknown or not names:
+        given = ", ".join(map(repr, unknown)) or "(none given)"
+        raise argparse.ArgumentTypeError(f"unknown detector(s) {given}; choose from {', '.join(EVAL_DETECTORS)}")
+    return names
+
+
+def _shared_names(value: str) -> list[str]:
+    from ohd_guard.datasets import SHARED_SETS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in SHARED_SETS]
+    if unknown:
+        given = ", ".join(map(repr, unknown))
+        raise argparse.ArgumentTypeError(f"unknown shared set(s) {given}; known: {', '.join(SHARED_SETS)}")
+    return names
+
+
+def _attack_names(value: str) -> list[str]:
+    from ohd_guard.attacks import ATTACKS
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        given = ", ".join(map(repr, unknown)) or "(none given)"
+        raise argparse.ArgumentTypeError(f"unknown attack(s) {given}; choose from {', '.join(ATTACKS)}")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
+def _evenly(items: list, n: int | None) -> list:
+    """At most ``n`` items at even strides through ``items`` (covers the whole list, not only its start)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def _per_class(items: list, n: int | None) -> list:
+    """At most ``n`` unsafe and ``n`` safe items, each class evenly spread through the set (order kept)."""
+    if n is None:
+        return list(items)
+    keep = {id(x) for lab in (1, 0) for x in _evenly([p for p in items if p.label == lab], n)}
+    return [p for p in items if id(p) in keep]
+
+
+def _stratified(items: list, n: int | None) -> list:
+    """At most ``n`` items spread evenly over categories (round-robin in file order), deterministic."""
+    if n is None or n >= len(items):
+        return list(items)
+    groups: dict[str, list] = {}
+    for p in items:
+        groups.setdefault(p.category, []).append(p)
+    out: list = []
+    i = 0
+    while len(out) < n:
+        for k in sorted(groups):
+            if i < len(groups[k]) and len(out) < n:
+                out.append(groups[k][i])
+        i += 1
+    return out
+
+
+def _round_robin(sets: list[list], n: int) -> list:
+    out: list = []
+    i = 0
+    while len(out) < n and any(i < len(s) for s in sets):
+        out += [s[i] for s in sets if i < len(s)][: n - len(out)]
+        i += 1
+    return out
+
+
+def _describe(det) -> str:
+    """One line on what a fitted or loaded detector chose."""
+    profile = getattr(det, "profile", None)
+    if profile is not None:
+        return (f"head {profile.heads[0]}, mask positions {profile.mask.positions}, {profile.calibration.search}, "
+                f"threshold {profile.threshold.value:.4g} deg ({profile.threshold.method})")
+    s = getattr(det, "state", None)
+    if s is None:
+        return f"threshold {det.threshold:.4g}"
+    if s.kind == "sahs":
+        return f"{len(s.heads)} heads (best {', '.join(map(str, s.heads[:4]))}), L2 {s.l2:g}, CV AUROC {s.cv_auroc:.3f}"
+    if s.kind == "hiddendetect":
+        return (f"band layers {s.band[0]}-{s.band[1]}, calibration AUROC {s.band_auroc:.3f}, "
+                f"threshold {s.threshold:.4g} ({s.threshold_method})")
+    return f"greedy {s.max_new_tokens} tokens, {len(s.markers)} refusal phrases"
+
+
+class _Renamed:
+    """A detector under another report name (two detectors of one kind in a run need distinct names)."""
+
+    def __init__(self, inner, name: str):
+        self.inner, self.name = inner, name
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+def _unique_names(entries: list[tuple[object, str]]) -> list:
+    """Detectors with distinct names: on a clash, every clashing detector not fitted in this run gets
+    its source (``profile``, a file name) appended, and any remaining clash a number."""
+    counts: dict[str, int] = {}
+    for det, _ in entries:
+        counts[det.name] = counts.get(det.name, 0) + 1
+    out, seen = [], set()
+    for det, source in entries:
+        name = det.name
+        if counts[name] > 1 and source != "fitted":
+            name = f"{name} [{source}]"
+        base, k = name, 2
+        while name in seen:
+            name, k = f"{base} #{k}", k + 1
+        seen.add(name)
+        out.append(det if name == det.name else _Renamed(det, name))
+    return out
+
+
 def cmd_eval(args) -> int:
-    import numpy as np
+    import contextlib
+    import time
 
-    from ohd_guard.calibrate import as_conversation, evaluate_angles
-    from ohd_guard.datasets import load_labelled_file, load_shared_set
-    from ohd_guard.metrics import tpr_at_fpr
+    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_set
+
+    parser = args.parser
+    shared = [n for group in args.shared for n in group]
+    if not args.files and not shared:
+        parser.error("no sets to evaluate: give labelled CSV/JSONL files and/or --shared NAMES")
+    names = [n for group in (args.detectors or []) for n in group]
+    if args.detectors is None and not args.detector_file:
+        names = ["ohd"]
+    names = list(dict.fromkeys(names))
+    if not 0.0 < args.max_fpr < 1.0:
+        parser.error(f"--max-fpr must be strictly between 0 and 1, got {args.max_fpr}")
+    if args.roc:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--roc needs matplotlib: pip install 'ohd-guard[plot]' (or leave out --roc)")
+    quiet = args.quiet
+    log_out = sys.stderr
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=log_out, flush=True)
+
+    # the sets first: a typo in a file name should not cost a model load
+    sets: dict[str, list] = {}
+    for f in args.files:
+        key = Path(f).name if Path(f).name not in sets else str(f)
+        sets[key] = _per_class(load_labelled_file(f), args.limit)
+    for name in shared:
+        items = load_shared_set(name, limit=args.limit if name == "figstep_images" else None)
+        sets[name] = _per_class(items, args.limit)
+    attacks, seeds = None, []
+    if args.attacks:
+        from ohd_guard.attacks import ATTACKS, make_attacks
+        from ohd_guard.errors import InvalidInputError
+
+        pools = [[p for p in items if p.label == 1 and p.image is None and p.text.strip()] for items in sets.values()]
+        seeds = _round_robin(pools, args.attack_seeds)
+        if not seeds:
+            raise InvalidInputError("--attacks: the sets hold no text-only unsafe items to build the attacks from")
+        attacks = make_attacks(seeds, attacks=args.attack_names or ATTACKS)
+
+    from ohd_guard.detectors import (
+        HiddenDetect, LargestEffectHead, OneHeadDefense, SAHs, SelfRefusal, load_detector, shared_prefill,
+    )
+    from ohd_guard.evaluation import evaluate
     from ohd_guard.profile import Profile
-    from ohd_guard.scoring import DeflectionScorer
 
-    profile = Profile.load(args.profile or DEFAULT_PROFILE)
     model, processor = _load(args)
-    profile.verify(model, processor)
-    scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
-    sets = {Path(f).name: load_labelled_file(f) for f in args.files}
-    sets.update({name: load_shared_set(name, limit=args.limit) for name in args.shared})
-    if not sets:
-        raise SystemExit("give labelled files and/or --shared set names")
-    angles = {
-        name: scorer.angles([as_conversation(p) for p in items], [tuple(profile.heads)], batch_size=args.batch_size)[:, 0]
-        for name, items in sets.items()
+    bs = args.batch_size
+    entries: list[tuple[object, str]] = []
+    notes: list[str] = []
+    profile = None
+    if "ohd" in names or {"ohd-fast", "ohd-exact"} & set(names):
+        profile_path = args.profile or DEFAULT_PROFILE
+        loaded = Profile.load(profile_path)
+        if args.profile is not None or "ohd" in names:
+            loaded.verify(model, processor)  # ProfileMismatchError: exit 2 with the reason
+            profile = loaded
+        else:  # only the head is wanted, and the shipped profile need not fit a user's model
+            from ohd_guard.errors import ProfileMismatchError
+
+            try:
+                loaded.verify(model, processor)
+                profile = loaded
+            except ProfileMismatchError:
+                say("[eval] the shipped profile is for another model: "
+                    "One-head Defense searches its head (fast strategy)")
+        if "ohd" in names:
+            det = OneHeadDefense.from_profile(profile, model, processor, batch_size=bs)
+            entries.append((det, "profile"))
+            notes.append(f"{det.name} from profile {profile_path}: {_describe(det)}")
+    for path in args.detector_file:
+        det = load_detector(path, model, processor)
+        if hasattr(det, "batch_size"):
+            det.batch_size = bs
+        entries.append((det, Path(path).name))
+        notes.append(f"{det.name} loaded from {path}: {_describe(det)}")
+
+    head = profile.heads[0] if profile is not None else None
+    factories = {
+        "ohd-fast": lambda: OneHeadDefense("fast", head=head, strategy="fast", batch_size=bs),
+        "ohd-exact": lambda: OneHeadDefense("exact", head=head, strategy="fast", batch_size=bs),
+        "largest-effect": lambda: LargestEffectHead("exact", top_k=4, search_per_class=16, batch_size=bs),
+        "sahs": lambda: SAHs(top_k=16, batch_size=bs),
+        "hiddendetect": lambda: HiddenDetect(batch_size=bs),
+        "self-refusal": lambda: SelfRefusal(max_new_tokens=args.max_new_tokens, batch_size=bs),
     }
-    labels = {name: np.array([p.label for p in items]) for name, items in sets.items()}
-    all_a, all_l = np.concatenate(list(angles.values())), np.concatenate(list(labels.values()))
-    rows = []
-    for name in list(sets) + ["all"]:
-        a, lab = (all_a, all_l) if name == "all" else (angles[name], labels[name])
-        row = {"set": name, "n": len(a), "DR": float(np.mean(a[lab == 1] > profile.threshold.value)) if (lab == 1).any() else "",
-               "FPR": float(np.mean(a[lab == 0] > profile.threshold.value)) if (lab == 0).any() else ""}
-        if (lab == 1).any() and (lab == 0).any():
-            m = evaluate_angles(name, a[lab == 1], a[lab == 0], profile.threshold.value)
-            row["AUROC"] = m.auroc
-            row["TPR@5%FPR"] = tpr_at_fpr(a, lab, 0.05)
-        rows.append(row)
-    print(_table(rows, ["set", "n", "DR", "FPR", "AUROC", "TPR@5%FPR"]))
+    to_fit = [n for n in names if n in factories]
+    if to_fit:
+        if args.fit_data:
+            fit_items, fit_src = load_labelled_file(args.fit_data), str(args.fit_data)
+        else:
+            fit_items, fit_src = load_calibration_prompts("calib"), "the project's calibration split"
+        unsafe = _stratified([p for p in fit_items if p.label == 1], args.fit_per_class)
+        safe = _stratified([p for p in fit_items if p.label == 0], args.fit_per_class)
+        with shared_prefill():  # SAHs and HiddenDetect read the same prefill
+            for n in to_fit:
+                t0 = time.perf_counter()
+                det = factories[n]().fit(model, processor, unsafe, safe)
+                say(f"[fit] {det.name}: {time.perf_counter() - t0:.1f} s, {_describe(det)}")
+                entries.append((det, "fitted"))
+                notes.append(f"{det.name} fitted on {len(unsafe)} unsafe + {len(safe)} safe prompts of {fit_src}: "
+                             f"{_describe(det)}")
+                if args.save_fitted:
+                    saved = det.save(args.save_fitted / f"{n}.json")
+                    say(f"[fit] {det.name} saved to {saved}")
+    detectors = _unique_names(entries)
+
+    redirect = contextlib.redirect_stdout(log_out)  # evaluate's progress lines: stderr; the table: stdout
+    with redirect:
+        report = evaluate(detectors, sets, attacks=attacks, max_fpr=args.max_fpr,
+                          latency_prompts=args.latency_prompts, progress=not quiet)
+    if attacks:
+        notes.append(f"attacks built from {len(seeds)} unsafe text items of the sets (round-robin over the sets)")
+    report.notes.extend(notes)
+    markdown = report.to_markdown()
+    print(markdown, end="")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown)
+        say(f"[eval] markdown written to {args.markdown}")
+    if args.json:
+        report.save_json(args.json)
+        say(f"[eval] JSON report written to {args.json}")
+    if args.roc:
+        report.plot_roc(args.roc)
+        say(f"[eval] ROC curves written to {args.roc}")
     return 0
 
 
@@ -197,13 +446,50 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("eval", help="DR, FPR, AUROC of a profile on labelled files / shared sets")
+    e = sub.add_parser(
+        "eval", help="DR, FPR, AUROC, TPR@5%%FPR, per-category rates and latency of detectors on labelled sets",
+        description="Evaluate One-head Defense (and peer detectors) on labelled files and shared sets;\n"
+                    "prints a markdown report (see docs/cli.md and docs/evaluation.md).",
+        epilog="detectors:\n" + "\n".join(f"  {k:<15} {v}" for k, v in EVAL_DETECTORS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     model_args(e)
-    e.add_argument("files", nargs="*", help="labelled CSV/JSONL files (text,label[,category,image])")
-    e.add_argument("--profile", type=Path, default=None)
-    e.add_argument("--shared", nargs="*", default=[], help="names of ../shared/datasets sets (advbench, jbb, ...)")
-    e.add_argument("--limit", type=int, default=None)
-    e.set_defaults(func=cmd_eval)
+    e.add_argument("files", nargs="*", type=Path, help="labelled CSV/JSONL files (text,label[,category,image])")
+    e.add_argument("--shared", nargs="*", type=_shared_names, default=[], metavar="NAME",
+                   help="sets of the shared datasets folder (advbench, jbb, figstep, figstep_images, alpaca_seed, "
+                        "refusal_direction_harmless), space- or comma-separated")
+    e.add_argument("--profile", type=Path, default=None,
+                   help="profile for 'ohd' (and the head of ohd-fast/ohd-exact); default: the shipped one")
+    e.add_argument("--detectors", type=_detector_list, action="append", default=None, metavar="NAMES",
+                   help="comma-separated, from: " + ", ".join(EVAL_DETECTORS) + " (default: ohd; "
+                        "none when --detector-file is given)")
+    e.add_argument("--detector-file", type=Path, action="append", default=[], metavar="PATH",
+                   help="a saved detector (profile or detector state JSON) to evaluate as well (repeatable)")
+    e.add_argument("--fit-data", type=Path, default=None,
+                   help="labelled CSV/JSONL the detectors named in --detectors are fitted on "
+                        "(default: the project's calibration split)")
+    e.add_argument("--fit-per-class", type=_positive_int, default=None, metavar="N",
+                   help="fit on at most N unsafe and N safe prompts, spread over categories")
+    e.add_argument("--save-fitted", type=Path, default=None, metavar="DIR",
+                   help="save every detector fitted in this run to DIR/<name>.json (reload with --detector-file)")
+    e.add_argument("--max-new-tokens", type=_positive_int, default=24, help="answer length of self-refusal")
+    e.add_argument("--attacks", action="store_true",
+                   help="also evaluate the adaptive-attack suite built from the unsafe text items of the sets")
+    e.add_argument("--attack-seeds", type=_positive_int, default=10, metavar="N",
+                   help="unsafe items the attacks are built from (round-robin over the sets; default 10)")
+    e.add_argument("--attack-names", type=_attack_names, default=None, metavar="NAMES",
+                   help="comma-separated subset of the attacks (default: all)")
+    e.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="at most N unsafe and N safe items per set, evenly spread through it")
+    e.add_argument("--max-fpr", type=float, default=0.05, help="FPR budget of the TPR@FPR column (default 0.05)")
+    e.add_argument("--latency-prompts", type=_non_negative_int, default=8, metavar="N",
+                   help="prompts timed one at a time against an unguarded prefill (0: skip; default 8)")
+    e.add_argument("--markdown", type=Path, default=None, metavar="PATH", help="also write the markdown report here")
+    e.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write the full report (every score) as JSON (ohd_guard.evaluation.EvalReport)")
+    e.add_argument("--roc", type=Path, default=None, metavar="PATH", help="ROC curves as PNG (needs matplotlib)")
+    e.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    e.set_defaults(func=cmd_eval, parser=e)
     return p
 
 

@@ -115,9 +115,10 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
     clean = json.loads(capsys.readouterr().out)
     assert flagged["flagged"] and not clean["flagged"] and flagged["angle"] > clean["angle"]
 
-    assert main(["eval", "--model", str(model_dir), "--profile", str(out), str(data)]) == 0
-    table = capsys.readouterr().out
-    assert "| calib.csv | 12 | 1.0000 | 0.0000 | 1.0000 |" in table
+    assert main(["eval", "--model", str(model_dir), "--profile", str(out), str(data), "--latency-prompts", "0"]) == 0
+    table = capsys.readouterr().out  # the profile's One-head Defense by default; more in tests/test_eval_cli.py
+    assert "| set | n | OhD (fast) |" in table and "| calib.csv | 12 | DR 1.000 / FPR 0.000 |" in table
+    assert "| calib.csv | 12 | 1.000 |" in table  # AUROC
 
     other, other_tok = tiny_model("llama")
     other_dir = tmp_path / "other"

@@ -1,0 +1,149 @@
+"""``ohd-guard eval`` end to end on a planted-head model saved to disk: several detectors, files out."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ohd_guard.calibrate import calibrate
+from ohd_guard.cli import main
+from ohd_guard.evaluation import EvalReport
+from ohd_guard.masking import HeadRef, MaskSpec
+from ohd_guard.testing import planted_head_model
+
+CLEAN = [
+    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
+    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
+    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
+    "name a famous river",
+]
+
+
+def trig(texts):
+    return [t.replace(" ", " zorblax ", 1) for t in texts]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(dict(zip(("text", "label", "category"), r))) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The planted model and tokenizer in a folder, a profile for its head, and three labelled files."""
+    root = tmp_path_factory.mktemp("evalcli")
+    model, tok, _ = planted_head_model()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    fit = CLEAN[:6]
+    profile = calibrate(model, tok, trig(fit), fit, spec=MaskSpec(positions="last"), head=HeadRef(layer=1, head=2))
+    profile.save(root / "profile.json")
+    test = CLEAN[6:]
+    return {
+        "root": root,
+        "model": str(root / "model"),
+        "profile": str(root / "profile.json"),
+        "fit": str(write_jsonl(root / "fit.jsonl", [(t, 1, "trigger") for t in trig(fit)] + [(t, 0, "clean") for t in fit])),
+        "mixed": str(write_jsonl(root / "mixed.jsonl", [(t, "unsafe", "trigger") for t in trig(test[:4])]
+                                 + [(t, "safe", "clean") for t in test[:4]] + [(t, "safe", "weather") for t in test[4:]])),
+        "harmful": str(write_jsonl(root / "harmful.jsonl", [(t, 1, "") for t in trig(CLEAN[::2])])),
+    }
+
+
+def test_eval_cli_several_detectors_writes_markdown_json_png(saved, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["eval", "--model", saved["model"], "--profile", saved["profile"], saved["mixed"], saved["harmful"],
+            "--detectors", "ohd,sahs", "--detectors", "hiddendetect", "--fit-data", saved["fit"],
+            "--attacks", "--attack-seeds", "3", "--attack-names", "roleplay,multi_turn", "--latency-prompts", "2",
+            "--markdown", str(out / "report.md"), "--json", str(out / "report.json"), "--roc", str(out / "roc.png"),
+            "--save-fitted", str(out / "fitted")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    md = (out / "report.md").read_text()
+    assert captured.out == md  # the table goes to stdout, progress lines to stderr
+    assert "[fit] SAHs" in captured.err and "[eval]" in captured.err
+
+    report = EvalReport.model_validate_json((out / "report.json").read_text())
+    assert report.detectors == ["OhD (fast)", "SAHs", "HiddenDetect"]
+    assert report.datasets == {"mixed.jsonl": 10, "harmful.jsonl": 6}
+    assert report.attacks == {"direct": 3, "roleplay": 3, "multi_turn": 3}
+    assert len(report.results) == 3 * 5 and not any(r.skipped for r in report.results)
+    for r in report.results:
+        for v in (r.detection_rate, r.false_positive_rate, r.auroc, r.tpr_at_fpr):
+            assert v is None or 0.0 <= v <= 1.0
+    ohd = report.result("OhD (fast)", "mixed.jsonl")
+    assert (ohd.detection_rate, ohd.false_positive_rate, ohd.auroc, ohd.paired_with) == (1.0, 0.0, 1.0, "own")
+    harm = report.result("SAHs", "harmful.jsonl")
+    assert harm.paired_with == "pooled safe (6)" and harm.false_positive_rate is None
+    assert report.result("OhD (fast)", "multi_turn").detection_rate == 1.0
+    assert {(c.dataset, c.category) for c in report.categories} >= {
+        ("mixed.jsonl", "trigger"), ("mixed.jsonl", "clean"), ("mixed.jsonl", "weather")}
+    assert [l.detector for l in report.latency] == report.detectors and all(l.ratio > 0 for l in report.latency)
+    assert any("fitted on 6 unsafe + 6 safe prompts" in n for n in report.notes)
+    assert any("from profile" in n and "L1.H2" in n for n in report.notes)
+
+    for det in report.detectors:
+        assert det in md
+    for title in ("### Flag rate", "### AUROC", "### Adaptive attacks", "### Screening latency", "### Per category"):
+        assert title in md
+    assert "| mixed.jsonl | 10 | DR 1.000 / FPR 0.000 |" in md and "| harmful.jsonl | 6 |" in md
+    assert "| mixed.jsonl / weather | 0 | 2 |" in md
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "fitted").iterdir()) == ["hiddendetect.json", "sahs.json"]
+
+
+def test_eval_cli_detector_files_and_name_clash(saved, tmp_path, capsys):
+    """A saved detector is reloaded by path; the profile's OhD and a refitted one get distinct names."""
+    fitted = tmp_path / "fitted"
+    base = ["eval", "--model", saved["model"], "--profile", saved["profile"], saved["mixed"], "--fit-data", saved["fit"],
+            "--latency-prompts", "0", "--quiet"]
+    assert main([*base, "--detectors", "sahs", "--save-fitted", str(fitted), "--json", str(tmp_path / "fit.json")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--detectors", "ohd,ohd-fast", "--detector-file", str(fitted / "sahs.json"),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    assert "[eval]" not in captured.err and "[fit]" not in captured.err  # --quiet
+    report = EvalReport.model_validate_json((tmp_path / "r.json").read_text())
+    assert report.detectors == ["OhD (fast) [profile]", "SAHs", "OhD (fast)"]
+    assert all(d in captured.out for d in report.detectors) and report.latency == []
+    fresh = EvalReport.model_validate_json((tmp_path / "fit.json").read_text())
+    # the reloaded probe scores as it did when fitted
+    assert report.scores["SAHs"]["mixed.jsonl"] == pytest.approx(fresh.scores["SAHs"]["mixed.jsonl"])
+    assert report.result("OhD (fast)", "mixed.jsonl").auroc == 1.0  # same head, threshold refitted on fit.jsonl
+    assert any("loaded from" in n and "sahs.json" in n for n in report.notes)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["x.jsonl", "--detectors", "ohd,nope"], "unknown detector(s) 'nope'"),
+        (["--shared", "advbench", "nosuchset"], "unknown shared set(s) 'nosuchset'"),
+        (["x.jsonl", "--attacks", "--attack-names", "roleplay,bogus"], "unknown attack(s) 'bogus'"),
+        (["x.jsonl", "--limit", "0"], "positive integer"),
+        ([], "no sets to evaluate"),
+        (["--detectors", "sahs"], "no sets to evaluate"),
+    ],
+)
+def test_eval_cli_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_cli_roc_without_matplotlib(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "x.jsonl", "--roc", "roc.png"])
+    assert exc.value.code == 2 and "--roc needs matplotlib" in capsys.readouterr().err
+
+
+def test_eval_cli_typed_errors_exit_cleanly(saved, tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing.jsonl")]) == 2
+    assert "InvalidInputError" in capsys.readouterr().err
+    safe_only = write_jsonl(tmp_path / "safe.jsonl", [(t, 0, "") for t in CLEAN[:3]])
+    assert main(["eval", "--model", saved["model"], str(safe_only), "--attacks", "--detectors", "sahs",
+                 "--fit-data", saved["fit"]]) == 2
+    assert "no text-only unsafe items" in capsys.readouterr().err
