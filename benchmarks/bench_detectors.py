@@ -14,18 +14,16 @@ without a profile it searches with the fast strategy on the subsample.
 from __future__ import annotations
 
 import argparse
-import random
 import shlex
 import sys
 import time
-from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ohd_guard.attacks import make_attacks
-from ohd_guard.datasets import LabelledPrompt, load_calibration_prompts, load_shared_set
+from ohd_guard.datasets import evenly, load_calibration_prompts, load_shared_set, stratified
 from ohd_guard.detectors import HiddenDetect, LargestEffectHead, OneHeadDefense, SAHs, SelfRefusal, shared_prefill
 from ohd_guard.evaluation import evaluate
 from ohd_guard.loading import load_model
@@ -34,33 +32,6 @@ from ohd_guard.profile import Profile
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "ohd_guard" / "profiles" / "qwen2.5-coder-0.5b-instruct.json"
 KEEP = "<!-- Notes below this line are written by hand and kept when the benchmark rewrites the file. -->"
-
-
-def stratified(items: list[LabelledPrompt], n: int, seed: int = 0) -> list[LabelledPrompt]:
-    """``n`` items spread evenly over categories (round-robin over shuffled categories), deterministic."""
-    groups: dict[str, list[LabelledPrompt]] = defaultdict(list)
-    for p in items:
-        groups[p.category].append(p)
-    rng = random.Random(seed)
-    for g in groups.values():
-        rng.shuffle(g)
-    out: list[LabelledPrompt] = []
-    keys = sorted(groups)
-    i = 0
-    while len(out) < min(n, len(items)):
-        for k in keys:
-            if i < len(groups[k]) and len(out) < n:
-                out.append(groups[k][i])
-        i += 1
-    return out
-
-
-def evenly(items: list, n: int) -> list:
-    """``n`` items at even strides through the file (covers the whole set, not only its start)."""
-    if n >= len(items):
-        return list(items)
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
 
 
 def describe(det) -> str:
@@ -100,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = load_model()
     calib = load_calibration_prompts("calib")
-    unsafe = stratified([p for p in calib if p.label == 1], args.calib_per_class)
-    safe = stratified([p for p in calib if p.label == 0], args.calib_per_class)
+    unsafe = stratified([p for p in calib if p.label == 1], args.calib_per_class, seed=0)
+    safe = stratified([p for p in calib if p.label == 0], args.calib_per_class, seed=0)
 
     head = None
     if args.profile.is_file():
@@ -126,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     held = load_calibration_prompts("heldout")
     if args.heldout:
-        held = stratified([p for p in held if p.label == 1], args.heldout) + stratified([p for p in held if p.label == 0], args.heldout)
+        held = stratified([p for p in held if p.label == 1], args.heldout, seed=0) + stratified([p for p in held if p.label == 0], args.heldout, seed=0)
     datasets = {"project heldout": held}
     for name in ("advbench", "jbb", "figstep", "alpaca_seed", "refusal_direction_harmless"):
         datasets[name] = evenly(load_shared_set(name), args.per_set)

@@ -180,38 +180,6 @@ def _non_negative_int(value: str) -> int:
     return n
 
 
-def _evenly(items: list, n: int | None) -> list:
-    """At most ``n`` items at even strides through ``items`` (covers the whole list, not only its start)."""
-    if n is None or n >= len(items):
-        return list(items)
-    return [items[int(i * len(items) / n)] for i in range(n)]
-
-
-def _per_class(items: list, n: int | None) -> list:
-    """At most ``n`` unsafe and ``n`` safe items, each class evenly spread through the set (order kept)."""
-    if n is None:
-        return list(items)
-    keep = {id(x) for lab in (1, 0) for x in _evenly([p for p in items if p.label == lab], n)}
-    return [p for p in items if id(p) in keep]
-
-
-def _stratified(items: list, n: int | None) -> list:
-    """At most ``n`` items spread evenly over categories (round-robin in file order), deterministic."""
-    if n is None or n >= len(items):
-        return list(items)
-    groups: dict[str, list] = {}
-    for p in items:
-        groups.setdefault(p.category, []).append(p)
-    out: list = []
-    i = 0
-    while len(out) < n:
-        for k in sorted(groups):
-            if i < len(groups[k]) and len(out) < n:
-                out.append(groups[k][i])
-        i += 1
-    return out
-
-
 def _round_robin(sets: list[list], n: int) -> list:
     out: list = []
     i = 0
@@ -271,7 +239,7 @@ def cmd_eval(args) -> int:
     import contextlib
     import time
 
-    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_set
+    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_set, per_class, stratified
 
     parser = args.parser
     shared = [n for group in args.shared for n in group]
@@ -299,10 +267,10 @@ def cmd_eval(args) -> int:
     sets: dict[str, list] = {}
     for f in args.files:
         key = Path(f).name if Path(f).name not in sets else str(f)
-        sets[key] = _per_class(load_labelled_file(f), args.limit)
+        sets[key] = per_class(load_labelled_file(f), args.limit)
     for name in shared:
         items = load_shared_set(name, limit=args.limit if name == "figstep_images" else None)
-        sets[name] = _per_class(items, args.limit)
+        sets[name] = per_class(items, args.limit)
     attacks, seeds = None, []
     if args.attacks:
         from ohd_guard.attacks import ATTACKS, make_attacks
@@ -366,8 +334,8 @@ def cmd_eval(args) -> int:
             fit_items, fit_src = load_labelled_file(args.fit_data), str(args.fit_data)
         else:
             fit_items, fit_src = load_calibration_prompts("calib"), "the project's calibration split"
-        unsafe = _stratified([p for p in fit_items if p.label == 1], args.fit_per_class)
-        safe = _stratified([p for p in fit_items if p.label == 0], args.fit_per_class)
+        unsafe = stratified([p for p in fit_items if p.label == 1], args.fit_per_class)
+        safe = stratified([p for p in fit_items if p.label == 0], args.fit_per_class)
         with shared_prefill():  # SAHs and HiddenDetect read the same prefill
             for n in to_fit:
                 t0 = time.perf_counter()

@@ -25,6 +25,9 @@ from ohd_guard.errors import InvalidInputError
 __all__ = [
     "LabelledPrompt",
     "SHARED_SETS",
+    "evenly",
+    "per_class",
+    "stratified",
     "TYPOGRAPHIC_INSTRUCTION",
     "load_calibration_prompts",
     "load_labelled_file",
@@ -383,4 +386,42 @@ def load_labelled_file(path: str | os.PathLike[str]) -> list[LabelledPrompt]:
         raise InvalidInputError(f"{path}: malformed CSV ({e})") from e
     if not out:
         raise InvalidInputError(f"{path}: no prompts found")
+    return out
+
+
+# -- subsampling (deterministic, so a benchmark or an eval run is reproducible) ------------------------
+def evenly(items: list, n: int | None) -> list:
+    """At most ``n`` items at even strides through ``items`` (covers the whole list, not only its start)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def per_class(items: list[LabelledPrompt], n: int | None) -> list[LabelledPrompt]:
+    """At most ``n`` unsafe and ``n`` safe items, each class evenly spread through the set (order kept)."""
+    if n is None:
+        return list(items)
+    keep = {id(x) for lab in (1, 0) for x in evenly([p for p in items if p.label == lab], n)}
+    return [p for p in items if id(p) in keep]
+
+
+def stratified(items: list[LabelledPrompt], n: int | None, seed: int | None = None) -> list[LabelledPrompt]:
+    """At most ``n`` items spread evenly over categories, round-robin; within a category in file
+    order, or shuffled with ``seed``."""
+    if n is None or n >= len(items):
+        return list(items)
+    groups: dict[str, list[LabelledPrompt]] = defaultdict(list)
+    for p in items:
+        groups[p.category].append(p)
+    if seed is not None:
+        rng = random.Random(seed)
+        for g in groups.values():
+            rng.shuffle(g)
+    out: list[LabelledPrompt] = []
+    i = 0
+    while len(out) < n:
+        for k in sorted(groups):
+            if i < len(groups[k]) and len(out) < n:
+                out.append(groups[k][i])
+        i += 1
     return out

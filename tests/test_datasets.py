@@ -269,3 +269,18 @@ def test_labelled_file_missing_and_binary(tmp_path):
     f.write_bytes(b"text,label\n\xff\xfe\x00,1\n")
     with pytest.raises(InvalidInputError, match="bin.csv"):
         load_labelled_file(f)
+
+
+def test_subsampling_is_deterministic_and_balanced():
+    from ohd_guard.datasets import evenly, per_class, stratified
+
+    items = load_calibration_prompts()
+    unsafe = [p for p in items if p.label == 1]
+    pick = stratified(unsafe, 20)
+    assert len(pick) == 20 and pick == stratified(unsafe, 20)
+    cats = {p.category for p in unsafe}
+    assert {p.category for p in pick} == cats or len(cats) > 20  # one per category before any repeats
+    assert stratified(unsafe, 20, seed=1) != pick and len(set(stratified(unsafe, 20, seed=1))) == 20
+    both = per_class(items, 7)
+    assert sum(p.label for p in both) == 7 and len(both) == 14
+    assert evenly(list(range(10)), 3) == [0, 3, 6] and evenly([1, 2], 5) == [1, 2]
