@@ -18,7 +18,7 @@ Queries run concurrently with ``asyncio.gather(engine.aquery(...))``; the guard'
 micro-batches the concurrent screenings into shared prefills (see the ``stats`` line).
 
 The default model is a *tiny random LLaVA* whose language model carries the planted "zorblax" head
-of ``ohd_guard.testing.planted_head_model`` (cookbook/_planted_llava.py): it exists to show the
+of ``ohd_guard.testing.planted_head_model`` (``ohd_guard.testing.planted_vlm_model``): it exists to show the
 image plumbing end to end (processor, vision tower, projector, screening prefill) with a known
 ground truth, "zorblax" playing the harmful request. Its answers are gibberish. The embedded
 default model is text-only and cannot screen images (a text-only guard refuses them rather than
@@ -133,15 +133,11 @@ def build_guard(model_ref: str | None, profile: str | None) -> tuple[Any, str]:
         if not profile:
             raise SystemExit("--model needs --profile (a profile calibrated for that model)")
         return OhdGuard.load(model_ref, profile), model_ref
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _planted_llava import planted_llava
-
     from ohd_guard.calibrate import calibrate
     from ohd_guard.masking import HeadRef
+    from ohd_guard.testing import planted_vlm_model
 
-    model, processor, _ = planted_llava()
+    model, processor, _ = planted_vlm_model()
     trig = ["tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house"]
     clean = ["tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house"]
     profile_ = calibrate(model, processor, trig, clean, head=HeadRef(layer=1, head=2))

@@ -6,7 +6,8 @@ expansion, left padding, generation) of every supported family in well under a s
 on a CPU, without touching the Hugging Face hub. Weights are random, so outputs are gibberish;
 only shapes, wiring and determinism matter. :func:`planted_head_model` is the exception: a tiny
 Llama whose weights are set by hand so that one known head reacts to one known trigger word,
-giving the head-search and screening code a ground truth to recover.
+giving the head-search and screening code a ground truth to recover; :func:`planted_vlm_model` puts
+that same Llama inside a tiny LLaVA, so image-bearing conversations have the same ground truth.
 
 Shared shape of every text decoder: hidden 64, 2 layers (planted: 4), 4 query heads of width 16, 2 kv
 heads (Phi3: fused ``qkv_proj`` laid out [q | k | v]). Family quirks worth knowing when hooking heads:
@@ -35,7 +36,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["TINY_ARCHS", "planted_head_model", "tiny_model", "tiny_tokenizer"]
+__all__ = ["TINY_ARCHS", "planted_head_model", "planted_vlm_model", "tiny_model", "tiny_tokenizer"]
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -514,3 +515,47 @@ def planted_head_model(
     info = {"trigger": trigger, "trigger_token_id": trig_ids[0], "trigger_token_ids": trig_ids,
             "layer": layer, "head": head, "head_dim": hd, "num_layers": n_layers, "num_heads": n_heads}  # fmt: skip
     return model, tok, info
+
+
+def planted_vlm_model(
+    trigger: str = "zorblax", layer: int = 1, head: int = 2, seed: int = 0
+) -> tuple[PreTrainedModel, Any, dict[str, Any]]:
+    """A tiny LLaVA whose language model is :func:`planted_head_model`'s Llama: a ground truth with images.
+
+    Why planted: a random tiny VLM has no unsafe/safe signal, so nothing could say whether the guard
+    flagged the right conversation. Here the planted head fires exactly when the conversation's *text*
+    holds ``trigger`` (a deterministic stand-in for a harmful request), while images still travel the
+    whole real path: processor -> ``<image>`` expansion (16 tokens per 32 px image) -> CLIP tower ->
+    projector -> prefill. The CLIP tower (2 layers, width 32) and projector are random, except that the
+    projector writes every image token like an ordinary, non-trigger word (constant feature = 3,
+    trigger feature = 0), so images neither fire the head nor hide the trigger; different pixels still
+    change the hidden states (and the conversation digest). Answers are gibberish. Used by the
+    integration tests and the cookbook's multimodal recipe.
+
+    Returns ``(model, processor, info)``: a float32, eval() ``LlavaForConditionalGeneration`` (eager
+    attention), its ``LlavaProcessor`` (PIL CLIP image processor, the tiny ChatML template) and
+    :func:`planted_head_model`'s ``info`` (the head sits at ``layer``/``head`` of the language model).
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    text, tok, info = planted_head_model(trigger, layer=layer, head=head, seed=seed)
+    cfg = LlavaConfig(
+        vision_config=_clip_vision(), text_config=text.config.to_dict(),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    with torch.no_grad():  # image tokens: constant feature on, trigger feature off
+        proj = model.model.multi_modal_projector.linear_2
+        proj.weight[:2] = 0.0
+        proj.bias[0], proj.bias[1] = 3.0, 0.0
+    model.generation_config = text.generation_config
+    model.eval()
+    ip = _pil("CLIPImageProcessor")(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(ip, tok, **_LLAVA)
+    proc.chat_template = tok.chat_template
+    return model, proc, info

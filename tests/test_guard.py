@@ -225,6 +225,75 @@ def test_static_and_raise_policies(make_guard):
     assert not guard.generate(CLEAN[0], **GREEDY).refused  # safe input is still answered
 
 
+# ------------------------------------------------------------- refusing an already screened input
+def _counting(guard: OhdGuard) -> list[Verdict]:
+    seen: list[Verdict] = []
+    guard.add_listener(seen.append)
+    return seen
+
+
+def test_refuse_does_not_screen_again(make_guard, planted):
+    tok = planted[1]
+    guard = make_guard()
+    seen = _counting(guard)
+    v = guard.screen(TRIGGER[0])
+    before = guard.stats
+    spy = _LastIds()
+    r = guard.refuse(TRIGGER[0], v, stopping_criteria=[spy], **GREEDY)
+    assert len(seen) == 1 and guard.stats == before, "refuse() must not screen (no prefill, no second verdict)"
+    assert r.refused and r.refusal_kind == "anchored" and r.verdict is v
+    # the anchored refusal: generated from the anchored prompt, its first tokens forced to the prefix
+    prefix = tok.encode(guard.template.forced_prefix, add_special_tokens=False)
+    start = guard.scorer.encode([anchor(to_conversation(TRIGGER[0]), guard.template)])["input_ids"].shape[1]
+    ids = spy.ids[start:]
+    assert ids[: len(prefix)] == prefix and len(ids) > len(prefix) and r.text.startswith("I cannot")
+    assert r.text == guard.generate(TRIGGER[0], **GREEDY).text  # the same refusal generate() writes
+    assert len(seen) == 2  # (that generate() call screened once)
+
+
+def test_refuse_static_raise_and_fail_closed(make_guard, monkeypatch):
+    static = make_guard(refusal="static")
+    seen = _counting(static)
+    v = static.screen(TRIGGER[1])
+    r = static.refuse(TRIGGER[1], v)
+    assert r.refused and r.refusal_kind == "static" and r.text == "I cannot help with that request." and r.verdict is v
+    assert len(seen) == 1
+    raising = make_guard(refusal="raise")
+    v = raising.screen(TRIGGER[1])
+    with pytest.raises(GuardViolation) as info:
+        raising.refuse(TRIGGER[1], v)
+    assert info.value.verdict is v
+    guard = make_guard()
+    v = guard.screen(TRIGGER[0])
+    failed = v.model_copy(update={"angle": None, "error": "RuntimeError: boom"})  # screening had failed
+    assert guard.refuse(TRIGGER[0], failed).refusal_kind == "static"
+    assert guard.refuse([], v).refusal_kind == "static"  # cannot even be converted: static, not an error
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure while generating the refusal")
+
+    monkeypatch.setattr(guard, "_anchored", broken)
+    r = guard.refuse(TRIGGER[0], v)
+    assert r.refused and r.refusal_kind == "static" and r.text == guard.template.static_message
+    with pytest.raises(InvalidInputError, match="Verdict"):
+        guard.refuse(TRIGGER[0], {"flagged": True})
+
+
+async def test_arefuse_runs_on_the_worker_without_screening(make_guard):
+    guard = make_guard()
+    seen = _counting(guard)
+    v = await guard.ascreen(TRIGGER[2])
+    before = guard.stats
+    r, answered = await asyncio.gather(guard.arefuse(TRIGGER[2], v, **GREEDY), guard.agenerate(CLEAN[0], **GREEDY))
+    assert r.refused and r.refusal_kind == "anchored" and r.verdict is v and r.text.startswith("I cannot")
+    assert r.text == guard.refuse(TRIGGER[2], v, **GREEDY).text and not answered.refused
+    assert len(seen) == 2 and guard.stats.screened == before.screened + 1  # only agenerate screened
+    static = make_guard(refusal="static")
+    assert (await static.arefuse(TRIGGER[2], v)).text == static.template.static_message
+    with pytest.raises(GuardViolation):
+        await make_guard(refusal="raise").arefuse(TRIGGER[2], v)
+
+
 # ---------------------------------------------------------------- generation reuses the prefill
 @pytest.mark.parametrize("positions", ["last", "all"])
 def test_benign_guarded_output_equals_unguarded_token_for_token(make_guard, planted, positions):

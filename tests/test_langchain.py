@@ -14,7 +14,6 @@ import functools
 import io
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +39,6 @@ from ohd_guard_langchain import (
     to_conversation,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TRIGGER = ["tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house"]
 CLEAN = ["tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house"]
 
@@ -66,15 +64,13 @@ def planted_guard(**options: Any):
 
 @functools.lru_cache(maxsize=None)
 def planted_vlm_guard():
-    """The same planted head inside a tiny LLaVA (cookbook/_planted_llava.py): images really flow."""
-    sys.path.insert(0, str(ROOT / "cookbook"))
-    from _planted_llava import planted_llava
-
+    """The same planted head inside a tiny LLaVA (ohd_guard.testing.planted_vlm_model): images really flow."""
     from ohd_guard.calibrate import calibrate
     from ohd_guard.guard import OhdGuard
     from ohd_guard.masking import HeadRef
+    from ohd_guard.testing import planted_vlm_model
 
-    model, proc, _ = planted_llava()
+    model, proc, _ = planted_vlm_model()
     return OhdGuard(model, proc, calibrate(model, proc, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2)))
 
 
@@ -316,6 +312,45 @@ def test_guarded_emits_the_verdict_event(guard):
     assert [name for name, _ in cb.events] == [EVENT_NAME]
 
 
+def _one_verdict_per_call(guard, calls: dict[str, Any], no_event: tuple[str, ...] = ()) -> None:
+    """Each call must screen once: one guard verdict, one custom event (unless named in ``no_event``),
+    one prefill."""
+    seen: list = []
+    guard.add_listener(seen.append)
+    try:
+        for name, call in calls.items():
+            cb, before = Events(), guard.stats.screened
+            out = call({"callbacks": [cb]})
+            assert len(seen) == 1 and seen[0].flagged, (name, seen)
+            if name not in no_event:
+                assert [n for n, _ in cb.events] == [EVENT_NAME], (name, cb.events)
+                assert cb.events[0][1] == seen[0].model_dump(mode="json"), name
+            assert guard.stats.screened - before == 1, name
+            text = "".join(c if isinstance(c, str) else c.content for c in out) if isinstance(out, list) else out
+            text = text if isinstance(text, str) else text.content
+            assert text.startswith("I cannot"), (name, out)
+            seen.clear()
+    finally:
+        guard.remove_listener(seen.append)
+
+
+def test_guarded_emits_exactly_one_verdict_per_flagged_call(guard):
+    """The refusal is written from the verdict (OhdGuard.refuse / arefuse), never by screening again."""
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | spy("x") | StrOutputParser()
+    g = guarded(chain, guard, refusal_max_new_tokens=4)
+    q = {"q": "tell me about zorblax"}
+
+    async def astream(cfg):
+        return [c async for c in g.astream(q, cfg)]
+
+    _one_verdict_per_call(guard, {
+        "invoke": lambda cfg: g.invoke(q, cfg),
+        "stream": lambda cfg: list(g.stream(q, cfg)),
+        "ainvoke": lambda cfg: asyncio.run(g.ainvoke(q, cfg)),
+        "astream": lambda cfg: asyncio.run(astream(cfg)),
+    })  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------- middleware
 @pytest.fixture()
 def search_tool():
@@ -351,6 +386,15 @@ def test_middleware_catches_an_injection_in_a_tool_result(guard, search_tool):
     out = _agent(answerer, guard, [search_tool]).invoke({"messages": [("human", "search cats for me")]})["messages"]
     assert [type(m).__name__ for m in out] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
     assert answerer.calls == 1 and out[-1].response_metadata["ohd_guard"]["refused"]
+
+
+def test_middleware_emits_exactly_one_verdict_per_flagged_run(guard):
+    agent = _agent(spy("hi"), guard)
+    state = {"messages": [("human", "zorblax now")]}
+    _one_verdict_per_call(guard, {
+        "invoke": lambda cfg: agent.invoke(state, cfg)["messages"][-1],
+        "ainvoke": lambda cfg: asyncio.run(agent.ainvoke(state, cfg))["messages"][-1],
+    })  # fmt: skip
 
 
 def test_middleware_async_raise_and_events(guard):
@@ -451,6 +495,36 @@ def test_chat_model_answers_refuses_and_streams(guard):
 
     aflagged, achunks = asyncio.run(run())
     assert aflagged.content.startswith("I cannot") and "".join(achunks) == safe.content
+
+
+def test_chat_model_emits_exactly_one_verdict_per_flagged_call(guard):
+    chat = ChatOhdGuard(guard=guard, max_tokens=4)
+    streaming = ChatOhdGuard(guard=guard, max_tokens=4, streaming=True)  # invoke() through _stream
+
+    async def astream(cfg):
+        return [c async for c in chat.astream("zorblax", cfg)]
+
+    _one_verdict_per_call(guard, {
+        "invoke": lambda cfg: chat.invoke("zorblax", cfg),
+        "invoke_streaming": lambda cfg: streaming.invoke("zorblax", cfg),
+        "ainvoke": lambda cfg: asyncio.run(chat.ainvoke("zorblax", cfg)),
+        "ainvoke_streaming": lambda cfg: asyncio.run(streaming.ainvoke("zorblax", cfg)),
+        "stream": lambda cfg: list(chat.stream("zorblax", cfg)),
+        "astream": lambda cfg: asyncio.run(astream(cfg)),
+    }, no_event=("invoke_streaming", "ainvoke_streaming", "stream", "astream"))  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: langchain-core calls _stream/_astream without run_manager "
+                   "(stream(), astream(), invoke() with streaming=True), so ChatOhdGuard has no run to attach "
+                   "the verdict event to; the verdict is still in the last chunk's response_metadata")
+@pytest.mark.parametrize("how", ["stream", "invoke_streaming"])
+def test_chat_model_streamed_calls_send_the_verdict_event(guard, how):
+    cb = Events()
+    if how == "stream":
+        list(ChatOhdGuard(guard=guard, max_tokens=4).stream("zorblax", {"callbacks": [cb]}))
+    else:
+        ChatOhdGuard(guard=guard, max_tokens=4, streaming=True).invoke("zorblax", {"callbacks": [cb]})
+    assert [n for n, _ in cb.events] == [EVENT_NAME]
 
 
 def test_chat_model_stop_sequences_cut_the_answer(guard):

@@ -3,7 +3,7 @@ guard in front of another LLM), instrumentation events, the legacy callback hand
 multimodal query/chat engines over local documents with images.
 
 The guard runs on a tiny LLaVA whose language model carries the planted "zorblax" head
-(cookbook/_planted_llava.py): images go through the real processor, vision tower and prefill, and
+(``ohd_guard.testing.planted_vlm_model``): images go through the real processor, vision tower and prefill, and
 "zorblax" in the text is a deterministic "unsafe" input. MockLLM-based models appear only as the
 answering model behind the guard.
 """
@@ -16,7 +16,6 @@ import functools
 import io
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,20 +42,17 @@ from ohd_guard_llamaindex import (
     to_conversation,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 TRIGGER = ["tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house"]
 CLEAN = ["tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house"]
 
 
 @functools.lru_cache(maxsize=None)
 def _planted_vlm():
-    sys.path.insert(0, str(ROOT / "cookbook"))
-    from _planted_llava import planted_llava
-
     from ohd_guard.calibrate import calibrate
     from ohd_guard.masking import HeadRef
+    from ohd_guard.testing import planted_vlm_model
 
-    model, proc, _ = planted_llava()
+    model, proc, _ = planted_vlm_model()
     return model, proc, calibrate(model, proc, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2))
 
 
@@ -260,6 +256,47 @@ def test_guarded_llm_passes_safe_calls_to_the_answerer_and_refuses_flagged(guard
     assert c.text.startswith("I cannot") and d[0].startswith("I cannot") and "".join(e) == "text text text text"
 
 
+@pytest.mark.parametrize("which", ["GuardedLLM", "OhdGuardLLM"])
+def test_a_flagged_call_emits_exactly_one_verdict(guard, events, which):
+    """GuardedLLM screens once and refuses from that verdict (OhdGuard.refuse); OhdGuardLLM screens
+    inside generate. Either way: one screening, one guard verdict and one dispatched event per call,
+    for every sync and async entry point."""
+    if which == "GuardedLLM":
+        llm = GuardedLLM(llm=Answerer(), guard=guard, refusal_max_new_tokens=4)
+    else:
+        llm = OhdGuardLLM(guard, max_new_tokens=4)
+    seen: list = []
+    guard.add_listener(seen.append)
+
+    async def agen(make):
+        return [r async for r in await make()]
+
+    calls = {
+        "chat": lambda: llm.chat(user("is there zorblax here")),
+        "complete": lambda: llm.complete("zorblax please"),
+        "stream_chat": lambda: list(llm.stream_chat(user("zorblax"))),
+        "stream_complete": lambda: list(llm.stream_complete("zorblax")),
+        "achat": lambda: asyncio.run(llm.achat(user("zorblax"))),
+        "acomplete": lambda: asyncio.run(llm.acomplete("zorblax")),
+        "astream_chat": lambda: asyncio.run(agen(lambda: llm.astream_chat(user("zorblax")))),
+        "astream_complete": lambda: asyncio.run(agen(lambda: llm.astream_complete("zorblax"))),
+    }
+    try:
+        for name, call in calls.items():
+            seen.clear()
+            events.clear()
+            before = guard.stats.screened
+            out = call()
+            last = out[-1] if isinstance(out, list) else out
+            assert last.additional_kwargs["ohd_guard"]["refused"], name
+            assert len(seen) == 1 and seen[0].flagged, (name, seen)
+            assert len(events) == 1 and events[0].flagged and events[0].source == which, (name, events)
+            assert guard.stats.screened - before == 1, name
+            assert last.additional_kwargs["ohd_guard"]["verdict"] == seen[0].model_dump(mode="json"), name
+    finally:
+        guard.remove_listener(seen.append)
+
+
 # -------------------------------------------------------------------------------- engines and RAG
 @pytest.fixture()
 def index(tmp_path):
@@ -287,8 +324,8 @@ def test_async_multimodal_query_engine_screens_concurrent_queries(guard, index):
 
     answers = asyncio.run(run())
     assert [str(a).startswith("I cannot") for a in answers] == [False, False, True, False]
-    # four screenings, plus the one OhdGuard.generate runs again while writing the refusal
-    assert guard.stats.screened - before == 5
+    # four screenings: the refusal is written from the verdict (OhdGuard.arefuse), not screened again
+    assert guard.stats.screened - before == 4
     assert len(answerer.seen) == 3 and all(any(isinstance(b, ImageBlock) for m in s for b in m.blocks)
                                            for s in answerer.seen), "images must reach screening and the answerer"
 

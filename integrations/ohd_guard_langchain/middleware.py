@@ -68,7 +68,7 @@ class OhdGuardMiddleware(AgentMiddleware):
             return None
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        return self._outcome(verdict, refusal(self.guard, raw, self.refusal_max_new_tokens))
+        return self._outcome(verdict, refusal(self.guard, raw, verdict, self.refusal_max_new_tokens))
 
     @hook_config(can_jump_to=["end"])
     async def abefore_model(self, state: AgentState, runtime: Any) -> dict[str, Any] | None:
@@ -79,4 +79,4 @@ class OhdGuardMiddleware(AgentMiddleware):
             return None
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        return self._outcome(verdict, await arefusal(self.guard, raw, self.refusal_max_new_tokens))
+        return self._outcome(verdict, await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens))

@@ -30,27 +30,14 @@ def screen_input(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------- refusals
-def refusal(guard: Any, raw: Any, max_new_tokens: int) -> Any:
+def refusal(guard: Any, raw: Any, verdict: Any, max_new_tokens: int) -> Any:
     """The guard's refusal (anchored, static, or GuardViolation per ``guard.refusal``) for an input
-    it has flagged. ``OhdGuard.generate`` screens again, so the refusal is only ever the guard's own:
-    should the second screening pass the input, the static message is returned, never an answer."""
-    from ohd_guard.guard import GuardedResponse
-
-    resp = guard.generate(raw, max_new_tokens=max_new_tokens)
-    if not resp.refused:
-        return GuardedResponse(text=guard.template.static_message, verdict=resp.verdict, refused=True,
-                               refusal_kind="static")
-    return resp
+    it has just screened as ``verdict``; ``OhdGuard.refuse`` does not screen it a second time."""
+    return guard.refuse(raw, verdict, max_new_tokens=max_new_tokens)
 
 
-async def arefusal(guard: Any, raw: Any, max_new_tokens: int) -> Any:
-    from ohd_guard.guard import GuardedResponse
-
-    resp = await guard.agenerate(raw, max_new_tokens=max_new_tokens)
-    if not resp.refused:
-        return GuardedResponse(text=guard.template.static_message, verdict=resp.verdict, refused=True,
-                               refusal_kind="static")
-    return resp
+async def arefusal(guard: Any, raw: Any, verdict: Any, max_new_tokens: int) -> Any:
+    return await guard.arefuse(raw, verdict, max_new_tokens=max_new_tokens)
 
 
 def refusal_metadata(verdict: Any, kind: str | None) -> dict[str, Any]:
@@ -234,7 +221,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return rest.invoke(rest_input, child)
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        resp = refusal(self.guard, raw, self.refusal_max_new_tokens)
+        resp = refusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
         return self._refusal_output(resp.text, verdict, resp.refusal_kind)
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -256,7 +243,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        resp = refusal(self.guard, raw, self.refusal_max_new_tokens)
+        resp = refusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
         yield self._chunk(resp.text, verdict, resp.refusal_kind, last=True)
 
     def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -282,7 +269,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return await rest.ainvoke(rest_input, child)
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        resp = await arefusal(self.guard, raw, self.refusal_max_new_tokens)
+        resp = await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
         return self._refusal_output(resp.text, verdict, resp.refusal_kind)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -305,7 +292,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        resp = await arefusal(self.guard, raw, self.refusal_max_new_tokens)
+        resp = await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
         yield self._chunk(resp.text, verdict, resp.refusal_kind, last=True)
 
     async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,

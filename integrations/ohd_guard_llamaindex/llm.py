@@ -296,15 +296,12 @@ class GuardedLLM(LLM):
         return verdict
 
     def _refusal(self, raw: Any, verdict: Any) -> tuple[str, dict[str, Any]]:
-        resp = self.guard.generate(raw, max_new_tokens=self.refusal_max_new_tokens)
-        if not resp.refused:  # a second screening disagreed: never hand out the local model's answer
-            return self.guard.template.static_message, _info(verdict, True, "static")
+        """The guard's refusal for the input it has just flagged, without screening it again."""
+        resp = self.guard.refuse(raw, verdict, max_new_tokens=self.refusal_max_new_tokens)
         return resp.text, _info(verdict, True, resp.refusal_kind)
 
     async def _arefusal(self, raw: Any, verdict: Any) -> tuple[str, dict[str, Any]]:
-        resp = await self.guard.agenerate(raw, max_new_tokens=self.refusal_max_new_tokens)
-        if not resp.refused:
-            return self.guard.template.static_message, _info(verdict, True, "static")
+        resp = await self.guard.arefuse(raw, verdict, max_new_tokens=self.refusal_max_new_tokens)
         return resp.text, _info(verdict, True, resp.refusal_kind)
 
     # -- chat ---------------------------------------------------------------------------------
