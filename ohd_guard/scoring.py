@@ -217,22 +217,28 @@ class DeflectionScorer:
     # -- masked branches ----------------------------------------------------------------------
     @torch.no_grad()
     def masked_states(
-        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192
+        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192,
+        sites: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Score-site states [B, K, D] with column ``k`` masking the heads ``columns[k]`` together.
 
-        Columns are sorted by the first layer they touch and replayed in chunks of at most
-        ``max_tokens`` rows x positions (memory bound).
+        With ``sites`` (score layers, see :class:`DeflectionScorer`), states at each of them from the
+        same replay: [B, K, S, D]. Columns are sorted by the first layer they touch and replayed in
+        chunks of at most ``max_tokens`` rows x positions (memory bound).
         """
+        single = sites is None
+        sites = [self.score_layer] if single else [self._check_site(x) for x in sites]
+        top = max(sites)
         B = prefill.batch_size
         cols = [tuple(c) for c in columns]
         if any(not c for c in cols):
             raise InvalidInputError("an empty head set cannot be masked")
         starts = [min(h.layer for h in c) for c in cols]
+        base = self.base_site_states(prefill, sites)  # [B, S, D]
         outs: list[torch.Tensor | None] = [None] * len(cols)
-        live = [k for k in sorted(range(len(cols)), key=lambda k: starts[k]) if starts[k] < self.score_layer]
+        live = [k for k in sorted(range(len(cols)), key=lambda k: starts[k]) if starts[k] < top]
         for k in set(range(len(cols))) - set(live):  # a head at or above the score layer cannot move it
-            outs[k] = prefill.base_states
+            outs[k] = base
         if live:
             if starts[live[0]] not in prefill.calls:
                 raise ScreeningError(f"prefill captured layers from {min(prefill.calls)}, need {starts[live[0]]}")
@@ -240,30 +246,65 @@ class DeflectionScorer:
             per_chunk = max(1, max_tokens // (B * seq))
             for c in range(0, len(live), per_chunk):
                 chunk = live[c : c + per_chunk]
-                states = self._replay(prefill, [cols[k] for k in chunk], [starts[k] for k in chunk])
+                states = self._replay(prefill, [cols[k] for k in chunk], [starts[k] for k in chunk], sites, base)
                 for j, k in enumerate(chunk):
                     outs[k] = states[:, j]
-        return torch.stack(outs, dim=1)  # type: ignore[arg-type]
+        out = torch.stack(outs, dim=1)  # type: ignore[arg-type]  # [B, K, S, D]
+        return out[:, :, 0] if single else out
 
-    def _replay(self, prefill: Prefill, cols: list[tuple[HeadRef, ...]], starts: list[int]) -> torch.Tensor:
+    def _check_site(self, site: int) -> int:
+        L = self.adapter.num_layers
+        if not 1 <= int(site) <= L:
+            raise InvalidInputError(f"score layers must be in 1..{L}, got {site}")
+        return int(site)
+
+    def base_site_states(self, prefill: Prefill, sites: Sequence[int]) -> torch.Tensor:
+        """Unmasked states [B, S, D] at the last prompt position for score layers ``sites``.
+
+        The prefill's own score site is ``base_states``; a lower site ``k`` is the input the prefill
+        captured for decoder layer ``k`` (= HF ``hidden_states[k]``). A site at or below the first
+        captured layer cannot be moved by any head the prefill can replay; its state is unused (zeros).
+        """
+        rows = []
+        for k in sites:
+            if k == self.score_layer:
+                rows.append(prefill.base_states)
+            elif k in prefill.calls:
+                rows.append(prefill.calls[k].hidden[:, -1])
+            elif k > self.score_layer:
+                raise InvalidInputError(f"score layer {k} is above the scorer's ({self.score_layer}); "
+                                        "build the scorer with the highest score layer you need")
+            else:
+                rows.append(torch.zeros_like(prefill.base_states))
+        return torch.stack(rows, dim=1)
+
+    def _replay(
+        self, prefill: Prefill, cols: list[tuple[HeadRef, ...]], starts: list[int], sites: list[int],
+        base: torch.Tensor,
+    ) -> torch.Tensor:
         """Replay decoder layers for masked rows, row ``j*B + b`` = column ``j`` on prompt ``b``.
 
         A staircase: columns are sorted by start layer and a column's rows join the batch at
         its start layer (below it they equal the unmasked pass), so every layer runs once, on
         all rows that need it — large matrix products instead of one small replay per layer.
+        Returns [B, K, S, D], the last position after each score layer in ``sites``.
         """
         B, K = prefill.batch_size, len(cols)
         dev = prefill.base_states.device
         row_prompt = torch.arange(B, device=dev).repeat(K)  # [K*B]
         row_start = torch.tensor(starts, device=dev).repeat_interleave(B)
         rows = [cols[j] for j in range(K) for _ in range(B)]
+        # rows whose head sits at or above a site keep the unmasked state there
+        out = base[row_prompt].clone()  # [K*B, S, D]
+        wanted = {k: j for j, k in enumerate(sites)}
+        L = self.adapter.num_layers
         cache = None
         if prefill.prefix_cache is not None:
             cache = copy.copy(prefill.prefix_cache)
             cache.layers = [copy.copy(layer) for layer in prefill.prefix_cache.layers]
         h = None
         with head_mask(self.adapter, rows, self.spec, prefix_rows=True):
-            for i in range(starts[0], self.score_layer):
+            for i in range(starts[0], max(sites)):
                 n_active = int((row_start <= i).sum())
                 call = prefill.calls[i]
                 n_old = 0 if h is None else h.shape[0]
@@ -276,16 +317,22 @@ class DeflectionScorer:
                     cache.layers[i].batch_select_indices(idx)
                     kwargs["past_key_values"] = cache
                 h = _first(self.adapter.layers[i](h, *_select(call.args, idx, B), **kwargs))
-        last = h[:, -1]
-        if self.score_layer == self.adapter.num_layers:
-            last = self.adapter.final_norm(last)
-        return last.reshape(K, B, -1).transpose(0, 1)
+                if i + 1 in wanted:  # the output of layer i is score site i + 1
+                    last = self.adapter.final_norm(h[:, -1]) if i + 1 == L else h[:, -1]
+                    out[:n_active, wanted[i + 1]] = last
+        return out.reshape(K, B, len(sites), -1).transpose(0, 1)
 
     # -- convenience --------------------------------------------------------------------------
-    def head_angles(self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192) -> np.ndarray:
-        """Angles [B, K] for a prefill, column ``k`` masking ``columns[k]``."""
-        masked = self.masked_states(prefill, columns, max_tokens=max_tokens)
-        return angle_degrees(prefill.base_states[:, None].expand_as(masked), masked)
+    def head_angles(
+        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192,
+        sites: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Angles [B, K] for a prefill, column ``k`` masking ``columns[k]`` ([B, K, S] with ``sites``)."""
+        masked = self.masked_states(prefill, columns, max_tokens=max_tokens, sites=sites)
+        if sites is None:
+            return angle_degrees(prefill.base_states[:, None].expand_as(masked), masked)
+        base = self.base_site_states(prefill, [self._check_site(x) for x in sites])
+        return angle_degrees(base[:, None].expand_as(masked), masked)
 
     def angles(
         self,
@@ -294,13 +341,19 @@ class DeflectionScorer:
         batch_size: int = 8,
         max_tokens: int = 8192,
         progress: bool = False,
+        sites: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Angles [N, K] of N conversations for K heads (or K head sets masked together)."""
+        """Angles [N, K] of N conversations for K heads (or K head sets masked together).
+
+        With ``sites`` (score layers at or below the scorer's own), [N, K, S] from the same replays:
+        how a head search compares score layers at the cost of one.
+        """
         columns = [(h,) if isinstance(h, HeadRef) else tuple(h) for h in heads]
         if not columns:
             raise InvalidInputError("no heads given")
         start = min(h.layer for col in columns for h in col)
-        result = np.zeros((len(conversations), len(columns)))
+        shape = (len(conversations), len(columns)) + (() if sites is None else (len(sites),))
+        result = np.zeros(shape)
         batches = range(0, len(conversations), batch_size)
         if progress:
             from tqdm.auto import tqdm
@@ -309,7 +362,7 @@ class DeflectionScorer:
         for s in batches:
             inputs = self.encode(conversations[s : s + batch_size])
             pre = self.prefill(inputs, from_layer=min(start, self.score_layer - 1))
-            result[s : s + batch_size] = self.head_angles(pre, columns, max_tokens=max_tokens)
+            result[s : s + batch_size] = self.head_angles(pre, columns, max_tokens=max_tokens, sites=sites)
         return result
 
 

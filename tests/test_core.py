@@ -70,6 +70,26 @@ def test_optimised_angles_equal_two_full_passes_and_batch_equals_single(tiny, po
     np.testing.assert_allclose(single, reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_angles_at_several_score_layers_from_one_replay_equal_one_scorer_per_layer(tiny, positions):
+    arch, model, processor = tiny
+    spec = MaskSpec(positions=positions)
+    top = DeflectionScorer(model, processor, spec=spec)
+    L = top.adapter.num_layers
+    sites = list(range(1, L + 1))
+    heads = all_heads(top.adapter)
+    convs = _convs(processor)
+    multi = top.angles(convs, heads, batch_size=2, sites=sites)  # [N, K, S]
+    assert multi.shape == (len(convs), len(heads), L)
+    for j, site in enumerate(sites):
+        one = DeflectionScorer(model, processor, spec=spec, score_layer=site).angles(convs, heads, batch_size=2)
+        np.testing.assert_allclose(multi[:, :, j], one, atol=1e-4)
+    lower = [h for h in heads if h.layer >= 1]
+    assert np.all(top.angles(convs, lower, sites=[1])[..., 0] == 0)  # a head cannot move a layer below it
+    with pytest.raises(InvalidInputError):
+        DeflectionScorer(model, processor, spec=spec, score_layer=1).angles(convs, heads, sites=[2])
+
+
 def test_alpha_one_gives_zero_angle_and_masks_restore_exactly(tiny, no_hook_leak):
     arch, model, processor = tiny
     no_hook_leak(model)
