@@ -312,9 +312,8 @@ def test_guarded_emits_the_verdict_event(guard):
     assert [name for name, _ in cb.events] == [EVENT_NAME]
 
 
-def _one_verdict_per_call(guard, calls: dict[str, Any], no_event: tuple[str, ...] = ()) -> None:
-    """Each call must screen once: one guard verdict, one custom event (unless named in ``no_event``),
-    one prefill."""
+def _one_verdict_per_call(guard, calls: dict[str, Any]) -> None:
+    """Each call must screen once: one guard verdict, one custom event, one prefill."""
     seen: list = []
     guard.add_listener(seen.append)
     try:
@@ -322,9 +321,8 @@ def _one_verdict_per_call(guard, calls: dict[str, Any], no_event: tuple[str, ...
             cb, before = Events(), guard.stats.screened
             out = call({"callbacks": [cb]})
             assert len(seen) == 1 and seen[0].flagged, (name, seen)
-            if name not in no_event:
-                assert [n for n, _ in cb.events] == [EVENT_NAME], (name, cb.events)
-                assert cb.events[0][1] == seen[0].model_dump(mode="json"), name
+            assert [n for n, _ in cb.events] == [EVENT_NAME], (name, cb.events)
+            assert cb.events[0][1] == seen[0].model_dump(mode="json"), name
             assert guard.stats.screened - before == 1, name
             text = "".join(c if isinstance(c, str) else c.content for c in out) if isinstance(out, list) else out
             text = text if isinstance(text, str) else text.content
@@ -511,20 +509,65 @@ def test_chat_model_emits_exactly_one_verdict_per_flagged_call(guard):
         "ainvoke_streaming": lambda cfg: asyncio.run(streaming.ainvoke("zorblax", cfg)),
         "stream": lambda cfg: list(chat.stream("zorblax", cfg)),
         "astream": lambda cfg: asyncio.run(astream(cfg)),
-    }, no_event=("invoke_streaming", "ainvoke_streaming", "stream", "astream"))  # fmt: skip
+        "batch": lambda cfg: chat.batch(["zorblax"], cfg),
+        "abatch": lambda cfg: asyncio.run(chat.abatch(["zorblax"], cfg)),
+        "batch_streaming": lambda cfg: streaming.batch(["zorblax"], cfg),
+    })  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: langchain-core calls _stream/_astream without run_manager "
-                   "(stream(), astream(), invoke() with streaming=True), so ChatOhdGuard has no run to attach "
-                   "the verdict event to; the verdict is still in the last chunk's response_metadata")
-@pytest.mark.parametrize("how", ["stream", "invoke_streaming"])
+class RunEvents(Events):
+    """Custom events with the run they were sent on, the chat-model runs, and the streamed tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[Any] = []
+        self.event_runs: list[Any] = []
+        self.tokens: list[Any] = []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: Any, **kwargs: Any) -> None:
+        self.runs.append(run_id)
+
+    def on_custom_event(self, name: str, data: Any, *, run_id: Any = None, **kwargs: Any) -> None:
+        super().on_custom_event(name, data)
+        self.event_runs.append(run_id)
+
+    def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        self.tokens.append(token)
+
+
+@pytest.mark.parametrize("how", ["stream", "astream", "invoke_streaming", "ainvoke_streaming"])
 def test_chat_model_streamed_calls_send_the_verdict_event(guard, how):
-    cb = Events()
-    if how == "stream":
-        list(ChatOhdGuard(guard=guard, max_tokens=4).stream("zorblax", {"callbacks": [cb]}))
-    else:
-        ChatOhdGuard(guard=guard, max_tokens=4, streaming=True).invoke("zorblax", {"callbacks": [cb]})
-    assert [n for n, _ in cb.events] == [EVENT_NAME]
+    """langchain-core calls _stream/_astream without the run manager of the run it opened; the verdict
+    event must still be sent once, on that chat-model run, and every token reported exactly once."""
+    cb = RunEvents()
+    cfg = {"callbacks": [cb]}
+    chat = ChatOhdGuard(guard=guard, max_tokens=4, **({"streaming": True} if how.endswith("_streaming") else {}))
+
+    async def astream():
+        return [c async for c in chat.astream("zorblax", cfg)]
+
+    out = {
+        "stream": lambda: list(chat.stream("zorblax", cfg)),
+        "astream": lambda: asyncio.run(astream()),
+        "invoke_streaming": lambda: chat.invoke("zorblax", cfg),
+        "ainvoke_streaming": lambda: asyncio.run(chat.ainvoke("zorblax", cfg)),
+    }[how]()
+    text = "".join(c.content for c in out) if isinstance(out, list) else out.content
+    assert [n for n, _ in cb.events] == [EVENT_NAME] and cb.events[0][1]["flagged"]
+    assert len(cb.runs) == 1 and cb.event_runs == cb.runs, "the event belongs to the chat-model run"
+    assert "".join(cb.tokens) == text and text.startswith("I cannot"), (cb.tokens, text)
+
+
+def test_chat_model_verdict_event_in_astream_events_of_a_streamed_chain(guard):
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | ChatOhdGuard(guard=guard, max_tokens=4)
+
+    async def collect():
+        return [e async for e in chain.astream_events({"q": "zorblax"}, version="v2")
+                if e["event"] in ("on_chat_model_start", "on_custom_event")]  # fmt: skip
+
+    start, event = asyncio.run(collect())
+    assert event["event"] == "on_custom_event" and event["name"] == EVENT_NAME and event["data"]["flagged"]
+    assert event["run_id"] == start["run_id"] and event["parent_ids"] == start["parent_ids"]
 
 
 def test_chat_model_stop_sequences_cut_the_answer(guard):

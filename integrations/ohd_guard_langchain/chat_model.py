@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    BaseCallbackHandler,
+    BaseCallbackManager,
+    CallbackManager,
+    CallbackManagerForLLMRun,
+)
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from ohd_guard_langchain.convert import to_message_dicts
@@ -53,6 +62,48 @@ class _StopTrimmer:
 def _cut(text: str, stop: Sequence[str] | None) -> str:
     t = _StopTrimmer(stop)
     return t.feed(text) + t.flush()
+
+
+# -- the run of a streamed call -----------------------------------------------------------------------
+# langchain-core opens the chat-model run (``on_chat_model_start``) itself but calls ``_stream`` /
+# ``_astream`` *without* its run manager, on purpose: in ``stream()``, ``astream()`` and in
+# ``invoke()``/``ainvoke()``/``batch()`` when they stream (``streaming=True``, ``astream_events``),
+# and it reports every chunk to ``on_llm_new_token`` itself. Only the v2 streaming path passes the run
+# manager. So the call sites below publish the open run here, for ``_stream``/``_astream`` to attach
+# the verdict event to: ``_(a)generate_with_cache`` publishes its run manager, ``stream``/``astream``
+# a :class:`_RunTap` that learns the run from ``on_chat_model_start``. The value is set and reset
+# within one step of the caller, so it never outlives the call that set it.
+_OPEN_RUN: ContextVar[Any] = ContextVar("ohd_guard_langchain_open_run", default=None)
+_NOTHING = object()
+
+
+class _RunTap(BaseCallbackHandler):
+    """Learns the chat-model run that ``BaseChatModel.stream``/``astream`` open, and rebuilds a run
+    manager for it over ``handlers`` (the handlers that call runs with, the tap left out)."""
+
+    run_inline = True  # record the run before langchain-core goes on to call _astream
+
+    def __init__(self, handlers: list[BaseCallbackHandler]):
+        self.handlers = handlers
+        self.run: dict[str, Any] | None = None
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID,
+                            parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.run is None:
+            self.run = {"run_id": run_id, "parent_run_id": parent_run_id, "tags": list(tags or []),
+                        "metadata": dict(metadata or {})}
+
+    def run_manager(self, cls: type[Any]) -> Any:
+        if self.run is None:
+            return None
+        return cls(handlers=self.handlers, inheritable_handlers=[], **self.run)
+
+
+def _open_run(cls: type[Any]) -> Any:
+    """The run manager of the run langchain-core opened for the current call (``cls`` when rebuilt)."""
+    run = _OPEN_RUN.get()
+    return run.run_manager(cls) if isinstance(run, _RunTap) else run
 
 
 class ChatOhdGuard(BaseChatModel):
@@ -218,6 +269,71 @@ class ChatOhdGuard(BaseChatModel):
             await adispatch_verdict(resp.verdict, run_manager=run_manager)
         return self._result(resp, stop)
 
+    # -- handing the open run to _stream / _astream (see _OPEN_RUN) -----------------------------------
+    def _generate_with_cache(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                             run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        token = _OPEN_RUN.set(run_manager)
+        try:
+            return super()._generate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            _OPEN_RUN.reset(token)
+
+    async def _agenerate_with_cache(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                                    run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                                    **kwargs: Any) -> ChatResult:
+        token = _OPEN_RUN.set(run_manager)
+        try:
+            return await super()._agenerate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            _OPEN_RUN.reset(token)
+
+    def _tapped(self, config: RunnableConfig | None) -> tuple[RunnableConfig, _RunTap]:
+        """``config`` plus a :class:`_RunTap` among its callbacks."""
+        config = ensure_config(config)
+        callbacks = config.get("callbacks")
+        tap = _RunTap(CallbackManager.configure(callbacks, self.callbacks, self.verbose).handlers)
+        if isinstance(callbacks, BaseCallbackManager):
+            callbacks = callbacks.copy()
+            callbacks.add_handler(tap, inherit=False)
+        else:
+            callbacks = [*(callbacks or []), tap]
+        return {**config, "callbacks": callbacks}, tap
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        config, tap = self._tapped(config)
+        chunks = super().stream(input, config, stop=stop, **kwargs)
+        try:
+            token = _OPEN_RUN.set(tap)
+            try:
+                first = next(chunks, _NOTHING)  # opens the run and enters _stream
+            finally:
+                _OPEN_RUN.reset(token)
+            if first is _NOTHING:
+                return
+            yield first
+            yield from chunks
+        finally:
+            chunks.close()
+
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        config, tap = self._tapped(config)
+        chunks = super().astream(input, config, stop=stop, **kwargs)
+        try:
+            token = _OPEN_RUN.set(tap)
+            try:
+                first = await anext(chunks, _NOTHING)  # opens the run and enters _astream
+            finally:
+                _OPEN_RUN.reset(token)
+            if first is _NOTHING:
+                return
+            yield first
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
     def _final_chunk(self, stream: Any) -> ChatGenerationChunk:
         resp, verdict = stream.response, stream.verdict
         refused = resp.refused if resp is not None else bool(verdict and verdict.flagged)
@@ -227,14 +343,17 @@ class ChatOhdGuard(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        # A run manager passed in (the v2 streaming path) gets the tokens from us; otherwise
+        # langchain-core reports them itself and we only need its run for the verdict event.
+        run = run_manager if run_manager is not None else _open_run(CallbackManagerForLLMRun)
         raw, gen, stop = self._request(messages, stop, kwargs)
         stream = self.guard.stream(raw, **gen)
         trim, sent = _StopTrimmer(stop), False
 
         def announce() -> None:
             nonlocal sent
-            if not sent and stream.verdict is not None and run_manager is not None:
-                dispatch_verdict(stream.verdict, run_manager=run_manager)
+            if not sent and stream.verdict is not None and run is not None:
+                dispatch_verdict(stream.verdict, run_manager=run)
                 sent = True
 
         try:
@@ -261,14 +380,15 @@ class ChatOhdGuard(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        run = run_manager if run_manager is not None else _open_run(AsyncCallbackManagerForLLMRun)
         raw, gen, stop = self._request(messages, stop, kwargs)
         stream = self.guard.astream(raw, **gen)
         trim, sent = _StopTrimmer(stop), False
 
         async def announce() -> None:
             nonlocal sent
-            if not sent and stream.verdict is not None and run_manager is not None:
-                await adispatch_verdict(stream.verdict, run_manager=run_manager)
+            if not sent and stream.verdict is not None and run is not None:
+                await adispatch_verdict(stream.verdict, run_manager=run)
                 sent = True
 
         try:

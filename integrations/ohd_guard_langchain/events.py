@@ -3,8 +3,9 @@
 Every verdict an integration produces is sent to the LangChain callback system as a custom event
 named :data:`ohd_guard.guard.EVENT_NAME` (``"ohd_guard.verdict"``) whose data is the verdict's JSON
 payload (``Verdict.model_dump(mode="json")``; rebuild it with ``Verdict.model_validate(data)``).
-It shows up in ``astream_events`` (``event == "on_custom_event"``), in ``on_custom_event`` of any
-callback handler, and in LangSmith traces, attached to the run that screened the input.
+It shows up in ``astream_events`` (``event == "on_custom_event"``) and in ``on_custom_event`` of any
+callback handler, attached to the run that screened the input. (LangSmith's tracer does not record
+custom events; there the verdict is seen in the runs' outputs and ``response_metadata``.)
 """
 
 from __future__ import annotations
