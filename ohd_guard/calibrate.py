@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from typing import Any, Literal, Sequence
 
@@ -16,6 +17,8 @@ from ohd_guard.profile import CalibrationMetrics, CalibrationSummary, ModelFinge
 from ohd_guard.scoring import DeflectionScorer
 from ohd_guard.search import RankBy, Strategy, search_heads
 from ohd_guard.threshold import RiskCalibration, fpr_threshold, kde_threshold
+
+log = logging.getLogger("ohd_guard.calibrate")
 
 
 def data_hash(items: Sequence[Any]) -> str:
@@ -57,6 +60,21 @@ def evaluate_angles(split: str, unsafe: np.ndarray, safe: np.ndarray, threshold:
     )
 
 
+def surface_length_auroc(processor: Any, unsafe: Sequence[Any], safe: Sequence[Any]) -> float:
+    """AUROC of the rendered prompt's token count for unsafe vs safe: 0.5 means length tells nothing.
+
+    A calibration set whose classes differ in length lets the head search pick a head that merely
+    reacts to length (measured on the embedded model: 0.85 on an early version of our prompts).
+    """
+    from ohd_guard.rendering import encode_conversations
+
+    def n_tokens(conv: Any) -> int:
+        return int(encode_conversations(processor, [conv])["attention_mask"].sum())
+
+    counts = [n_tokens(c) for c in unsafe] + [n_tokens(c) for c in safe]
+    return auroc(np.array(counts, dtype=float), np.r_[np.ones(len(unsafe)), np.zeros(len(safe))])
+
+
 def calibrate(
     model,
     processor,
@@ -65,6 +83,7 @@ def calibrate(
     *,
     spec: MaskSpec = MaskSpec(),
     score_layer: int | None = None,
+    score_layers: Sequence[int] | None = None,
     head: HeadRef | None = None,
     strategy: Strategy = "two-stage",
     top_k: int = 8,
@@ -79,7 +98,8 @@ def calibrate(
     """Calibrate One-head Defense on ``model`` and return a :class:`Profile`.
 
     ``unsafe``/``safe`` are conversations (str, message lists, Conversation or LabelledPrompt).
-    ``head`` fixes the head by hand (no search). ``threshold`` is ``"kde"`` (the paper's density
+    ``head`` fixes the head by hand (no search). ``score_layers`` searches the score layer with the
+    head (see :func:`search_heads`). ``threshold`` is ``"kde"`` (the paper's density
     crossing) or a target false-positive rate such as ``0.05``. ``heldout`` (unsafe, safe) adds
     held-out metrics to the profile.
     """
@@ -89,16 +109,25 @@ def calibrate(
     u_conv = [as_conversation(x) for x in unsafe]
     s_conv = [as_conversation(x) for x in safe]
     top_heads = []
+    length_auroc = surface_length_auroc(processor, u_conv, s_conv)
+    if not 0.3 <= length_auroc <= 0.7:
+        log.warning(
+            "prompt length alone separates the calibration sets (AUROC %.2f): a head search may pick a head "
+            "that reacts to length, which fails on sets whose lengths differ the other way; balance the lengths",
+            length_auroc,
+        )
     if head is None:
         result = search_heads(
-            model, processor, u_conv, s_conv, spec=spec, score_layer=score_layer, strategy=strategy,
-            top_k=top_k, percentile=percentile, rank_by=rank_by, batch_size=batch_size, progress=progress,
+            model, processor, u_conv, s_conv, spec=spec, score_layer=score_layer, score_layers=score_layers,
+            strategy=strategy, top_k=top_k, percentile=percentile, rank_by=rank_by, batch_size=batch_size,
+            progress=progress,
         )
-        head = result.best
+        head, score_layer = result.best, result.score_layer
         k = result.scores.heads.index(head)
         u_angles, s_angles = result.scores.unsafe[:, k], result.scores.safe[:, k]
         top_heads = result.ranking[: max(top_k, 10)]
-        how = f"{result.strategy}(k={top_k}, p={percentile:g}, rank_by={rank_by})"
+        how = f"{result.strategy}(k={top_k}, p={percentile:g}, rank_by={rank_by}"
+        how += f", score layer of {min(score_layers)}..{max(score_layers)})" if score_layers else ")"
     else:
         scorer = DeflectionScorer(model, processor, spec=spec, score_layer=score_layer)
         u_angles = scorer.angles(u_conv, [head], batch_size=batch_size, progress=progress)[:, 0]
@@ -124,6 +153,7 @@ def calibrate(
         calibration=CalibrationSummary(
             n_unsafe=len(unsafe), n_safe=len(safe), data_hash=data_hash(list(unsafe) + list(safe)),
             sources=list(sources), search=how, seconds=round(time.perf_counter() - t0, 2),
+            length_auroc=round(length_auroc, 4),
         ),
         metrics=metrics,
         top_heads=top_heads,

@@ -29,6 +29,25 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _layer_range(value: str | None, model) -> list[int] | None:
+    """``"8-24"``, ``"12,18,24"`` or ``"all"`` -> score layers (1-based, as ``hidden_states`` indices)."""
+    if value is None:
+        return None
+    from ohd_guard.adapters import get_adapter
+    from ohd_guard.errors import InvalidInputError
+
+    L = get_adapter(model).num_layers
+    try:
+        if value == "all":
+            return list(range(1, L + 1))
+        if "-" in value:
+            a, b = (int(x) for x in value.split("-", 1))
+            return list(range(a, b + 1))
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"--score-layers: expected FIRST-LAST, a comma list or 'all', got {value!r}") from None
+
+
 def cmd_calibrate(args) -> int:
     from ohd_guard.calibrate import calibrate
     from ohd_guard.datasets import load_calibration_prompts, load_labelled_file
@@ -52,7 +71,7 @@ def cmd_calibrate(args) -> int:
     profile = calibrate(
         model, processor, unsafe, safe,
         spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
-        score_layer=args.score_layer, head=head, strategy=args.strategy, top_k=args.top_k,
+        score_layer=args.score_layer, score_layers=_layer_range(args.score_layers, model), head=head, strategy=args.strategy, top_k=args.top_k,
         percentile=args.percentile, rank_by=args.rank_by, threshold=threshold, batch_size=args.batch_size, progress=not args.quiet,
         heldout=(
             [p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0]
@@ -60,7 +79,8 @@ def cmd_calibrate(args) -> int:
         sources=sources,
     )
     profile.save(args.output)
-    print(f"head {profile.heads[0]}  threshold {profile.threshold.value:.4f} deg ({profile.threshold.method})  "
+    print(f"head {profile.heads[0]}  score layer {profile.score_layer}  "
+          f"threshold {profile.threshold.value:.4f} deg ({profile.threshold.method})  "
           f"search {profile.calibration.search} in {profile.calibration.seconds:.0f} s")
     print(_table([m.model_dump() for m in profile.metrics],
                  ["split", "n_unsafe", "n_safe", "auroc", "detection_rate", "false_positive_rate"]))
@@ -391,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--positions", choices=["all", "last"], default="last",
                    help="last (default: fast, and better held-out AUROC on the embedded model) or all (paper-exact)")
     c.add_argument("--alpha", type=float, default=1e-5)
-    c.add_argument("--score-layer", type=int, default=None)
+    c.add_argument("--score-layer", type=int, default=None, help="read the angle after this decoder layer (default: last, after the final norm)")
+    c.add_argument("--score-layers", default=None, metavar="FIRST-LAST|all",
+                   help="search the score layer with the head among these (e.g. 8-24); one replay serves them all")
     c.add_argument("--head", type=int, nargs=2, metavar=("LAYER", "HEAD"), help="fix the head, skip the search")
     c.add_argument("--top-k", type=int, default=8)
     c.add_argument("--percentile", type=float, default=80.0)

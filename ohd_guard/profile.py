@@ -141,6 +141,8 @@ class CalibrationSummary(BaseModel):
     search: str = ""
     """How the head was chosen: e.g. ``two-stage(fast->exact, k=8, p=80)`` or ``manual``."""
     seconds: float = 0.0
+    length_auroc: float | None = None
+    """AUROC of prompt length alone on the calibration sets (0.5: length tells nothing)."""
 
 
 class CalibrationMetrics(BaseModel):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ohd_guard.adapters import ArchitectureAdapter, get_adapter, register_adapter
-from ohd_guard.errors import InvalidInputError, UnsupportedModelError
+from ohd_guard.errors import CalibrationError, InvalidInputError, UnsupportedModelError
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 from ohd_guard.rendering import is_multimodal
 from ohd_guard.scoring import DeflectionScorer, all_heads, angle_degrees, naive_angles
@@ -243,3 +243,37 @@ def test_search_finds_the_planted_head_and_threshold_separates(strategy, rank_by
     safe = scorer.angles(test, [profile.heads[0]])[:, 0]
     assert (unsafe > profile.threshold.value).all() and (safe <= profile.threshold.value).all()
     assert profile.risk.risk(float(unsafe.min())) > 0.9 > 0.1 > profile.risk.risk(float(safe.max()))
+
+
+@pytest.mark.parametrize("strategy", ["two-stage", "fast"])
+def test_joint_search_over_score_layers_finds_the_planted_head_below_the_chosen_layer(strategy):
+    from ohd_guard.calibrate import calibrate
+    from ohd_guard.search import search_heads
+
+    model, tok, info = planted_head_model(layer=1, head=2)
+    L = get_adapter(model).num_layers
+    train, test = CLEAN[:8], CLEAN[8:]
+    result = search_heads(model, tok, _trigger(train), train, score_layers=range(1, L + 1), strategy=strategy, top_k=4)
+    assert result.best == HeadRef(layer=1, head=2)
+    assert 2 <= result.score_layer <= L and set(result.layer_scores) == set(range(1, L + 1))
+    assert result.layer_scores[result.score_layer] == 1.0 and result.layer_scores[1] < 1.0  # layer 1: only layer-0 heads
+    profile = calibrate(model, tok, _trigger(train), train, score_layers=range(2, L + 1), strategy=strategy, top_k=4)
+    assert profile.heads == (HeadRef(layer=1, head=2),) and profile.score_layer >= 2
+    assert "score layer of 2.." in profile.calibration.search and profile.calibration.length_auroc is not None
+    scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)
+    assert (scorer.angles(_trigger(test), profile.heads)[:, 0] > profile.threshold.value).all()
+    assert (scorer.angles(test, profile.heads)[:, 0] <= profile.threshold.value).all()
+    with pytest.raises(CalibrationError):
+        search_heads(model, tok, _trigger(train), train, score_layer=L, score_layers=[2])
+
+
+def test_length_confound_is_measured_and_warned_about(caplog):
+    from ohd_guard.calibrate import calibrate, surface_length_auroc
+
+    model, tok, info = planted_head_model(layer=1, head=2)
+    long, short = [t + " and then some more words here" for t in CLEAN[:6]], CLEAN[:6]
+    assert surface_length_auroc(tok, long, short) == 1.0
+    assert surface_length_auroc(tok, CLEAN[:6], CLEAN[:6]) == 0.5
+    with caplog.at_level("WARNING", logger="ohd_guard.calibrate"):
+        profile = calibrate(model, tok, _trigger(long), short, head=HeadRef(layer=1, head=2))
+    assert profile.calibration.length_auroc == 1.0 and "prompt length alone" in caplog.text

@@ -109,6 +109,14 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     assert "L1.H2" in capsys.readouterr().out
 
+    joint = tmp_path / "joint.json"
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(joint), "--quiet",
+                 "--score-layers", "2-3", "--strategy", "fast"]) == 0
+    assert Profile.load(joint).heads == (HeadRef(layer=1, head=2),) and Profile.load(joint).score_layer in (2, 3)
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(joint), "--quiet",
+                 "--score-layers", "two-3"]) == 2
+
     assert main(["screen", "--model", str(model_dir), "--profile", str(out), "what zorblax is rain"]) == 0
     flagged = json.loads(capsys.readouterr().out)
     assert main(["screen", "--model", str(model_dir), "--profile", str(out), "what is rain"]) == 0

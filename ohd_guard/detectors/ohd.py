@@ -17,6 +17,7 @@ import numpy as np
 
 from ohd_guard.calibrate import calibrate, data_hash, evaluate_angles
 from ohd_guard.detectors.base import Detector, as_input, batched, library_version
+from ohd_guard.datasets import evenly
 from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.metrics import auroc
@@ -170,10 +171,10 @@ class LargestEffectHead(OneHeadDefense):
                                 adapter=final.adapter)
         candidates = [self.head] if self.head is not None else all_heads(final.adapter, below_layer=final.score_layer)
         n = self.search_per_class
-        pick = (lambda xs: xs) if n is None else (lambda xs: [xs[int(i * len(xs) / n)] for i in range(min(n, len(xs)))])
-        first = score_heads(fast, pick(u_conv), pick(s_conv), candidates, self.batch_size)
+        pick = lambda xs: evenly(xs, n)  # noqa: E731
+        (first,) = score_heads(fast, pick(u_conv), pick(s_conv), candidates, self.batch_size)
         top = np.argsort(-first.unsafe.mean(0), kind="stable")[: self.top_k]
-        scores = score_heads(final, u_conv, s_conv, [first.heads[k] for k in top], self.batch_size)
+        (scores,) = score_heads(final, u_conv, s_conv, [first.heads[k] for k in top], self.batch_size)
         order = np.argsort(-scores.unsafe.mean(0), kind="stable")
         labels = np.r_[np.ones(len(u_conv)), np.zeros(len(s_conv))]
         stats = [
