@@ -1,6 +1,6 @@
 """Core-engine benchmark on the real embedded model. Prints markdown tables.
 
-    python benchmarks/bench_core.py [--per-set 60] [--cost-prompts 20] [--search-prompts 16]
+    python benchmarks/bench_core.py [--per-set 60] [--cost-prompts 20] [--search-prompts 100]
 
 1. Detection: the shipped profile's head, paper-exact (all positions) vs fast (last position) mode,
    on the project's held-out prompts and the public sets in ../shared/datasets: AUROC, DR, FPR,
@@ -27,7 +27,7 @@ from ohd_guard.loading import load_model
 from ohd_guard.masking import MaskSpec
 from ohd_guard.profile import Profile
 from ohd_guard.scoring import DeflectionScorer, all_heads, naive_angles
-from ohd_guard.search import search_heads
+from ohd_guard.search import HeadScores, search_heads
 from ohd_guard.threshold import kde_threshold
 
 
@@ -42,7 +42,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--per-set", type=int, default=60)
     ap.add_argument("--cost-prompts", type=int, default=20)
-    ap.add_argument("--search-prompts", type=int, default=16, help="per class, for the naive-vs-optimised search")
+    ap.add_argument("--search-prompts", type=int, default=100, help="per class, for the naive-vs-optimised search")
     ap.add_argument("--skip-search", action="store_true")
     args = ap.parse_args()
     model, tok = load_model()
@@ -114,21 +114,35 @@ def main():
     n = args.search_prompts
     u = [p.text for p in calib if p.label == 1][:n]
     s = [p.text for p in calib if p.label == 0][:n]
-    spec = MaskSpec()
-    heads = all_heads(scorers["exact"].adapter)
+    spec = profile.mask  # the shipped configuration
+    r = search_heads(model, tok, u, s, spec=spec, score_layer=profile.score_layer, strategy="two-stage",
+                     batch_size=8, progress=True)
+    ranked = [row.head for row in r.ranking if row.eligible]
+    # Naive = the paper's code: two full forward passes per head and prompt. All 336 heads would take
+    # hours here, so it runs on the optimised search's top 8 plus 8 random eligible heads (its time
+    # extrapolated to all heads), and must pick the same head among them.
+    rng = np.random.default_rng(0)
+    sample = ranked[:8] + [ranked[i] for i in rng.choice(np.arange(8, len(ranked)), 8, replace=False)]
+    enc = scorers["exact"].encode
     t0 = time.perf_counter()
-    sample = heads[:: len(heads) // 6][:6]
-    for text in u + s:
-        naive_angles(model, scorers["exact"].encode([text]), sample, spec)
-    naive_est = (time.perf_counter() - t0) * len(heads) / len(sample)
-    rows = [{"search": "naive (2 passes/head/prompt), extrapolated from 6 heads", "seconds": naive_est, "head": "-"}]
-    for strategy in ("exact", "two-stage"):
-        r = search_heads(model, tok, u, s, spec=spec, strategy=strategy, batch_size=8)
-        rows.append({"search": f"optimised {strategy}", "seconds": r.seconds, "head": str(r.best)})
-    print(f"\n## Head search, {n}+{n} prompts, {len(heads)} heads\n")
+    nu = np.concatenate([naive_angles(model, enc([t]), sample, spec) for t in u])
+    ns = np.concatenate([naive_angles(model, enc([t]), sample, spec) for t in s])
+    naive_s = time.perf_counter() - t0
+    naive_best = HeadScores(sample, nu, ns, spec).stats(100.0, rank_by="auroc")[0].head
+    opt = HeadScores(sample, *(r.scores.unsafe[:, [r.scores.heads.index(h) for h in sample]],
+                               r.scores.safe[:, [r.scores.heads.index(h) for h in sample]]), spec)
+    diff = float(np.abs(np.r_[nu.ravel(), ns.ravel()] - np.r_[opt.unsafe.ravel(), opt.safe.ravel()]).max())
+    n_heads = len(r.scores.heads)
+    rows = [
+        {"search": f"optimised ({r.strategy}, {spec.positions} positions), all {n_heads} heads",
+         "seconds": r.seconds, "head": str(r.best)},
+        {"search": f"naive, {len(sample)} heads (measured)", "seconds": naive_s, "head": str(naive_best)},
+        {"search": f"naive, all {n_heads} heads (extrapolated)", "seconds": naive_s * n_heads / len(sample), "head": "-"},
+    ]
+    print(f"\n## Head search, {len(u)}+{len(s)} prompts\n")
     print(table(rows, ["search", "seconds", "head"]))
-    print(f"\nshipped profile: {profile.calibration.n_unsafe}+{profile.calibration.n_safe} prompts, "
-          f"{profile.calibration.search}, {profile.calibration.seconds:.0f} s, head {head}")
+    print(f"\nnaive vs optimised angles on the {len(sample)} sampled heads: max |diff| {diff:.2e} deg; "
+          f"same best head among them: {naive_best == opt.stats(100.0, rank_by='auroc')[0].head}")
 
 
 if __name__ == "__main__":
