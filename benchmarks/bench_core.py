@@ -49,8 +49,8 @@ def main():
     profile = Profile.load(DEFAULT_PROFILE)
     head = profile.heads[0]
     scorers = {
-        "exact": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "all"})),
-        "fast": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "last"})),
+        "exact": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "all"}), score_layer=profile.score_layer),
+        "fast": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "last"}), score_layer=profile.score_layer),
     }
 
     def angles(mode, items):

@@ -74,13 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     unsafe = stratified([p for p in calib if p.label == 1], args.calib_per_class, seed=0)
     safe = stratified([p for p in calib if p.label == 0], args.calib_per_class, seed=0)
 
-    head = None
+    head, same = None, {}
     if args.profile.is_file():
         profile = Profile.load(args.profile)
         profile.verify(model, tok)
         head = profile.heads[0]
+        same = {"mask": profile.mask, "score_layer": profile.score_layer}
     bs = args.batch_size
-    exact = OneHeadDefense("exact", head=head, strategy="fast", batch_size=bs)
+    exact = OneHeadDefense("exact", head=head, strategy="fast", batch_size=bs, **same)
     detectors = [exact, None, LargestEffectHead("exact", top_k=4, search_per_class=args.search_per_class, batch_size=bs),
                  SAHs(top_k=16, batch_size=bs), HiddenDetect(batch_size=bs),
                  # decode steps are memory-bound on a CPU: a larger batch costs almost nothing more per step
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     with shared_prefill():  # SAHs and HiddenDetect read the same prefill
         for i, det in enumerate(detectors):
             if det is None:  # fast mode reuses the head the exact one uses (searched or shipped)
-                det = detectors[i] = OneHeadDefense("fast", head=exact.profile.heads[0], batch_size=bs)
+                det = detectors[i] = OneHeadDefense("fast", head=exact.profile.heads[0], batch_size=bs,
+                                                      mask=exact.profile.mask, score_layer=exact.profile.score_layer)
             t0 = time.perf_counter()
             det.fit(model, tok, unsafe, safe)
             fit_rows.append((det.name, time.perf_counter() - t0, describe(det)))

@@ -339,10 +339,11 @@ def cmd_eval(args) -> int:
         entries.append((det, Path(path).name))
         notes.append(f"{det.name} loaded from {path}: {_describe(det)}")
 
-    head = profile.heads[0] if profile is not None else None
+    # the profile's head, mask target and score layer; only the position mode and the threshold change
+    same = {} if profile is None else {"head": profile.heads[0], "mask": profile.mask, "score_layer": profile.score_layer}
     factories = {
-        "ohd-fast": lambda: OneHeadDefense("fast", head=head, strategy="fast", batch_size=bs),
-        "ohd-exact": lambda: OneHeadDefense("exact", head=head, strategy="fast", batch_size=bs),
+        "ohd-fast": lambda: OneHeadDefense("fast", strategy="fast", batch_size=bs, **same),
+        "ohd-exact": lambda: OneHeadDefense("exact", strategy="fast", batch_size=bs, **same),
         "largest-effect": lambda: LargestEffectHead("exact", top_k=4, search_per_class=16, batch_size=bs),
         "sahs": lambda: SAHs(top_k=16, batch_size=bs),
         "hiddendetect": lambda: HiddenDetect(batch_size=bs),
