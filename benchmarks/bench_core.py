@@ -125,8 +125,8 @@ def main():
     sample = ranked[:8] + [ranked[i] for i in rng.choice(np.arange(8, len(ranked)), 8, replace=False)]
     enc = scorers["exact"].encode
     t0 = time.perf_counter()
-    nu = np.concatenate([naive_angles(model, enc([t]), sample, spec) for t in u])
-    ns = np.concatenate([naive_angles(model, enc([t]), sample, spec) for t in s])
+    nu = np.concatenate([naive_angles(model, enc([t]), sample, spec, score_layer=profile.score_layer) for t in u])
+    ns = np.concatenate([naive_angles(model, enc([t]), sample, spec, score_layer=profile.score_layer) for t in s])
     naive_s = time.perf_counter() - t0
     naive_best = HeadScores(sample, nu, ns, spec).stats(100.0, rank_by="auroc")[0].head
     opt = HeadScores(sample, *(r.scores.unsafe[:, [r.scores.heads.index(h) for h in sample]],

@@ -373,19 +373,21 @@ def all_heads(adapter: ArchitectureAdapter, below_layer: int | None = None) -> l
 
 
 def naive_angles(
-    model: nn.Module, inputs: dict[str, Any], heads: Sequence[HeadRef], spec: MaskSpec, adapter=None
+    model: nn.Module, inputs: dict[str, Any], heads: Sequence[HeadRef], spec: MaskSpec, adapter=None,
+    score_layer: int | None = None,
 ) -> np.ndarray:
-    """Reference implementation: two full forward passes per head, hidden_states[-1] at the last token.
+    """Reference implementation: two full forward passes per head, ``hidden_states[score_layer]``
+    (default: the last, after the final norm) at the last token.
 
     Used by tests and benchmarks to check the optimised paths; it is what the paper's code does.
     """
     adapter = adapter or get_adapter(model)
+    k = adapter.num_layers if score_layer is None else score_layer
     with torch.no_grad():
-        base = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
+        base = model(**inputs, output_hidden_states=True).hidden_states[k][:, -1]
         out = np.zeros((base.shape[0], len(heads)))
-        for k, h in enumerate(heads):
+        for j, h in enumerate(heads):
             with head_mask(adapter, [h], spec):
-                masked = model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
-            out[:, k] = angle_degrees(base, masked)
+                masked = model(**inputs, output_hidden_states=True).hidden_states[k][:, -1]
+            out[:, j] = angle_degrees(base, masked)
     return out
-

@@ -84,6 +84,9 @@ def test_angles_at_several_score_layers_from_one_replay_equal_one_scorer_per_lay
     for j, site in enumerate(sites):
         one = DeflectionScorer(model, processor, spec=spec, score_layer=site).angles(convs, heads, batch_size=2)
         np.testing.assert_allclose(multi[:, :, j], one, atol=1e-4)
+    mid = max(1, L // 2)  # and the paper's two full passes, read at hidden_states[mid]
+    naive = np.concatenate([naive_angles(model, top.encode([c]), heads, spec, score_layer=mid) for c in convs])
+    np.testing.assert_allclose(multi[:, :, mid - 1], naive, atol=1e-4)
     lower = [h for h in heads if h.layer >= 1]
     assert np.all(top.angles(convs, lower, sites=[1])[..., 0] == 0)  # a head cannot move a layer below it
     with pytest.raises(InvalidInputError):
