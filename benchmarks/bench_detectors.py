@@ -50,8 +50,8 @@ def describe(det) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calib-per-class", type=int, default=40, help="calibration prompts per class (of 121/128)")
-    ap.add_argument("--heldout", type=int, default=0, help="held-out project prompts per class (0: all 55 + 56)")
+    ap.add_argument("--calib-per-class", type=int, default=40, help="calibration prompts per class (of 220/230)")
+    ap.add_argument("--heldout", type=int, default=0, help="held-out project prompts per class (0: all 88 + 98)")
     ap.add_argument("--per-set", type=int, default=24, help="items per public set")
     ap.add_argument("--attack-seeds", type=int, default=10, help="held-out harmful prompts the attacks are built from")
     ap.add_argument("--search-per-class", type=int, default=16, help="prompts per class of LargestEffect's all-heads pass")

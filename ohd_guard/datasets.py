@@ -1,9 +1,12 @@
 """Labelled prompts for calibration and evaluation.
 
 The bundled calibration set (``data/calibration_prompts.jsonl``) is original text written for this
-project, so a profile can be calibrated without any external download. Public benchmark sets are
-read at run time from a shared datasets folder (never copied into the package), and users can
-bring their own labelled CSV/JSONL files for evaluation.
+project, so a profile can be calibrated without any external download. Its two classes are matched
+in surface length (short imperatives and long, context-rich requests on both sides; prompt length
+alone separates them no better than chance), so that a detector calibrated on it cannot pick heads
+that merely react to length. Public benchmark sets are read at run time from a shared datasets
+folder (never copied into the package), and users can bring their own labelled CSV/JSONL files for
+evaluation.
 """
 
 from __future__ import annotations

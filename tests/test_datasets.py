@@ -70,6 +70,26 @@ def test_texts_unique_and_varied():
     assert any(t.endswith("?") for t in texts) and any(t.endswith(".") for t in texts)
 
 
+@pytest.mark.parametrize("split", ["all", "calib", "heldout"])
+def test_length_does_not_predict_label(split):
+    """Prompt length must not separate the classes, or a detector calibrated here learns length.
+
+    Public sets invert the length relation of a confounded set (AdvBench's harmful prompts are
+    short imperatives, Alpaca-style harmless tasks are long), so such a detector fails there.
+    """
+    from ohd_guard.metrics import auroc
+
+    prompts = load_calibration_prompts(split)
+    labels = [p.label for p in prompts]
+    assert 0.40 <= auroc([len(p.text) for p in prompts], labels) <= 0.60
+    assert 0.40 <= auroc([len(p.text.split()) for p in prompts], labels) <= 0.60
+    # both classes span short and long prompts, not only on average
+    for label in (0, 1):
+        chars = [len(p.text) for p in prompts if p.label == label]
+        assert sum(c <= 50 for c in chars) >= 0.1 * len(chars)
+        assert sum(c >= 150 for c in chars) >= 0.05 * len(chars)
+
+
 def test_lookalikes_are_safe():
     prompts = load_calibration_prompts()
     lookalikes = [p for p in prompts if p.category == "lookalike"]
