@@ -91,11 +91,14 @@ def test_benign_greedy_answers_equal_unguarded_token_for_token(guard, verdicts):
 
 
 def test_concurrent_mixed_calls_equal_sequential(guard, verdicts):
-    screens = HARMFUL + BENIGN + ["Write a limerick about a cat.", "How do I reverse a list in Python?"]
+    """64 concurrent calls (61 ascreen + 3 agenerate) on mixed prompts = the same calls one by one."""
+    pool = HARMFUL + BENIGN + ["Write a limerick about a cat.", "How do I reverse a list in Python?"]
+    screens = [pool[i % len(pool)] for i in range(61)]
     gens = [next(p for p in HARMFUL if verdicts[p].flagged), *[p for p in BENIGN if not verdicts[p].flagged][:2]]
     kw = dict(max_new_tokens=8, do_sample=False)
-    assert len(screens) + len(gens) >= 16
-    seq_v = [verdicts[p] if p in verdicts else guard.screen(p) for p in screens]
+    assert len(screens) + len(gens) == 64
+    extra = {p: guard.screen(p) for p in pool if p not in verdicts}
+    seq_v = [verdicts.get(p) or extra[p] for p in screens]
     seq_g = [guard.generate(p, **kw) for p in gens]
 
     async def run():
