@@ -1,8 +1,9 @@
 """The method on the real embedded model (Qwen2.5-Coder-0.5B-Instruct): the signal must be there.
 
-Measured (docs/method.md): the best selective head of this model reaches held-out AUROC ~0.71 on
-the project's prompts (a third of the safe ones are look-alikes); chance is 0.5. The bars below
-fail if the signal is lost, not if it is merely as weak as measured.
+Measured (docs/method.md): the shipped profile (head and score layer searched on the calib split)
+reaches held-out AUROC ~0.78 on the project's length-matched prompts (a third of the safe ones are
+look-alikes); chance is 0.5. The bars below fail if the signal is lost, not if it is merely as weak
+as measured.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def test_shipped_profile_matches_the_model_and_holds_on_heldout_prompts(shipped)
     m = evaluate_angles("heldout", unsafe, safe, profile.threshold.value)
     reported = next(x for x in profile.metrics if x.split == "heldout")
     assert np.isclose(m.auroc, reported.auroc, atol=1e-3), "angles drifted since the profile was written"
-    assert m.auroc >= 0.65
+    assert m.auroc >= 0.7
 
 
 def test_calibrating_on_a_subset_gives_a_threshold_that_transfers(real_model, shipped):
@@ -46,7 +47,8 @@ def test_calibrating_on_a_subset_gives_a_threshold_that_transfers(real_model, sh
     calib = load_calibration_prompts("calib")
     u = [p for p in calib if p.label == 1][::3]
     s = [p for p in calib if p.label == 0][::3]
-    quick = calibrate(model, tok, u, s, spec=profile.mask, head=profile.heads[0], batch_size=12)
+    quick = calibrate(model, tok, u, s, spec=profile.mask, score_layer=profile.score_layer, head=profile.heads[0],
+                      batch_size=12)
     assert quick.model == profile.model and quick.calibration.search == "manual"
     m = evaluate_angles("heldout", unsafe, safe, quick.threshold.value)
     assert m.balanced_accuracy >= 0.55, m
