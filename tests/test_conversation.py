@@ -7,7 +7,6 @@ import io
 import os
 import struct
 import zlib
-from pathlib import Path
 
 import pytest
 from PIL import Image
