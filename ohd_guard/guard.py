@@ -334,6 +334,8 @@ class OhdGuard:
             for call in pre.calls.values():
                 call.kwargs.pop("past_key_values", None)
         angles = self.scorer.head_angles(pre, [self.heads])[:, 0]
+        # Generation needs only the KV cache: free the captured layer inputs before it starts.
+        pre.calls, pre.prefix_cache = {}, None
         if not np.all(np.isfinite(angles)):
             raise ScreeningError("the deflection angle is not finite (NaN or infinite hidden states)")
         return angles, pre, inputs

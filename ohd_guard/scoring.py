@@ -101,14 +101,15 @@ def _select(x, idx: torch.Tensor, batch: int, force: bool = False):
 def _last_position_call(call: _LayerCall, seq: int) -> _LayerCall:
     """The inputs a decoder layer would get for the last prompt token run as one decode step."""
 
+    # Slices are cloned: a view would keep the whole [B, T, ...] tensor of every layer alive.
     def cut(key: str, x):
         if isinstance(x, torch.Tensor):
             if key == "attention_mask" and x.dim() == 4 and x.shape[-2] == seq:
-                return x[..., -1:, :]  # [B, 1, query, key]: keep the last query row, all keys
+                return x[..., -1:, :].clone()  # [B, 1, query, key]: keep the last query row, all keys
             if key == "position_ids" and x.shape[-1] == seq:
-                return x[..., -1:]
+                return x[..., -1:].clone()
             if key == "position_embeddings" and x.dim() >= 2 and x.shape[-2] == seq:
-                return x[..., -1:, :]  # rotary cos/sin [B, T, d]
+                return x[..., -1:, :].clone()  # rotary cos/sin [B, T, d]
             return x
         if isinstance(x, (tuple, list)):
             return type(x)(cut(key, v) for v in x)
@@ -116,7 +117,7 @@ def _last_position_call(call: _LayerCall, seq: int) -> _LayerCall:
             return {k: cut(key, v) for k, v in x.items()}
         return x
 
-    return _LayerCall(call.hidden[:, -1:], call.args, {k: cut(k, v) for k, v in call.kwargs.items()})
+    return _LayerCall(call.hidden[:, -1:].clone(), call.args, {k: cut(k, v) for k, v in call.kwargs.items()})
 
 
 def _cropped_copy(cache, from_layer: int):
