@@ -149,55 +149,53 @@ EVAL_DETECTORS: dict[str, str] = {
 """Detector names ``ohd-guard eval --detectors`` accepts."""
 
 
+def _name_list(known, what: str, allow_empty: bool = False):
+    """An argparse type: a comma-separated list of names from ``known``."""
+
+    def parse(value: str) -> list[str]:
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not (names or allow_empty):
+            given = ", ".join(map(repr, unknown)) or "(none given)"
+            raise argparse.ArgumentTypeError(f"unknown {what} {given}; choose from {', '.join(known)}")
+        return names
+
+    return parse
+
+
 def _detector_list(value: str) -> list[str]:
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in EVAL_DETECTORS]
-    if unknown or not names:
-        given = ", ".join(map(repr, unknown)) or "(none given)"
-        raise argparse.ArgumentTypeError(f"unknown detector(s) {given}; choose from {', '.join(EVAL_DETECTORS)}")
-    return names
+    return _name_list(EVAL_DETECTORS, "detector(s)")(value)
 
 
 def _shared_names(value: str) -> list[str]:
     from ohd_guard.datasets import SHARED_SETS
 
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in SHARED_SETS]
-    if unknown:
-        given = ", ".join(map(repr, unknown))
-        raise argparse.ArgumentTypeError(f"unknown shared set(s) {given}; known: {', '.join(SHARED_SETS)}")
-    return names
+    return _name_list(SHARED_SETS, "shared set(s)", allow_empty=True)(value)
 
 
 def _attack_names(value: str) -> list[str]:
     from ohd_guard.attacks import ATTACKS
 
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown or not names:
-        given = ", ".join(map(repr, unknown)) or "(none given)"
-        raise argparse.ArgumentTypeError(f"unknown attack(s) {given}; choose from {', '.join(ATTACKS)}")
-    return names
+    return _name_list(ATTACKS, "attack(s)")(value)
 
 
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _bounded_int(low: int, what: str):
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
+        return n
+
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
-    return n
+_positive_int = _bounded_int(1, "a positive integer")
+_non_negative_int = _bounded_int(0, "an integer >= 0")
 
 
 def _round_robin(sets: list[list], n: int) -> list:
