@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 
 from ohd_guard.calibrate import evaluate_angles
 from ohd_guard.cli import DEFAULT_PROFILE
-from ohd_guard.datasets import load_calibration_prompts, load_shared_set
+from ohd_guard.datasets import load_calibration_prompts, load_shared_set, stratified
 from ohd_guard.loading import load_model
 from ohd_guard.profile import Profile
 from ohd_guard.scoring import DeflectionScorer, naive_angles
@@ -127,8 +127,9 @@ def main():
     if "3" not in args.sections:
         return
     n = args.search_prompts
-    u = [p.text for p in calib if p.label == 1][:n]
-    s = [p.text for p in calib if p.label == 0][:n]
+    # stratified over categories (file order would over-represent the older prompts)
+    u = [p.text for p in stratified([p for p in calib if p.label == 1], n, seed=0)]
+    s = [p.text for p in stratified([p for p in calib if p.label == 0], n, seed=0)]
     spec = profile.mask  # the shipped configuration
     r = search_heads(model, tok, u, s, spec=spec, score_layer=profile.score_layer, strategy="two-stage",
                      batch_size=8, progress=True)
