@@ -29,14 +29,17 @@ import importlib
 import sys
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-__all__ = ["TINY_ARCHS", "planted_head_model", "planted_vlm_model", "tiny_model", "tiny_tokenizer"]
+__all__ = [
+    "PLANTED_CLEAN_PROMPTS", "TINY_ARCHS", "planted_head_model", "planted_vlm_model", "tiny_model", "tiny_tokenizer",
+    "with_trigger",
+]
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -442,6 +445,20 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[PreTrainedModel, Any]:
 # --------------------------------------------------------------------------------------------------
 # Planted-head model
 # --------------------------------------------------------------------------------------------------
+
+
+PLANTED_CLEAN_PROMPTS: tuple[str, ...] = (
+    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
+    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
+    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
+    "name a famous river",
+)
+"""Prompts without the planted trigger: the "safe" side of planted-head experiments."""
+
+
+def with_trigger(texts: Sequence[str], trigger: str = "zorblax") -> list[str]:
+    """The same prompts with ``trigger`` inserted after the first word: the "unsafe" side."""
+    return [t.replace(" ", f" {trigger} ", 1) for t in texts]
 
 
 def planted_head_model(

@@ -14,7 +14,7 @@ from ohd_guard.errors import CalibrationError, InvalidInputError, UnsupportedMod
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 from ohd_guard.rendering import is_multimodal
 from ohd_guard.scoring import DeflectionScorer, all_heads, angle_degrees, naive_angles
-from ohd_guard.testing import TINY_ARCHS, planted_head_model, tiny_model
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, TINY_ARCHS, planted_head_model, tiny_model, with_trigger
 
 IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))
 
@@ -220,16 +220,10 @@ def test_gemma3_masks_after_the_query_norm():
 
 # -- planted head: the search must find it, the threshold must separate ----------------------------
 
-CLEAN = [
-    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
-    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
-    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
-    "name a famous river",
-]
+CLEAN = list(PLANTED_CLEAN_PROMPTS)
 
 
-def _trigger(texts):
-    return [t.replace(" ", " zorblax ", 1) for t in texts]
+_trigger = with_trigger
 
 
 @pytest.mark.parametrize("strategy, rank_by", [("two-stage", "gap"), ("exact", "gap"), ("two-stage", "auroc")])

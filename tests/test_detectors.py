@@ -19,21 +19,15 @@ from ohd_guard.errors import CalibrationError, InvalidInputError, ProfileFormatE
 from ohd_guard.masking import HeadRef
 from ohd_guard.metrics import auroc
 from ohd_guard.rendering import is_multimodal
-from ohd_guard.testing import planted_head_model, tiny_model
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, tiny_model, with_trigger
 
-CLEAN = [
-    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
-    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
-    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
-    "name a famous river",
-]
+CLEAN = list(PLANTED_CLEAN_PROMPTS)
 TRAIN, TEST = CLEAN[:8], CLEAN[8:]
 Y_TEST = np.r_[np.ones(4), np.zeros(4)]
 IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))
 
 
-def trig(texts):
-    return [t.replace(" ", " zorblax ", 1) for t in texts]
+trig = with_trigger
 
 
 @pytest.fixture(scope="module")

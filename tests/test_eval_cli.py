@@ -11,18 +11,12 @@ from ohd_guard.calibrate import calibrate
 from ohd_guard.cli import main
 from ohd_guard.evaluation import EvalReport
 from ohd_guard.masking import HeadRef, MaskSpec
-from ohd_guard.testing import planted_head_model
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
 
-CLEAN = [
-    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
-    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
-    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
-    "name a famous river",
-]
+CLEAN = list(PLANTED_CLEAN_PROMPTS)
 
 
-def trig(texts):
-    return [t.replace(" ", " zorblax ", 1) for t in texts]
+trig = with_trigger
 
 
 def write_jsonl(path, rows):

@@ -10,18 +10,12 @@ from ohd_guard.datasets import TYPOGRAPHIC_INSTRUCTION, LabelledPrompt
 from ohd_guard.detectors import HiddenDetect, OneHeadDefense, SAHs, SelfRefusal
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.evaluation import EvalReport, evaluate
-from ohd_guard.testing import planted_head_model
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
 
-CLEAN = [
-    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
-    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
-    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
-    "name a famous river",
-]
+CLEAN = list(PLANTED_CLEAN_PROMPTS)
 
 
-def trig(texts):
-    return [t.replace(" ", " zorblax ", 1) for t in texts]
+trig = with_trigger
 
 
 SEEDS = [LabelledPrompt(t, 1, "trigger", "seed") for t in trig(CLEAN[8:11])]
