@@ -27,6 +27,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,11 +35,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
-from transformers import StoppingCriteria
-from transformers.generation import BaseStreamer
 
 from ohd_guard.conversation import Conversation, ConversationLimits, to_conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError, ScreeningError
+from ohd_guard.generation import CancelledCriteria, ChunkStreamer, can_resume, resume_from_prefill
 from ohd_guard.masking import HeadRef
 from ohd_guard.profile import Profile
 from ohd_guard.refusal import ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, template_for
@@ -54,12 +54,6 @@ log = logging.getLogger("ohd_guard.guard")
 
 RefusalPolicy = Literal["anchored", "static", "raise"]
 ErrorPolicy = Literal["refuse", "raise", "allow"]
-
-try:  # the inputs generate() itself drops after the prefill; the cached prompt already holds them
-    from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL as _PREFILL_ONLY
-except ImportError:  # pragma: no cover - older transformers
-    _PREFILL_ONLY = ("pixel_values", "pixel_attention_mask", "image_sizes", "pixel_values_videos", "pixel_mask")
-
 
 # ------------------------------------------------------------------------------------- data types
 class Verdict(BaseModel):
@@ -132,49 +126,6 @@ class _Failure:
 _END = object()
 
 
-# ------------------------------------------------------------------------------ generation helpers
-class _ChunkStreamer(BaseStreamer):
-    """Streams decoded text so that the chunks join to exactly the decoded answer.
-
-    Decodes all answer tokens each step and emits the new tail, holding back an incomplete UTF-8
-    character (U+FFFD at the end), so streamed text always equals ``generate``'s text.
-    """
-
-    def __init__(self, tokenizer: Any, on_chunk: Callable[[str], None]):
-        self.tokenizer, self.on_chunk = tokenizer, on_chunk
-        self.ids: list[int] = []
-        self.sent = 0
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate() first pushes the prompt
-            self.prompt_seen = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        self._flush(final=False)
-
-    def end(self) -> None:
-        self._flush(final=True)
-
-    def _flush(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not final:
-            text = text.rstrip("\ufffd")
-        if len(text) > self.sent:
-            self.on_chunk(text[self.sent :])
-            self.sent = len(text)
-
-
-class _Cancelled(StoppingCriteria):
-    """Stopping criterion that ends generation once a stream's consumer has gone away."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def _typed(exc: BaseException) -> BaseException:
     """Bad input stays InvalidInputError; every other screening failure becomes a ScreeningError."""
     if isinstance(exc, (InvalidInputError, ScreeningError)):
@@ -201,7 +152,8 @@ class OhdGuard:
         max_prompt_tokens: longest rendered prompt screened (default: the context window).
         max_batch_size, max_wait_ms: micro-batching of concurrent ``ascreen`` calls (and the chunk
             size of :meth:`screen_batch`).
-        reuse_prefill: answer safe prompts from the screening prefill's KV cache.
+        reuse_prefill: answer safe prompts from the screening prefill (KV cache and first-token logits),
+            so the answer costs only the decoding steps of plain generation.
     """
 
     def __init__(
@@ -411,25 +363,18 @@ class OhdGuard:
         for key in ("past_key_values", "streamer", "input_ids", "inputs"):
             if key in gen_kwargs:
                 raise InvalidInputError(f"generation argument {key!r} is managed by the guard")
-        kw = dict(inputs)
-        T = kw["input_ids"].shape[1]
-        if prefill is not None and prefill.cache is not None and self.reuse_prefill:
-            try:  # continue from the screening prefill: generate recomputes only the last prompt token
-                prefill.cache.crop(-1)
-                kw = {k: v for k, v in kw.items() if k not in _PREFILL_ONLY}
-                kw["past_key_values"] = prefill.cache
-            except Exception as e:  # e.g. a sliding-window layer past its window cannot be cropped
-                log.debug("prefill cache not reusable (%s); generating from scratch", e)
-                kw = dict(inputs)
+        T = inputs["input_ids"].shape[1]
         gk = dict(gen_kwargs)
         lp = LogitsProcessorList(gk.pop("logits_processor", None) or [])
         lp.extend(processors or [])
         sc = StoppingCriteriaList(gk.pop("stopping_criteria", None) or [])
         if cancel is not None:
-            sc.append(_Cancelled(cancel))
-        streamer = _ChunkStreamer(self.tokenizer, on_chunk) if on_chunk is not None else None
-        with torch.no_grad():
-            out = self.model.generate(**kw, **gk, logits_processor=lp, stopping_criteria=sc, streamer=streamer)
+            sc.append(CancelledCriteria(cancel))
+        streamer = ChunkStreamer(self.tokenizer, on_chunk) if on_chunk is not None else None
+        resume = (prefill is not None and prefill.cache is not None and self.reuse_prefill
+                  and can_resume(self.model, gk))  # fmt: skip
+        with torch.no_grad(), (resume_from_prefill(self.model, prefill) if resume else nullcontext({})) as cache:
+            out = self.model.generate(**inputs, **cache, **gk, logits_processor=lp, stopping_criteria=sc, streamer=streamer)
         seq = out.sequences if hasattr(out, "sequences") else out
         return self.tokenizer.decode(seq[0, T:], skip_special_tokens=True)
 

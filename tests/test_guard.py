@@ -11,17 +11,19 @@ import json
 import logging
 import random
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
-from transformers import StoppingCriteria
+from transformers import GenerationConfig, StoppingCriteria
 
 from ohd_guard.calibrate import calibrate
 from ohd_guard.conversation import ConversationLimits, to_conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError, ProfileMismatchError, ScreeningError
+from ohd_guard.generation import can_resume, resume_from_prefill
 from ohd_guard.guard import EVENT_NAME, GuardedResponse, OhdGuard, Verdict
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.profile import CalibrationSummary, ModelFingerprint, Profile
@@ -92,6 +94,22 @@ def _unguarded(model, processor, conversation, **kw) -> list[int]:
     T = inputs["input_ids"].shape[1]
     with torch.no_grad():
         return model.generate(**inputs, **kw)[0, T:].tolist()
+
+
+@contextmanager
+def _forward_lengths(model):
+    """Records how many tokens each forward pass of ``model`` is fed."""
+    lengths: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        yield lengths
+    finally:
+        handle.remove()
+
+
+def _answered_from_screening(lengths: list[int], n_answer_tokens: int) -> bool:
+    """One prefill (the screening one, which the answer starts from), then one-token decoding steps."""
+    return lengths[0] > 1 and lengths[1:] == [1] * (n_answer_tokens - 1)
 
 
 def _answer_ids(guard: OhdGuard, conversation, **kw) -> tuple[GuardedResponse, list[int]]:
@@ -299,25 +317,15 @@ async def test_arefuse_runs_on_the_worker_without_screening(make_guard):
 def test_benign_guarded_output_equals_unguarded_token_for_token(make_guard, planted, positions):
     model, tok, _ = planted
     guard = make_guard(positions)
-    calls = []
-    original = model.generate
-
-    def spy(**kw):
-        if "past_key_values" in kw:  # the guarded calls (the unguarded reference passes none)
-            calls.append((kw["input_ids"].shape[1], kw["past_key_values"].get_seq_length()))
-        return original(**kw)
-
-    model.generate = spy
-    try:
-        for text in CLEAN + [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
-                              {"role": "user", "content": "tell me a story"}]]:  # fmt: skip
+    for text in CLEAN + [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                          {"role": "user", "content": "tell me a story"}]]:  # fmt: skip
+        with _forward_lengths(model) as lengths:
             r, ids = _answer_ids(guard, text, max_new_tokens=24, do_sample=False)
-            assert not r.refused
-            assert ids == _unguarded(model, tok, text, max_new_tokens=24, do_sample=False)
-            assert r.text == tok.decode(ids, skip_special_tokens=True)
-    finally:
-        del model.generate
-    assert len(calls) == 4 and all(cached == T - 1 for T, cached in calls)  # continued from the screening prefill
+        assert not r.refused
+        assert ids == _unguarded(model, tok, text, max_new_tokens=24, do_sample=False)
+        assert r.text == tok.decode(ids, skip_special_tokens=True)
+        assert _answered_from_screening(lengths, len(ids))
+        assert "_prefill" not in model.__dict__  # the resume shim is gone
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -331,20 +339,83 @@ def test_benign_guarded_output_equals_unguarded_on_every_architecture(arch):
         # another batch first, so stale per-batch model state (Qwen-VL rope offsets) would show
         guard.screen_batch([_image_turn() if mm else "a dog", "hello there", _image_turn("a red picture") if mm else "hi"])
         for conv in ([_image_turn()] if mm else []) + ["tell me about a cat"]:
-            r, ids = _answer_ids(guard, conv, max_new_tokens=12, do_sample=False)
+            with _forward_lengths(model) as lengths:
+                r, ids = _answer_ids(guard, conv, max_new_tokens=12, do_sample=False)
             assert not r.refused and r.verdict.error is None
             assert ids == _unguarded(model, proc, conv, max_new_tokens=12, do_sample=False)
+            assert _answered_from_screening(lengths, len(ids))
     assert _hook_count(model) == hooks
 
 
-def test_uncroppable_cache_falls_back_to_plain_generation():
-    """A sliding-window layer past its window cannot be cropped: the answer is generated from scratch."""
+def test_sliding_window_prompt_past_its_window_is_answered_from_the_screening_prefill():
+    """A sliding-window cache past its window is used as it is (no cropping, no second prefill)."""
     model, tok = tiny_model("gemma3_text")  # sliding window 64
     long = "tell me " + "a story about cats and dogs " * 15
     with OhdGuard(model, tok, _manual_profile(model, tok, spec=MaskSpec(positions="all"))) as guard:
         assert guard.scorer.encode([long])["input_ids"].shape[1] > 64
-        r, ids = _answer_ids(guard, long, max_new_tokens=10, do_sample=False)
+        with _forward_lengths(model) as lengths:
+            r, ids = _answer_ids(guard, long, max_new_tokens=10, do_sample=False)
         assert not r.refused and ids == _unguarded(model, tok, long, max_new_tokens=10, do_sample=False)
+        assert _answered_from_screening(lengths, len(ids))
+
+
+def test_sampling_and_generation_config_match_unguarded_generate(make_guard, planted):
+    """generate() keeps building the logits processors and sampling the first token itself, so the
+    same seed and settings (penalties, temperature, top-k/p, generation_config) give the same tokens."""
+    model, tok, _ = planted
+    guard = make_guard()
+    settings = [
+        dict(do_sample=True, temperature=0.9, top_k=20, top_p=0.95),
+        dict(do_sample=False, repetition_penalty=1.3, no_repeat_ngram_size=2),
+        dict(generation_config=GenerationConfig(do_sample=True, temperature=1.5, min_new_tokens=5)),
+    ]
+    for kw in settings:
+        for text in CLEAN[:2]:
+            torch.manual_seed(7)
+            with _forward_lengths(model) as lengths:
+                r, ids = _answer_ids(guard, text, max_new_tokens=12, **kw)
+            torch.manual_seed(7)
+            assert not r.refused and ids == _unguarded(model, tok, text, max_new_tokens=12, **kw), kw
+            assert _answered_from_screening(lengths, len(ids))
+
+
+def test_beam_search_is_generated_from_scratch(make_guard, planted):
+    """Decoding that expands the prompt (beams) cannot start from one screening prefill: the guard
+    lets generate() prefill again, and the answer still equals the unguarded one."""
+    model, tok, _ = planted
+    guard = make_guard()
+    with _forward_lengths(model) as lengths:
+        r, ids = _answer_ids(guard, CLEAN[0], max_new_tokens=8, num_beams=3, do_sample=False)
+    assert not r.refused and ids == _unguarded(model, tok, CLEAN[0], max_new_tokens=8, num_beams=3, do_sample=False)
+    assert sum(n > 1 for n in lengths) == 2  # screening + generate's own prefill
+    assert "_prefill" not in model.__dict__
+
+
+def test_resume_shim_is_invisible_elsewhere_and_always_removed(planted):
+    """While the guard answers from a prefill, plain generate() calls in other threads run as usual;
+    the shim goes away on exit, on exceptions, and when generate() never took the prefill."""
+    model, tok, _ = planted
+    scorer = DeflectionScorer(model, tok)
+    inputs = scorer.encode(["hello there"])
+    T = inputs["input_ids"].shape[1]
+    reference = _unguarded(model, tok, "hello there", max_new_tokens=6, do_sample=False)
+    with resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)) as extra:
+        other: list[list[int]] = []
+        t = threading.Thread(target=lambda: other.append(_unguarded(model, tok, "hello there", max_new_tokens=6, do_sample=False)))
+        t.start()
+        t.join()
+        assert other == [reference]
+        with torch.no_grad():
+            assert model.generate(**inputs, **extra, max_new_tokens=6, do_sample=False)[0, T:].tolist() == reference
+    assert "_prefill" not in model.__dict__
+    with pytest.raises(ZeroDivisionError), resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)):
+        1 / 0
+    assert "_prefill" not in model.__dict__
+    with pytest.raises(RuntimeError, match="did not take the screening prefill"):
+        with resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)):
+            pass
+    assert "_prefill" not in model.__dict__
+    assert not can_resume(model, {"num_beams": 2}) and can_resume(model, {"do_sample": True})
 
 
 # --------------------------------------------------------------------------------------- streams

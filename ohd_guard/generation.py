@@ -1,0 +1,146 @@
+"""Generation plumbing for the guard: streaming, cancellation and resuming from the screening prefill.
+
+Screening already ran the model over the whole prompt and kept its KV cache and next-token logits.
+:func:`resume_from_prefill` lets ``model.generate`` take those as the outputs of its own first
+forward pass, so a safe answer costs no forward pass beyond the ones plain generation makes: the
+first answer token comes out as soon as screening ends. ``generate`` stays in charge of everything
+else (logits processors built from ``generation_config``, sampling, stopping, streaming), which is
+what keeps guarded greedy output token-for-token identical to unguarded output.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria
+from transformers.generation import BaseStreamer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ohd_guard.scoring import Prefill
+
+__all__ = ["CancelledCriteria", "ChunkStreamer", "can_resume", "resume_from_prefill"]
+
+
+class ChunkStreamer(BaseStreamer):
+    """Streams decoded text so that the chunks join to exactly the decoded answer.
+
+    Decodes all answer tokens each step and emits the new tail, holding back an incomplete UTF-8
+    character (U+FFFD at the end), so streamed text always equals ``generate``'s text.
+    """
+
+    def __init__(self, tokenizer: Any, on_chunk: Callable[[str], None]):
+        self.tokenizer, self.on_chunk = tokenizer, on_chunk
+        self.ids: list[int] = []
+        self.sent = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first pushes the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) > self.sent:
+            self.on_chunk(text[self.sent :])
+            self.sent = len(text)
+
+
+class CancelledCriteria(StoppingCriteria):
+    """Stopping criterion that ends generation once a stream's consumer has gone away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+# ------------------------------------------------------------------------------ resuming from the prefill
+# generate() calls `model._prefill(input_ids, generation_config, model_kwargs, ...)` once, for the
+# prompt, before its decoding loop (transformers >= 5). While a resume is active in this context, a
+# shim in front of it hands back the screening outputs instead of running the model again. The shim
+# is installed on the model instance only while some resume is active (reference counted across
+# threads and guards) and falls through to the model's own `_prefill` for every other caller.
+_PENDING: ContextVar[dict | None] = ContextVar("ohd_guard_pending_prefill", default=None)
+_INSTALL_LOCK = threading.Lock()
+_INSTALLED: dict[int, int] = {}  # id(model) -> number of active resumes
+
+
+def can_resume(model: Any, generation_kwargs: dict[str, Any]) -> bool:
+    """Whether ``generate(**generation_kwargs)`` makes exactly one prompt prefill for one sequence,
+    the case the screening prefill can stand in for (greedy or sampling, no beams, no assistant)."""
+    if not callable(getattr(type(model), "_prefill", None)):
+        return False
+    if any(generation_kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate")):
+        return False
+    config = copy.deepcopy(generation_kwargs.get("generation_config") or model.generation_config or GenerationConfig())
+    config.update(**{k: v for k, v in generation_kwargs.items() if k != "generation_config"})
+    return (
+        (config.num_beams or 1) == 1
+        and (config.num_return_sequences or 1) == 1
+        and getattr(config, "prefill_chunk_size", None) is None
+        and not config.output_hidden_states
+        and not config.output_attentions
+        and getattr(config, "guidance_scale", None) in (None, 1)
+    )
+
+
+def _shim(model: Any) -> Callable[..., Any]:
+    original = type(model)._prefill
+
+    def _prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
+        pending = _PENDING.get()
+        if pending is not None and pending["model"] is model and not pending["used"]:
+            cache = model_kwargs.get("past_key_values")
+            if cache is pending["cache"] and input_ids.shape == pending["input_ids"].shape:
+                pending["used"] = True
+                return pending["outputs"]
+        return original(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    return _prefill
+
+
+@contextmanager
+def resume_from_prefill(model: Any, prefill: Prefill) -> Iterator[dict[str, Any]]:
+    """Inside the block, ``model.generate(**prefill.inputs, past_key_values=prefill.cache, ...)`` takes
+    the prefill's KV cache and next-token logits as its first forward pass.
+
+    Yields the generate keyword arguments to add (the cache). The shim is removed on exit, also on
+    exceptions; concurrent callers of ``generate`` in other threads or tasks never see the prefill.
+    """
+    if prefill.cache is None or prefill.next_token_logits is None:
+        raise ValueError("the prefill kept no KV cache or logits to resume from")
+    outputs = CausalLMOutputWithPast(logits=prefill.next_token_logits[:, None, :], past_key_values=prefill.cache)
+    pending = {"model": model, "cache": prefill.cache, "input_ids": prefill.inputs["input_ids"],
+               "outputs": outputs, "used": False}  # fmt: skip
+    key = id(model)
+    with _INSTALL_LOCK:
+        if _INSTALLED.get(key, 0) == 0:
+            model._prefill = _shim(model)
+        _INSTALLED[key] = _INSTALLED.get(key, 0) + 1
+    token = _PENDING.set(pending)
+    try:
+        yield {"past_key_values": prefill.cache}
+        if not pending["used"]:  # can_resume() should have ruled this decoding path out
+            raise RuntimeError("generate() did not take the screening prefill (unexpected decoding path)")
+    finally:
+        _PENDING.reset(token)
+        with _INSTALL_LOCK:
+            _INSTALLED[key] -= 1
+            if _INSTALLED[key] == 0:
+                del _INSTALLED[key]
+                model.__dict__.pop("_prefill", None)
