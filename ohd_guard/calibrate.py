@@ -60,19 +60,27 @@ def evaluate_angles(split: str, unsafe: np.ndarray, safe: np.ndarray, threshold:
     )
 
 
-def surface_length_auroc(processor: Any, unsafe: Sequence[Any], safe: Sequence[Any]) -> float:
-    """AUROC of the rendered prompt's token count for unsafe vs safe: 0.5 means length tells nothing.
+SURFACE_FEATURES = {"length": "prompt length", "question": "ending the request with a question mark"}
+"""Surface features checked on every calibration set; names are keys of :func:`surface_aurocs`."""
 
-    A calibration set whose classes differ in length lets the head search pick a head that merely
-    reacts to length (measured on the embedded model: 0.85 on an early version of our prompts).
+
+def surface_aurocs(processor: Any, unsafe: Sequence[Any], safe: Sequence[Any]) -> dict[str, float]:
+    """AUROC of each surface feature alone for unsafe vs safe: 0.5 means the feature tells nothing.
+
+    ``length``: token count of the rendered prompt; ``question``: the last user message ends in "?".
+    A calibration set whose classes differ in such a feature lets the head search pick a head that
+    reacts to it, which fails on sets where the feature goes the other way (measured on the embedded
+    model: length 0.85 on an early version of our prompts; question form 0.31, 29 % of unsafe vs
+    67 % of safe prompts, on a later one).
     """
+    from ohd_guard.conversation import to_conversation
     from ohd_guard.rendering import encode_conversations
 
-    def n_tokens(conv: Any) -> int:
-        return int(encode_conversations(processor, [conv])["attention_mask"].sum())
-
-    counts = [n_tokens(c) for c in unsafe] + [n_tokens(c) for c in safe]
-    return auroc(np.array(counts, dtype=float), np.r_[np.ones(len(unsafe)), np.zeros(len(safe))])
+    convs = [*unsafe, *safe]
+    labels = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
+    tokens = [int(encode_conversations(processor, [c])["attention_mask"].sum()) for c in convs]
+    question = [to_conversation(c).last_user_text.rstrip().endswith("?") for c in convs]
+    return {"length": auroc(np.array(tokens, float), labels), "question": auroc(np.array(question, float), labels)}
 
 
 def calibrate(
@@ -109,13 +117,14 @@ def calibrate(
     u_conv = [as_conversation(x) for x in unsafe]
     s_conv = [as_conversation(x) for x in safe]
     top_heads = []
-    length_auroc = surface_length_auroc(processor, u_conv, s_conv)
-    if not 0.3 <= length_auroc <= 0.7:
-        log.warning(
-            "prompt length alone separates the calibration sets (AUROC %.2f): a head search may pick a head "
-            "that reacts to length, which fails on sets whose lengths differ the other way; balance the lengths",
-            length_auroc,
-        )
+    surface = surface_aurocs(processor, u_conv, s_conv)
+    for name, value in surface.items():
+        if abs(value - 0.5) > 0.15:
+            log.warning(
+                "%s alone separates the calibration sets (AUROC %.2f): a head search may pick a head that reacts "
+                "to it, which fails on sets where it goes the other way; balance the sets on it",
+                SURFACE_FEATURES[name], value,
+            )  # fmt: skip
     if head is None:
         result = search_heads(
             model, processor, u_conv, s_conv, spec=spec, score_layer=score_layer, score_layers=score_layers,
@@ -153,7 +162,7 @@ def calibrate(
         calibration=CalibrationSummary(
             n_unsafe=len(unsafe), n_safe=len(safe), data_hash=data_hash(list(unsafe) + list(safe)),
             sources=list(sources), search=how, seconds=round(time.perf_counter() - t0, 2),
-            length_auroc=round(length_auroc, 4),
+            length_auroc=round(surface["length"], 4), question_auroc=round(surface["question"], 4),
         ),
         metrics=metrics,
         top_heads=top_heads,

@@ -143,6 +143,8 @@ class CalibrationSummary(BaseModel):
     seconds: float = 0.0
     length_auroc: float | None = None
     """AUROC of prompt length alone on the calibration sets (0.5: length tells nothing)."""
+    question_auroc: float | None = None
+    """AUROC of "the request ends in a question mark" alone on the calibration sets."""
 
 
 class CalibrationMetrics(BaseModel):

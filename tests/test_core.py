@@ -264,13 +264,22 @@ def test_joint_search_over_score_layers_finds_the_planted_head_below_the_chosen_
         search_heads(model, tok, _trigger(train), train, score_layer=L, score_layers=[2])
 
 
-def test_length_confound_is_measured_and_warned_about(caplog):
-    from ohd_guard.calibrate import calibrate, surface_length_auroc
+def test_surface_confounds_are_measured_and_warned_about(caplog):
+    from ohd_guard.calibrate import calibrate, surface_aurocs
 
     model, tok, info = planted_head_model(layer=1, head=2)
     long, short = [t + " and then some more words here" for t in CLEAN[:6]], CLEAN[:6]
-    assert surface_length_auroc(tok, long, short) == 1.0
-    assert surface_length_auroc(tok, CLEAN[:6], CLEAN[:6]) == 0.5
+    assert surface_aurocs(tok, long, short)["length"] == 1.0
+    assert surface_aurocs(tok, CLEAN[:6], CLEAN[:6]) == {"length": 0.5, "question": 0.5}
+    asked = [t.rstrip(".!") + "?" for t in CLEAN[:6]]
+    told = [t.rstrip(".!?") + "." for t in CLEAN[:6]]
+    assert surface_aurocs(tok, told, asked)["question"] == 0.0
+    assert surface_aurocs(tok, [[{"role": "user", "content": "why?"}, {"role": "assistant", "content": "ok."},
+                                 {"role": "user", "content": "go on."}]], ["go on?"])["question"] == 0.0  # fmt: skip
     with caplog.at_level("WARNING", logger="ohd_guard.calibrate"):
         profile = calibrate(model, tok, _trigger(long), short, head=HeadRef(layer=1, head=2))
     assert profile.calibration.length_auroc == 1.0 and "prompt length alone" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ohd_guard.calibrate"):
+        profile = calibrate(model, tok, _trigger(told), asked, head=HeadRef(layer=1, head=2))
+    assert profile.calibration.question_auroc == 0.0 and "question mark alone" in caplog.text

@@ -83,6 +83,17 @@ def test_length_does_not_predict_label(split):
     labels = [p.label for p in prompts]
     assert 0.40 <= auroc([len(p.text) for p in prompts], labels) <= 0.60
     assert 0.40 <= auroc([len(p.text.split()) for p in prompts], labels) <= 0.60
+
+
+@pytest.mark.parametrize("split", ["all", "calib", "heldout"])
+def test_sentence_form_does_not_predict_label(split):
+    """Questions and imperatives must be as common among unsafe as among safe prompts: with 29 %
+    vs 67 % questions, the searched head read form as much as harm (FigStep's harmful questions
+    scored low, imperative harmless tasks high)."""
+    from ohd_guard.metrics import auroc
+
+    prompts = load_calibration_prompts(split)
+    assert 0.40 <= auroc([p.text.rstrip().endswith("?") for p in prompts], [p.label for p in prompts]) <= 0.60
     # both classes span short and long prompts, not only on average
     for label in (0, 1):
         chars = [len(p.text) for p in prompts if p.label == label]
