@@ -171,13 +171,16 @@ class DeflectionScorer:
 
     # -- unmasked pass ------------------------------------------------------------------------
     @contextmanager
-    def _capture(self, from_layer: int, calls: dict[int, _LayerCall], site: list) -> Iterator[None]:
+    def _capture(self, from_layer: int, calls: dict[int, _LayerCall], site: list, last_of: int | None) -> Iterator[None]:
+        """Capture decoder-layer inputs; with ``last_of`` (the sequence length) only the last
+        position's, cut right away so the full inputs of every layer are never held at once."""
         handles = []
         try:
             for i in range(from_layer, self.adapter.num_layers):
 
                 def pre(module, args, kwargs, i=i):
-                    calls[i] = _LayerCall(args[0] if args else kwargs.get("hidden_states"), tuple(args[1:]), dict(kwargs))
+                    call = _LayerCall(args[0] if args else kwargs.get("hidden_states"), tuple(args[1:]), dict(kwargs))
+                    calls[i] = call if last_of is None else _last_position_call(call, last_of)
 
                 handles.append(self.adapter.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(self._site_module().register_forward_hook(lambda m, a, out: site.append(_first(out)[:, -1])))
@@ -201,15 +204,12 @@ class DeflectionScorer:
         calls: dict[int, _LayerCall] = {}
         site: list[torch.Tensor] = []
         last = self.spec.positions == "last"
-        with self._capture(from_layer, calls, site):
+        T = inputs["input_ids"].shape[1]
+        if last and T < 2:
+            raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
+        with self._capture(from_layer, calls, site, last_of=T if last else None):
             out = self.model(**inputs, use_cache=keep_cache or last, logits_to_keep=1)
-        prefix_cache = None
-        if last:
-            T = inputs["input_ids"].shape[1]
-            if T < 2:
-                raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
-            calls = {i: _last_position_call(c, T) for i, c in calls.items()}
-            prefix_cache = _cropped_copy(out.past_key_values, from_layer)
+        prefix_cache = _cropped_copy(out.past_key_values, from_layer) if last else None
         return Prefill(
             inputs, site[-1], calls, prefix_cache=prefix_cache,
             cache=out.past_key_values if keep_cache else None, next_token_logits=out.logits[:, -1],
