@@ -1,10 +1,12 @@
 """Guard benchmark on the real embedded model. Prints markdown tables.
 
     python benchmarks/bench_guard.py [--prompts 6] [--repeats 2] [--new-tokens 32] [--concurrency 32]
+                                     [--sections latency,long,throughput,memory]
 
 1. Latency on benign prompts the guard passes: guarded vs unguarded time-to-first-token
    (``max_new_tokens=1``) and total latency (greedy, ``--new-tokens``), interleaved prompt by prompt
-   in one run, for the profile's mask mode and the other one (cost only: its threshold is disabled).
+   in one run, for the profile's mask mode and the other one (cost only: its threshold is disabled);
+   and time to first token on a 1339-token prompt.
 2. Screening throughput: ``--concurrency`` concurrent ``ascreen`` calls, micro-batched
    (max_batch_size 16) vs one by one (max_batch_size 1), and sync ``screen`` in a loop.
 3. Peak memory: resident-set growth during one answer to a long prompt, unguarded vs guarded, each
@@ -88,6 +90,20 @@ def latency(model, tok, profile, prompts, n, repeats, new_tokens):
     return rows
 
 
+def long_prompt_ttft(model, tok, profile, repeats):
+    """Time to first token on LONG_PROMPT: the masked pass is a fixed cost (one partial decode step
+    in ``last`` mode), so its share falls as prompts (RAG contexts, images) grow."""
+    guard = OhdGuard(model, tok, profile.model_copy(update={"threshold": profile.threshold.model_copy(update={"value": 1e9})}))
+    guard.generate("Write a haiku about autumn.", max_new_tokens=1)  # warm-up
+    u, g = [], []
+    for _ in range(repeats):
+        u.append(timed(lambda: unguarded(model, guard, LONG_PROMPT, 1)))
+        g.append(timed(lambda: guard.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False)))
+    tokens = guard.scorer.encode([LONG_PROMPT])["input_ids"].shape[1]
+    return [{"prompt_tokens": tokens, "repeats": repeats, "ttft_unguarded_ms": statistics.median(u) * 1e3,
+             "ttft_guarded_ms": statistics.median(g) * 1e3, "ttft_ratio": sum(g) / sum(u)}]  # fmt: skip
+
+
 def throughput(model, tok, profile, prompts, n):
     items = [prompts[i % len(prompts)] for i in range(n)]
     rows = []
@@ -162,7 +178,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--memory-child", choices=["guarded", "unguarded"], help=argparse.SUPPRESS)
-    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--sections", default="latency,long,throughput,memory",
+                    help="comma-separated: latency (short benign prompts), long (TTFT on a long prompt), throughput, memory")
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.new_tokens)
@@ -171,14 +188,19 @@ def main():
     safe = [p.text for p in load_calibration_prompts("heldout") if p.label == 0]
     print(f"model: embedded Qwen2.5-Coder-0.5B-Instruct ({next(model.parameters()).dtype}), torch threads "
           f"{torch.get_num_threads()}; profile head {profile.heads[0]}, mode {profile.mask.positions}\n")
-    print("## Latency on benign prompts (median over prompts of the median of repeats)\n")
-    print(table(rows := latency(model, tok, profile, safe[: args.prompts * 3], args.prompts, args.repeats, args.new_tokens), list(rows[0])))
-    print("\n## Screening throughput\n")
-    print(table(rows := throughput(model, tok, profile, safe, args.concurrency), list(rows[0])))
-    if not args.skip_memory:
+    sections = set(args.sections.split(","))
+    if "latency" in sections:
+        print("## Latency on benign prompts (median over prompts of the median of repeats)\n")
+        print(table(rows := latency(model, tok, profile, safe[: args.prompts * 3], args.prompts, args.repeats, args.new_tokens), list(rows[0])))
+    if "long" in sections:
+        print("\n## Time to first token on a long prompt (profile's mode)\n")
+        print(table(rows := long_prompt_ttft(model, tok, profile, max(args.repeats, 3)), list(rows[0])))
+    if "throughput" in sections:
+        print("\n## Screening throughput\n")
+        print(table(rows := throughput(model, tok, profile, safe, args.concurrency), list(rows[0])))
+    if "memory" in sections:
         print("\n## Peak memory growth during one answer (fresh process each)\n")
         print(table(rows := memory(args.new_tokens), list(rows[0])))
-
 
 if __name__ == "__main__":
     main()
