@@ -277,17 +277,22 @@ class OhdGuard:
                     f"prompt too long: {int(lengths.max())} tokens rendered, over the model's context window "
                     f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
                 )
-        for m in self._rope_state:
-            m.rope_deltas = None
-        pre = self.scorer.prefill(inputs, from_layer=self._from_layer, keep_cache=keep_cache)
-        if keep_cache and self.profile.mask.positions == "all":
-            # The masked replay reuses the layers' captured kwargs; without this it would append its
-            # masked keys/values to the cache kept for generation (and attend over them).
-            for call in pre.calls.values():
-                call.kwargs.pop("past_key_values", None)
-        angles = self.scorer.head_angles(pre, [self.heads])[:, 0]
-        # Generation needs only the KV cache: free the captured layer inputs before it starts.
-        pre.calls, pre.prefix_cache = {}, None
+        if self.scorer.one_pass_applies(inputs):  # text models: prefill and masked branch in one forward
+            angles, pre = self.scorer.screen_one_pass(inputs, self.heads)
+            if not keep_cache:
+                pre.cache = None
+        else:
+            for m in self._rope_state:
+                m.rope_deltas = None
+            pre = self.scorer.prefill(inputs, from_layer=self._from_layer, keep_cache=keep_cache)
+            if keep_cache and self.profile.mask.positions == "all":
+                # The masked replay reuses the layers' captured kwargs; without this it would append its
+                # masked keys/values to the cache kept for generation (and attend over them).
+                for call in pre.calls.values():
+                    call.kwargs.pop("past_key_values", None)
+            angles = self.scorer.head_angles(pre, [self.heads])[:, 0]
+            # Generation needs only the KV cache: free the captured layer inputs before it starts.
+            pre.calls, pre.prefix_cache = {}, None
         if not np.all(np.isfinite(angles)):
             raise ScreeningError("the deflection angle is not finite (NaN or infinite hidden states)")
         return angles, pre, inputs

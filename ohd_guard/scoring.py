@@ -215,6 +215,64 @@ class DeflectionScorer:
             cache=out.past_key_values if keep_cache else None, next_token_logits=out.logits[:, -1],
         )
 
+    # -- one-pass screening ---------------------------------------------------------------------
+    def one_pass_applies(self, inputs: dict[str, Any]) -> bool:
+        """Whether :meth:`screen_one_pass` can stand in for prefill + masked branch: ``last`` mode,
+        a text-only model with plain causal attention (no sliding window, no multimodal positions or
+        image masks), and an attention implementation that takes a custom 4D mask."""
+        cfg = self.model.config
+        text = self.adapter.text_config
+        layer_types = getattr(text, "layer_types", None) or []
+        return (
+            self.spec.positions == "last"
+            and set(inputs) <= {"input_ids", "attention_mask"}
+            and getattr(cfg, "vision_config", None) is None
+            and all(t == "full_attention" for t in layer_types)
+            and (getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False)
+            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+        )
+
+    @torch.no_grad()
+    def screen_one_pass(self, inputs: dict[str, Any], heads: Sequence[HeadRef]) -> tuple[np.ndarray, Prefill]:
+        """Angles [B] for masking ``heads`` together, and the unmasked prefill, from ONE forward pass.
+
+        The last prompt token is appended once more at the same position; the copy attends to the
+        prompt but not to its unmasked twin, and only the copy is masked (``last`` mode masks the
+        final position). Nothing attends to the copy, so the prompt's states, logits and KV cache are
+        the unmasked pass's; the copy's state is the masked branch's. This costs one extra position
+        of the prefill instead of a decode step through the replayed layers (on a CPU a decode step
+        reads every weight of those layers, ~40 % of a short prefill). Requires
+        :meth:`one_pass_applies`.
+        """
+        ids = inputs["input_ids"]
+        B, T = ids.shape
+        if T < 2:
+            raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
+        keep = inputs.get("attention_mask")
+        keep = torch.ones_like(ids, dtype=torch.bool) if keep is None else keep.bool()
+        keep = torch.cat([keep, keep[:, -1:]], dim=1)  # [B, T+1]
+        allowed = torch.ones(T + 1, T + 1, dtype=torch.bool, device=ids.device).tril()
+        allowed[T, T - 1] = False  # the masked copy does not see its unmasked twin
+        allowed = (allowed[None] & keep[:, None, :]) | torch.eye(T + 1, dtype=torch.bool, device=ids.device)
+        dtype = next(self.model.parameters()).dtype
+        mask = torch.zeros(B, 1, T + 1, T + 1, dtype=dtype, device=ids.device)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        positions = torch.arange(T + 1, device=ids.device)
+        positions[T] = T - 1  # the copy sits at the last prompt position (as in the two-pass prefill)
+        site: list[torch.Tensor] = []
+        handle = self._site_module().register_forward_hook(lambda m, a, out: site.append(_first(out)[:, -2:].clone()))
+        try:
+            with head_mask(self.adapter, list(heads), self.spec):
+                out = self.model(input_ids=torch.cat([ids, ids[:, -1:]], dim=1), attention_mask=mask,
+                                 position_ids=positions[None].expand(B, -1), use_cache=True, logits_to_keep=2)  # fmt: skip
+        finally:
+            handle.remove()
+        base, masked = site[-1][:, 0], site[-1][:, 1]
+        cache = out.past_key_values
+        cache.crop(-1)  # drop the copy: what is left is the unmasked prompt's cache
+        prefill = Prefill(inputs, base, cache=cache, next_token_logits=out.logits[:, -2])
+        return angle_degrees(base, masked), prefill
+
     # -- masked branches ----------------------------------------------------------------------
     @torch.no_grad()
     def masked_states(

@@ -70,6 +70,37 @@ def test_optimised_angles_equal_two_full_passes_and_batch_equals_single(tiny, po
     np.testing.assert_allclose(single, reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("target", ["query", "output"])
+def test_one_pass_screening_equals_the_two_pass_prefill_and_replay(tiny, target, no_hook_leak):
+    """The masked copy of the last token, appended to the prefill, gives the replay's angle, and the
+    prompt's logits and KV cache stay the unmasked pass's. Where it does not apply (all-position
+    mode, images, sliding windows), ``one_pass_applies`` says so."""
+    arch, model, processor = tiny
+    no_hook_leak(model)
+    scorer = DeflectionScorer(model, processor, spec=MaskSpec(target=target, positions="last"))
+    convs = _convs(processor)
+    inputs = scorer.encode(convs)  # left-padded batch
+    applies = scorer.one_pass_applies(inputs)
+    text_only = not is_multimodal(processor) and arch != "gemma3_text"  # gemma3_text: sliding window
+    assert applies == text_only
+    assert not DeflectionScorer(model, processor, spec=MaskSpec(positions="all")).one_pass_applies(inputs)
+    if not applies:
+        return
+    for heads in ([HeadRef(layer=0, head=1)], [HeadRef(layer=1, head=0), HeadRef(layer=1, head=2)]):
+        angles, pre = scorer.screen_one_pass(inputs, heads)
+        two_pass = scorer.prefill(inputs, keep_cache=True)
+        reference = scorer.head_angles(two_pass, [heads])[:, 0]
+        assert reference.max() > 1e-3
+        np.testing.assert_allclose(angles, reference, atol=1e-4)
+        torch.testing.assert_close(pre.next_token_logits, two_pass.next_token_logits, atol=1e-4, rtol=1e-4)
+        assert pre.cache.get_seq_length() == two_pass.cache.get_seq_length() == inputs["input_ids"].shape[1]
+        real = inputs["attention_mask"].bool()  # padding positions' keys are never attended to
+        for ours, theirs in zip(pre.cache.layers, two_pass.cache.layers):  # [B, kv heads, T, d]
+            for b in range(real.shape[0]):
+                torch.testing.assert_close(ours.keys[b][:, real[b]], theirs.keys[b][:, real[b]], atol=1e-4, rtol=1e-4)
+                torch.testing.assert_close(ours.values[b][:, real[b]], theirs.values[b][:, real[b]], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("positions", ["all", "last"])
 def test_angles_at_several_score_layers_from_one_replay_equal_one_scorer_per_layer(tiny, positions):
     arch, model, processor = tiny
