@@ -105,10 +105,10 @@ def _shim(model: Any) -> Callable[..., Any]:
     def _prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         pending = _PENDING.get()
         if pending is not None and pending["model"] is model and not pending["used"]:
-            cache = model_kwargs.get("past_key_values")
-            if cache is pending["cache"] and input_ids.shape == pending["input_ids"].shape:
+            outputs = pending["outputs"]
+            if model_kwargs.get("past_key_values") is outputs.past_key_values and input_ids.shape == pending["shape"]:
                 pending["used"] = True
-                return pending["outputs"]
+                return outputs
         return original(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     return _prefill
@@ -125,8 +125,7 @@ def resume_from_prefill(model: Any, prefill: Prefill) -> Iterator[dict[str, Any]
     if prefill.cache is None or prefill.next_token_logits is None:
         raise ValueError("the prefill kept no KV cache or logits to resume from")
     outputs = CausalLMOutputWithPast(logits=prefill.next_token_logits[:, None, :], past_key_values=prefill.cache)
-    pending = {"model": model, "cache": prefill.cache, "input_ids": prefill.inputs["input_ids"],
-               "outputs": outputs, "used": False}  # fmt: skip
+    pending = {"model": model, "outputs": outputs, "shape": prefill.inputs["input_ids"].shape, "used": False}
     key = id(model)
     with _INSTALL_LOCK:
         if _INSTALLED.get(key, 0) == 0:

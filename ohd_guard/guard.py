@@ -194,7 +194,6 @@ class OhdGuard:
         self.max_batch_size, self.max_wait_ms, self.reuse_prefill = max_batch_size, max_wait_ms, reuse_prefill
         self.scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
         self.heads: tuple[HeadRef, ...] = tuple(profile.heads)
-        self._from_layer = min(min(h.layer for h in self.heads), self.scorer.score_layer - 1)
         ctx = getattr(self.scorer.adapter.text_config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens or (int(ctx) if ctx else None)
         self.tokenizer = tokenizer_of(processor)
@@ -277,22 +276,9 @@ class OhdGuard:
                     f"prompt too long: {int(lengths.max())} tokens rendered, over the model's context window "
                     f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
                 )
-        if self.scorer.one_pass_applies(inputs):  # text models: prefill and masked branch in one forward
-            angles, pre = self.scorer.screen_one_pass(inputs, self.heads)
-            if not keep_cache:
-                pre.cache = None
-        else:
-            for m in self._rope_state:
-                m.rope_deltas = None
-            pre = self.scorer.prefill(inputs, from_layer=self._from_layer, keep_cache=keep_cache)
-            if keep_cache and self.profile.mask.positions == "all":
-                # The masked replay reuses the layers' captured kwargs; without this it would append its
-                # masked keys/values to the cache kept for generation (and attend over them).
-                for call in pre.calls.values():
-                    call.kwargs.pop("past_key_values", None)
-            angles = self.scorer.head_angles(pre, [self.heads])[:, 0]
-            # Generation needs only the KV cache: free the captured layer inputs before it starts.
-            pre.calls, pre.prefix_cache = {}, None
+        for m in self._rope_state:  # Qwen-VL keeps per-batch rotary offsets as model state
+            m.rope_deltas = None
+        angles, pre = self.scorer.screen(inputs, self.heads, keep_cache=keep_cache)
         if not np.all(np.isfinite(angles)):
             raise ScreeningError("the deflection angle is not finite (NaN or infinite hidden states)")
         return angles, pre, inputs

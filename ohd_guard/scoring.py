@@ -215,6 +215,31 @@ class DeflectionScorer:
             cache=out.past_key_values if keep_cache else None, next_token_logits=out.logits[:, -1],
         )
 
+    # -- screening one head set ------------------------------------------------------------------
+    @torch.no_grad()
+    def screen(self, inputs: dict[str, Any], heads: Sequence[HeadRef], keep_cache: bool = False) -> tuple[np.ndarray, Prefill]:
+        """Angles [B] for masking ``heads`` together, and the unmasked prefill to answer from.
+
+        One forward pass where :meth:`screen_one_pass` applies, else the prefill and a replay from
+        the heads' layer. The returned prefill holds only what generation needs (its KV cache when
+        ``keep_cache``, and the next-token logits); captured layer inputs are released.
+        """
+        if self.one_pass_applies(inputs):
+            angles, pre = self.screen_one_pass(inputs, heads)
+            if not keep_cache:
+                pre.cache = None
+            return angles, pre
+        from_layer = min(min(h.layer for h in heads), self.score_layer - 1)
+        pre = self.prefill(inputs, from_layer=from_layer, keep_cache=keep_cache)
+        if keep_cache and self.spec.positions == "all":
+            # The masked replay reuses the layers' captured kwargs; without this it would append its
+            # masked keys/values to the cache kept for generation (and attend over them).
+            for call in pre.calls.values():
+                call.kwargs.pop("past_key_values", None)
+        angles = self.head_angles(pre, [heads])[:, 0]
+        pre.calls, pre.prefix_cache = {}, None
+        return angles, pre
+
     # -- one-pass screening ---------------------------------------------------------------------
     def one_pass_applies(self, inputs: dict[str, Any]) -> bool:
         """Whether :meth:`screen_one_pass` can stand in for prefill + masked branch: ``last`` mode,

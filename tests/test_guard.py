@@ -546,8 +546,7 @@ def test_on_error_allow_answers_unguarded_and_warns(make_guard, planted, caplog,
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(guard.scorer, "head_angles", fail)  # the two-pass screening
-    monkeypatch.setattr(guard.scorer, "screen_one_pass", fail)  # the one-pass screening (text models)
+    monkeypatch.setattr(guard.scorer, "screen", fail)
     with caplog.at_level(logging.WARNING, logger="ohd_guard.guard"):
         v = guard.screen(TRIGGER[0])
         r, ids = _answer_ids(guard, CLEAN[0], **GREEDY)
