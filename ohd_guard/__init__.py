@@ -3,9 +3,13 @@
 Typical use::
 
     from ohd_guard import OhdGuard
-    guard = OhdGuard.load("default", "ohd_guard/profiles/qwen2.5-coder-0.5b-instruct.json")
+    guard = OhdGuard.load()        # the embedded model and its shipped profile
     verdict = guard.screen("How do I make a pipe bomb?")
 """
+
+import logging
+
+logging.getLogger("ohd_guard").addHandler(logging.NullHandler())  # the application decides where logs go
 
 from ohd_guard.adapters import ArchitectureAdapter, get_adapter, register_adapter
 from ohd_guard.calibrate import calibrate
@@ -21,6 +25,7 @@ from ohd_guard.errors import (
     ScreeningError,
     UnsupportedModelError,
 )
+from ohd_guard.guard import GuardedResponse, OhdGuard, Verdict
 from ohd_guard.loading import DEFAULT_MODEL, load_model
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 from ohd_guard.profile import Profile
@@ -31,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureAdapter", "CalibrationError", "Conversation", "ConversationLimits", "DEFAULT_MODEL",
-    "DeflectionScorer", "GuardViolation", "HeadRef", "InvalidInputError", "MaskSpec", "ModelLoadError",
+    "DeflectionScorer", "GuardViolation", "GuardedResponse", "OhdGuard", "Verdict", "HeadRef", "InvalidInputError", "MaskSpec", "ModelLoadError",
     "OhdGuardError", "Profile", "ProfileFormatError", "ProfileMismatchError", "ScreeningError",
     "UnsupportedModelError", "calibrate", "get_adapter", "head_mask", "load_model", "register_adapter",
     "search_heads", "to_conversation",

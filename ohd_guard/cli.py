@@ -97,24 +97,34 @@ def _screen_input(args):
     return [{"role": "user", "content": content + [{"type": "text", "text": args.text}]}]
 
 
-def cmd_screen(args) -> int:
-    from ohd_guard.conversation import to_conversation
-    from ohd_guard.profile import Profile
-    from ohd_guard.scoring import DeflectionScorer
+def screen_json(verdict) -> dict:
+    """What ``ohd-guard screen`` prints for a verdict of :meth:`OhdGuard.screen`."""
+    rounded = (lambda x: None if x is None else round(float(x), 6))
+    out = {
+        "flagged": verdict.flagged, "angle": rounded(verdict.angle), "threshold": rounded(verdict.threshold),
+        "risk": rounded(verdict.risk), "heads": [str(h) for h in verdict.heads], "mode": verdict.mode,
+        "reason": verdict.reason,
+    }
+    if verdict.error is not None:
+        out["error"] = verdict.error
+    return out
 
+
+def cmd_screen(args) -> int:
+    from ohd_guard.guard import OhdGuard
+    from ohd_guard.profile import Profile
+
+    for p in args.image or []:
+        if not Path(p).is_file():
+            args.parser.error(f"--image: no such file: {p}")
     profile = Profile.load(args.profile or DEFAULT_PROFILE)
     model, processor = _load(args)
-    profile.verify(model, processor)
-    conv = to_conversation(_screen_input(args))
-    scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
-    angle = float(scorer.angles([conv], [tuple(profile.heads)])[0, 0])
-    flagged = angle > profile.threshold.value
-    print(json.dumps({
-        "flagged": flagged, "angle": round(angle, 6), "threshold": round(profile.threshold.value, 6),
-        "risk": round(float(profile.risk.risk(angle)), 6), "heads": [str(h) for h in profile.heads],
-        "mode": profile.mask.positions,
-    }, indent=2))
-    return 0
+    # the guard's own screening path (one-pass/two-pass, length limits, fail closed); the user's own
+    # image files are theirs to read
+    guard = OhdGuard(model, processor, profile, allow_local_files=True)
+    verdict = guard.screen(_screen_input(args))
+    print(json.dumps(screen_json(verdict), indent=2))
+    return 2 if verdict.error is not None else 0
 
 
 def cmd_inspect(args) -> int:
@@ -392,7 +402,8 @@ def cmd_eval(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ohd-guard", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log at INFO and show transformers' warnings and weight-loading progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
@@ -428,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     s.add_argument("--profile", type=Path, default=None)
-    s.set_defaults(func=cmd_screen)
+    s.set_defaults(func=cmd_screen, parser=s)
 
     i = sub.add_parser("inspect", help="show a profile")
     i.add_argument("profile", type=Path, nargs="?", default=None)
@@ -485,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ohd_guard.hf_internals import quiet_transformers
+
+    quiet_transformers(not args.verbose)
     try:
         return args.func(args)
     except OhdGuardError as e:

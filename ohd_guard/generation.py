@@ -15,16 +15,17 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.generation import BaseStreamer
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ohd_guard import hf_internals as hf
 from ohd_guard.scoring import Prefill
 
-__all__ = ["CancelledCriteria", "ChunkStreamer", "can_resume", "resume_from_prefill"]
+__all__ = ["CancelledCriteria", "ChunkStreamer", "Resume", "can_resume", "resume_from_prefill"]
 
 
 class ChunkStreamer(BaseStreamer):
@@ -75,6 +76,9 @@ class CancelledCriteria(StoppingCriteria):
 # shim in front of it hands back the screening outputs instead of running the model again. The shim
 # is installed on the model instance only while some resume is active (reference counted across
 # threads and guards) and falls through to the model's own `_prefill` for every other caller.
+# All of that is a transformers internal: `hf_internals` names it, and when generate() does not
+# take the prefill as expected, the resume fails with InternalChanged before any token is chosen,
+# so the caller can generate from scratch instead.
 _PENDING: ContextVar[dict | None] = ContextVar("ohd_guard_pending_prefill", default=None)
 _INSTALL_LOCK = threading.Lock()
 _INSTALLED: dict[int, int] = {}  # id(model) -> number of active resumes
@@ -83,7 +87,7 @@ _INSTALLED: dict[int, int] = {}  # id(model) -> number of active resumes
 def can_resume(model: Any, generation_kwargs: dict[str, Any]) -> bool:
     """Whether ``generate(**generation_kwargs)`` makes exactly one prompt prefill for one sequence,
     the case the screening prefill can stand in for (greedy or sampling, no beams, no assistant)."""
-    if not callable(getattr(type(model), "_prefill", None)):
+    if hf.prefill_method(model) is None:
         return False
     if any(generation_kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate")):
         return False
@@ -100,46 +104,70 @@ def can_resume(model: Any, generation_kwargs: dict[str, Any]) -> bool:
 
 
 def _shim(model: Any) -> Callable[..., Any]:
-    original = type(model)._prefill
+    original = hf.prefill_method(model)
 
     def _prefill(input_ids: torch.Tensor, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any):
         pending = _PENDING.get()
         if pending is not None and pending["model"] is model and not pending["used"]:
-            outputs = pending["outputs"]
-            if model_kwargs.get("past_key_values") is outputs.past_key_values and input_ids.shape == pending["shape"]:
-                pending["used"] = True
-                return outputs
+            if hf.prefill_cache(model_kwargs) is not pending["cache"] or input_ids.shape != pending["shape"]:
+                raise hf.InternalChanged(hf.moved(
+                    f"GenerationMixin.{hf.PREFILL_METHOD}", "generate() passed it another cache or prompt than it was given"))
+            pending["used"] = True
+            return pending["outputs"]
         return original(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
 
     return _prefill
 
 
-@contextmanager
-def resume_from_prefill(model: Any, prefill: Prefill) -> Iterator[dict[str, Any]]:
-    """Inside the block, ``model.generate(**prefill.inputs, past_key_values=prefill.cache, ...)`` takes
-    the prefill's KV cache and next-token logits as its first forward pass.
+class _TookPrefill(LogitsProcessor):
+    """Runs before the first answer token is chosen: fails the resume if generate() ran its own
+    prefill over the screening cache instead of taking the screening outputs."""
 
-    Yields the generate keyword arguments to add (the cache). The shim is removed on exit, also on
-    exceptions; concurrent callers of ``generate`` in other threads or tasks never see the prefill.
+    def __init__(self, pending: dict):
+        self.pending = pending
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.pending["used"]:
+            raise hf.InternalChanged(hf.moved(f"GenerationMixin.{hf.PREFILL_METHOD}", "generate() never called it"))
+        return scores
+
+
+@dataclass
+class Resume:
+    """What to add to a ``generate`` call that resumes from a prefill."""
+
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+
+
+@contextmanager
+def resume_from_prefill(model: Any, prefill: Prefill) -> Iterator[Resume]:
+    """Inside the block, ``model.generate(**prefill.inputs, **resume.generate_kwargs,
+    logits_processor=resume.logits_processors, ...)`` takes the prefill's KV cache and next-token
+    logits as its first forward pass.
+
+    If generate() does not take them as expected (a transformers internal moved), it raises
+    :class:`~ohd_guard.hf_internals.InternalChanged` before choosing any token. The shim is removed
+    on exit, also on exceptions; concurrent callers of ``generate`` in other threads or tasks never
+    see the prefill.
     """
     if prefill.cache is None or prefill.next_token_logits is None:
         raise ValueError("the prefill kept no KV cache or logits to resume from")
-    outputs = CausalLMOutputWithPast(logits=prefill.next_token_logits[:, None, :], past_key_values=prefill.cache)
-    pending = {"model": model, "outputs": outputs, "shape": prefill.inputs["input_ids"].shape, "used": False}
+    outputs = hf.causal_lm_output(prefill.next_token_logits[:, None, :], prefill.cache)
+    pending = {"model": model, "outputs": outputs, "cache": prefill.cache,
+               "shape": prefill.inputs["input_ids"].shape, "used": False}  # fmt: skip
     key = id(model)
     with _INSTALL_LOCK:
         if _INSTALLED.get(key, 0) == 0:
-            model._prefill = _shim(model)
+            setattr(model, hf.PREFILL_METHOD, _shim(model))
         _INSTALLED[key] = _INSTALLED.get(key, 0) + 1
     token = _PENDING.set(pending)
     try:
-        yield {"past_key_values": prefill.cache}
-        if not pending["used"]:  # can_resume() should have ruled this decoding path out
-            raise RuntimeError("generate() did not take the screening prefill (unexpected decoding path)")
+        yield Resume({hf.model_cache_keyword(model): prefill.cache}, [_TookPrefill(pending)])
     finally:
         _PENDING.reset(token)
         with _INSTALL_LOCK:
             _INSTALLED[key] -= 1
             if _INSTALLED[key] == 0:
                 del _INSTALLED[key]
-                model.__dict__.pop("_prefill", None)
+                model.__dict__.pop(hf.PREFILL_METHOD, None)

@@ -27,7 +27,6 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +37,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ohd_guard.conversation import Conversation, ConversationLimits, to_conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError, ScreeningError
-from ohd_guard.generation import CancelledCriteria, ChunkStreamer, can_resume, resume_from_prefill
+from ohd_guard import hf_internals as hf
+from ohd_guard.generation import CancelledCriteria, ChunkStreamer, Resume, can_resume, resume_from_prefill
 from ohd_guard.masking import HeadRef
 from ohd_guard.profile import Profile
 from ohd_guard.refusal import ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, template_for
@@ -201,7 +201,7 @@ class OhdGuard:
         self._prefix_ids = self.tokenizer.encode(self.template.forced_prefix, add_special_tokens=False)
         # Qwen-VL keeps multimodal rope offsets on the model between calls; a stale one from another
         # batch would shift the positions of a continued generation, so it is reset before a prefill.
-        self._rope_state = [m for m in model.modules() if hasattr(m, "rope_deltas")]
+        self._rope_state = hf.rope_state_modules(model)
         self._lock = threading.RLock()
         self._listeners: list[Callable[[Verdict], Any]] = []
         self._stats = GuardStats()
@@ -276,8 +276,7 @@ class OhdGuard:
                     f"prompt too long: {int(lengths.max())} tokens rendered, over the model's context window "
                     f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
                 )
-        for m in self._rope_state:  # Qwen-VL keeps per-batch rotary offsets as model state
-            m.rope_deltas = None
+        hf.reset_rope_state(self._rope_state)  # Qwen-VL keeps per-batch rotary offsets as model state
         angles, pre = self.scorer.screen(inputs, self.heads, keep_cache=keep_cache)
         if not np.all(np.isfinite(angles)):
             raise ScreeningError("the deflection angle is not finite (NaN or infinite hidden states)")
@@ -351,7 +350,7 @@ class OhdGuard:
     ) -> str:
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        for key in ("past_key_values", "streamer", "input_ids", "inputs"):
+        for key in (*hf.CACHE_NAMES, "streamer", "input_ids", "inputs"):
             if key in gen_kwargs:
                 raise InvalidInputError(f"generation argument {key!r} is managed by the guard")
         T = inputs["input_ids"].shape[1]
@@ -361,11 +360,24 @@ class OhdGuard:
         sc = StoppingCriteriaList(gk.pop("stopping_criteria", None) or [])
         if cancel is not None:
             sc.append(CancelledCriteria(cancel))
-        streamer = ChunkStreamer(self.tokenizer, on_chunk) if on_chunk is not None else None
+
+        def run(resume: Resume) -> Any:
+            streamer = ChunkStreamer(self.tokenizer, on_chunk) if on_chunk is not None else None
+            return self.model.generate(**inputs, **resume.generate_kwargs, **gk, streamer=streamer, stopping_criteria=sc,
+                                       logits_processor=LogitsProcessorList([*resume.logits_processors, *lp]))  # fmt: skip
+
         resume = (prefill is not None and prefill.cache is not None and self.reuse_prefill
                   and can_resume(self.model, gk))  # fmt: skip
-        with torch.no_grad(), (resume_from_prefill(self.model, prefill) if resume else nullcontext({})) as cache:
-            out = self.model.generate(**inputs, **cache, **gk, logits_processor=lp, stopping_criteria=sc, streamer=streamer)
+        with torch.no_grad():
+            out = None
+            if resume:
+                try:
+                    with resume_from_prefill(self.model, prefill) as r:  # type: ignore[arg-type]
+                        out = run(r)
+                except hf.InternalChanged as e:  # raised before any answer token: regenerate from scratch
+                    log.warning("%s; answering from a second prefill", e)
+            if out is None:
+                out = run(Resume())
         seq = out.sequences if hasattr(out, "sequences") else out
         return self.tokenizer.decode(seq[0, T:], skip_special_tokens=True)
 

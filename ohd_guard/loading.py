@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ohd_guard import hf_internals as hf
 from ohd_guard.errors import ModelLoadError
 
 log = logging.getLogger("ohd_guard.loading")
@@ -137,6 +138,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise ModelLoadError(f"unknown dtype {dtype!r}") from None
 
 
+@hf.quiet_loading()
 def load_model(ref: Any = None, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"):
     """Return ``(model, processor)`` in eval mode.
 

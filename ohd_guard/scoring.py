@@ -18,7 +18,6 @@ head per batch row.
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
+from ohd_guard import hf_internals as hf
 from ohd_guard.errors import InvalidInputError, ScreeningError
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 
@@ -124,13 +124,7 @@ def _cropped_copy(cache, from_layer: int):
     """A copy of ``cache`` without the last position; layers it shares with ``cache`` stay untouched."""
     if cache is None:
         raise ScreeningError("the model returned no KV cache; use MaskSpec(positions='all') for it")
-    out = copy.copy(cache)
-    out.layers = list(cache.layers)
-    for i in range(from_layer, len(out.layers)):
-        layer = copy.copy(cache.layers[i])
-        layer.crop(-1)
-        out.layers[i] = layer
-    return out
+    return hf.cropped_copy(cache, from_layer)
 
 
 class DeflectionScorer:
@@ -209,10 +203,11 @@ class DeflectionScorer:
             raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
         with self._capture(from_layer, calls, site, last_of=T if last else None):
             out = self.model(**inputs, use_cache=keep_cache or last, logits_to_keep=1)
-        prefix_cache = _cropped_copy(out.past_key_values, from_layer) if last else None
+        cache = hf.output_cache(out)
+        prefix_cache = _cropped_copy(cache, from_layer) if last else None
         return Prefill(
             inputs, site[-1], calls, prefix_cache=prefix_cache,
-            cache=out.past_key_values if keep_cache else None, next_token_logits=out.logits[:, -1],
+            cache=cache if keep_cache else None, next_token_logits=out.logits[:, -1],
         )
 
     # -- screening one head set ------------------------------------------------------------------
@@ -235,7 +230,7 @@ class DeflectionScorer:
             # The masked replay reuses the layers' captured kwargs; without this it would append its
             # masked keys/values to the cache kept for generation (and attend over them).
             for call in pre.calls.values():
-                call.kwargs.pop("past_key_values", None)
+                hf.pop_cache(call.kwargs)
         angles = self.head_angles(pre, [heads])[:, 0]
         pre.calls, pre.prefix_cache = {}, None
         return angles, pre
@@ -254,7 +249,7 @@ class DeflectionScorer:
             and getattr(cfg, "vision_config", None) is None
             and all(t == "full_attention" for t in layer_types)
             and (getattr(text, "sliding_window", None) is None or getattr(text, "use_sliding_window", True) is False)
-            and getattr(cfg, "_attn_implementation", None) in ("sdpa", "eager")
+            and hf.takes_custom_4d_mask(cfg)
         )
 
     @torch.no_grad()
@@ -293,8 +288,8 @@ class DeflectionScorer:
         finally:
             handle.remove()
         base, masked = site[-1][:, 0], site[-1][:, 1]
-        cache = out.past_key_values
-        cache.crop(-1)  # drop the copy: what is left is the unmasked prompt's cache
+        cache = hf.output_cache(out)
+        hf.crop_last(cache)  # drop the copy: what is left is the unmasked prompt's cache
         prefill = Prefill(inputs, base, cache=cache, next_token_logits=out.logits[:, -2])
         return angle_degrees(base, masked), prefill
 
@@ -384,8 +379,7 @@ class DeflectionScorer:
         L = self.adapter.num_layers
         cache = None
         if prefill.prefix_cache is not None:
-            cache = copy.copy(prefill.prefix_cache)
-            cache.layers = [copy.copy(layer) for layer in prefill.prefix_cache.layers]
+            cache = hf.layerwise_copy(prefill.prefix_cache)
         h = None
         with head_mask(self.adapter, rows, self.spec, prefix_rows=True):
             for i in range(starts[0], max(sites)):
@@ -398,8 +392,8 @@ class DeflectionScorer:
                 idx = row_prompt[:n_active]
                 kwargs = _select(call.kwargs, idx, B)
                 if cache is not None:
-                    cache.layers[i].batch_select_indices(idx)
-                    kwargs["past_key_values"] = cache
+                    hf.select_rows(cache, i, idx)
+                    kwargs = hf.with_layer_cache(kwargs, self.adapter.layers[i], cache)
                 h = _first(self.adapter.layers[i](h, *_select(call.args, idx, B), **kwargs))
                 if i + 1 in wanted:  # the output of layer i is score site i + 1
                     last = self.adapter.final_norm(h[:, -1]) if i + 1 == L else h[:, -1]

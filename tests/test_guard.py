@@ -23,6 +23,7 @@ from transformers import GenerationConfig, StoppingCriteria
 from ohd_guard.calibrate import calibrate
 from ohd_guard.conversation import ConversationLimits, to_conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError, ProfileMismatchError, ScreeningError
+from ohd_guard import hf_internals as hf
 from ohd_guard.generation import can_resume, resume_from_prefill
 from ohd_guard.guard import EVENT_NAME, GuardedResponse, OhdGuard, Verdict
 from ohd_guard.masking import HeadRef, MaskSpec
@@ -399,21 +400,24 @@ def test_resume_shim_is_invisible_elsewhere_and_always_removed(planted):
     inputs = scorer.encode(["hello there"])
     T = inputs["input_ids"].shape[1]
     reference = _unguarded(model, tok, "hello there", max_new_tokens=6, do_sample=False)
-    with resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)) as extra:
+    with resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)) as resume:
         other: list[list[int]] = []
         t = threading.Thread(target=lambda: other.append(_unguarded(model, tok, "hello there", max_new_tokens=6, do_sample=False)))
         t.start()
         t.join()
         assert other == [reference]
         with torch.no_grad():
-            assert model.generate(**inputs, **extra, max_new_tokens=6, do_sample=False)[0, T:].tolist() == reference
+            out = model.generate(**inputs, **resume.generate_kwargs, logits_processor=resume.logits_processors,
+                                 max_new_tokens=6, do_sample=False)  # fmt: skip
+            assert out[0, T:].tolist() == reference
     assert "_prefill" not in model.__dict__
     with pytest.raises(ZeroDivisionError), resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)):
         1 / 0
     assert "_prefill" not in model.__dict__
-    with pytest.raises(RuntimeError, match="did not take the screening prefill"):
-        with resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)):
-            pass
+    # generate() run without the prefill's cache makes its own prefill: caught before the first token
+    with pytest.raises(hf.InternalChanged, match="_prefill"), torch.no_grad():
+        with resume_from_prefill(model, scorer.prefill(inputs, keep_cache=True)) as resume:
+            model.generate(**inputs, logits_processor=resume.logits_processors, max_new_tokens=6, do_sample=False)
     assert "_prefill" not in model.__dict__
     assert not can_resume(model, {"num_beams": 2}) and can_resume(model, {"do_sample": True})
 

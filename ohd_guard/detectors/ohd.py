@@ -67,7 +67,7 @@ class OneHeadDefense(Detector):
         self.head, self.strategy, self.top_k, self.percentile = head, strategy, top_k, percentile
         self.threshold_rule, self.score_layer, self.batch_size = threshold, score_layer, batch_size
         self.profile: Profile | None = None
-        self.scorer: DeflectionScorer | None = None
+        self.guard: Any = None  # the OhdGuard that scores, once bound to a profile
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -79,8 +79,12 @@ class OneHeadDefense(Detector):
         return float(self.profile.threshold.value)  # type: ignore[union-attr]
 
     def _bind(self, model: Any, processor: Any, profile: Profile) -> None:
+        from ohd_guard.guard import OhdGuard
+
         self.model, self.processor, self.profile = model, processor, profile
-        self.scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
+        # scoring goes through the guard's own screening path, so evaluation measures what the guard runs
+        self.guard = OhdGuard(model, processor, profile, on_error="raise", verify=False, allow_local_files=True,
+                              max_batch_size=self.batch_size)  # fmt: skip
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "OneHeadDefense":
         profile = calibrate(
@@ -94,8 +98,7 @@ class OneHeadDefense(Detector):
     def score(self, convs: Sequence[Any]) -> np.ndarray:
         """Deflection angle in degrees of each conversation."""
         self._require_fitted()
-        col = [tuple(self.profile.heads)]  # type: ignore[union-attr]
-        return batched(lambda b: self.scorer.angles(b, col, batch_size=len(b))[:, 0], convs, self.batch_size)  # type: ignore[union-attr]
+        return batched(lambda b: [v.angle for v in self.guard.screen_batch(b)], convs, self.batch_size)
 
     def save(self, path: str | Path) -> Path:
         self._require_fitted()
