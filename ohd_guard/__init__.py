@@ -17,6 +17,7 @@ from ohd_guard.conversation import Conversation, ConversationLimits, to_conversa
 from ohd_guard.errors import (
     CalibrationError,
     GuardViolation,
+    InternalChanged,
     InvalidInputError,
     ModelLoadError,
     OhdGuardError,
@@ -36,7 +37,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureAdapter", "CalibrationError", "Conversation", "ConversationLimits", "DEFAULT_MODEL",
-    "DeflectionScorer", "GuardViolation", "GuardedResponse", "OhdGuard", "Verdict", "HeadRef", "InvalidInputError", "MaskSpec", "ModelLoadError",
+    "DeflectionScorer", "GuardViolation", "GuardedResponse", "OhdGuard", "Verdict",
+    "InternalChanged", "HeadRef", "InvalidInputError", "MaskSpec", "ModelLoadError",
     "OhdGuardError", "Profile", "ProfileFormatError", "ProfileMismatchError", "ScreeningError",
     "UnsupportedModelError", "calibrate", "get_adapter", "head_mask", "load_model", "register_adapter",
     "search_heads", "to_conversation",

@@ -42,3 +42,8 @@ class GuardViolation(OhdGuardError):
     def __init__(self, verdict, message: str | None = None):
         self.verdict = verdict
         super().__init__(message or getattr(verdict, "reason", "input flagged as unsafe"))
+
+
+class InternalChanged(OhdGuardError, RuntimeError):
+    """A transformers internal the guard relies on no longer behaves as expected; the message names
+    the transformers version and the internal (see ``ohd_guard.hf_internals``)."""

@@ -22,6 +22,9 @@ import torch
 import transformers
 from torch import nn
 
+from ohd_guard.errors import InternalChanged
+
+
 TRANSFORMERS_VERSION: str = transformers.__version__
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 """The oldest and newest transformers releases the whole suite ran on."""
@@ -44,10 +47,6 @@ _OUTPUT_CACHE_FIELD = _output_cache_field()
 def moved(internal: str, detail: str) -> str:
     """The message a broken contract raises: names the version and the internal that moved."""
     return f"transformers {TRANSFORMERS_VERSION}: internal `{internal}` changed ({detail}); ohd-guard was tested on {', '.join(TESTED_TRANSFORMERS)}"
-
-
-class InternalChanged(RuntimeError):
-    """A transformers internal no longer behaves as ohd-guard expects (see :func:`moved`)."""
 
 
 # -- KV cache keywords ---------------------------------------------------------------------------

@@ -16,9 +16,7 @@ one batched forward scores many heads at once (head search).
 
 from __future__ import annotations
 
-import itertools
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Iterator, Literal, Sequence
 
 import torch
@@ -26,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ohd_guard.adapters import ArchitectureAdapter
 from ohd_guard.errors import InvalidInputError
+from ohd_guard.hooks import scoped_hooks
 
 
 class HeadRef(BaseModel):
@@ -51,8 +50,6 @@ class MaskSpec(BaseModel):
     """Scale factor; 1.0 is no mask, 0.0 a hard mask."""
 
 
-_active_masks: ContextVar[frozenset[int]] = ContextVar("ohd_guard_active_masks", default=frozenset())
-_mask_ids = itertools.count()
 
 
 def _row_scales(
@@ -124,42 +121,19 @@ def head_mask(
                 raise InvalidInputError(
                     f"head {h} does not exist: the model has {adapter.num_layers} layers x {adapter.num_heads} heads"
                 )
-    mask_id = next(_mask_ids)
     param = next(adapter.model.parameters())
-    handles = []
     last_only = spec.positions == "last"
     H, d = adapter.num_heads, adapter.head_dim
-
-    def active() -> bool:
-        return mask_id in _active_masks.get()
-
-    try:
+    with scoped_hooks() as hooks:
         for layer in sorted({h.layer for r in rows for h in r}):
             scale = _row_scales(rows, layer, H, spec.alpha, param.device, torch.float32)
             if scale is None:
                 continue
             if spec.target == "query":
                 site = adapter.query_site(layer)
-
-                def q_hook(module, args, output, scale=scale, layout=site.layout):
-                    if not active():
-                        return None
-                    return _apply(output, scale, layout, last_only, H, d, prefix_rows)
-
-                handles.append(site.module.register_forward_hook(q_hook))
+                hooks.forward_hook(site.module, lambda module, args, output, scale=scale, layout=site.layout:
+                                   _apply(output, scale, layout, last_only, H, d, prefix_rows))  # fmt: skip
             else:
-
-                def o_hook(module, args, scale=scale):
-                    if not active():
-                        return None
-                    return (_apply(args[0], scale, "flat", last_only, H, d, prefix_rows), *args[1:])
-
-                handles.append(adapter.output_projection(layer).register_forward_pre_hook(o_hook))
-        token = _active_masks.set(_active_masks.get() | {mask_id})
-        try:
-            yield
-        finally:
-            _active_masks.reset(token)
-    finally:
-        for h in handles:
-            h.remove()
+                hooks.forward_pre_hook(adapter.output_projection(layer), lambda module, args, scale=scale:
+                                       (_apply(args[0], scale, "flat", last_only, H, d, prefix_rows), *args[1:]))  # fmt: skip
+        yield

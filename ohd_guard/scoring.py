@@ -29,6 +29,7 @@ from torch import nn
 from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
 from ohd_guard import hf_internals as hf
 from ohd_guard.errors import InvalidInputError, ScreeningError
+from ohd_guard.hooks import scoped_hooks
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 
 
@@ -168,20 +169,16 @@ class DeflectionScorer:
     def _capture(self, from_layer: int, calls: dict[int, _LayerCall], site: list, last_of: int | None) -> Iterator[None]:
         """Capture decoder-layer inputs; with ``last_of`` (the sequence length) only the last
         position's, cut right away so the full inputs of every layer are never held at once."""
-        handles = []
-        try:
+        with scoped_hooks() as hooks:  # another caller's forward on this model is never captured
             for i in range(from_layer, self.adapter.num_layers):
 
                 def pre(module, args, kwargs, i=i):
                     call = _LayerCall(args[0] if args else kwargs.get("hidden_states"), tuple(args[1:]), dict(kwargs))
                     calls[i] = call if last_of is None else _last_position_call(call, last_of)
 
-                handles.append(self.adapter.layers[i].register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(self._site_module().register_forward_hook(lambda m, a, out: site.append(_first(out)[:, -1])))
+                hooks.forward_pre_hook(self.adapter.layers[i], pre, with_kwargs=True)
+            hooks.forward_hook(self._site_module(), lambda m, a, out: site.append(_first(out)[:, -1]))
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def _site_module(self) -> nn.Module:
         if self.score_layer == self.adapter.num_layers:
@@ -280,13 +277,10 @@ class DeflectionScorer:
         positions = torch.arange(T + 1, device=ids.device)
         positions[T] = T - 1  # the copy sits at the last prompt position (as in the two-pass prefill)
         site: list[torch.Tensor] = []
-        handle = self._site_module().register_forward_hook(lambda m, a, out: site.append(_first(out)[:, -2:].clone()))
-        try:
-            with head_mask(self.adapter, list(heads), self.spec):
-                out = self.model(input_ids=torch.cat([ids, ids[:, -1:]], dim=1), attention_mask=mask,
-                                 position_ids=positions[None].expand(B, -1), use_cache=True, logits_to_keep=2)  # fmt: skip
-        finally:
-            handle.remove()
+        with scoped_hooks() as hooks, head_mask(self.adapter, list(heads), self.spec):
+            hooks.forward_hook(self._site_module(), lambda m, a, out: site.append(_first(out)[:, -2:].clone()))
+            out = self.model(input_ids=torch.cat([ids, ids[:, -1:]], dim=1), attention_mask=mask,
+                             position_ids=positions[None].expand(B, -1), use_cache=True, logits_to_keep=2)  # fmt: skip
         base, masked = site[-1][:, 0], site[-1][:, 1]
         cache = hf.output_cache(out)
         hf.crop_last(cache)  # drop the copy: what is left is the unmasked prompt's cache

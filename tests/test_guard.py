@@ -497,6 +497,57 @@ def test_sync_calls_from_many_threads_are_serialised(make_guard):
     assert [got[i] for i in range(len(texts))] == expected
 
 
+@contextmanager
+def _other_caller_mid_screening(model, run):
+    """Runs ``run()`` in another thread, to completion, while this thread's screening forward pass
+    is at its very end (its hooks still installed): the worst interleaving of two callers."""
+    main = threading.get_ident()
+    done: list = []
+
+    def hook(module, args, output):
+        if threading.get_ident() == main and not done:
+            t = threading.Thread(target=lambda: done.append(run()))
+            t.start()
+            t.join()
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield done
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_another_callers_forward_pass_never_enters_a_screening(make_guard, planted, positions):
+    """Attack (issue 12.1): a second guard or a raw model() call on the same model, in another
+    thread, while a screening forward runs. Before hooks were scoped to their call, the screening
+    read the other caller's hidden states (the trigger passed with a clean prompt's angle) and its
+    replay wrote into the other caller's KV cache."""
+    model, tok, _ = planted
+    guard, other_guard = make_guard(positions), make_guard(positions)
+    want_trigger = guard.screen(TRIGGER[0])
+    want_clean = other_guard.screen(CLEAN[0])
+    assert want_trigger.flagged and not want_clean.flagged
+    raw_inputs = DeflectionScorer(model, tok).encode([CLEAN[1]])
+    with torch.no_grad():
+        raw_reference = model(**raw_inputs).logits
+
+    def raw_forward():
+        with torch.no_grad():
+            out = model(**raw_inputs, use_cache=True)
+        return out.logits, hf.output_cache(out).get_seq_length()
+
+    with _other_caller_mid_screening(model, lambda: other_guard.screen(CLEAN[0])) as seen:
+        got = guard.screen(TRIGGER[0])
+    assert got.flagged and got.angle == pytest.approx(want_trigger.angle, abs=1e-6)
+    assert seen and seen[0].angle == pytest.approx(want_clean.angle, abs=1e-6)
+    with _other_caller_mid_screening(model, raw_forward) as seen:
+        got = guard.screen(TRIGGER[0])
+    assert got.angle == pytest.approx(want_trigger.angle, abs=1e-6)
+    logits, cached = seen[0]
+    assert torch.allclose(logits, raw_reference, atol=1e-5) and cached == raw_inputs["input_ids"].shape[1]
+
+
 # ---------------------------------------------------------------------------------- failure policy
 @pytest.fixture()
 def failing_layer(planted):

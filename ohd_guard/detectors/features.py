@@ -21,6 +21,7 @@ from scipy.special import expit
 
 from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
 from ohd_guard.detectors.base import as_input, length_order
+from ohd_guard.hooks import scoped_hooks
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.rendering import encode_conversations
 
@@ -72,18 +73,13 @@ class PrefillReader:
         L, H, d = a.num_layers, a.num_heads, a.head_dim
         heads: dict[int, torch.Tensor] = {}
         layers: dict[int, torch.Tensor] = {}
-        handles = []
-        try:
+        with scoped_hooks() as hooks:  # reads this call's forward only, not another caller's
             for i in range(L):
-                handles.append(a.output_projection(i).register_forward_pre_hook(
-                    lambda m, args, i=i: heads.__setitem__(i, args[0][:, -1, : H * d].float())))
-                handles.append(a.layers[i].register_forward_hook(
-                    lambda m, args, out, i=i: layers.__setitem__(i, (out[0] if isinstance(out, (tuple, list)) else out)[:, -1].float())))
+                hooks.forward_pre_hook(a.output_projection(i), lambda m, args, i=i: heads.__setitem__(i, args[0][:, -1, : H * d].float()))
+                hooks.forward_hook(a.layers[i], lambda m, args, out, i=i: layers.__setitem__(
+                    i, (out[0] if isinstance(out, (tuple, list)) else out)[:, -1].float()))
             inputs = encode_conversations(self.processor, convs, device=model_device(self.model))
             self.model(**inputs, use_cache=False, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
         hs = torch.stack([heads[i] for i in range(L)], 1).unflatten(-1, (H, d)).cpu().numpy()
         ls = torch.stack([layers[i] for i in range(L)], 1).cpu().numpy()
         return [(hs[b], ls[b]) for b in range(len(convs))]
