@@ -43,8 +43,9 @@ def as_conversation(item: Any) -> Any:
             return item.text
         from ohd_guard.conversation import to_conversation
 
-        return to_conversation(
-            [{"role": "user", "content": [{"type": "image", "image": item.image}, {"type": "text", "text": item.text}]}]
+        return to_conversation(  # a labelled set's own image file: trusted, local by nature
+            [{"role": "user", "content": [{"type": "image", "image": item.image}, {"type": "text", "text": item.text}]}],
+            allow_local_files=True,
         )
     return item
 

@@ -99,6 +99,8 @@ class ConversationLimits(_Model):
 
     max_images: int = Field(8, ge=0)
     max_image_pixels: int = Field(4096 * 4096, gt=0)
+    max_total_pixels: int = Field(2 * 4096 * 4096, gt=0)
+    """All images of one conversation together (8 images at the per-image cap would decode to ~1 GB)."""
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_text_chars: int = Field(200_000, gt=0)
     max_messages: int = Field(256, gt=0)
@@ -108,12 +110,15 @@ _DEFAULT_LIMITS = ConversationLimits()
 
 
 # --------------------------------------------------------------------------------------- images
-def _check_pixels(w: int, h: int, limits: ConversationLimits, mi: int | None, pi: int | None) -> None:
+def _check_pixels(w: int, h: int, limits: ConversationLimits, mi: int | None, pi: int | None, used: int = 0) -> None:
     if w <= 0 or h <= 0:
         _fail(f"image is empty ({w}x{h})", mi, pi)
     if w * h > limits.max_image_pixels:
         _fail(f"image has too many pixels: {w}x{h} = {w * h}, over max_image_pixels={limits.max_image_pixels} "
               "(decompression-bomb guard)", mi, pi)
+    if used + w * h > limits.max_total_pixels:
+        _fail(f"images have too many pixels together: {used + w * h}, over max_total_pixels={limits.max_total_pixels}",
+              mi, pi)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -129,13 +134,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _load_checked(open_: Callable[[], Image.Image], limits: ConversationLimits, mi: int | None, pi: int | None,
-                  *, transpose: bool) -> Image.Image:
+                  *, transpose: bool, used: int = 0) -> Image.Image:
     """Open (header only), check size, then decode; every Pillow failure becomes our error."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = open_()
-            _check_pixels(img.width, img.height, limits, mi, pi)  # nothing decoded yet
+            _check_pixels(img.width, img.height, limits, mi, pi, used)  # nothing decoded yet
             img.load()
     except InvalidInputError:
         raise
@@ -151,19 +156,19 @@ def _load_checked(open_: Callable[[], Image.Image], limits: ConversationLimits, 
     return _to_rgb(img)
 
 
-def _decode_bytes(data: bytes, limits: ConversationLimits, mi: int | None, pi: int | None) -> Image.Image:
+def _decode_bytes(data: bytes, limits: ConversationLimits, mi: int | None, pi: int | None, used: int = 0) -> Image.Image:
     if len(data) > limits.max_image_bytes:
         _fail(f"image too large: {len(data)} bytes, over max_image_bytes={limits.max_image_bytes}", mi, pi)
     if not data:
         _fail("undecodable image: no bytes", mi, pi)
-    return _load_checked(lambda: Image.open(io.BytesIO(data)), limits, mi, pi, transpose=True)
+    return _load_checked(lambda: Image.open(io.BytesIO(data)), limits, mi, pi, transpose=True, used=used)
 
 
 def _normalize_pil(img: Image.Image, limits: ConversationLimits, mi: int | None = None,
-                   pi: int | None = None) -> Image.Image:
+                   pi: int | None = None, used: int = 0) -> Image.Image:
     """A caller's PIL image (maybe lazily opened): size-check before load, then RGB. Not copied
     when already a plain RGB image, so callers should not mutate images after handing them in."""
-    return _load_checked(lambda: img, limits, mi, pi, transpose=False)
+    return _load_checked(lambda: img, limits, mi, pi, transpose=False, used=used)
 
 
 def _b64decode(payload: str, limits: ConversationLimits, what: str, mi: int | None, pi: int | None) -> bytes:
@@ -198,11 +203,15 @@ class _State:
                  base_dir: Path | None, allow_local_files: bool):
         self.limits, self.fetcher, self.allow_local_files = limits, fetcher, allow_local_files
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
-        self.n_images = self.n_chars = 0
+        self.n_images = self.n_chars = self.n_pixels = 0
 
     def text(self, text: Any, mi: int | None, pi: int | None) -> TextPart:
         if not isinstance(text, str):
             _fail(f"text must be a string, got {type(text).__name__}", mi, pi)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can encode it
+            _fail(f"text is not valid Unicode: {e.reason} at position {e.start} ({text[e.start]!r})", mi, pi, e)
         self.n_chars += len(text)
         if self.n_chars > self.limits.max_text_chars:
             _fail(f"text too long: conversation text exceeds max_text_chars={self.limits.max_text_chars}", mi, pi)
@@ -213,33 +222,48 @@ class _State:
         if self.n_images > self.limits.max_images:  # before decoding: a flood of images costs nothing
             _fail(f"too many images: more than max_images={self.limits.max_images}", mi, pi)
         img = self._load(src, mi, pi)
+        self.n_pixels += img.width * img.height
         return ImagePart.model_validate({"type": "image", "image": img}, context={"limits": self.limits})
 
     def _load(self, src: Any, mi: int | None, pi: int | None) -> Image.Image:
-        lim = self.limits
+        lim, used = self.limits, self.n_pixels
         if isinstance(src, Image.Image):
-            return _normalize_pil(src, lim, mi, pi)
+            return _normalize_pil(src, lim, mi, pi, used)
         if isinstance(src, (bytes, bytearray, memoryview)):
-            return _decode_bytes(bytes(src), lim, mi, pi)
+            return _decode_bytes(bytes(src), lim, mi, pi, used)
         if isinstance(src, os.PathLike):
-            return _decode_bytes(self._read_file(os.fspath(src), mi, pi), lim, mi, pi)
+            return self._local(os.fspath(src), mi, pi)
         if not isinstance(src, str):
             _fail(f"unsupported image source of type {type(src).__name__} "
                   "(expected a PIL image, bytes, a path, a data URI or a URL)", mi, pi)
         if src[:5].lower() == "data:":
-            return _decode_bytes(_data_uri(src, lim, mi, pi), lim, mi, pi)
+            return _decode_bytes(_data_uri(src, lim, mi, pi), lim, mi, pi, used)
         m = re.match(r"([a-zA-Z][a-zA-Z0-9+.\-]*)://", src)
         scheme = m.group(1).lower() if m else ""
         if scheme in ("http", "https"):
-            return _decode_bytes(self._fetch(src, mi, pi), lim, mi, pi)
+            return _decode_bytes(self._fetch(src, mi, pi), lim, mi, pi, used)
         if scheme == "file":
             u = urlparse(src)
             if u.netloc not in ("", "localhost"):
                 _fail(f"file URL {_short(src)!r} names a host; only local files are read", mi, pi)
-            return _decode_bytes(self._read_file(url2pathname(u.path), mi, pi), lim, mi, pi)
+            return self._local(url2pathname(u.path), mi, pi)
         if scheme:
             _fail(f"unsupported image URL scheme {scheme!r} in {_short(src)!r}", mi, pi)
-        return _decode_bytes(self._read_file(src, mi, pi), lim, mi, pi)
+        return self._local(src, mi, pi)
+
+    def _local(self, raw: str, mi: int | None, pi: int | None) -> Image.Image:
+        """A local image file, with ONE message for every failure past the permission checks:
+        "not found" vs "undecodable" would tell a remote user which server paths exist."""
+        if not self.allow_local_files:
+            _fail(f"local image files are not allowed here: {_short(raw)!r} (OhdGuard(allow_local_files=True) "
+                  "opts in, for trusted input only)", mi, pi)
+        try:
+            return _decode_bytes(self._read_file(raw, mi, pi), self.limits, mi, pi, self.n_pixels)
+        except InvalidInputError as e:
+            if "outside base_dir" in str(e):
+                raise
+            _fail(f"cannot use local image file {_short(raw)!r}: missing, unreadable, too large or not an image",
+                  mi, pi, e)
 
     def _fetch(self, url: str, mi: int | None, pi: int | None) -> bytes:
         if self.fetcher is None:
@@ -508,14 +532,14 @@ def _message(raw: Any, st: _State, mi: int) -> Message:
 
 def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
                     fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
-                    allow_local_files: bool = True) -> Conversation:
+                    allow_local_files: bool = False) -> Conversation:
     """Convert (and validate against ``limits``) anything the library accepts into a Conversation.
 
     Accepts a :class:`Conversation` (re-validated), a :class:`Message`, a ``str`` (one user turn),
     a list of OpenAI-style message dicts (string content, or parts ``text`` / ``image_url`` /
     HF-style ``image``), or a dict with a ``"messages"`` list. Images may be PIL images, bytes,
     ``data:`` URIs, ``file://`` URIs or local paths (relative to and confined to ``base_dir`` when
-    given; refused when ``allow_local_files`` is False, advisable for untrusted input), and
+    given; read only with ``allow_local_files=True``, an opt-in for trusted input), and
     ``http(s)`` URLs only through ``fetcher``: the library never downloads on its own.
     Roles ``human``/``ai``/``developer`` map to user/assistant/system; ``tool``/``function``
     results become user turns prefixed ``[tool result]`` so they are screened too.

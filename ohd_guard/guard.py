@@ -41,7 +41,9 @@ from ohd_guard import hf_internals as hf
 from ohd_guard.generation import CancelledCriteria, ChunkStreamer, Resume, can_resume, resume_from_prefill
 from ohd_guard.masking import HeadRef
 from ohd_guard.profile import Profile
-from ohd_guard.refusal import ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, template_for
+from ohd_guard.refusal import (
+    FirstSentenceCriteria, ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, checked_refusal, template_for,
+)
 from ohd_guard.rendering import is_multimodal, tokenizer_of
 from ohd_guard.scoring import DeflectionScorer, Prefill
 
@@ -95,6 +97,8 @@ class GuardStats(BaseModel):
     screened: int = 0
     batches: int = 0
     largest_batch: int = 0
+    failed_open: int = 0
+    """Verdicts that let an input through unscreened because screening failed (``on_error="allow"``)."""
 
 
 @dataclass
@@ -148,7 +152,9 @@ class OhdGuard:
         on_error: ``"refuse"`` (fail closed: flagged verdict with ``error`` set), ``"raise"``
             (InvalidInputError for bad input, ScreeningError otherwise) or ``"allow"`` (opt-in: the
             input passes unscreened, logged at WARNING).
-        limits, fetcher, base_dir, allow_local_files: passed to :func:`to_conversation`.
+        limits, fetcher, base_dir, allow_local_files: passed to :func:`to_conversation`. Local image
+            files (paths, ``file://``) are refused unless ``allow_local_files=True``: a remote user
+            could otherwise make the model read server-side files.
         max_prompt_tokens: longest rendered prompt screened (default: the context window).
         max_batch_size, max_wait_ms: micro-batching of concurrent ``ascreen`` calls (and the chunk
             size of :meth:`screen_batch`).
@@ -168,7 +174,7 @@ class OhdGuard:
         limits: ConversationLimits | None = None,
         fetcher: Callable[[str], bytes] | None = None,
         base_dir: str | Path | None = None,
-        allow_local_files: bool = True,
+        allow_local_files: bool = False,
         max_prompt_tokens: int | None = None,
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
@@ -185,6 +191,9 @@ class OhdGuard:
             profile.verify(model, processor)
         self.model, self.processor, self.profile = model.eval(), processor, profile
         self.refusal, self.on_error = refusal, on_error
+        if on_error == "allow":
+            log.warning("OhdGuard(on_error='allow'): conversations whose screening fails on an internal fault are "
+                        "answered unscreened (counted in guard.stats.failed_open); bad input is still refused")
         base = template_for(model)
         if isinstance(refusal_template, dict):
             refusal_template = base.model_copy(update=refusal_template)
@@ -256,7 +265,8 @@ class OhdGuard:
     def _count_batch(self, n: int) -> None:
         with self._stats_lock:
             s = self._stats
-            self._stats = GuardStats(screened=s.screened + n, batches=s.batches + 1, largest_batch=max(s.largest_batch, n))
+            self._stats = s.model_copy(update={"screened": s.screened + n, "batches": s.batches + 1,
+                                               "largest_batch": max(s.largest_batch, n)})
 
     # -- screening core (callers hold the lock) ---------------------------------------------------
     def _convert(self, raw: Any) -> Conversation:
@@ -295,7 +305,9 @@ class OhdGuard:
         )
 
     def _failed(self, exc: BaseException, t0: float, conv: Conversation | None) -> _Screened:
-        allow = self.on_error == "allow"
+        # "allow" covers internal faults only: an input the guard could not screen because of the
+        # input itself (too long, bad image, ...) is never answered, or padding would bypass the guard
+        allow = self.on_error == "allow" and not isinstance(exc, InvalidInputError)
         what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
         verdict = Verdict(
             flagged=not allow, angle=None, threshold=self.threshold, risk=None, heads=self.heads,
@@ -339,7 +351,9 @@ class OhdGuard:
         self._emit(s.verdict)
         if s.exc is not None and self.on_error == "raise":
             raise _typed(s.exc)
-        if s.exc is not None and self.on_error == "allow":
+        if s.exc is not None and not s.verdict.flagged:
+            with self._stats_lock:
+                self._stats = self._stats.model_copy(update={"failed_open": self._stats.failed_open + 1})
             log.warning("screening failed and on_error='allow' lets the input through unscreened: %s", s.verdict.error)
         return s.verdict
 
@@ -382,9 +396,27 @@ class OhdGuard:
         return self.tokenizer.decode(seq[0, T:], skip_special_tokens=True)
 
     def _anchored(self, conv: Conversation, gen_kwargs: dict[str, Any], on_chunk, cancel) -> str:
+        """The forced refusal sentence plus at most one checked sentence of the model's own (see
+        :func:`~ohd_guard.refusal.checked_refusal`); sent as one chunk once checked, never streamed raw."""
         inputs = self.scorer.encode([anchor(conv, self.template)])
-        forced = ForcedPrefixLogitsProcessor(self._prefix_ids, inputs["input_ids"].shape[1])
-        return self._generate(inputs, None, gen_kwargs, on_chunk, cancel, processors=[forced])
+        T, n = inputs["input_ids"].shape[1], len(self._prefix_ids)
+        forced = ForcedPrefixLogitsProcessor(self._prefix_ids, T)
+        kw = dict(gen_kwargs)
+        kw["max_new_tokens"] = max(n, min(int(kw.get("max_new_tokens") or 256), n + self.template.max_continuation_tokens))
+        kw["stopping_criteria"] = [*(kw.get("stopping_criteria") or []), FirstSentenceCriteria(self.tokenizer, T + n)]
+        raw = self._generate(inputs, None, kw, None, cancel, processors=[forced])
+        text = checked_refusal(raw, self.template, self._text_flagged)
+        if on_chunk is not None:
+            on_chunk(text)
+        return text
+
+    def _text_flagged(self, text: str) -> bool:
+        """Whether the detector flags ``text`` read as a user turn (an error counts as flagged)."""
+        try:
+            angles, _, _ = self._score([self._convert(text)], keep_cache=False)
+            return bool(angles[0] > self.threshold)
+        except Exception:
+            return True
 
     def _respond(
         self, raw: Any, t0: float, gen_kwargs: dict[str, Any], on_chunk: Callable[[str], None] | None = None,
@@ -435,7 +467,9 @@ class OhdGuard:
             on_chunk(self.template.static_message)
         return GuardedResponse(text=self.template.static_message, verdict=verdict, refused=True, refusal_kind="static")
 
-    def _refuse_screened(self, raw: Any, verdict: Verdict, gen_kwargs: dict[str, Any]) -> GuardedResponse:
+    def _refuse_screened(
+        self, raw: Any, verdict: Verdict, gen_kwargs: dict[str, Any], cancel: threading.Event | None = None
+    ) -> GuardedResponse:
         """:meth:`refuse` / :meth:`arefuse` behind the lock: convert (never screen) the input, then refuse."""
         if not isinstance(verdict, Verdict):
             raise InvalidInputError(f"refuse() needs the Verdict screening returned, not {type(verdict).__name__}")
@@ -446,7 +480,7 @@ class OhdGuard:
             except Exception as e:  # fail closed: the static message
                 log.warning("cannot build the anchored refusal (%s: %s); answering with the static refusal instead",
                             type(e).__name__, e)
-        return self._refuse(verdict, conv, gen_kwargs)
+        return self._refuse(verdict, conv, gen_kwargs, cancel=cancel)
 
     # -- sync API ---------------------------------------------------------------------------------
     def screen(self, conversation: Any) -> Verdict:
@@ -506,22 +540,29 @@ class OhdGuard:
     async def agenerate(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
         t0 = time.perf_counter()
         kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
-        return await self._submit("call", fn=lambda: self._respond(conversation, t0, kw))
+        cancel = threading.Event()  # set when the caller cancels or times out: decoding stops within a token
+        return await self._submit("call", fn=lambda: self._respond(conversation, t0, kw, cancel=cancel), cancel=cancel)
 
     async def arefuse(
         self, conversation: Any, verdict: Verdict, max_new_tokens: int = 256, **generation_kwargs: Any
     ) -> GuardedResponse:
         """:meth:`refuse` on the worker thread (queued with the :meth:`agenerate` calls); no screening."""
         kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
-        return await self._submit("call", fn=lambda: self._refuse_screened(conversation, verdict, kw))
+        cancel = threading.Event()
+        return await self._submit("call", fn=lambda: self._refuse_screened(conversation, verdict, kw, cancel), cancel=cancel)
 
     def astream(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> AsyncGuardedStream:
         """Async iterator of text chunks, generated on the worker thread."""
         return AsyncGuardedStream(self, conversation, {"max_new_tokens": max_new_tokens, **generation_kwargs})
 
-    def _submit(self, kind: Literal["screen", "call"], raw: Any = None, fn: Callable[[], Any] | None = None) -> asyncio.Future:
+    def _submit(
+        self, kind: Literal["screen", "call"], raw: Any = None, fn: Callable[[], Any] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         job = _Job(kind, loop, loop.create_future(), raw=raw, t0=time.perf_counter(), fn=fn)
+        if cancel is not None:  # the caller cancelled (or timed out): stop the work it started
+            job.future.add_done_callback(lambda f: cancel.set() if f.cancelled() else None)
         self._ensure_worker()
         self._queue.put(job)
         return job.future
@@ -569,8 +610,15 @@ class OhdGuard:
         jobs = [j for j in jobs if not j.future.cancelled()]
         if not jobs:
             return
-        with self._lock:
-            results = self._screen_many([j.raw for j in jobs], [j.t0 for j in jobs])
+        try:
+            with self._lock:
+                results = self._screen_many([j.raw for j in jobs], [j.t0 for j in jobs])
+        except BaseException as e:  # e.g. a fetcher raising CancelledError: every waiting caller gets an answer
+            for job in jobs:
+                _deliver(job, None, _interrupted(e))
+            if not isinstance(e, Exception):
+                raise
+            return
         for job, s in zip(jobs, results):
             try:
                 _deliver(job, self._settle(s), None)
@@ -584,9 +632,22 @@ class OhdGuard:
             with self._lock:
                 result = job.fn()  # type: ignore[misc]
         except BaseException as e:
-            _deliver(job, None, e)
+            _deliver(job, None, _interrupted(e))
+            if not isinstance(e, Exception):
+                raise
         else:
             _deliver(job, result, None)
+
+
+def _interrupted(exc: BaseException) -> BaseException:
+    """What an async caller gets for a BaseException raised on the worker: a CancelledError from a
+    fetcher or a KeyboardInterrupt there is not the caller's own cancellation, so it becomes a
+    ScreeningError (the original as its cause)."""
+    if isinstance(exc, Exception):
+        return exc
+    err = ScreeningError(f"the guard's work was interrupted on its worker thread: {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 def _deliver(job: _Job, result: Any, exc: BaseException | None) -> None:
@@ -632,27 +693,45 @@ def _worker_main(ref: weakref.ref[OhdGuard], q: queue.Queue) -> None:
 
 
 # ----------------------------------------------------------------------------------------- streams
+class _StreamState:
+    """What a stream's producer shares with its consumer. The producer (a thread, or a job on the
+    worker) holds only this, never the stream object, so a stream dropped by ``break`` or garbage
+    collection is really collected, and its ``__del__`` stops the decoding loop."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.verdict: Verdict | None = None
+        self.response: GuardedResponse | None = None
+
+
+def _produce(guard: OhdGuard, raw: Any, kw: dict[str, Any], t0: float, state: _StreamState,
+             push: Callable[[Any], None]) -> None:
+    try:
+        state.response = guard._respond(raw, t0, kw, on_chunk=push, on_verdict=lambda v: setattr(state, "verdict", v),
+                                        cancel=state.cancel)  # fmt: skip
+        push(_END)
+    except BaseException as e:
+        push(_Failure(e))
+
+
 class _StreamBase:
     """Shared state of sync and async streams: ``verdict`` is set before the first chunk arrives,
     ``response`` once the stream is exhausted."""
 
     def __init__(self, guard: OhdGuard, raw: Any, gen_kwargs: dict[str, Any]):
         self._guard, self._raw, self._kw = guard, raw, gen_kwargs
-        self._cancel = threading.Event()
+        self._state = _StreamState()
+        self._cancel = self._state.cancel
         self._t0 = time.perf_counter()
         self._done = False
-        self.verdict: Verdict | None = None
-        self.response: GuardedResponse | None = None
 
-    def _produce(self, push: Callable[[Any], None]) -> None:
-        try:
-            self.response = self._guard._respond(
-                self._raw, self._t0, self._kw, on_chunk=push, on_verdict=lambda v: setattr(self, "verdict", v),
-                cancel=self._cancel,
-            )
-            push(_END)
-        except BaseException as e:
-            push(_Failure(e))
+    @property
+    def verdict(self) -> Verdict | None:
+        return self._state.verdict
+
+    @property
+    def response(self) -> GuardedResponse | None:
+        return self._state.response
 
     def _item(self, item: Any) -> str:
         if item is _END or isinstance(item, _Failure):
@@ -665,7 +744,7 @@ class _StreamBase:
 
 class GuardedStream(_StreamBase):
     """Iterator of answer chunks from :meth:`OhdGuard.stream`; generation runs in a thread holding
-    the guard's lock, and stops early when the stream is closed or garbage-collected."""
+    the guard's lock, and stops within one token when the stream is closed or garbage-collected."""
 
     _thread: threading.Thread | None = None
 
@@ -677,13 +756,15 @@ class GuardedStream(_StreamBase):
             raise StopIteration
         if self._thread is None:
             self._q: queue.Queue = queue.Queue()
-            self._thread = threading.Thread(target=self._run, name="ohd-guard-stream", daemon=True)
+            guard, raw, kw, t0, state, q = self._guard, self._raw, self._kw, self._t0, self._state, self._q
+
+            def run() -> None:  # references the state, not the stream
+                with guard._lock:
+                    _produce(guard, raw, kw, t0, state, q.put)
+
+            self._thread = threading.Thread(target=run, name="ohd-guard-stream", daemon=True)
             self._thread.start()
         return self._item(self._q.get())
-
-    def _run(self) -> None:
-        with self._guard._lock:
-            self._produce(self._q.put)
 
     def close(self) -> None:
         self._cancel.set()
@@ -707,15 +788,15 @@ class AsyncGuardedStream(_StreamBase):
         if self._q is None:
             loop = asyncio.get_running_loop()
             self._q = asyncio.Queue()
-            q = self._q
+            guard, raw, kw, t0, state, q = self._guard, self._raw, self._kw, self._t0, self._state, self._q
 
             def push(item: Any) -> None:
                 try:
                     loop.call_soon_threadsafe(q.put_nowait, item)
                 except RuntimeError:  # loop closed: the consumer is gone
-                    self._cancel.set()
+                    state.cancel.set()
 
-            self._job = self._guard._submit("call", fn=lambda: self._produce(push))
+            self._job = guard._submit("call", fn=lambda: _produce(guard, raw, kw, t0, state, push), cancel=state.cancel)
         try:
             return self._item(await self._q.get())
         except StopIteration:

@@ -30,7 +30,7 @@ from ohd_guard.hooks import scoped_hooks
 class HeadRef(BaseModel):
     """One attention head of the language model, 0-indexed."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     layer: int = Field(ge=0)
     head: int = Field(ge=0)
 
@@ -41,7 +41,7 @@ class HeadRef(BaseModel):
 class MaskSpec(BaseModel):
     """How a head is masked; part of a profile because the threshold depends on it."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
     target: Literal["query", "output"] = "query"
     """``query``: scale the head's query (paper). ``output``: scale the head's output before o_proj."""
     positions: Literal["all", "last"] = "all"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ohd_guard.errors import ProfileFormatError, ProfileMismatchError
 from ohd_guard.masking import HeadRef, MaskSpec
@@ -82,7 +82,7 @@ def chat_template_of(processor: Any) -> str:
 class ModelFingerprint(BaseModel):
     """What identifies a model for calibration purposes."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a typo'd key is an error, not dropped
     architecture: str
     model_type: str
     num_layers: int
@@ -110,7 +110,7 @@ class ModelFingerprint(BaseModel):
 
     def differences(self, other: "ModelFingerprint") -> list[str]:
         fields = ["architecture", "model_type", "num_layers", "num_heads", "config_hash", "weights_hash"]
-        if self.chat_template_hash and other.chat_template_hash:
+        if other.chat_template_hash:  # the model's template is known: the profile must name the same one
             fields.append("chat_template_hash")
         return [
             f"{f}: profile has {getattr(self, f)!r}, model has {getattr(other, f)!r}"
@@ -122,7 +122,7 @@ class ModelFingerprint(BaseModel):
 class HeadStats(BaseModel):
     """Calibration statistics of one head (angles in degrees)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a typo'd key is an error, not dropped
     head: HeadRef
     unsafe_mean: float
     safe_mean: float
@@ -133,7 +133,7 @@ class HeadStats(BaseModel):
 
 
 class CalibrationSummary(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a typo'd key is an error, not dropped
     n_unsafe: int
     n_safe: int
     data_hash: str
@@ -150,7 +150,7 @@ class CalibrationSummary(BaseModel):
 class CalibrationMetrics(BaseModel):
     """Metrics of the chosen head and threshold on a set of prompts (calibration or held-out)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a typo'd key is an error, not dropped
     split: str
     n_unsafe: int
     n_safe: int
@@ -176,20 +176,70 @@ class Profile(BaseModel):
     calibration: CalibrationSummary
     metrics: list[CalibrationMetrics] = Field(default_factory=list)
     top_heads: list[HeadStats] = Field(default_factory=list)
+    digest: str | None = None
+    """sha256 of everything above but ``created_at``, written by :meth:`save`: a profile edited by
+    hand after calibration no longer matches it (an edit check, not a signature)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Profile":
+        """Hand edits that would silently disable the guard are errors, not settings."""
+        if self.score_layer > self.model.num_layers:
+            raise ValueError(f"score_layer {self.score_layer} is above the model's {self.model.num_layers} layers")
+        for h in self.heads:
+            if h.layer >= self.model.num_layers or h.head >= self.model.num_heads:
+                raise ValueError(f"head {h} is outside the fingerprinted model's heads")
+            if h.layer >= self.score_layer:
+                raise ValueError(f"head {h} is at or above score_layer {self.score_layer}: masking it cannot move "
+                                 "the angle read there, so nothing would ever be flagged")
+        if not self.mask.alpha < 1.0:
+            raise ValueError("mask.alpha must be below 1 (1.0 leaves the head unmasked: every angle is 0)")
+        t = self.threshold
+        if not 0.0 < t.value <= 180.0:
+            raise ValueError(f"threshold.value {t.value} is not an angle in (0, 180] degrees")
+        if t.method == "kde_crossing" and t.crossings and not any(abs(t.value - c) <= 1e-9 for c in t.crossings):
+            raise ValueError(f"threshold.value {t.value} is not one of the KDE crossings {t.crossings} it was fitted as")
+        calib = next((m for m in self.metrics if m.split == "calibration"), None)
+        if calib is not None and (abs(calib.detection_rate - t.detection_rate) > 1e-9
+                                  or abs(calib.false_positive_rate - t.false_positive_rate) > 1e-9):
+            raise ValueError("threshold's detection/false-positive rates differ from the calibration metrics "
+                             "(the threshold was changed after calibration)")
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        """Same content (the digest is derived from it, so it is not compared)."""
+        if not isinstance(other, Profile):
+            return NotImplemented
+        return self.model_dump(exclude={"digest"}) == other.model_dump(exclude={"digest"})
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def content_digest(self) -> str:
+        """sha256 of the profile's content (all fields but ``created_at`` and ``digest``)."""
+        body = self.model_dump(mode="json", exclude={"created_at", "digest"})
+        return _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        signed = self.model_copy(update={"digest": self.content_digest()})
+        path.write_text(signed.model_dump_json(indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path, allow_edited: bool = False) -> "Profile":
+        """Read a profile written by :meth:`save`. One whose content no longer matches its digest
+        (edited by hand) is refused unless ``allow_edited=True``, which loads it with a warning."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ProfileFormatError(f"profile not found: {path}") from None
+        except IsADirectoryError:
+            raise ProfileFormatError(f"profile path is a directory, not a file: {path}") from None
+        except OSError as e:
+            raise ProfileFormatError(f"cannot read profile {path}: {e}") from e
+        except RecursionError:
+            raise ProfileFormatError(f"{path} is not a valid profile: JSON nested too deeply") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ProfileFormatError(f"{path} is not valid JSON: {e}") from e
         if not isinstance(raw, dict):
@@ -204,9 +254,14 @@ class Profile(BaseModel):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
             raise ProfileFormatError(f"{path} is not a valid profile: {problems}") from e
-        for h in profile.heads:
-            if h.layer >= profile.model.num_layers or h.head >= profile.model.num_heads:
-                raise ProfileFormatError(f"{path}: head {h} is outside the fingerprinted model's heads")
+        except RecursionError:
+            raise ProfileFormatError(f"{path} is not a valid profile: nested too deeply") from None
+        if profile.digest != profile.content_digest():
+            what = "has no content digest" if profile.digest is None else "does not match its content digest"
+            msg = f"{path} {what}: it was edited after calibration (heads, threshold, mask or statistics changed)"
+            if not allow_edited:
+                raise ProfileFormatError(msg + "; recalibrate, or load it with Profile.load(path, allow_edited=True)")
+            log.warning("%s; loaded anyway because allow_edited=True", msg)
         return profile
 
     def verify(self, model: torch.nn.Module, processor: Any = None, strict_dtype: bool = False) -> None:

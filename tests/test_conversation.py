@@ -101,7 +101,7 @@ def test_hf_style_image_part_pil_bytes_path_and_base64(tmp_path):
         {"type": "image", "path": p},
         {"type": "image", "base64": base64.b64encode(png_bytes()).decode()},
         {"type": "text", "text": "compare"},
-    ))
+    ), allow_local_files=True)
     assert c.num_images == 5
     assert all(i.mode == "RGB" for i in c.images)
     assert c.images[0].getpixel((0, 0)) == (128, 128, 128)
@@ -112,9 +112,10 @@ def test_file_uri_plain_path_and_base_dir(tmp_path):
     (tmp_path / "sub").mkdir()
     p = tmp_path / "sub" / "b.png"
     p.write_bytes(png_bytes())
-    assert to_conversation(user({"type": "image_url", "image_url": {"url": p.as_uri()}})).num_images == 1
-    assert to_conversation(user({"type": "image_url", "image_url": {"url": str(p)}})).num_images == 1
-    c = to_conversation(user({"type": "image", "image": "sub/b.png"}), base_dir=tmp_path)
+    local = dict(allow_local_files=True)
+    assert to_conversation(user({"type": "image_url", "image_url": {"url": p.as_uri()}}), **local).num_images == 1
+    assert to_conversation(user({"type": "image_url", "image_url": {"url": str(p)}}), **local).num_images == 1
+    c = to_conversation(user({"type": "image", "image": "sub/b.png"}), base_dir=tmp_path, **local)
     assert c.num_images == 1
 
 
@@ -122,14 +123,21 @@ def test_base_dir_confines_paths(tmp_path):
     (tmp_path / "inside").mkdir()
     outside = tmp_path / "x.png"
     outside.write_bytes(png_bytes())
-    raises("outside base_dir", user({"type": "image", "image": "../x.png"}), base_dir=tmp_path / "inside")
-    raises("outside base_dir", user({"type": "image", "image": str(outside)}), base_dir=tmp_path / "inside")
+    inside = dict(base_dir=tmp_path / "inside", allow_local_files=True)
+    raises("outside base_dir", user({"type": "image", "image": "../x.png"}), **inside)
+    raises("outside base_dir", user({"type": "image", "image": str(outside)}), **inside)
 
 
-def test_local_files_can_be_disallowed(tmp_path):
+def test_local_files_are_an_opt_in(tmp_path):
     p = tmp_path / "a.png"
     p.write_bytes(png_bytes())
-    raises("not allowed", user({"type": "image", "image": str(p)}), allow_local_files=False)
+    raises("not allowed", user({"type": "image", "image": str(p)}))
+    raises("not allowed", user({"type": "image_url", "image_url": {"url": p.as_uri()}}), allow_local_files=False)
+    assert to_conversation(user({"type": "image", "image": str(p)}), allow_local_files=True).num_images == 1
+
+
+LOCAL_FAILURE = "cannot use local image file.*missing, unreadable, too large or not an image"
+"""One message for every local-file failure (existence must not leak); the detail is the cause."""
 
 
 def test_remote_url_through_fetcher():
@@ -295,7 +303,8 @@ def test_real_decompression_bomb_png(tmp_path):
     p = tmp_path / "bomb.png"
     Image.new("1", (6000, 6000)).save(p)  # 36 Mpx (over the 16.8 Mpx default), a few kB on disk
     assert p.stat().st_size < 1_000_000
-    raises("too many pixels", user({"type": "image_url", "image_url": {"url": p.as_uri()}}))
+    e = raises(LOCAL_FAILURE, user({"type": "image_url", "image_url": {"url": p.as_uri()}}), allow_local_files=True)
+    assert "too many pixels" in str(e.__cause__)
 
 
 def test_pillow_bomb_guard_becomes_our_error():
@@ -315,7 +324,8 @@ def test_image_too_large_in_bytes(tmp_path):
     raises("image too large", user({"type": "image_url", "image_url": {"url": data_uri(data)}}), limits=small)
     p = tmp_path / "big.png"
     p.write_bytes(data)
-    raises("image too large", user({"type": "image", "image": str(p)}), limits=small)
+    e = raises(LOCAL_FAILURE, user({"type": "image", "image": str(p)}), limits=small, allow_local_files=True)
+    assert "image too large" in str(e.__cause__)
     raises("image too large", user({"type": "image_url", "image_url": {"url": "http://x/y"}}),
            limits=small, fetcher=lambda u: data)
 
@@ -333,9 +343,12 @@ def test_bad_data_uri():
 
 
 def test_missing_file(tmp_path):
-    raises("image file not found", user({"type": "image", "image": str(tmp_path / "nope.png")}))
-    raises("image file not found", user({"type": "image_url", "image_url": {"url": (tmp_path / "n.png").as_uri()}}))
-    raises("not a regular file", user({"type": "image", "image": str(tmp_path)}))
+    local = dict(allow_local_files=True)
+    e = raises(LOCAL_FAILURE, user({"type": "image", "image": str(tmp_path / "nope.png")}), **local)
+    assert "image file not found" in str(e.__cause__)
+    raises(LOCAL_FAILURE, user({"type": "image_url", "image_url": {"url": (tmp_path / "n.png").as_uri()}}), **local)
+    e = raises(LOCAL_FAILURE, user({"type": "image", "image": str(tmp_path)}), **local)
+    assert "not a regular file" in str(e.__cause__)
 
 
 def test_text_too_long():

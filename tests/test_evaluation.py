@@ -26,7 +26,7 @@ def test_make_attacks_keeps_request_and_label():
     assert list(atk) == ["direct", *ATTACKS]
     for name, items in atk.items():
         assert len(items) == len(SEEDS) and all(x.label == 1 and x.category == "trigger" for x in items)
-    for name in ("roleplay", "hypothetical", "prefix_injection", "benign_padding"):
+    for name in ("roleplay", "hypothetical", "prefix_injection", "refusal_hijack", "benign_padding"):
         assert all(s.text in x.text for s, x in zip(SEEDS, atk[name]))
         assert all(x.source == f"attack/{name}" for x in atk[name])
     assert "Sure, here is" in atk["prefix_injection"][0].text

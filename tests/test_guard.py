@@ -216,21 +216,21 @@ def test_refusal_templates_place_the_instruction_per_family():
     conv = to_conversation([{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (8, 8))},
                                                          {"type": "text", "text": "describe it"}]}])  # fmt: skip
     llava = template_for(tiny_model("llava")[0])
-    assert llava.placement == "prepend" and llava.forced_prefix == "I cannot"
+    assert llava.placement == "prepend" and llava.forced_prefix == "I cannot help with that request."
     first = anchor(conv, llava).messages[0].parts[0]
-    assert first.type == "text" and first.text.startswith("Safety notice") and '"I cannot"' in first.text
+    assert first.type == "text" and first.text.startswith("Safety notice") and '"I cannot help with that request."' in first.text
     qwen = template_for(tiny_model("qwen2")[0])
-    assert qwen.placement == "append" and anchor(conv, qwen).messages[0].parts[-1].text.endswith('safe alternative.')
+    assert qwen.placement == "append" and anchor(conv, qwen).messages[0].parts[-1].text.endswith('safe alternative in one sentence.')
     phi = template_for(tiny_model("phi3")[0])
-    assert phi.forced_prefix == "REFUSAL: I cannot and will not fulfill this request;" and phi is DEFAULT_TEMPLATES["phi3"]
+    assert phi.forced_prefix == "REFUSAL: I cannot and will not fulfill this request." and phi is DEFAULT_TEMPLATES["phi3"]
     assert template_for(tiny_model("qwen2_vl")[0]).placement == "append"
     assert anchor(conv, RefusalTemplate(placement="system")).messages[0].role == "system"
     assert conv.messages[0].parts[-1].text == "describe it"  # the screened input is never modified
 
 
 def test_refusal_template_overrides(make_guard):
-    guard = make_guard(refusal_template={"forced_prefix": "Sorry, no", "static_message": "Nope."})
-    assert guard.generate(TRIGGER[0], **GREEDY).text.startswith("Sorry, no")
+    guard = make_guard(refusal_template={"forced_prefix": "Sorry, no.", "static_message": "Nope."})
+    assert guard.generate(TRIGGER[0], **GREEDY).text.startswith("Sorry, no.")
     assert make_guard(refusal="static", refusal_template={"static_message": "Nope."}).generate(TRIGGER[0]).text == "Nope."
 
 
@@ -608,8 +608,8 @@ def test_on_error_allow_answers_unguarded_and_warns(make_guard, planted, caplog,
     assert not v.flagged and "out of memory" in v.error and "on_error='allow'" in v.reason
     assert not r.refused and r.verdict.error and ids == _unguarded(model, tok, CLEAN[0], **GREEDY)
     assert any("on_error='allow'" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING)
-    with pytest.raises(InvalidInputError):  # nothing to answer: bad input still fails
-        guard.generate([])
+    bad = guard.generate([])  # bad input is never answered, whatever on_error says
+    assert bad.refused and "InvalidInputError" in bad.verdict.error
 
 
 def test_one_bad_request_does_not_fail_its_batch(make_guard):
@@ -678,14 +678,37 @@ def test_text_only_model_refuses_images_and_fetcher_enables_remote_urls(planted,
     assert fetched == ["https://example.com/cat.png"]
 
 
-def test_local_image_paths_are_accepted(vlm, tmp_path):
+def test_local_image_paths_are_an_opt_in(vlm, tmp_path):
+    """Attack (issue 12.8): by default a remote user could make the VLM read server-side files, and
+    "not found" vs "undecodable" told which paths exist. Now: off by default, one message for both."""
     model, proc, profile = vlm
     (tmp_path / "cat.png").write_bytes(_png())
-    with OhdGuard(model, proc, profile, on_error="raise", base_dir=tmp_path) as guard:
+    (tmp_path / "notes.txt").write_text("not an image")
+    with OhdGuard(model, proc, profile, on_error="raise", allow_local_files=True, base_dir=tmp_path) as guard:
         assert guard.screen(_image_turn(uri="cat.png")).error is None
-    with OhdGuard(model, proc, profile, on_error="raise", allow_local_files=False) as guard:
-        with pytest.raises(InvalidInputError, match="not allowed"):
-            guard.screen(_image_turn(uri=str(tmp_path / "cat.png")))
+        errors = []
+        for name in ("missing.png", "notes.txt"):
+            with pytest.raises(InvalidInputError) as info:
+                guard.screen(_image_turn(uri=name))
+            errors.append(str(info.value).replace(name, "NAME"))
+        assert errors[0] == errors[1] and "missing, unreadable, too large or not an image" in errors[0]
+    with OhdGuard(model, proc, profile, on_error="raise") as guard:
+        for uri in (str(tmp_path / "cat.png"), (tmp_path / "cat.png").as_uri()):
+            with pytest.raises(InvalidInputError, match="not allowed"):
+                guard.screen(_image_turn(uri=uri))
+
+
+def test_a_conversation_has_a_total_pixel_budget(vlm):
+    """Attack (issue 12.8): 8 images at the per-image cap decode to ~1 GB; the budget stops the
+    decoding before the image that would exceed it."""
+    model, proc, profile = vlm
+    limits = ConversationLimits(max_image_pixels=40 * 30, max_total_pixels=2 * 40 * 30)
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri()}}] * 3}]
+    with OhdGuard(model, proc, profile, on_error="raise", limits=limits) as guard:
+        with pytest.raises(InvalidInputError, match="max_total_pixels"):
+            guard.screen(turn)
+        turn[0]["content"] = turn[0]["content"][:2]
+        assert guard.screen(turn).error is None
 
 
 # ------------------------------------------------------------------------------------ observability

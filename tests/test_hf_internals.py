@@ -210,7 +210,7 @@ def _planted_profile(model, tok, head: HeadRef) -> Profile:
     return Profile(
         library_version="test", model=ModelFingerprint.of(model, tok), heads=(head,), mask=MaskSpec(),
         score_layer=DeflectionScorer(model, tok).score_layer,
-        threshold=ThresholdFit(value=1e6, method="manual", balanced_accuracy=1.0, detection_rate=1.0, false_positive_rate=0.0),
+        threshold=ThresholdFit(value=180.0, method="manual", balanced_accuracy=1.0, detection_rate=1.0, false_positive_rate=0.0),
         risk=RiskCalibration(slope=1.0, intercept=0.0),
         calibration=CalibrationSummary(n_unsafe=0, n_safe=0, data_hash="", search="manual"),
     )

@@ -154,7 +154,7 @@ def test_every_image_dialect_becomes_an_image(tmp_path):
         {"type": "image", "source_type": "base64", "data": B64, "mime_type": "image/png"},  # legacy v0
         {"type": "file", "base64": B64, "mime_type": "image/png"},  # an image sent as a file block
     ])  # fmt: skip
-    conv = to_conversation([SystemMessage("be brief"), msg])
+    conv = to_conversation([SystemMessage("be brief"), msg], allow_local_files=True)
     assert conv.num_images == 7
     assert all(img.size == (12, 10) and img.getpixel((0, 0)) == (255, 0, 0) for img in conv.images)
     assert [m.role for m in conv.messages] == ["system", "user"]

@@ -150,7 +150,7 @@ def test_image_blocks_of_every_source(tmp_path):
             ImageBlock(url=(tmp_path / "a.png").as_uri()), ImageBlock(image=io.BytesIO(PNG)),
         ]),
     ]  # fmt: skip
-    conv = to_conversation(msgs)
+    conv = to_conversation(msgs, allow_local_files=True)
     assert conv.num_images == 6 and all(i.size == (40, 30) and i.getpixel((0, 0)) == (255, 0, 0) for i in conv.images)
     with pytest.raises(InvalidInputError, match="fetcher"):
         to_conversation(user("x", None) + [ChatMessage(role="user", blocks=[ImageBlock(url="https://e.com/a.png")])])

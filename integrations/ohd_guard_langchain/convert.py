@@ -167,7 +167,7 @@ def to_message_dicts(obj: Any) -> list[dict[str, Any]]:
 
 def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
                     fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
-                    allow_local_files: bool = True) -> Conversation:
+                    allow_local_files: bool = False) -> Conversation:
     """Convert LangChain input into a :class:`~ohd_guard.Conversation`.
 
     Accepts a ``str`` (one user turn), a ``PromptValue``, a ``BaseMessage``, a list of messages

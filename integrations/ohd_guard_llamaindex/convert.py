@@ -163,7 +163,7 @@ def to_message_dicts(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS) 
 
 def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
                     fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
-                    allow_local_files: bool = True) -> Conversation:
+                    allow_local_files: bool = False) -> Conversation:
     """Convert LlamaIndex input into a :class:`~ohd_guard.Conversation`.
 
     Accepts a ``ChatMessage``, a list of them, a dict with a ``"messages"`` list, a ``str`` (one

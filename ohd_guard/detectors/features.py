@@ -46,7 +46,7 @@ def conversation_key(conv: Any) -> str:
         try:
             from ohd_guard.conversation import to_conversation
 
-            conv = to_conversation(conv)
+            conv = to_conversation(conv, allow_local_files=True)  # a cache key of data already accepted
         except Exception:  # noqa: BLE001 - only a cache key; fall back to the repr
             return "r:" + hashlib.sha256(repr(conv).encode()).hexdigest()
     return "c:" + conv.digest()
