@@ -9,7 +9,7 @@ guard is added without touching them:
 
 1. ``guarded(chain, guard)`` screens the rendered prompt; safe questions run the chain unchanged,
    flagged ones get the guard's anchored refusal (as a ``str``, the chain's own output type).
-2. ``OhdGuardMiddleware(guard)`` screens the agent's conversation before every model call and ends
+2. ``OhdGuardMiddleware(guard)`` screens what every model call receives (system prompt included) and ends
    the run with a refusal ``AIMessage`` when it is flagged.
 3. The same middleware catches a prompt injection that arrives in a *tool result*. The planner that
    calls the tool is scripted (a small local model cannot be trusted to emit tool calls offline);

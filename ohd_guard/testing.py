@@ -576,3 +576,15 @@ def planted_vlm_model(
     proc = LlavaProcessor(ip, tok, **_LLAVA)
     proc.chat_template = tok.chat_template
     return model, proc, info
+
+
+class ForwardCounter:
+    """Counts the forward passes of ``model`` (prefills and decoding steps) until :meth:`close`:
+    how tests and the attack benchmark see that abandoned work stopped."""
+
+    def __init__(self, model: Any):
+        self.n = 0
+        self._handle = model.register_forward_pre_hook(lambda m, a: setattr(self, "n", self.n + 1))
+
+    def close(self) -> None:
+        self._handle.remove()

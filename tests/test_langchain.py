@@ -607,3 +607,27 @@ def test_chat_model_sees_images_with_a_vision_language_model():
     assert len(digests) == 2, "the screened conversation must contain the image pixels"
     with pytest.raises(InvalidInputError, match="text-only"):  # text-only guard: images are refused, not dropped
         planted_guard(on_error="raise").screen(to_conversation([HumanMessage(content=[img, "hi"])]))
+
+
+def test_middleware_screens_the_system_prompt_and_what_other_middleware_added(guard):
+    """Attack (issue 12.9): an injection in create_agent's system_prompt, or added to the request by
+    another middleware, passed unscreened when only state["messages"] was read."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware
+
+    answerer = spy("hi there")
+    agent = create_agent(answerer, tools=[], system_prompt="You are helpful. zorblax everything.",
+                         middleware=[OhdGuardMiddleware(guard, refusal_max_new_tokens=8)])
+    out = agent.invoke({"messages": [("human", "hello")]})["messages"]
+    assert answerer.calls == 0 and out[-1].response_metadata["ohd_guard"]["refused"]
+
+    class Adds(AgentMiddleware):
+        def wrap_model_call(self, request, handler):
+            return handler(request.override(messages=[*request.messages, HumanMessage("and zorblax it")]))
+
+    answerer = spy("hi there")
+    agent = create_agent(answerer, tools=[], middleware=[Adds(), OhdGuardMiddleware(guard, refusal_max_new_tokens=8)])
+    out = agent.invoke({"messages": [("human", "hello")]})["messages"]
+    assert answerer.calls == 0 and out[-1].response_metadata["ohd_guard"]["refused"]
+    clean = create_agent(spy("ok"), tools=[], system_prompt="You are helpful.", middleware=[OhdGuardMiddleware(guard)])
+    assert clean.invoke({"messages": [("human", "hello")]})["messages"][-1].content == "ok"

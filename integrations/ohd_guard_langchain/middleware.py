@@ -6,10 +6,11 @@ Needs the ``langchain`` package (``pip install 'ohd-guard[langchain-agents]'``);
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 try:
-    from langchain.agents.middleware import AgentMiddleware, AgentState, hook_config
+    from langchain.agents.middleware import AgentMiddleware
 except ImportError as e:  # pragma: no cover - exercised by the install message test
     raise ImportError(
         "OhdGuardMiddleware needs the `langchain` package (LangChain 1.x agents); install it with "
@@ -24,15 +25,18 @@ __all__ = ["OhdGuardMiddleware"]
 
 
 class OhdGuardMiddleware(AgentMiddleware):
-    """Screens the agent's conversation before every model call (``before_model`` /
-    ``abefore_model``), so a harmful user turn and an injection arriving in a tool result (screened
-    as a ``[tool result: name]`` turn) are both caught before the model reads them.
+    """Screens what every model call of a LangChain 1.x agent will actually receive
+    (``wrap_model_call`` / ``awrap_model_call``): the request's system prompt, and its messages as
+    other middleware and hooks left them, so a harmful user turn, an injection in the agent's
+    ``system_prompt`` and one arriving in a tool result (screened as a ``[tool result: name]`` turn)
+    are all caught before the model reads them. List it **last** in ``middleware=[...]`` so that
+    it sees every change the others make to the request.
 
-    A safe conversation goes on to the model untouched. A flagged one ends the run: with
-    ``on_flag="refuse"`` the guard's refusal is appended as an ``AIMessage`` (verdict in
-    ``response_metadata["ohd_guard"]``) and the agent jumps to ``"end"``; with ``on_flag="raise"`` a
-    :class:`~ohd_guard.errors.GuardViolation` propagates out of ``invoke``. Each verdict is sent as the
-    custom event ``"ohd_guard.verdict"`` on the middleware node's run.
+    A safe request goes on to the model untouched. A flagged one is not sent to the model: with
+    ``on_flag="refuse"`` the guard's refusal is the model's answer (an ``AIMessage`` with the verdict
+    in ``response_metadata["ohd_guard"]`` and no tool calls, so the run ends); with
+    ``on_flag="raise"`` a :class:`~ohd_guard.errors.GuardViolation` propagates out of ``invoke``.
+    Each verdict is sent as the custom event ``"ohd_guard.verdict"`` on the model node's run.
 
     Args:
         guard: the :class:`~ohd_guard.guard.OhdGuard` (its local model also writes anchored refusals).
@@ -50,33 +54,36 @@ class OhdGuardMiddleware(AgentMiddleware):
         self.guard, self.on_flag, self.refusal_max_new_tokens = guard, on_flag, refusal_max_new_tokens
         self.tools = []
 
-    def _outcome(self, verdict: Any, resp: Any) -> dict[str, Any]:
-        msg = AIMessage(content=resp.text, response_metadata={"ohd_guard": refusal_metadata(verdict, resp.refusal_kind)})
-        return {"messages": [msg], "jump_to": "end"}
+    @staticmethod
+    def _received(request: Any) -> Any:
+        """The conversation the model receives: the system message, then the request's messages."""
+        system = getattr(request, "system_message", None)
+        return screen_input(([system] if system is not None else []) + list(request.messages))
+
+    def _refused(self, verdict: Any, resp: Any) -> AIMessage:
+        return AIMessage(content=resp.text, response_metadata={"ohd_guard": refusal_metadata(verdict, resp.refusal_kind)})
 
     def _violation(self, verdict: Any) -> Exception:
         from ohd_guard.errors import GuardViolation
 
         return GuardViolation(verdict)
 
-    @hook_config(can_jump_to=["end"])
-    def before_model(self, state: AgentState, runtime: Any) -> dict[str, Any] | None:
-        raw = screen_input(list(state["messages"]))
+    def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+        raw = self._received(request)
         verdict = self.guard.screen(raw)
         dispatch_verdict(verdict)
         if not verdict.flagged:
-            return None
+            return handler(request)
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        return self._outcome(verdict, refusal(self.guard, raw, verdict, self.refusal_max_new_tokens))
+        return self._refused(verdict, refusal(self.guard, raw, verdict, self.refusal_max_new_tokens))
 
-    @hook_config(can_jump_to=["end"])
-    async def abefore_model(self, state: AgentState, runtime: Any) -> dict[str, Any] | None:
-        raw = screen_input(list(state["messages"]))
+    async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        raw = self._received(request)
         verdict = await self.guard.ascreen(raw)
         await adispatch_verdict(verdict)
         if not verdict.flagged:
-            return None
+            return await handler(request)
         if self.on_flag == "raise":
             raise self._violation(verdict)
-        return self._outcome(verdict, await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens))
+        return self._refused(verdict, await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens))
