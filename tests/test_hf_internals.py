@@ -44,18 +44,24 @@ def _future_warnings_are_errors():
 
 
 # ----------------------------------------------------------------------------- cache keywords
+def _first_layer_call(model, inputs):
+    """(args, kwargs) the model passed its first decoder layer in a cached forward, and the output."""
+    seen: dict = {}
+    layer = get_adapter(model).layers[0]
+    h = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kwargs=dict(kw)), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+    finally:
+        h.remove()
+    return seen["args"], seen["kwargs"], out
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_decoder_layers_get_the_cache_under_the_keyword_hf_internals_names(arch):
     model, processor = tiny_model(arch)
-    adapter = get_adapter(model)
-    seen: dict = {}
-    layer = adapter.layers[0]
-    h = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**_inputs(model, processor, ["hello there"]), use_cache=True)
-    finally:
-        h.remove()
+    layer = get_adapter(model).layers[0]
+    _, seen, _ = _first_layer_call(model, _inputs(model, processor, ["hello there"]))
     key = hf.layer_cache_keyword(layer)
     assert key in seen and seen[key] is not None, hf.moved(
         f"{type(layer).__name__}.forward cache keyword", f"expected {key!r}, the model passed {sorted(seen)}")
@@ -66,16 +72,10 @@ def test_decoder_layers_get_the_cache_under_the_keyword_hf_internals_names(arch)
 def test_a_layer_replayed_with_a_copied_cache_appends_to_the_copy_only(arch):
     """What the masked replay does: a decoder layer run on a layer-wise copy of the prefix cache."""
     model, tok = tiny_model(arch)
-    adapter = get_adapter(model)
-    captured: dict = {}
-    layer = adapter.layers[0]
-    hook = layer.register_forward_pre_hook(lambda m, a, kw: captured.update(args=a, kwargs=dict(kw)), with_kwargs=True)
+    layer = get_adapter(model).layers[0]
     inputs = _inputs(model, tok, ["hello there, how are you"])
-    try:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-    finally:
-        hook.remove()
+    args, kwargs, out = _first_layer_call(model, inputs)
+    captured = {"args": args, "kwargs": kwargs}
     cache = hf.output_cache(out)
     T = inputs["input_ids"].shape[1]
     prefix = hf.cropped_copy(cache, from_layer=0)
