@@ -117,7 +117,7 @@ def cmd_screen(args) -> int:
     for p in args.image or []:
         if not Path(p).is_file():
             args.parser.error(f"--image: no such file: {p}")
-    profile = Profile.load(args.profile or DEFAULT_PROFILE)
+    profile = Profile.load(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
     model, processor = _load(args)
     # the guard's own screening path (one-pass/two-pass, length limits, fail closed); the user's own
     # image files are theirs to read
@@ -130,7 +130,7 @@ def cmd_screen(args) -> int:
 def cmd_inspect(args) -> int:
     from ohd_guard.profile import Profile
 
-    p = Profile.load(args.profile or DEFAULT_PROFILE)
+    p = Profile.load(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
     if args.json:
         print(p.model_dump_json(indent=2))
         return 0
@@ -323,7 +323,7 @@ def cmd_eval(args) -> int:
     profile = None
     if "ohd" in names or {"ohd-fast", "ohd-exact"} & set(names):
         profile_path = args.profile or DEFAULT_PROFILE
-        loaded = Profile.load(profile_path)
+        loaded = Profile.load(profile_path, allow_edited=args.allow_edited)
         if args.profile is not None or "ohd" in names:
             loaded.verify(model, processor)  # ProfileMismatchError: exit 2 with the reason
             profile = loaded
@@ -438,12 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("text")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    s.add_argument("--profile", type=Path, default=None)
+    s.add_argument("--profile", type=Path, default=None, help="profile JSON (default: the shipped one)")
+    s.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     s.set_defaults(func=cmd_screen, parser=s)
 
     i = sub.add_parser("inspect", help="show a profile")
     i.add_argument("profile", type=Path, nargs="?", default=None)
     i.add_argument("--json", action="store_true")
+    i.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser(
@@ -460,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "refusal_direction_harmless), space- or comma-separated")
     e.add_argument("--profile", type=Path, default=None,
                    help="profile for 'ohd' (and the head of ohd-fast/ohd-exact); default: the shipped one")
+    e.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     e.add_argument("--detectors", type=_detector_list, action="append", default=None, metavar="NAMES",
                    help="comma-separated, from: " + ", ".join(EVAL_DETECTORS) + " (default: ohd; "
                         "none when --detector-file is given)")

@@ -221,18 +221,20 @@ class OhdGuard:
     @classmethod
     def load(
         cls, model_ref: Any = None, profile: str | Path | Profile | None = None, *,
-        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", **options: Any,
+        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", allow_edited: bool = False,
+        **options: Any,
     ) -> OhdGuard:
         """Load a model with :func:`~ohd_guard.loading.load_model` and guard it with ``profile``
         (a path or a Profile; default: the profile shipped for the embedded model). A profile that
-        was calibrated on another model is refused with ProfileMismatchError."""
+        was calibrated on another model is refused with ProfileMismatchError; one edited after
+        calibration (or written before profiles had a digest) needs ``allow_edited=True``."""
         from ohd_guard.loading import load_model
 
         if profile is None:
             from ohd_guard.cli import DEFAULT_PROFILE
 
             profile = DEFAULT_PROFILE
-        prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+        prof = profile if isinstance(profile, Profile) else Profile.load(profile, allow_edited=allow_edited)
         model, processor = load_model(model_ref, device=device, dtype=dtype)
         return cls(model, processor, prof, **options)
 

@@ -233,3 +233,16 @@ def test_a_refusal_template_must_force_a_complete_sentence():
 
     with pytest.raises(ValidationError, match="complete refusal sentence"):
         RefusalTemplate(forced_prefix="I cannot")
+
+
+def test_the_cli_refuses_an_edited_profile_unless_told(planted, tmp_path, capsys):
+    from ohd_guard.cli import main
+
+    model, tok, profile = planted
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    path = _edit(profile, tmp_path, lambda r: r.pop("digest"))  # as written before profiles had a digest
+    args = ["screen", "--model", str(tmp_path / "model"), "--profile", str(path), TRIGGER[0]]
+    assert main(args) == 2 and "no content digest" in capsys.readouterr().err
+    assert main([*args, "--allow-edited"]) == 0 and json.loads(capsys.readouterr().out)["flagged"]
+    assert main(["inspect", str(path), "--allow-edited"]) == 0
