@@ -252,16 +252,23 @@ class _State:
         return self._local(src, mi, pi)
 
     def _local(self, raw: str, mi: int | None, pi: int | None) -> Image.Image:
-        """A local image file, with ONE message for every failure past the permission checks:
-        "not found" vs "undecodable" would tell a remote user which server paths exist."""
+        """A local image file: refused unless allowed, confined to ``base_dir`` when given, and past
+        those checks ONE message for every failure ("not found" vs "undecodable" would tell a remote
+        user which server paths exist; the detail is the error's cause)."""
         if not self.allow_local_files:
             _fail(f"local image files are not allowed here: {_short(raw)!r} (OhdGuard(allow_local_files=True) "
                   "opts in, for trusted input only)", mi, pi)
+        p = Path(raw)
+        if self.base_dir is not None:
+            try:
+                p = (self.base_dir / p).resolve()
+            except (OSError, ValueError) as e:  # e.g. an embedded NUL byte
+                _fail(f"bad image path {_short(raw)!r}: {e}", mi, pi, e)
+            if not p.is_relative_to(self.base_dir):
+                _fail(f"image path {_short(raw)!r} is outside base_dir", mi, pi)
         try:
-            return _decode_bytes(self._read_file(raw, mi, pi), self.limits, mi, pi, self.n_pixels)
+            return _decode_bytes(self._read_file(p, raw, mi, pi), self.limits, mi, pi, self.n_pixels)
         except InvalidInputError as e:
-            if "outside base_dir" in str(e):
-                raise
             _fail(f"cannot use local image file {_short(raw)!r}: missing, unreadable, too large or not an image",
                   mi, pi, e)
 
@@ -277,18 +284,11 @@ class _State:
             _fail(f"fetcher returned {type(data).__name__} for {_short(url)!r}, expected bytes", mi, pi)
         return bytes(data)
 
-    def _read_file(self, raw: str, mi: int | None, pi: int | None) -> bytes:
-        """Read a local image, capped at max_image_bytes (``/dev/zero`` reports size 0) and, with
-        base_dir, confined to it, because paths in a conversation may come from an untrusted user."""
-        if not self.allow_local_files:
-            _fail(f"local image files are not allowed here: {_short(raw)!r}", mi, pi)
+    def _read_file(self, p: Path, raw: str, mi: int | None, pi: int | None) -> bytes:
+        """Read a local image (``p``, already allowed and confined by :meth:`_local`), capped at
+        max_image_bytes (``/dev/zero`` reports size 0)."""
         cap = self.limits.max_image_bytes
         try:
-            p = Path(raw)
-            if self.base_dir is not None:
-                p = (self.base_dir / p).resolve()
-                if not p.is_relative_to(self.base_dir):
-                    _fail(f"image path {_short(raw)!r} is outside base_dir", mi, pi)
             if not p.exists():
                 _fail(f"image file not found: {_short(str(p), 200)!r}", mi, pi)
             if not p.is_file():

@@ -700,20 +700,19 @@ class _StreamState:
     worker) holds only this, never the stream object, so a stream dropped by ``break`` or garbage
     collection is really collected, and its ``__del__`` stops the decoding loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, raw: Any, gen_kwargs: dict[str, Any]) -> None:
+        self.raw, self.gen_kwargs, self.t0 = raw, gen_kwargs, time.perf_counter()
         self.cancel = threading.Event()
         self.verdict: Verdict | None = None
         self.response: GuardedResponse | None = None
 
-
-def _produce(guard: OhdGuard, raw: Any, kw: dict[str, Any], t0: float, state: _StreamState,
-             push: Callable[[Any], None]) -> None:
-    try:
-        state.response = guard._respond(raw, t0, kw, on_chunk=push, on_verdict=lambda v: setattr(state, "verdict", v),
-                                        cancel=state.cancel)  # fmt: skip
-        push(_END)
-    except BaseException as e:
-        push(_Failure(e))
+    def produce(self, guard: OhdGuard, push: Callable[[Any], None]) -> None:
+        try:
+            self.response = guard._respond(self.raw, self.t0, self.gen_kwargs, on_chunk=push, cancel=self.cancel,
+                                           on_verdict=lambda v: setattr(self, "verdict", v))  # fmt: skip
+            push(_END)
+        except BaseException as e:
+            push(_Failure(e))
 
 
 class _StreamBase:
@@ -721,10 +720,8 @@ class _StreamBase:
     ``response`` once the stream is exhausted."""
 
     def __init__(self, guard: OhdGuard, raw: Any, gen_kwargs: dict[str, Any]):
-        self._guard, self._raw, self._kw = guard, raw, gen_kwargs
-        self._state = _StreamState()
-        self._cancel = self._state.cancel
-        self._t0 = time.perf_counter()
+        self._guard = guard
+        self._state = _StreamState(raw, gen_kwargs)
         self._done = False
 
     @property
@@ -758,22 +755,22 @@ class GuardedStream(_StreamBase):
             raise StopIteration
         if self._thread is None:
             self._q: queue.Queue = queue.Queue()
-            guard, raw, kw, t0, state, q = self._guard, self._raw, self._kw, self._t0, self._state, self._q
+            guard, state, q = self._guard, self._state, self._q
 
             def run() -> None:  # references the state, not the stream
                 with guard._lock:
-                    _produce(guard, raw, kw, t0, state, q.put)
+                    state.produce(guard, q.put)
 
             self._thread = threading.Thread(target=run, name="ohd-guard-stream", daemon=True)
             self._thread.start()
         return self._item(self._q.get())
 
     def close(self) -> None:
-        self._cancel.set()
+        self._state.cancel.set()
         self._done = True
 
     def __del__(self) -> None:
-        self._cancel.set()
+        self._state.cancel.set()
 
 
 class AsyncGuardedStream(_StreamBase):
@@ -790,7 +787,7 @@ class AsyncGuardedStream(_StreamBase):
         if self._q is None:
             loop = asyncio.get_running_loop()
             self._q = asyncio.Queue()
-            guard, raw, kw, t0, state, q = self._guard, self._raw, self._kw, self._t0, self._state, self._q
+            guard, state, q = self._guard, self._state, self._q
 
             def push(item: Any) -> None:
                 try:
@@ -798,18 +795,18 @@ class AsyncGuardedStream(_StreamBase):
                 except RuntimeError:  # loop closed: the consumer is gone
                     state.cancel.set()
 
-            self._job = guard._submit("call", fn=lambda: _produce(guard, raw, kw, t0, state, push), cancel=state.cancel)
+            self._job = guard._submit("call", fn=lambda: state.produce(guard, push), cancel=state.cancel)
         try:
             return self._item(await self._q.get())
         except StopIteration:
             raise StopAsyncIteration from None
         except asyncio.CancelledError:
-            self._cancel.set()
+            self._state.cancel.set()
             raise
 
     async def aclose(self) -> None:
-        self._cancel.set()
+        self._state.cancel.set()
         self._done = True
 
     def __del__(self) -> None:
-        self._cancel.set()
+        self._state.cancel.set()

@@ -14,6 +14,7 @@ Versions tested: :data:`TESTED_TRANSFORMERS` (also the range ``pyproject.toml`` 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -57,9 +58,11 @@ def _parameters(fn: Callable) -> set[str]:
         return set()
 
 
+@functools.lru_cache(maxsize=None)
 def cache_keyword(fn: Callable) -> str:
     """The keyword ``fn`` (a model's or a decoder layer's ``forward``, ``generate``) takes its KV cache
-    under: ``cache`` on transformers >= 5.24, ``past_key_values`` before."""
+    under: ``cache`` on transformers >= 5.24, ``past_key_values`` before. Memoised: the masked replay
+    asks once per layer per screening."""
     params = _parameters(fn)
     for name in CACHE_NAMES:
         if name in params:

@@ -579,12 +579,20 @@ def planted_vlm_model(
 
 
 class ForwardCounter:
-    """Counts the forward passes of ``model`` (prefills and decoding steps) until :meth:`close`:
-    how tests and the attack benchmark see that abandoned work stopped."""
+    """Records the forward passes of ``model`` until :meth:`close`: ``lengths`` holds how many input
+    tokens each was fed (a prefill: many, a decoding step: 1), ``n`` how many there were. How tests and
+    the attack benchmark see that the answer started from the screening prefill, or that abandoned
+    work stopped."""
 
     def __init__(self, model: Any):
-        self.n = 0
-        self._handle = model.register_forward_pre_hook(lambda m, a: setattr(self, "n", self.n + 1))
+        self.lengths: list[int] = []
+        self._handle = model.register_forward_pre_hook(
+            lambda m, a, kw: self.lengths.append((kw.get("input_ids") if "input_ids" in kw else a[0]).shape[1]),
+            with_kwargs=True)
+
+    @property
+    def n(self) -> int:
+        return len(self.lengths)
 
     def close(self) -> None:
         self._handle.remove()

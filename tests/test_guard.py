@@ -31,7 +31,7 @@ from ohd_guard.profile import CalibrationSummary, ModelFingerprint, Profile
 from ohd_guard.refusal import DEFAULT_TEMPLATES, RefusalTemplate, anchor, template_for
 from ohd_guard.rendering import is_multimodal
 from ohd_guard.scoring import DeflectionScorer
-from ohd_guard.testing import TINY_ARCHS, planted_head_model, tiny_model
+from ohd_guard.testing import TINY_ARCHS, ForwardCounter, planted_head_model, tiny_model
 from ohd_guard.threshold import RiskCalibration, ThresholdFit
 
 _WORDS = "the a cat dog sun moon story poem water fire light house city river song game tree bird".split()
@@ -100,12 +100,11 @@ def _unguarded(model, processor, conversation, **kw) -> list[int]:
 @contextmanager
 def _forward_lengths(model):
     """Records how many tokens each forward pass of ``model`` is fed."""
-    lengths: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    forwards = ForwardCounter(model)
     try:
-        yield lengths
+        yield forwards.lengths
     finally:
-        handle.remove()
+        forwards.close()
 
 
 def _answered_from_screening(lengths: list[int], n_answer_tokens: int) -> bool:

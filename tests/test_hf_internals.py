@@ -20,7 +20,7 @@ from ohd_guard.guard import OhdGuard
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.profile import CalibrationSummary, ModelFingerprint, Profile
 from ohd_guard.scoring import DeflectionScorer
-from ohd_guard.testing import TINY_ARCHS, planted_head_model, tiny_model
+from ohd_guard.testing import TINY_ARCHS, ForwardCounter, planted_head_model, tiny_model
 from ohd_guard.threshold import RiskCalibration, ThresholdFit
 
 TEXT_ARCHS = ("llama", "qwen2", "mistral", "phi3")
@@ -222,12 +222,6 @@ def _planted_guard():
     return model, tok, OhdGuard(model, tok, _planted_profile(model, tok, head), verify=False)
 
 
-def _prefill_count(model):
-    lengths: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
-    return lengths, handle
-
-
 def _unguarded(model, tok, text, **kw):
     inputs = DeflectionScorer(model, tok).encode([text])
     with torch.no_grad():
@@ -247,13 +241,13 @@ def test_without_the_prefill_internal_the_guard_answers_from_a_second_prefill(mo
 
     monkeypatch.setattr(GenerationMixin, "_prefill", renamed)
     assert hf.prefill_method(model) is None
-    lengths, handle = _prefill_count(model)
+    forwards = ForwardCounter(model)
     try:
         r = guard.generate("tell me a story about cats", **GREEDY)
     finally:
-        handle.remove()
+        forwards.close()
     assert not r.refused and r.text == _unguarded(model, tok, "tell me a story about cats", **GREEDY)
-    assert sum(n > 1 for n in lengths) == 2  # screening + generate's own prefill
+    assert sum(n > 1 for n in forwards.lengths) == 2  # screening + generate's own prefill
 
 
 def test_when_generate_does_not_take_the_prefill_the_guard_regenerates_before_any_token(monkeypatch, caplog):
