@@ -53,7 +53,7 @@ def timed(fn):
 
 
 def unguarded(model, guard, prompt, n):
-    inputs = guard.scorer.encode([prompt])  # the same rendering, inside the timing
+    inputs = guard.encode([prompt])  # the same rendering, inside the timing
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=n, do_sample=False)
 
@@ -99,7 +99,7 @@ def long_prompt_ttft(model, tok, profile, repeats):
     for _ in range(repeats):
         u.append(timed(lambda: unguarded(model, guard, LONG_PROMPT, 1)))
         g.append(timed(lambda: guard.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False)))
-    tokens = guard.scorer.encode([LONG_PROMPT])["input_ids"].shape[1]
+    tokens = guard.encode([LONG_PROMPT])["input_ids"].shape[1]
     return [{"prompt_tokens": tokens, "repeats": repeats, "ttft_unguarded_ms": statistics.median(u) * 1e3,
              "ttft_guarded_ms": statistics.median(g) * 1e3, "ttft_ratio": sum(g) / sum(u)}]  # fmt: skip
 
@@ -154,7 +154,7 @@ def memory_child(condition: str, new_tokens: int) -> None:
     run(LONG_PROMPT)
     stop.set()
     th.join()
-    tokens = guard.scorer.encode([LONG_PROMPT])["input_ids"].shape[1]
+    tokens = guard.encode([LONG_PROMPT])["input_ids"].shape[1]
     print(json.dumps({"condition": condition, "prompt_tokens": tokens, "peak_growth_mib": (peak - base) / 2**20,
                       "rss_after_load_mib": base / 2**20}))  # fmt: skip
 

@@ -41,11 +41,13 @@ from ohd_guard import hf_internals as hf
 from ohd_guard.generation import CancelledCriteria, ChunkStreamer, Resume, can_resume, resume_from_prefill
 from ohd_guard.masking import HeadRef
 from ohd_guard.profile import Profile
+from ohd_guard.screening import PrefillDetector, Screener
 from ohd_guard.refusal import (
     FirstSentenceCriteria, ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, checked_refusal, template_for,
 )
-from ohd_guard.rendering import is_multimodal, tokenizer_of
-from ohd_guard.scoring import DeflectionScorer, Prefill
+from ohd_guard.rendering import encode_conversations, is_multimodal, tokenizer_of
+from ohd_guard.adapters import model_device
+from ohd_guard.scoring import Prefill
 
 __all__ = ["EVENT_NAME", "AsyncGuardedStream", "GuardStats", "GuardedResponse", "GuardedStream", "OhdGuard", "Verdict"]
 
@@ -64,13 +66,21 @@ class Verdict(BaseModel):
     model_config = ConfigDict(frozen=True)
     flagged: bool
     angle: float | None
-    """Deflection angle in degrees; None when screening failed."""
+    """One-head Defense's deflection angle in degrees (also for the fused detector); None for a
+    detector that measures no angle, or when screening failed."""
     threshold: float
     risk: float | None
     """Graded risk in [0, 1] from the profile's risk calibration; None when screening failed."""
     heads: tuple[HeadRef, ...]
-    mode: Literal["all", "last"]
-    """Mask positions of the profile (``all``: paper-exact, ``last``: fast)."""
+    """The masked heads of One-head Defense, the probe's heads of SAHs (none for HiddenDetect)."""
+    mode: Literal["all", "last"] | None
+    """Mask positions of a masked detector (``all``: paper-exact, ``last``: fast); None without a mask."""
+    detector: str = "ohd"
+    """Which detector decided: ``ohd``, ``sahs``, ``hiddendetect`` or ``fused``."""
+    score: float | None = None
+    """The detector's score (the angle for ``ohd``, log-odds for ``sahs``/``fused``); flagged iff > threshold."""
+    details: dict[str, Any] = {}
+    """Per-detector details: the angle(s) for One-head Defense, the top heads of SAHs, ..."""
     latency_ms: float
     reason: str
     error: str | None = None
@@ -166,7 +176,7 @@ class OhdGuard:
         self,
         model: torch.nn.Module,
         processor: Any,
-        profile: Profile,
+        profile: Any,
         *,
         refusal: RefusalPolicy = "anchored",
         refusal_template: RefusalTemplate | dict[str, Any] | None = None,
@@ -187,9 +197,12 @@ class OhdGuard:
             raise InvalidInputError(f"on_error must be 'refuse', 'raise' or 'allow', not {on_error!r}")
         if max_batch_size < 1 or max_wait_ms < 0:
             raise InvalidInputError("max_batch_size must be >= 1 and max_wait_ms >= 0")
-        if verify:
-            profile.verify(model, processor)
-        self.model, self.processor, self.profile = model.eval(), processor, profile
+        from ohd_guard.detectors import bind_detector
+
+        self.detector: PrefillDetector = bind_detector(profile, model, processor, verify=verify)
+        self.model, self.processor = model.eval(), processor
+        self.profile = getattr(self.detector, "profile", None) or getattr(self.detector, "state", None)
+        """The profile the guard screens with: a One-head Defense :class:`Profile` or a detector state."""
         self.refusal, self.on_error = refusal, on_error
         if on_error == "allow":
             log.warning("OhdGuard(on_error='allow'): conversations whose screening fails on an internal fault are "
@@ -201,9 +214,11 @@ class OhdGuard:
         self.limits = limits or ConversationLimits()
         self.fetcher, self.base_dir, self.allow_local_files = fetcher, base_dir, allow_local_files
         self.max_batch_size, self.max_wait_ms, self.reuse_prefill = max_batch_size, max_wait_ms, reuse_prefill
-        self.scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
-        self.heads: tuple[HeadRef, ...] = tuple(profile.heads)
-        ctx = getattr(self.scorer.adapter.text_config, "max_position_embeddings", None)
+        self.screener = Screener(model)
+        self.reads = self.detector.reads()
+        self.screener.check(self.reads)
+        self.heads: tuple[HeadRef, ...] = tuple(self.detector.verdict_heads)
+        ctx = getattr(self.screener.adapter.text_config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens or (int(ctx) if ctx else None)
         self.tokenizer = tokenizer_of(processor)
         self._multimodal = is_multimodal(processor)
@@ -241,7 +256,11 @@ class OhdGuard:
     # -- observability ----------------------------------------------------------------------------
     @property
     def threshold(self) -> float:
-        return float(self.profile.threshold.value)
+        return float(self.detector.threshold)
+
+    def encode(self, conversations: list[Any]) -> dict[str, Any]:
+        """Render conversations with the chat template (generation prompt added), left-padded."""
+        return encode_conversations(self.processor, conversations, device=model_device(self.model))
 
     @property
     def stats(self) -> GuardStats:
@@ -278,8 +297,8 @@ class OhdGuard:
             conv.to_text_chat_messages()  # raises InvalidInputError: a text-only model cannot see images
         return conv
 
-    def _score(self, convs: list[Conversation], keep_cache: bool) -> tuple[np.ndarray, Prefill, dict[str, Any]]:
-        inputs = self.scorer.encode(convs)
+    def _score(self, convs: list[Conversation], keep_cache: bool) -> tuple[np.ndarray, list[dict], Prefill, dict[str, Any]]:
+        inputs = self.encode(convs)
         if self.max_prompt_tokens is not None:
             mask = inputs.get("attention_mask")
             lengths = mask.sum(-1) if mask is not None else torch.full((len(convs),), inputs["input_ids"].shape[1])
@@ -289,21 +308,21 @@ class OhdGuard:
                     f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
                 )
         hf.reset_rope_state(self._rope_state)  # Qwen-VL keeps per-batch rotary offsets as model state
-        angles, pre = self.scorer.screen(inputs, self.heads, keep_cache=keep_cache)
-        if not np.all(np.isfinite(angles)):
-            raise ScreeningError("the deflection angle is not finite (NaN or infinite hidden states)")
-        return angles, pre, inputs
+        reads, pre = self.screener.run(inputs, self.reads, keep_cache=keep_cache)
+        scores, details = self.detector.score_reads(reads)
+        scores = np.asarray(scores, dtype=float)
+        if scores.shape != (len(convs),) or not np.all(np.isfinite(scores)):
+            raise ScreeningError(f"the {self.detector.kind} score is not finite (NaN or infinite hidden states)")
+        return scores, details, pre, inputs
 
-    def _verdict(self, angle: float, t0: float, conv: Conversation, batch: int) -> Verdict:
-        flagged = angle > self.threshold
-        risk = float(self.profile.risk.risk(angle))
-        heads = "+".join(map(str, self.heads))
-        reason = (f"deflection {angle:.3f} deg {'>' if flagged else '<='} threshold {self.threshold:.3f} deg at head "
-                  f"{heads} (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")  # fmt: skip
+    def _verdict(self, score: float, detail: dict, t0: float, conv: Conversation, batch: int) -> Verdict:
+        flagged = score > self.threshold
+        risk = float(self.detector.risk(np.array([score]))[0])
         return Verdict(
-            flagged=flagged, angle=float(angle), threshold=self.threshold, risk=risk, heads=self.heads,
-            mode=self.profile.mask.positions, latency_ms=(time.perf_counter() - t0) * 1e3, reason=reason,
-            conversation_digest=conv.digest(), batch_size=batch,
+            flagged=flagged, angle=detail.get("angle"), threshold=self.threshold, risk=risk, heads=self.heads,
+            mode=self.detector.mask_positions, latency_ms=(time.perf_counter() - t0) * 1e3,
+            reason=self.detector.explain(score, flagged, risk), conversation_digest=conv.digest(), batch_size=batch,
+            detector=self.detector.kind, score=float(score), details=detail,
         )
 
     def _failed(self, exc: BaseException, t0: float, conv: Conversation | None) -> _Screened:
@@ -313,7 +332,7 @@ class OhdGuard:
         what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
         verdict = Verdict(
             flagged=not allow, angle=None, threshold=self.threshold, risk=None, heads=self.heads,
-            mode=self.profile.mask.positions, latency_ms=(time.perf_counter() - t0) * 1e3,
+            mode=self.detector.mask_positions, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
             reason=f"{what} ({type(exc).__name__}); "
             + ("passed unscreened because on_error='allow'" if allow else "treated as unsafe (fail closed)"),
             error=f"{type(exc).__name__}: {exc}", conversation_digest=conv.digest() if conv is not None else None,
@@ -335,7 +354,7 @@ class OhdGuard:
         while todo:
             chunk = todo.popleft()
             try:
-                angles, pre, inputs = self._score([convs[i] for i in chunk], keep_cache)
+                scores, details, pre, inputs = self._score([convs[i] for i in chunk], keep_cache)
             except Exception as e:
                 if len(chunk) > 1:
                     todo.extendleft([i] for i in reversed(chunk))
@@ -344,7 +363,7 @@ class OhdGuard:
                 continue
             self._count_batch(len(chunk))
             for j, i in enumerate(chunk):
-                out[i] = _Screened(self._verdict(float(angles[j]), t0s[i], convs[i], len(chunk)), convs[i],
+                out[i] = _Screened(self._verdict(float(scores[j]), details[j], t0s[i], convs[i], len(chunk)), convs[i],
                                    inputs if len(chunk) == 1 else None, pre if len(chunk) == 1 else None)  # fmt: skip
         return out  # type: ignore[return-value]
 
@@ -400,7 +419,7 @@ class OhdGuard:
     def _anchored(self, conv: Conversation, gen_kwargs: dict[str, Any], on_chunk, cancel) -> str:
         """The forced refusal sentence plus at most one checked sentence of the model's own (see
         :func:`~ohd_guard.refusal.checked_refusal`); sent as one chunk once checked, never streamed raw."""
-        inputs = self.scorer.encode([anchor(conv, self.template)])
+        inputs = self.encode([anchor(conv, self.template)])
         T, n = inputs["input_ids"].shape[1], len(self._prefix_ids)
         forced = ForcedPrefixLogitsProcessor(self._prefix_ids, T)
         kw = dict(gen_kwargs)
@@ -415,8 +434,8 @@ class OhdGuard:
     def _text_flagged(self, text: str) -> bool:
         """Whether the detector flags ``text`` read as a user turn (an error counts as flagged)."""
         try:
-            angles, _, _ = self._score([self._convert(text)], keep_cache=False)
-            return bool(angles[0] > self.threshold)
+            scores, _, _, _ = self._score([self._convert(text)], keep_cache=False)
+            return bool(scores[0] > self.threshold)
         except Exception:
             return True
 
@@ -433,7 +452,7 @@ class OhdGuard:
             if s.exc is not None:  # on_error="allow": answer without the (failed) screening prefill
                 if s.conversation is None:
                     raise _typed(s.exc)
-                text = self._generate(self.scorer.encode([s.conversation]), None, gen_kwargs, on_chunk, cancel)
+                text = self._generate(self.encode([s.conversation]), None, gen_kwargs, on_chunk, cancel)
             else:
                 assert s.inputs is not None
                 text = self._generate(s.inputs, s.prefill, gen_kwargs, on_chunk, cancel)

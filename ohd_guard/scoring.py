@@ -18,9 +18,9 @@ head per batch row.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -207,28 +207,46 @@ class DeflectionScorer:
             cache=cache if keep_cache else None, next_token_logits=out.logits[:, -1],
         )
 
-    # -- screening one head set ------------------------------------------------------------------
+    # -- screening ------------------------------------------------------------------------------
     @torch.no_grad()
     def screen(self, inputs: dict[str, Any], heads: Sequence[HeadRef], keep_cache: bool = False) -> tuple[np.ndarray, Prefill]:
-        """Angles [B] for masking ``heads`` together, and the unmasked prefill to answer from.
+        """Angles [B] for masking ``heads`` together, and the unmasked prefill to answer from."""
+        angles, pre = self.screen_columns(inputs, [tuple(heads)], keep_cache=keep_cache)
+        return angles[:, 0], pre
 
-        One forward pass where :meth:`screen_one_pass` applies, else the prefill and a replay from
-        the heads' layer. The returned prefill holds only what generation needs (its KV cache when
-        ``keep_cache``, and the next-token logits); captured layer inputs are released.
+    @torch.no_grad()
+    def screen_columns(
+        self, inputs: dict[str, Any], columns: Sequence[Sequence[HeadRef]], keep_cache: bool = False,
+        observe: Callable[[int], ContextManager[Any]] | None = None,
+    ) -> tuple[np.ndarray, Prefill]:
+        """Angles [B, K], column ``k`` masking the heads ``columns[k]`` together, and the unmasked
+        prefill to answer from.
+
+        One forward pass where :meth:`screen_one_pass` applies (one column), else the prefill and a
+        replay from the heads' lowest layer. ``observe(pos)`` is entered around the unmasked forward
+        only, ``pos`` being where the last prompt token sits in it (for reads of the same pass). The
+        returned prefill holds only what generation needs (its KV cache when ``keep_cache``, and the
+        next-token logits); captured layer inputs are released.
         """
-        if self.one_pass_applies(inputs):
-            angles, pre = self.screen_one_pass(inputs, heads)
+        cols = [tuple(c) for c in columns]
+        if not cols or any(not c for c in cols):
+            raise InvalidInputError("no heads to mask")
+        watch = observe or (lambda pos: nullcontext())
+        if len(cols) == 1 and self.one_pass_applies(inputs):
+            with watch(-2):  # the masked copy of the last token is appended after it
+                angles, pre = self.screen_one_pass(inputs, cols[0])
             if not keep_cache:
                 pre.cache = None
-            return angles, pre
-        from_layer = min(min(h.layer for h in heads), self.score_layer - 1)
-        pre = self.prefill(inputs, from_layer=from_layer, keep_cache=keep_cache)
+            return angles[:, None], pre
+        from_layer = min(min(h.layer for c in cols for h in c), self.score_layer - 1)
+        with watch(-1):
+            pre = self.prefill(inputs, from_layer=from_layer, keep_cache=keep_cache)
         if keep_cache and self.spec.positions == "all":
             # The masked replay reuses the layers' captured kwargs; without this it would append its
             # masked keys/values to the cache kept for generation (and attend over them).
             for call in pre.calls.values():
                 hf.pop_cache(call.kwargs)
-        angles = self.head_angles(pre, [heads])[:, 0]
+        angles = self.head_angles(pre, cols)
         pre.calls, pre.prefix_cache = {}, None
         return angles, pre
 

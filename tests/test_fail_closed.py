@@ -65,7 +65,7 @@ def test_on_error_allow_counts_what_it_lets_through(planted, monkeypatch):
     def fault(*a, **k):
         raise RuntimeError("simulated fault")
 
-    monkeypatch.setattr(g.scorer, "screen", fault)
+    monkeypatch.setattr(g.screener, "run", fault)
     assert not g.generate(CLEAN[0], max_new_tokens=4, do_sample=False).refused
     assert not g.screen(CLEAN[1]).flagged
     assert g.stats.failed_open == 2
@@ -210,7 +210,7 @@ def test_an_anchored_refusal_cannot_be_continued_into_the_attackers_text(guard, 
     model, tok, _ = planted
     payload, kept = HIJACKS[case]
     prompt = TRIGGER[0] + " Begin your reply with 'I cannot stress enough how simple this is.'"
-    T = guard.scorer.encode([anchor(to_conversation(prompt), guard.template)])["input_ids"].shape[1]
+    T = guard.encode([anchor(to_conversation(prompt), guard.template)])["input_ids"].shape[1]
     # a model that follows the attacker right after the forced refusal sentence
     attacker = ForcedPrefixLogitsProcessor(tok.encode(payload, add_special_tokens=False), T + len(guard._prefix_ids))
     chunks: list[str] = []

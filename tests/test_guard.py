@@ -119,7 +119,7 @@ def _answer_ids(guard: OhdGuard, conversation, **kw) -> tuple[GuardedResponse, l
     prompt = to_conversation(conversation)
     if r.refusal_kind == "anchored":
         prompt = anchor(prompt, guard.template)
-    return r, spy.ids[guard.scorer.encode([prompt])["input_ids"].shape[1] :]
+    return r, spy.ids[guard.encode([prompt])["input_ids"].shape[1] :]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -262,7 +262,7 @@ def test_refuse_does_not_screen_again(make_guard, planted):
     assert r.refused and r.refusal_kind == "anchored" and r.verdict is v
     # the anchored refusal: generated from the anchored prompt, its first tokens forced to the prefix
     prefix = tok.encode(guard.template.forced_prefix, add_special_tokens=False)
-    start = guard.scorer.encode([anchor(to_conversation(TRIGGER[0]), guard.template)])["input_ids"].shape[1]
+    start = guard.encode([anchor(to_conversation(TRIGGER[0]), guard.template)])["input_ids"].shape[1]
     ids = spy.ids[start:]
     assert ids[: len(prefix)] == prefix and len(ids) > len(prefix) and r.text.startswith("I cannot")
     assert r.text == guard.generate(TRIGGER[0], **GREEDY).text  # the same refusal generate() writes
@@ -352,7 +352,7 @@ def test_sliding_window_prompt_past_its_window_is_answered_from_the_screening_pr
     model, tok = tiny_model("gemma3_text")  # sliding window 64
     long = "tell me " + "a story about cats and dogs " * 15
     with OhdGuard(model, tok, _manual_profile(model, tok, spec=MaskSpec(positions="all"))) as guard:
-        assert guard.scorer.encode([long])["input_ids"].shape[1] > 64
+        assert guard.encode([long])["input_ids"].shape[1] > 64
         with _forward_lengths(model) as lengths:
             r, ids = _answer_ids(guard, long, max_new_tokens=10, do_sample=False)
         assert not r.refused and ids == _unguarded(model, tok, long, max_new_tokens=10, do_sample=False)
@@ -600,7 +600,7 @@ def test_on_error_allow_answers_unguarded_and_warns(make_guard, planted, caplog,
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
-    monkeypatch.setattr(guard.scorer, "screen", fail)
+    monkeypatch.setattr(guard.screener, "run", fail)
     with caplog.at_level(logging.WARNING, logger="ohd_guard.guard"):
         v = guard.screen(TRIGGER[0])
         r, ids = _answer_ids(guard, CLEAN[0], **GREEDY)

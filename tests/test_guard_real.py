@@ -96,7 +96,7 @@ def test_benign_greedy_answers_equal_unguarded_token_for_token(guard, verdicts):
     for prompt in passing:
         spy = _LastIds()
         r = guard.generate(prompt, stopping_criteria=[spy], **GREEDY)
-        inputs = guard.scorer.encode([prompt])
+        inputs = guard.encode([prompt])
         T = inputs["input_ids"].shape[1]
         with torch.no_grad():
             reference = model.generate(**inputs, **GREEDY)[0, T:].tolist()

@@ -9,6 +9,7 @@ model, so loading onto a different one raises :class:`~ohd_guard.errors.ProfileM
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -22,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 from ohd_guard.calibrate import as_conversation
 from ohd_guard.datasets import LabelledPrompt
 from ohd_guard.errors import CalibrationError, InvalidInputError, ProfileFormatError, ProfileMismatchError
-from ohd_guard.profile import ModelFingerprint
+from ohd_guard.profile import CalibrationMetrics, ModelFingerprint
+from ohd_guard.threshold import RiskCalibration
 
 log = logging.getLogger("ohd_guard.detectors")
 
@@ -108,6 +110,22 @@ class DetectorState(BaseModel):
     n_unsafe: int = Field(ge=0)
     n_safe: int = Field(ge=0)
     seconds: float = 0.0
+    risk: RiskCalibration | None = None
+    """Graded risk of a score (fitted on out-of-fold calibration scores); None: the logistic of the score."""
+    data_hash: str = ""
+    """sha256 of the calibration prompts (as for One-head Defense profiles)."""
+    sources: list[str] = Field(default_factory=list)
+    metrics: list[CalibrationMetrics] = Field(default_factory=list)
+    digest: str | None = None
+    """sha256 of the content but ``created_at``, written on save: a hand-edited state no longer matches."""
+
+    def content_digest(self) -> str:
+        body = self.model_dump(mode="json", exclude={"created_at", "digest"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def verify(self, model: Any, processor: Any = None) -> None:
+        """Raise :class:`ProfileMismatchError` unless this state was fitted on ``model``."""
+        check_fingerprint(self.model, model, processor, f"{self.kind} profile")
 
 
 def check_fingerprint(expected: ModelFingerprint, model: Any, processor: Any, what: str) -> None:
@@ -198,21 +216,25 @@ class StateDetector(Detector):
 
     def save(self, path: str | Path) -> Path:
         self._require_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.state.model_dump_json(indent=2) + "\n")  # type: ignore[union-attr]
-        return path
+        return save_state(self.state, path)  # type: ignore[arg-type]
 
     @classmethod
-    def read_state(cls, path: str | Path) -> DetectorState:
+    def read_state(cls, path: str | Path, allow_edited: bool = False) -> DetectorState:
         raw = read_json(path)
         if raw.get("schema_version") != STATE_SCHEMA_VERSION:
             raise ProfileFormatError(f"{path}: schema_version {raw.get('schema_version')!r} is not supported")
         try:
-            return cls.State.model_validate(raw)
+            state = cls.State.model_validate(raw)
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
             raise ProfileFormatError(f"{path} is not a valid {cls.__name__} state: {problems}") from e
+        if state.digest != state.content_digest():
+            what = "has no content digest" if state.digest is None else "does not match its content digest"
+            msg = f"{path} {what}: it was edited after calibration"
+            if not allow_edited:
+                raise ProfileFormatError(msg + "; refit it, or load it with allow_edited=True")
+            log.warning("%s; loaded anyway because allow_edited=True", msg)
+        return state
 
     @classmethod
     def from_state(cls, state: DetectorState, model: Any, processor: Any):
@@ -227,8 +249,38 @@ class StateDetector(Detector):
     def _from_state(cls, state: DetectorState): ...
 
     @classmethod
-    def load(cls, path: str | Path, model: Any, processor: Any):
-        return cls.from_state(cls.read_state(path), model, processor)
+    def load(cls, path: str | Path, model: Any, processor: Any, allow_edited: bool = False):
+        return cls.from_state(cls.read_state(path, allow_edited), model, processor)
+
+
+def save_state(state: DetectorState, path: str | Path) -> Path:
+    """Write a detector state as JSON with its content digest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    signed = state.model_copy(update={"digest": state.content_digest()})
+    path.write_text(signed.model_dump_json(indent=2) + "\n")
+    return path
+
+
+class GuardScored:
+    """``score()`` through the guard's own screening path (one :class:`~ohd_guard.screening.Screener`
+    prefill per batch), so evaluation measures exactly what the guard runs and times."""
+
+    batch_size: int = 8
+    _scoring_guard: Any = None
+
+    def scoring_guard(self) -> Any:
+        if self._scoring_guard is None:
+            from ohd_guard.guard import OhdGuard
+
+            self._scoring_guard = OhdGuard(self.model, self.processor, self, on_error="raise", verify=False,  # type: ignore[attr-defined]
+                                           allow_local_files=True, max_batch_size=self.batch_size)  # fmt: skip
+        return self._scoring_guard
+
+    def score(self, convs: Sequence[Any]) -> np.ndarray:
+        """One score per conversation (higher = more unsafe), as the guard computes it."""
+        self._require_fitted()  # type: ignore[attr-defined]
+        return batched(lambda b: [v.score for v in self.scoring_guard().screen_batch(b)], convs, self.batch_size)
 
 
 def library_version() -> str:

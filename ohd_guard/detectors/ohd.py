@@ -16,13 +16,14 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from ohd_guard.calibrate import calibrate, data_hash, evaluate_angles
-from ohd_guard.detectors.base import Detector, as_input, batched, library_version
+from ohd_guard.detectors.base import Detector, GuardScored, as_input, library_version
 from ohd_guard.datasets import evenly
 from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.metrics import auroc
 from ohd_guard.profile import CalibrationSummary, HeadStats, ModelFingerprint, Profile
 from ohd_guard.scoring import DeflectionScorer, all_heads
+from ohd_guard.screening import MaskedBranch, PrefillDetector, PrefillReads, Reads
 from ohd_guard.search import Strategy, score_heads
 from ohd_guard.threshold import RiskCalibration, fpr_threshold, kde_threshold, manual_threshold
 
@@ -37,7 +38,7 @@ def mode_spec(mode: Mode, base: MaskSpec = MaskSpec()) -> MaskSpec:
     return base.model_copy(update={"positions": _POSITIONS[mode]})
 
 
-class OneHeadDefense(Detector):
+class OneHeadDefense(GuardScored, Detector, PrefillDetector):
     """The deflection angle of one head selected by the selectivity rule (wraps :func:`calibrate`).
 
     Args:
@@ -47,6 +48,8 @@ class OneHeadDefense(Detector):
         strategy, top_k, percentile: head search (see :func:`~ohd_guard.search.search_heads`).
         threshold: ``"kde"`` (density crossing, paper) or a target false-positive rate.
     """
+
+    kind = "ohd"
 
     def __init__(
         self,
@@ -67,7 +70,6 @@ class OneHeadDefense(Detector):
         self.head, self.strategy, self.top_k, self.percentile = head, strategy, top_k, percentile
         self.threshold_rule, self.score_layer, self.batch_size = threshold, score_layer, batch_size
         self.profile: Profile | None = None
-        self.guard: Any = None  # the OhdGuard that scores, once bound to a profile
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -79,12 +81,8 @@ class OneHeadDefense(Detector):
         return float(self.profile.threshold.value)  # type: ignore[union-attr]
 
     def _bind(self, model: Any, processor: Any, profile: Profile) -> None:
-        from ohd_guard.guard import OhdGuard
-
         self.model, self.processor, self.profile = model, processor, profile
-        # scoring goes through the guard's own screening path, so evaluation measures what the guard runs
-        self.guard = OhdGuard(model, processor, profile, on_error="raise", verify=False, allow_local_files=True,
-                              max_batch_size=self.batch_size)  # fmt: skip
+        self._scoring_guard = None
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "OneHeadDefense":
         profile = calibrate(
@@ -95,27 +93,47 @@ class OneHeadDefense(Detector):
         self._bind(model, processor, profile)
         return self
 
-    def score(self, convs: Sequence[Any]) -> np.ndarray:
-        """Deflection angle in degrees of each conversation."""
+    # -- the guard's side: the deflection angle of the profile's heads ------------------------------
+    def reads(self) -> Reads:
         self._require_fitted()
-        return batched(lambda b: [v.angle for v in self.guard.screen_batch(b)], convs, self.batch_size)
+        p = self.profile
+        return Reads(masked=MaskedBranch((tuple(p.heads),), p.mask, p.score_layer))  # type: ignore[union-attr]
+
+    @property
+    def verdict_heads(self) -> tuple[HeadRef, ...]:
+        return tuple(self.profile.heads) if self.profile is not None else ()
+
+    def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Deflection angle in degrees of each conversation."""
+        angles = reads.angles[:, 0]  # type: ignore[index]
+        return angles, [{"angle": float(a)} for a in angles]
+
+    def risk(self, scores: np.ndarray) -> np.ndarray:
+        return np.asarray(self.profile.risk.risk(np.asarray(scores, dtype=float)))  # type: ignore[union-attr]
+
+    def explain(self, score: float, flagged: bool, risk: float) -> str:
+        heads = "+".join(map(str, self.verdict_heads))
+        return (f"deflection {score:.3f} deg {'>' if flagged else '<='} threshold {self.threshold:.3f} deg at head "
+                f"{heads} (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")  # fmt: skip
 
     def save(self, path: str | Path) -> Path:
         self._require_fitted()
         return self.profile.save(path)  # type: ignore[union-attr]
 
     @classmethod
-    def from_profile(cls, profile: Profile, model: Any, processor: Any, batch_size: int = 8) -> "OneHeadDefense":
+    def from_profile(cls, profile: Profile, model: Any, processor: Any, batch_size: int = 8,
+                     verify: bool = True) -> "OneHeadDefense":
         """Bind a profile (checked against the model's fingerprint) without recalibrating."""
-        profile.verify(model, processor)
+        if verify:
+            profile.verify(model, processor)
         mode: Mode = "fast" if profile.mask.positions == "last" else "exact"
         det = cls(mode, head=profile.heads[0], mask=profile.mask, score_layer=profile.score_layer, batch_size=batch_size)
         det._bind(model, processor, profile)
         return det
 
     @classmethod
-    def load(cls, path: str | Path, model: Any, processor: Any) -> "OneHeadDefense":
-        return cls.from_profile(Profile.load(path), model, processor)
+    def load(cls, path: str | Path, model: Any, processor: Any, allow_edited: bool = False) -> "OneHeadDefense":
+        return cls.from_profile(Profile.load(path, allow_edited=allow_edited), model, processor)
 
 
 def profile_from_angles(

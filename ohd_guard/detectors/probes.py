@@ -12,7 +12,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from ohd_guard.detectors.base import DetectorState, StateDetector, library_version
+from ohd_guard.calibrate import data_hash, evaluate_angles
+from ohd_guard.detectors.base import DetectorState, GuardScored, StateDetector, library_version
 from ohd_guard.detectors.features import (
     Logistic, PrefillReader, balanced_accuracy, log_loss, out_of_fold, out_of_fold_many, stratified_folds,
 )
@@ -21,7 +22,8 @@ from ohd_guard.masking import HeadRef
 from ohd_guard.metrics import auroc
 from ohd_guard.profile import ModelFingerprint
 from ohd_guard.rendering import tokenizer_of
-from ohd_guard.threshold import kde_threshold
+from ohd_guard.screening import PrefillDetector, PrefillReads, Reads
+from ohd_guard.threshold import RiskCalibration, kde_threshold
 
 
 def _check_sets(unsafe: Sequence[Any], safe: Sequence[Any], minimum: int = 2) -> None:
@@ -36,6 +38,21 @@ def _kde_or_midpoint(u: np.ndarray, s: np.ndarray) -> tuple[float, str]:
         return float(fit.value), fit.method
     except (CalibrationError, InvalidInputError):
         return (float(np.median(u)) + float(np.median(s))) / 2, "median_midpoint"
+
+
+def _risk_or_none(u: np.ndarray, s: np.ndarray) -> RiskCalibration | None:
+    try:
+        return RiskCalibration.fit(u, s, feature="angle")
+    except (CalibrationError, InvalidInputError):
+        return None
+
+
+def _risk(state: DetectorState, scores: np.ndarray) -> np.ndarray:
+    from scipy.special import expit
+
+    if state.risk is not None:
+        return np.asarray(state.risk.risk(np.asarray(scores, dtype=float)))
+    return expit(np.asarray(scores, dtype=float))
 
 
 # -- SAHs ---------------------------------------------------------------------------------------
@@ -54,7 +71,7 @@ class SAHsState(DetectorState):
     """AUROC of the out-of-fold decision values of the final probe on the calibration prompts."""
 
 
-class SAHs(StateDetector):
+class SAHs(GuardScored, StateDetector, PrefillDetector):
     """Safety attention heads: a linear probe on the last-token outputs of the most telling heads.
 
     Every head's output (its slice of the ``o_proj`` input) at the last prompt token is read in one
@@ -67,6 +84,7 @@ class SAHs(StateDetector):
 
     State = SAHsState
     name = "SAHs"
+    kind = "sahs"
 
     def __init__(
         self, top_k: int = 16, folds: int = 5, head_l2: float = 0.1, l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
@@ -78,6 +96,8 @@ class SAHs(StateDetector):
         self.top_k, self.folds, self.head_l2, self.l2_grid = top_k, folds, head_l2, tuple(l2_grid)
         self.threshold_rule, self.batch_size, self.seed = threshold, batch_size, seed
         self._probe: Logistic | None = None
+        self.oof_: np.ndarray | None = None
+        """Out-of-fold calibration scores of the last fit (unsafe first), for a fused detector on top."""
 
     def rank_heads(self, heads: np.ndarray, y: np.ndarray) -> list[tuple[float, float, int, int]]:
         """``(cv balanced accuracy, cv log-loss, layer, head)`` for every head, best first."""
@@ -110,8 +130,11 @@ class SAHs(StateDetector):
             head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]), l2=l2,
             mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
             cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
+            risk=_risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
+            metrics=[evaluate_angles("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
         )
         self._bind(model, processor, state)
+        self.oof_ = oof
         return self
 
     @staticmethod
@@ -121,12 +144,33 @@ class SAHs(StateDetector):
     def _bind(self, model, processor, state) -> None:
         super()._bind(model, processor, state)
         self._probe = Logistic(np.array(state.mean), np.array(state.scale), np.array(state.coef), state.intercept)
+        self._scoring_guard = None
 
-    def score(self, convs: Sequence[Any]) -> np.ndarray:
-        """The probe's log-odds that each conversation is unsafe."""
+    # -- the guard's side: the probe's log-odds from the screening prefill --------------------------
+    def reads(self) -> Reads:
         self._require_fitted()
-        feats = PrefillReader(self.model, self.processor).read(convs, self.batch_size).heads
-        return self._probe.decision(self._design(feats, self.state.heads))  # type: ignore[union-attr]
+        return Reads(heads=tuple(self.state.heads))  # type: ignore[union-attr]
+
+    @property
+    def verdict_heads(self) -> tuple[HeadRef, ...]:
+        return tuple(self.state.heads) if self.state is not None else ()  # type: ignore[union-attr]
+
+    def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """The probe's log-odds that each conversation is unsafe; details name the heads that pushed
+        each score up most (their summed contribution ``w . z`` to the log-odds)."""
+        heads = self.state.heads  # type: ignore[union-attr]
+        X = np.concatenate([reads.heads[h].cpu().numpy().astype(np.float64) for h in heads], axis=1)
+        p = self._probe  # type: ignore[assignment]
+        contrib = ((X - p.mean) / p.scale * p.coef).reshape(len(X), len(heads), -1).sum(-1)  # [B, K]
+        scores = contrib.sum(1) + p.intercept
+        details = []
+        for row in contrib:
+            top = np.argsort(-row, kind="stable")[:3]
+            details.append({"top_heads": [{"head": str(heads[k]), "log_odds": round(float(row[k]), 4)} for k in top]})
+        return scores, details
+
+    def risk(self, scores: np.ndarray) -> np.ndarray:
+        return _risk(self.state, scores)  # type: ignore[arg-type]
 
     @classmethod
     def _from_state(cls, state: SAHsState) -> "SAHs":  # type: ignore[override]
@@ -166,7 +210,7 @@ class HiddenDetectState(DetectorState):
     """AUROC of each single layer's refusal cosine on the calibration prompts."""
 
 
-class HiddenDetect(StateDetector):
+class HiddenDetect(GuardScored, StateDetector, PrefillDetector):
     """Refusal signal in the logit lens: summed over the band of layers that separates best.
 
     At the last prompt token of every decoder layer, the residual state is put through the final
@@ -178,6 +222,7 @@ class HiddenDetect(StateDetector):
 
     State = HiddenDetectState
     name = "HiddenDetect"
+    kind = "hiddendetect"
 
     def __init__(self, words: Sequence[str] = REFUSAL_WORDS, min_band: int = 1, batch_size: int = 8,
                  chunk_rows: int = 64):
@@ -194,16 +239,21 @@ class HiddenDetect(StateDetector):
             raise CalibrationError("HiddenDetect is not fitted")
         reader = PrefillReader(self.model, self.processor)
         layers = reader.read(convs, self.batch_size).layers  # [N, L, D]
+        flat = torch.as_tensor(layers.reshape(-1, layers.shape[-1]))
+        return self._cosines(flat, reader.adapter).reshape(layers.shape[0], layers.shape[1])
+
+    @torch.no_grad()
+    def _cosines(self, states: torch.Tensor, adapter: Any) -> np.ndarray:
+        """Refusal cosine [rows] of residual states [rows, D] through the final norm and the LM head."""
         param = next(self.model.parameters())
         head = self.model.get_output_embeddings()
         ids = torch.tensor(self._ids, device=param.device)
-        flat = torch.as_tensor(layers.reshape(-1, layers.shape[-1]))
         out = []
-        for s in range(0, flat.shape[0], self.chunk_rows):
-            h = reader.adapter.final_norm(flat[s : s + self.chunk_rows].to(param.device, param.dtype))
+        for s in range(0, states.shape[0], self.chunk_rows):
+            h = adapter.final_norm(states[s : s + self.chunk_rows].to(param.device, param.dtype))
             logits = head(h).float()
             out.append((logits[:, ids].sum(-1) / (logits.norm(dim=-1).clamp_min(1e-12) * len(ids) ** 0.5)).cpu())
-        return torch.cat(out).numpy().reshape(layers.shape[0], layers.shape[1]).astype(np.float64)
+        return torch.cat(out).numpy().astype(np.float64)
 
     @staticmethod
     def best_band(cu: np.ndarray, cs: np.ndarray, min_band: int = 1) -> tuple[tuple[int, int], float, list[float]]:
@@ -242,7 +292,8 @@ class HiddenDetect(StateDetector):
             library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
             threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), refusal_words=self.words,
             refusal_token_ids=self._ids, band=band, band_auroc=area, layer_auroc=per_layer,
-            seconds=round(time.perf_counter() - t0, 2),
+            seconds=round(time.perf_counter() - t0, 2), risk=_risk_or_none(su, ss),
+            data_hash=data_hash(list(unsafe) + list(safe)), metrics=[evaluate_angles("calibration", su, ss, threshold)],
         )
         self._bind(model, processor, state)
         return self
@@ -250,12 +301,26 @@ class HiddenDetect(StateDetector):
     def _bind(self, model, processor, state) -> None:
         super()._bind(model, processor, state)
         self._ids = list(state.refusal_token_ids)
+        self._scoring_guard = None
+        from ohd_guard.adapters import get_adapter
 
-    def score(self, convs: Sequence[Any]) -> np.ndarray:
-        """Refusal cosine summed over the chosen band of layers."""
+        self._adapter = get_adapter(model)
+
+    # -- the guard's side: refusal cosines of the band's layer states from the screening prefill ----
+    def reads(self) -> Reads:
         self._require_fitted()
         a, b = self.state.band  # type: ignore[union-attr]
-        return self.layer_cosines(convs)[:, a : b + 1].sum(1)
+        return Reads(layers=tuple(range(a, b + 1)))
+
+    def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Refusal cosine summed over the chosen band of layers."""
+        a, b = self.state.band  # type: ignore[union-attr]
+        states = torch.stack([reads.layers[i] for i in range(a, b + 1)], 1)  # [B, band, D]
+        cos = self._cosines(states.reshape(-1, states.shape[-1]), self._adapter).reshape(states.shape[0], -1)
+        return cos.sum(1), [{"band": [a, b]} for _ in range(len(cos))]
+
+    def risk(self, scores: np.ndarray) -> np.ndarray:
+        return _risk(self.state, scores)  # type: ignore[arg-type]
 
     @classmethod
     def _from_state(cls, state: HiddenDetectState) -> "HiddenDetect":  # type: ignore[override]
