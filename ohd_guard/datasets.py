@@ -56,7 +56,8 @@ class LabelledPrompt:
 # Bundled calibration prompts
 # --------------------------------------------------------------------------------------------
 
-_CALIBRATION_FILE = "calibration_prompts.jsonl"
+_CALIBRATION_FILES = ("calibration_prompts.jsonl", "contrast_prompts.jsonl")
+"""The project's own prompts: the first set, then look-alike/harmful-twin pairs (``pair`` field)."""
 _LABEL_WORDS = {
     "1": 1, "unsafe": 1, "harmful": 1, "true": 1,
     "0": 0, "safe": 0, "harmless": 0, "false": 0,
@@ -64,8 +65,11 @@ _LABEL_WORDS = {
 
 
 def _read_calibration_rows() -> list[dict[str, Any]]:
-    text = resources.files("ohd_guard").joinpath("data", _CALIBRATION_FILE).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = []
+    for name in _CALIBRATION_FILES:
+        text = resources.files("ohd_guard").joinpath("data", name).read_text(encoding="utf-8")
+        rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+    return rows
 
 
 def load_calibration_prompts(
@@ -77,32 +81,42 @@ def load_calibration_prompts(
 
     The split is stratified per (label, category) so that both parts contain every category (a
     threshold tuned without, say, any look-alikes would be optimistic), and deterministic for a
-    given ``seed`` so that reported numbers can be reproduced.
+    given ``seed`` so that reported numbers can be reproduced. A look-alike and its harmful twin
+    (same ``pair``) always land on the same side: fitting on one twin and testing on the other would
+    flatter the detector.
     """
     if split not in ("all", "calib", "heldout"):
         raise InvalidInputError(f"split must be 'all', 'calib' or 'heldout', not {split!r}")
     if not 0.0 < heldout_fraction < 1.0:
         raise InvalidInputError(f"heldout_fraction must be strictly between 0 and 1, not {heldout_fraction!r}")
 
+    rows = _read_calibration_rows()
     prompts = [
         LabelledPrompt(text=r["text"], label=_LABEL_WORDS[r["label"]], category=r["category"], source="calibration")
-        for r in _read_calibration_rows()
+        for r in rows
     ]
     if split == "all":
         return prompts
 
-    groups: dict[tuple[int, str], list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        groups[(p.label, p.category)].append(i)
+    # units of the split: a single prompt, or both prompts of a pair; stratified per (label, category)
+    units: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        units[r.get("pair") or f"#{i}"].append(i)
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for key, idx in units.items():
+        first = prompts[idx[0]]
+        label = "pair" if len(idx) > 1 else str(first.label)
+        groups[(label, first.category)].append(key)
     heldout: set[int] = set()
-    for (label, category), idx in sorted(groups.items()):
-        rng = random.Random(f"{seed}:{label}:{category}")  # str seeds are hashed deterministically
-        shuffled = idx[:]
+    for (label, category), keys in sorted(groups.items()):
+        rng = random.Random(f"{seed}:{label if label == 'pair' else int(label)}:{category}")  # str seeds hash deterministically
+        shuffled = keys[:]
         rng.shuffle(shuffled)
         n = round(len(shuffled) * heldout_fraction)
         if len(shuffled) >= 2:
             n = min(max(n, 1), len(shuffled) - 1)  # every category on both sides
-        heldout.update(shuffled[:n])
+        for key in shuffled[:n]:
+            heldout.update(units[key])
     keep_heldout = split == "heldout"
     return [p for i, p in enumerate(prompts) if (i in heldout) == keep_heldout]
 
