@@ -10,8 +10,18 @@ from pathlib import Path
 
 from ohd_guard.errors import OhdGuardError
 
-DEFAULT_PROFILE = Path(__file__).parent / "profiles" / "qwen2.5-coder-0.5b-instruct.json"
-"""Profile shipped for the embedded default model (written by ``ohd-guard calibrate``)."""
+_PROFILES = Path(__file__).parent / "profiles"
+SHIPPED_PROFILES: dict[str, Path] = {
+    "ohd": _PROFILES / "qwen2.5-coder-0.5b-instruct.json",
+    "sahs": _PROFILES / "qwen2.5-coder-0.5b-instruct.sahs.json",
+    "hiddendetect": _PROFILES / "qwen2.5-coder-0.5b-instruct.hiddendetect.json",
+    "fused": _PROFILES / "qwen2.5-coder-0.5b-instruct.fused.json",
+}
+"""Profiles shipped for the embedded default model, one per guard detector (``ohd-guard calibrate``)."""
+OHD_PROFILE = SHIPPED_PROFILES["ohd"]
+DEFAULT_DETECTOR = "sahs"
+"""The detector the guard loads by default: the one that wins on held-out data (docs/results.md)."""
+DEFAULT_PROFILE = SHIPPED_PROFILES[DEFAULT_DETECTOR]
 
 
 def _load(args):
@@ -48,23 +58,40 @@ def _layer_range(value: str | None, model) -> list[int] | None:
         raise InvalidInputError(f"--score-layers: expected FIRST-LAST, a comma list or 'all', got {value!r}") from None
 
 
-def cmd_calibrate(args) -> int:
-    from ohd_guard.calibrate import calibrate
-    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file
-    from ohd_guard.masking import HeadRef, MaskSpec
+def _fit_items(args) -> tuple[list, list, list[str]]:
+    """(fit items, held-out items, sources) for ``calibrate``: the project's calibration split (or
+    ``--data``) plus ``--fit-shared`` sets read from the shared datasets folder at run time."""
+    from ohd_guard.datasets import evenly, load_calibration_prompts, load_labelled_file, load_shared_set
+    from ohd_guard.errors import InvalidInputError
 
     if args.data:
-        items = load_labelled_file(args.data)
-        heldout_items: list = []
-        sources = [str(args.data)]
+        items, heldout_items, sources = load_labelled_file(args.data), [], [str(args.data)]
     else:
-        items = load_calibration_prompts("calib")
-        heldout_items = load_calibration_prompts("heldout")
-        sources = ["ohd_guard/data/calibration_prompts.jsonl (calib split)"]
+        items, heldout_items = load_calibration_prompts("calib"), load_calibration_prompts("heldout")
+        sources = ["ohd_guard/data (calib split)"]
+    for spec in args.fit_shared or []:
+        name, _, n = spec.partition(":")
+        try:
+            limit = int(n) if n else None
+        except ValueError:
+            raise InvalidInputError(f"--fit-shared: expected NAME or NAME:COUNT, got {spec!r}") from None
+        extra = evenly(load_shared_set(name), limit)
+        items += extra
+        sources.append(f"shared:{name} ({len(extra)} items)")
     if args.limit:
         items = [p for p in items if p.label == 1][: args.limit] + [p for p in items if p.label == 0][: args.limit]
+    return items, heldout_items, sources
+
+
+def cmd_calibrate(args) -> int:
+    items, heldout_items, sources = _fit_items(args)
     unsafe = [p for p in items if p.label == 1]
     safe = [p for p in items if p.label == 0]
+    if args.detector != "ohd":
+        return _calibrate_probe(args, unsafe, safe, heldout_items, sources)
+    from ohd_guard.calibrate import calibrate
+    from ohd_guard.masking import HeadRef, MaskSpec
+
     model, processor = _load(args)
     head = HeadRef(layer=args.head[0], head=args.head[1]) if args.head else None
     threshold = "kde" if args.target_fpr is None else args.target_fpr
@@ -90,6 +117,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, sources: list[str]) -> int:
+    """``calibrate --detector sahs|hiddendetect|fused``: fit, measure on the held-out split, save."""
+    import time
+
+    import numpy as np
+
+    from ohd_guard.calibrate import evaluate_angles
+    from ohd_guard.detectors import Fused, HiddenDetect, SAHs, save_state
+    from ohd_guard.profile import Profile
+
+    model, processor = _load(args)
+    bs = args.batch_size
+    if args.detector == "sahs":
+        det = SAHs(top_k=args.heads, batch_size=bs)
+    elif args.detector == "hiddendetect":
+        det = HiddenDetect(batch_size=bs)
+    else:
+        ohd = Profile.load(args.ohd_profile or OHD_PROFILE, allow_edited=args.allow_edited)
+        det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs)
+    t0 = time.perf_counter()
+    if not args.quiet:
+        print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
+    det.fit(model, processor, unsafe, safe)
+    state = det.state.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
+    if heldout_items:
+        u = [p for p in heldout_items if p.label == 1]
+        s = [p for p in heldout_items if p.label == 0]
+        scores = det.score(u + s)
+        state = state.model_copy(update={"metrics": [*state.metrics, evaluate_angles(
+            "heldout", np.asarray(scores[: len(u)]), np.asarray(scores[len(u):]), state.threshold)]})  # fmt: skip
+    save_state(state, args.output)
+    print(f"{det.name}: {_describe(det)}  in {state.seconds:.0f} s")
+    print(_table([m.model_dump() for m in state.metrics],
+                 ["split", "n_unsafe", "n_safe", "auroc", "detection_rate", "false_positive_rate"]))
+    print(f"profile written to {args.output}")
+    return 0
+
+
 def _screen_input(args):
     if not args.image:
         return args.text
@@ -103,7 +168,7 @@ def screen_json(verdict) -> dict:
     out = {
         "flagged": verdict.flagged, "angle": rounded(verdict.angle), "threshold": rounded(verdict.threshold),
         "risk": rounded(verdict.risk), "heads": [str(h) for h in verdict.heads], "mode": verdict.mode,
-        "reason": verdict.reason,
+        "detector": verdict.detector, "score": rounded(verdict.score), "reason": verdict.reason,
     }
     if verdict.error is not None:
         out["error"] = verdict.error
@@ -111,13 +176,13 @@ def screen_json(verdict) -> dict:
 
 
 def cmd_screen(args) -> int:
+    from ohd_guard.detectors import load_profile
     from ohd_guard.guard import OhdGuard
-    from ohd_guard.profile import Profile
 
     for p in args.image or []:
         if not Path(p).is_file():
             args.parser.error(f"--image: no such file: {p}")
-    profile = Profile.load(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
+    profile = load_profile(args.profile or SHIPPED_PROFILES[args.detector], allow_edited=args.allow_edited)
     model, processor = _load(args)
     # the guard's own screening path (one-pass/two-pass, length limits, fail closed); the user's own
     # image files are theirs to read
@@ -128,11 +193,25 @@ def cmd_screen(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from ohd_guard.detectors import load_profile
     from ohd_guard.profile import Profile
 
-    p = Profile.load(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
+    p = load_profile(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
     if args.json:
         print(p.model_dump_json(indent=2))
+        return 0
+    if not isinstance(p, Profile):
+        m = p.model
+        print(f"detector   {p.kind}")
+        print(f"model      {m.architecture} ({m.model_type}, {m.num_layers} layers x {m.num_heads} heads, {m.dtype}) "
+              f"weights {m.weights_hash[:12]}")
+        print(f"fitted     {_describe_state(p)}")
+        print(f"threshold  {p.threshold:.4f} ({p.threshold_method})")
+        print(f"calibrated {p.n_unsafe}+{p.n_safe} prompts in {p.seconds:.0f} s, library {p.library_version}, {p.created_at}")
+        for src in p.sources:
+            print(f"  source   {src}")
+        print(_table([x.model_dump() for x in p.metrics],
+                     ["split", "n_unsafe", "n_safe", "auroc", "detection_rate", "false_positive_rate"]))
         return 0
     print(f"model      {p.model.architecture} ({p.model.model_type}, {p.model.num_layers} layers x "
           f"{p.model.num_heads} heads, {p.model.dtype}) weights {p.model.weights_hash[:12]}")
@@ -226,6 +305,13 @@ def _describe(det) -> str:
     s = getattr(det, "state", None)
     if s is None:
         return f"threshold {det.threshold:.4g}"
+    return _describe_state(s)
+
+
+def _describe_state(s) -> str:
+    if s.kind == "fused":
+        return (f"logistic on {', '.join(s.features)} (weights {', '.join(f'{c:.2f}' for c in s.coef)}), "
+                f"SAHs {len(s.sahs.heads)} heads, mask {s.mask.positions}, CV AUROC {s.cv_auroc:.3f}")
     if s.kind == "sahs":
         return f"{len(s.heads)} heads (best {', '.join(map(str, s.heads[:4]))}), L2 {s.l2:g}, CV AUROC {s.cv_auroc:.3f}"
     if s.kind == "hiddendetect":
@@ -412,39 +498,55 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="auto")
         sp.add_argument("--batch-size", type=int, default=8)
 
-    c = sub.add_parser("calibrate", help="search the head, fit the threshold, write a profile")
+    c = sub.add_parser("calibrate", help="fit a detector (One-head Defense: search the head) and write its profile")
     model_args(c)
+    c.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect", "fused"], default="ohd",
+                   help="ohd (One-head Defense, default), sahs (probe on the top heads), hiddendetect (logit-lens "
+                        "refusal cosine) or fused (logistic on OhD angles and the SAHs log-odds)")
     c.add_argument("--data", type=Path, help="labelled CSV/JSONL (default: the project's calibration prompts)")
-    c.add_argument("--output", "-o", type=Path, required=True)
-    c.add_argument("--strategy", choices=["two-stage", "exact", "fast"], default="two-stage")
-    c.add_argument("--target", choices=["query", "output"], default="query")
+    c.add_argument("--fit-shared", action="append", default=[], metavar="NAME[:N]",
+                   help="also fit on N items (all without :N), evenly spread, of a shared set (repeatable)")
+    c.add_argument("--output", "-o", type=Path, required=True, help="where the profile JSON is written")
+    c.add_argument("--heads", type=_positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
+    c.add_argument("--angles", type=_positive_int, default=1,
+                   help="fused: selective heads whose angles are features (default 1: one-pass screening)")
+    c.add_argument("--ohd-profile", type=Path, default=None,
+                   help="fused: the One-head Defense profile giving mask, score layer and heads (default: shipped)")
+    c.add_argument("--allow-edited", action="store_true", help="fused: accept an --ohd-profile edited after calibration")
+    c.add_argument("--strategy", choices=["two-stage", "exact", "fast"], default="two-stage",
+                   help="ohd head search: fast mask on all heads then exact on the top k (default), or one mode only")
+    c.add_argument("--target", choices=["query", "output"], default="query",
+                   help="ohd: mask the head's query (paper, default) or its output")
     c.add_argument("--positions", choices=["all", "last"], default="last",
                    help="last (default: fast, and better held-out AUROC on the embedded model) or all (paper-exact)")
-    c.add_argument("--alpha", type=float, default=1e-5)
+    c.add_argument("--alpha", type=float, default=1e-5, help="ohd: soft mask scale (default 1e-5)")
     c.add_argument("--score-layer", type=int, default=None, help="read the angle after this decoder layer (default: last, after the final norm)")
     c.add_argument("--score-layers", default=None, metavar="FIRST-LAST|all",
                    help="search the score layer with the head among these (e.g. 8-24); one replay serves them all")
     c.add_argument("--head", type=int, nargs=2, metavar=("LAYER", "HEAD"), help="fix the head, skip the search")
-    c.add_argument("--top-k", type=int, default=8)
-    c.add_argument("--percentile", type=float, default=80.0)
+    c.add_argument("--top-k", type=int, default=8, help="ohd: heads re-scored in the second search stage")
+    c.add_argument("--percentile", type=float, default=80.0,
+                   help="ohd selectivity rule: keep heads whose safe angle is below this percentile over all heads")
     c.add_argument("--rank-by", choices=["gap", "auroc"], default="auroc",
                    help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)")
     c.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR instead of the KDE crossing")
     c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("screen", help="screen one prompt (and images); prints the verdict as JSON")
     model_args(s)
     s.add_argument("text")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    s.add_argument("--profile", type=Path, default=None, help="profile JSON (default: the shipped one)")
+    s.add_argument("--profile", type=Path, default=None, help="profile JSON of any detector (default: the shipped one of --detector)")
+    s.add_argument("--detector", choices=list(SHIPPED_PROFILES), default=DEFAULT_DETECTOR,
+                   help=f"which shipped profile screens when --profile is not given (default: {DEFAULT_DETECTOR})")
     s.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     s.set_defaults(func=cmd_screen, parser=s)
 
     i = sub.add_parser("inspect", help="show a profile")
-    i.add_argument("profile", type=Path, nargs="?", default=None)
-    i.add_argument("--json", action="store_true")
+    i.add_argument("profile", type=Path, nargs="?", default=None, help="profile JSON of any detector (default: the shipped default)")
+    i.add_argument("--json", action="store_true", help="print the whole profile as JSON")
     i.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     i.set_defaults(func=cmd_inspect)
 

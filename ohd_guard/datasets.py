@@ -205,6 +205,98 @@ def to_typographic(prompts: list[LabelledPrompt], size: int = 512) -> list[Label
 # Public benchmark sets from the shared datasets folder
 # --------------------------------------------------------------------------------------------
 
+import re as _re
+import unicodedata as _unicodedata
+from typing import Callable as _Callable
+
+__all__ += [
+    "BENIGN_SETS",
+    "HARMFUL_SETS",
+    "JAILBREAK_SETS",
+    "LabelledConversation",
+    "OVER_REFUSAL_SETS",
+    "dedupe_against",
+]
+
+
+@dataclass(frozen=True)
+class LabelledConversation:
+    """A labelled multi-turn conversation: ``messages`` are ``{"role", "content"}`` dicts ending with a user turn.
+
+    Detectors take it as its message list (``.label`` + ``.messages``, see ``detectors.as_input``).
+    ``text`` is the last user turn (what a single-prompt report shows); ``image`` is always ``None``
+    so that code written for :class:`LabelledPrompt` can filter on it.
+    """
+
+    messages: list[dict[str, Any]]
+    label: int  # 1 unsafe, 0 safe
+    category: str = ""
+    source: str = ""
+
+    def __hash__(self) -> int:
+        return hash((tuple((m.get("role"), str(m.get("content"))) for m in self.messages), self.label, self.category, self.source))
+
+    @property
+    def text(self) -> str:
+        for m in reversed(self.messages):
+            if m.get("role") == "user":
+                return str(m.get("content", ""))
+        return ""
+
+    @property
+    def image(self) -> None:
+        return None
+
+
+OVER_REFUSAL_SETS: tuple[str, ...] = (
+    "orbench_hard",
+    "phtest_harmless",
+    "oktest",
+    "coconot_contrast",
+    "physical_safety_safe",
+)
+"""Benign look-alikes (label 0): prompts that sound harmful but should be answered."""
+
+HARMFUL_SETS: tuple[str, ...] = (
+    "advbench",
+    "jbb",
+    "figstep",
+    "orbench_toxic",
+    "physical_safety_unsafe",
+    "stl_malicious_instructions",
+    "do_not_answer",
+    "catqa",
+    "harmfulqa",
+    "dangerousqa",
+    "aart",
+    "multijail_en",
+    "alert",
+)
+"""Plain harmful requests (label 1)."""
+
+JAILBREAK_SETS: tuple[str, ...] = (
+    "past_tense",
+    "future_tense",
+    "jailbreak_wild",
+    "gptfuzz_jailbreak",
+    "cosafe",
+)
+"""Harmful requests in disguise (label 1): rephrased, wrapped in a jailbreak template, or spread over turns."""
+
+BENIGN_SETS: tuple[str, ...] = (
+    "alpaca_seed",
+    "refusal_direction_harmless",
+    "ifeval",
+    "arena_hard",
+    "mtbench",
+    "vicuna_bench",
+    "self_instruct",
+    "wizardlm",
+    "alpaca_eval_oasst",
+    "alpaca_eval_koala",
+)
+"""Ordinary instructions (label 0)."""
+
 SHARED_SETS: tuple[str, ...] = (
     "advbench",
     "jbb",
@@ -212,6 +304,8 @@ SHARED_SETS: tuple[str, ...] = (
     "figstep_images",
     "alpaca_seed",
     "refusal_direction_harmless",
+    *(n for n in OVER_REFUSAL_SETS + HARMFUL_SETS + JAILBREAK_SETS + BENIGN_SETS
+      if n not in ("advbench", "jbb", "figstep", "alpaca_seed", "refusal_direction_harmless")),
 )
 
 
@@ -269,13 +363,287 @@ def _figstep_images(root: Path, limit: int | None) -> list[LabelledPrompt]:
     return out
 
 
-def load_shared_set(name: str, limit: int | None = None, root: Path | None = None) -> list[LabelledPrompt]:
+# -- readers of the sets added in December (see PROVENANCE.md of the shared folder) -------------
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"shared dataset file missing: {path}")
+    return path
+
+
+def _files(folder: Path, pattern: str) -> list[Path]:
+    """The files of ``folder`` matching ``pattern``, sorted by name (a fixed order on every machine)."""
+    found = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"shared dataset files missing: no {pattern} in {folder}")
+    return found
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with _need(path).open(newline="", encoding="utf-8-sig") as f:  # MultiJail starts with a BOM
+        return list(csv.DictReader(f))
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    with _need(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(_need(path).read_text(encoding="utf-8"))
+
+
+def _prompts(rows: Any, label: int, name: str, dedupe: bool = False) -> list[LabelledPrompt]:
+    """``LabelledPrompt``s of (text, category) pairs: text stripped, empty ones dropped, optionally exact duplicates."""
+    out, seen = [], set()
+    for text, category in rows:
+        text = (text or "").strip()
+        if not text or (dedupe and text in seen):
+            continue
+        seen.add(text)
+        out.append(LabelledPrompt(text, label, str(category or ""), name))
+    return out
+
+
+def _orbench(root: Path, source: str, label: int, name: str) -> list[LabelledPrompt]:
+    """OR-Bench rows of one ``source`` from the three split files (discovery, selection, test), deduplicated."""
+    folder = root / "orbench_hard1k_toxic"
+    rows = [r for f in ("discovery.jsonl", "selection.jsonl", "test_split.jsonl") for r in _read_jsonl(folder / f)]
+    return _prompts(((r["prompt"], r.get("topic")) for r in rows if r.get("source") == source), label, name, dedupe=True)
+
+
+def _stl(root: Path, stem: str, label: int, name: str) -> list[LabelledPrompt]:
+    """safety-tuned-llamas evaluation file: parallel ``instructions`` / ``tags`` lists."""
+    d = _read_json(root / "safety_tuned_llamas_eval" / f"{stem}.json")
+    tags = d.get("tags") or [""] * len(d["instructions"])
+    return _prompts(zip(d["instructions"], tags), label, name)
+
+
+def _red_instruct(root: Path, stem: str, name: str) -> list[LabelledPrompt]:
+    """red-instruct questions: ``{topic: {subtopic: [question, ...]}}`` (or a flat list for DangerousQA)."""
+    d = _read_json(root / "harmfulqa_catqa" / f"{stem}.json")
+    if isinstance(d, list):
+        return _prompts(((q, "") for q in d), 1, name)
+    return _prompts(((q, topic) for topic, subs in d.items() for qs in subs.values() for q in qs), 1, name)
+
+
+def _tense(root: Path, which: str, name: str) -> list[LabelledPrompt]:
+    lines = _need(root / "past_future_tense_reformulations" / f"{which}_tense_en.txt").read_text("utf-8").splitlines()
+    return _prompts(((t, "") for t in lines), 1, name)
+
+
+def _first_turn(root: Path, rel: str, name: str, category_key: str) -> list[LabelledPrompt]:
+    """The first user turn of FastChat-style question files (``turns`` = strings or ``{"content"}`` dicts)."""
+    out = []
+    for r in _read_jsonl(root / rel):
+        t = r["turns"][0]
+        out.append((t["content"] if isinstance(t, dict) else t, r.get(category_key)))
+    return _prompts(out, 0, name)
+
+
+def _alpaca_eval(root: Path, dataset: str, name: str) -> list[LabelledPrompt]:
+    rows = _read_json(root / "alpaca_eval_805" / "outputs.json")
+    return _prompts(((r["instruction"], r["dataset"]) for r in rows if r.get("dataset") == dataset), 0, name)
+
+
+def _alert(root: Path, name: str) -> list[LabelledPrompt]:
+    """ALERT queries without their ``### Instruction:\\n … \\n### Response:`` wrapper."""
+
+    def unwrap(q: str) -> str:
+        q = q.strip()
+        if q.startswith("### Instruction:"):
+            q = q[len("### Instruction:"):]
+        end = q.rfind("### Response:")
+        return q[:end] if end >= 0 else q
+
+    return _prompts(((unwrap(r["query"]), r.get("category")) for r in _read_jsonl(root / "alert" / "alert.jsonl")), 1, name)
+
+
+_PLACEHOLDER = _re.compile(
+    r"<\|([^|<>\n]{1,60})\|>"  # <|INSERT_PROMPT_ON_RIGHT|>
+    r"|\\?\[([^\[\]\n]{1,60}?)\\?\]"  # [INSERT PROMPT HERE], markdown-escaped \[PROMPT\]
+    r"|\$?\{\{?([^{}\n]{1,60})\}\}?"  # {prompt}, {{prompt}}, ${prompt}, {INSERT_YOUR_PROMPT_HERE}
+    r"|<([^<>\n]{1,60})>"  # <prompt>, <PUT YOUR QUERY HERE>
+    r"|&lt;([^&<>\n]{1,60})&gt;"  # HTML-escaped <INSERT PROMPT HERE>
+    r"|\b((?:INSERT|ENTER|WRITE|PUT) (?:YOUR )?(?:PROMPT|QUESTION) HERE)\b"  # bare: prompt = "INSERT PROMPT HERE"
+)
+_PLACEHOLDER_INNER = _re.compile(
+    r"(?P<verb>(?:insert|enter|put|write|type)\s+)?(?P<whose>(?:your|the|my|any|user'?s?)\s+)?"
+    r"(?P<what>prompt|question|request|query|input)(?P<here>\s+(?:on\s+)?(?:here|right))?"
+)
+
+
+def _is_question_placeholder(inner: str) -> bool:
+    """Whether a bracketed word stands for the user's question: "INSERT PROMPT HERE", "PROMPT", "your question…",
+    "user_input", "PUT YOUR QUERY HERE"… but not "insert x", "INPUT", "Prompt 3" or "PROMPT CREATOR"."""
+    s = " ".join(inner.replace("_", " ").replace("\\", " ").split()).lower().strip(" \"'“”‘’$.…:")
+    m = _PLACEHOLDER_INNER.fullmatch(s)
+    if not m:  # "Insert prompt that triggers OpenAI's censor here"
+        return bool(_re.fullmatch(r"insert (?:your |a |the )?(?:prompt|question)\b.*\bhere", s))
+    return m["what"] in ("prompt", "question") or bool(m["verb"] or m["whose"] or m["here"])
+
+
+def _fill(template: str, question: str) -> str:
+    """``template`` with its question placeholders replaced by ``question``, or the question after a blank line."""
+    hits = 0
+
+    def sub(m: _re.Match[str]) -> str:
+        nonlocal hits
+        inner = next(g for g in m.groups() if g is not None)
+        if not _is_question_placeholder(inner):
+            return m.group(0)
+        hits += 1
+        return question
+
+    filled = _PLACEHOLDER.sub(sub, template)
+    return filled if hits else template.rstrip() + "\n\n" + question
+
+
+def _combine(templates: list[tuple[str, str]], questions: list[str], name: str) -> list[LabelledPrompt]:
+    """Template ``i`` (text, category) filled with question ``i mod len(questions)``."""
+    if not questions:
+        raise InvalidInputError(f"shared set {name!r}: no questions to fill the templates with")
+    return [LabelledPrompt(_fill(t, questions[i % len(questions)]).strip(), 1, c, name) for i, (t, c) in enumerate(templates)]
+
+
+def _jailbreak_wild(root: Path, name: str) -> list[LabelledPrompt]:
+    folder = root / "jailbreak_llms"
+    questions = [r["question"].strip() for r in _read_csv(folder / "forbidden_question_set.csv") if r["question"].strip()]
+    templates: dict[str, str] = {}
+    for r in _read_csv(folder / "jailbreak_prompts_2023_12_25.csv"):
+        t = (r.get("prompt") or "").strip()
+        if t and t not in templates:
+            templates[t] = r.get("platform") or r.get("source") or ""
+    return _combine(list(templates.items()), questions, name)
+
+
+def _gptfuzz(root: Path, name: str) -> list[LabelledPrompt]:
+    folder = root / "gptfuzz_jailbreak_templates"
+    questions = [r["text"].strip() for r in _read_csv(folder / "question_list.csv") if r["text"].strip()]
+    templates = [r["text"] for r in _read_csv(folder / "GPTFuzzer.csv") if r["text"].strip()]
+    out = []
+    for i, t in enumerate(templates):
+        q = questions[i % len(questions)]
+        text = t.replace("[INSERT PROMPT HERE]", q) if "[INSERT PROMPT HERE]" in t else _fill(t, q)
+        out.append(LabelledPrompt(text.strip(), 1, "", name))
+    return out
+
+
+def _cosafe(root: Path, name: str) -> list[LabelledConversation]:
+    """CoSafe dialogues (JSONL despite ``.json``), cut after their last user turn; category = file stem."""
+    out = []
+    for path in _files(root / "cosafe" / "CoSafe datasets", "*.json"):
+        for turns in _read_jsonl(path):
+            msgs = [{"role": str(m["role"]), "content": str(m["content"]).strip()} for m in turns]
+            while msgs and msgs[-1]["role"] != "user":
+                msgs.pop()
+            if msgs and msgs[-1]["content"].strip():
+                out.append(LabelledConversation(msgs, 1, path.stem, name))
+    return out
+
+
+def _self_instruct(root: Path, name: str) -> list[LabelledPrompt]:
+    out = []
+    for r in _read_jsonl(root / "self_instruct_user_oriented" / "user_oriented_instructions.jsonl"):
+        extra = ((r.get("instances") or [{}])[0].get("input") or "").strip()
+        out.append((r["instruction"].strip() + (f"\n\n{extra}" if extra else ""), r.get("motivation_app")))
+    return _prompts(out, 0, name)
+
+
+def _tags(value: str) -> str:
+    """MultiJail's ``"['A', 'B']"`` as ``"A, B"``."""
+    found = [a or b for a, b in _re.findall(r"'([^']+)'|\"([^\"]+)\"", value)]
+    return ", ".join(found) if found else value.strip()
+
+
+_LOADERS: dict[str, _Callable[[Path, str], list[Any]]] = {
+    "orbench_hard": lambda r, n: _orbench(r, "or-bench-hard-1k", 0, n),
+    "orbench_toxic": lambda r, n: _orbench(r, "or-bench-toxic", 1, n),
+    "phtest_harmless": lambda r, n: _prompts(
+        ((x["Request"], "") for x in _read_csv(r / "phtest" / "dataset_v0.1.csv") if x["Harmfulness"].strip() == "harmless"), 0, n
+    ),
+    "oktest": lambda r, n: _prompts(
+        ((x["prompt"], f) for f in ("OKTest", "OKTest_heldout") for x in _read_csv(r / "oktest" / f"{f}.csv")), 0, n
+    ),
+    "coconot_contrast": lambda r, n: _prompts(
+        ((x["prompt"], x.get("category")) for x in _read_jsonl(r / "coconot" / "coconot_contrast_eval.jsonl")), 0, n
+    ),
+    "physical_safety_safe": lambda r, n: _stl(r, "I-PhysicalSafetySafe", 0, n),
+    "physical_safety_unsafe": lambda r, n: _stl(r, "I-PhysicalSafetyUnsafe", 1, n),
+    "stl_malicious_instructions": lambda r, n: _stl(r, "I-MaliciousInstructions", 1, n),
+    "do_not_answer": lambda r, n: _prompts(
+        ((x["prompt"], p.stem) for p in _files(r / "do_not_answer", "*.jsonl") for x in _read_jsonl(p)), 1, n
+    ),
+    "catqa": lambda r, n: _red_instruct(r, "catqa_english", n),
+    "harmfulqa": lambda r, n: _red_instruct(r, "harmfulqa", n),
+    "dangerousqa": lambda r, n: _red_instruct(r, "dangerousqa", n),
+    "aart": lambda r, n: _prompts(((x["prompt"], x.get("crime")) for x in _read_csv(r / "aart" / "aart-v1-20231117.csv")), 1, n),
+    "multijail_en": lambda r, n: _prompts(
+        ((x["en"], _tags(x.get("tags") or "")) for x in _read_csv(r / "multijail" / "MultiJail.csv")), 1, n
+    ),
+    "alert": _alert,
+    "past_tense": lambda r, n: _tense(r, "past", n),
+    "future_tense": lambda r, n: _tense(r, "future", n),
+    "jailbreak_wild": _jailbreak_wild,
+    "gptfuzz_jailbreak": _gptfuzz,
+    "cosafe": _cosafe,
+    "ifeval": lambda r, n: _prompts(((x["prompt"], "") for x in _read_jsonl(r / "ifeval" / "input_data.jsonl")), 0, n),
+    "arena_hard": lambda r, n: _first_turn(r, "arena_hard/question.jsonl", n, "cluster"),
+    "mtbench": lambda r, n: _first_turn(r, "mtbench_vicuna_questions/mt_bench_question.jsonl", n, "category"),
+    "vicuna_bench": lambda r, n: _first_turn(r, "mtbench_vicuna_questions/vicuna_bench_question.jsonl", n, "category"),
+    "self_instruct": _self_instruct,
+    "wizardlm": lambda r, n: _prompts(
+        ((x["Instruction"], x.get("Skill")) for x in _read_jsonl(r / "wizardlm_testset" / "WizardLM_testset.jsonl")), 0, n
+    ),
+    "alpaca_eval_oasst": lambda r, n: _alpaca_eval(r, "oasst", n),
+    "alpaca_eval_koala": lambda r, n: _alpaca_eval(r, "koala", n),
+}
+
+
+def _norm(item: Any) -> str:
+    """Lower-cased text with whitespace collapsed and punctuation stripped at both ends."""
+    text = item if isinstance(item, str) else str(getattr(item, "text", ""))
+    text = " ".join(text.lower().split())
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or _unicodedata.category(text[start]).startswith("P")):
+        start += 1
+    while end > start and (text[end - 1].isspace() or _unicodedata.category(text[end - 1]).startswith("P")):
+        end -= 1
+    return text[start:end]
+
+
+def dedupe_against(items: list, reference: Any = ()) -> list:
+    """``items`` without those whose normalised text equals that of a ``reference`` item or of an earlier item.
+
+    Texts are compared lower-cased, with whitespace collapsed and punctuation stripped at the ends.
+    Items and references may be :class:`LabelledPrompt`, :class:`LabelledConversation` (compared on
+    its last user turn) or ``str``. Use it before evaluating on one public set after calibrating on
+    another that shares its source (several of them reuse Anthropic HH red-team or BeaverTails prompts).
+    Images are not compared: FigStep image items, which all share one instruction, collapse to one.
+    """
+    seen = {_norm(r) for r in reference}
+    out = []
+    for x in items:
+        key = _norm(x)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(x)
+    return out
+
+
+def load_shared_set(
+    name: str, limit: int | None = None, root: Path | None = None
+) -> list[LabelledPrompt | LabelledConversation]:
     """Load a public benchmark set by name, reading it from the shared folder at run time.
 
     Every item of the harmful sets is labelled 1 as its authors intend, including FigStep's
     "Legal Opinion", "Financial Advice" and "Health Consultation" categories (filter on
     ``category`` to leave those out). ``figstep_images`` pairs each SafeBench-Tiny image with
-    ``TYPOGRAPHIC_INSTRUCTION``. ``limit`` keeps the first items in file order.
+    ``TYPOGRAPHIC_INSTRUCTION``. ``limit`` keeps the first items in file order. ``cosafe``
+    returns :class:`LabelledConversation` items (dialogues ending with the user's last turn); the
+    other sets return :class:`LabelledPrompt`. The groups are ``OVER_REFUSAL_SETS``,
+    ``HARMFUL_SETS``, ``JAILBREAK_SETS`` and ``BENIGN_SETS`` (docs/evaluation.md lists them); a
+    missing file raises ``FileNotFoundError`` naming it.
     """
     if name not in SHARED_SETS:
         raise InvalidInputError(f"unknown shared set {name!r}; known sets: {', '.join(SHARED_SETS)}")
@@ -283,9 +651,11 @@ def load_shared_set(name: str, limit: int | None = None, root: Path | None = Non
         raise InvalidInputError(f"limit must be >= 0, not {limit}")
     root = Path(root) if root is not None else shared_datasets_dir()
 
-    def cut(items: list[LabelledPrompt]) -> list[LabelledPrompt]:
+    def cut(items: list[Any]) -> list[Any]:
         return items if limit is None else items[:limit]
 
+    if name in _LOADERS:
+        return cut(_LOADERS[name](root, name))
     if name == "advbench":
         rows = _csv_rows(root / "advbench" / "harmful_behaviors.csv")
         return cut([LabelledPrompt(r["goal"], 1, "", name) for r in rows if r["goal"].strip()])

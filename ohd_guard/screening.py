@@ -13,6 +13,9 @@ forward pass of this call: a masked replay or another caller's forward is never 
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +31,9 @@ from ohd_guard.hooks import scoped_hooks
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.scoring import DeflectionScorer, Prefill
 
-__all__ = ["MaskedBranch", "PrefillDetector", "PrefillReads", "Reads", "Screener"]
+__all__ = ["ConversationScreener", "MaskedBranch", "PrefillDetector", "PrefillReads", "Reads", "Screener"]
+
+log = logging.getLogger("ohd_guard.guard")
 
 
 @dataclass(frozen=True)
@@ -192,3 +197,164 @@ def union(*requests: Reads) -> Reads:
 
 def columns_of(heads: Sequence[HeadRef] | Sequence[Sequence[HeadRef]]) -> tuple[tuple[HeadRef, ...], ...]:
     return tuple((h,) if isinstance(h, HeadRef) else tuple(h) for h in heads)
+
+
+# ------------------------------------------------------------------------- screening conversations
+class ConversationScreener:
+    """The guard's screening stage: raw conversations in, :class:`~ohd_guard.verdict.Screened` out.
+
+    Converts and checks each conversation (limits, local files, images on a text-only model, prompt
+    length), screens them in batched prefills with one detector, and applies the error policy.
+    Callers hold the guard's lock. Verdicts are published through ``emit``; the counters it keeps are
+    :attr:`stats`.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, processor: Any, detector: PrefillDetector, *, on_error: str,
+        limits: Any, fetcher: Any, base_dir: Any, allow_local_files: bool, max_prompt_tokens: int | None,
+        max_batch_size: int, emit: Any,
+    ):
+        from ohd_guard.rendering import is_multimodal
+        from ohd_guard.verdict import GuardStats
+
+        self.model, self.processor, self.detector = model, processor, detector
+        self.on_error, self.limits, self.fetcher, self.base_dir = on_error, limits, fetcher, base_dir
+        self.allow_local_files, self.max_batch_size, self.emit = allow_local_files, max_batch_size, emit
+        self.screener = Screener(model)
+        self.reads = detector.reads()
+        self.screener.check(self.reads)
+        self.heads: tuple[HeadRef, ...] = tuple(detector.verdict_heads)
+        ctx = getattr(self.screener.adapter.text_config, "max_position_embeddings", None)
+        self.max_prompt_tokens = max_prompt_tokens or (int(ctx) if ctx else None)
+        self._multimodal = is_multimodal(processor)
+        # Qwen-VL keeps multimodal rope offsets on the model between calls; a stale one from another
+        # batch would shift the positions of a continued generation, so it is reset before a prefill.
+        self._rope_state = hf.rope_state_modules(model)
+        self.stats = GuardStats()
+        self._stats_lock = threading.Lock()
+
+    @property
+    def threshold(self) -> float:
+        return float(self.detector.threshold)
+
+    def encode(self, conversations: list[Any]) -> dict[str, Any]:
+        from ohd_guard.adapters import model_device
+        from ohd_guard.rendering import encode_conversations
+
+        return encode_conversations(self.processor, conversations, device=model_device(self.model))
+
+    def convert(self, raw: Any) -> Any:
+        from ohd_guard.conversation import to_conversation
+
+        conv = to_conversation(raw, limits=self.limits, fetcher=self.fetcher, base_dir=self.base_dir,
+                               allow_local_files=self.allow_local_files)  # fmt: skip
+        if not self._multimodal and conv.num_images:
+            conv.to_text_chat_messages()  # raises InvalidInputError: a text-only model cannot see images
+        return conv
+
+    def score(self, convs: list[Any], keep_cache: bool) -> tuple[np.ndarray, list[dict], Prefill, dict[str, Any]]:
+        """Scores, per-row details, the prefill and the rendered inputs of one batch."""
+        inputs = self.encode(convs)
+        if self.max_prompt_tokens is not None:
+            mask = inputs.get("attention_mask")
+            lengths = mask.sum(-1) if mask is not None else torch.full((len(convs),), inputs["input_ids"].shape[1])
+            if int(lengths.max()) > self.max_prompt_tokens:
+                raise InvalidInputError(
+                    f"prompt too long: {int(lengths.max())} tokens rendered, over the model's context window "
+                    f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
+                )
+        hf.reset_rope_state(self._rope_state)
+        reads, pre = self.screener.run(inputs, self.reads, keep_cache=keep_cache)
+        scores, details = self.detector.score_reads(reads)
+        scores = np.asarray(scores, dtype=float)
+        if scores.shape != (len(convs),) or not np.all(np.isfinite(scores)):
+            raise ScreeningError(f"the {self.detector.kind} score is not finite (NaN or infinite hidden states)")
+        return scores, details, pre, inputs
+
+    def verdict(self, score: float, detail: dict, t0: float, conv: Any, batch: int) -> Any:
+        from ohd_guard.verdict import Verdict
+
+        flagged = score > self.threshold
+        risk = float(self.detector.risk(np.array([score]))[0])
+        return Verdict(
+            flagged=flagged, angle=detail.get("angle"), threshold=self.threshold, risk=risk, heads=self.heads,
+            mode=self.detector.mask_positions, latency_ms=(time.perf_counter() - t0) * 1e3,
+            reason=self.detector.explain(score, flagged, risk), conversation_digest=conv.digest(), batch_size=batch,
+            detector=self.detector.kind, score=float(score), details=detail,
+        )
+
+    def failed(self, exc: BaseException, t0: float, conv: Any) -> Any:
+        from ohd_guard.verdict import Screened, Verdict
+
+        # "allow" covers internal faults only: an input the guard could not screen because of the
+        # input itself (too long, bad image, ...) is never answered, or padding would bypass the guard
+        allow = self.on_error == "allow" and not isinstance(exc, InvalidInputError)
+        what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
+        verdict = Verdict(
+            flagged=not allow, angle=None, threshold=self.threshold, risk=None, heads=self.heads,
+            mode=self.detector.mask_positions, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
+            reason=f"{what} ({type(exc).__name__}); "
+            + ("passed unscreened because on_error='allow'" if allow else "treated as unsafe (fail closed)"),
+            error=f"{type(exc).__name__}: {exc}", conversation_digest=conv.digest() if conv is not None else None,
+        )
+        return Screened(verdict, conversation=conv, exc=exc)
+
+    def screen_many(self, raws: list[Any], t0s: list[float], keep_cache: bool = False) -> list[Any]:
+        """Screen conversations in batches of ``max_batch_size``; a batch that fails is retried one by
+        one, so a bad or unlucky request never takes its batch-mates down with it."""
+        from collections import deque
+
+        from ohd_guard.verdict import Screened
+
+        out: list[Any] = [None] * len(raws)
+        convs: dict[int, Any] = {}
+        for i, raw in enumerate(raws):
+            try:
+                convs[i] = self.convert(raw)
+            except Exception as e:
+                out[i] = self.failed(e, t0s[i], None)
+        ids = list(convs)
+        todo = deque(ids[k : k + self.max_batch_size] for k in range(0, len(ids), self.max_batch_size))
+        while todo:
+            chunk = todo.popleft()
+            try:
+                scores, details, pre, inputs = self.score([convs[i] for i in chunk], keep_cache)
+            except Exception as e:
+                if len(chunk) > 1:
+                    todo.extendleft([i] for i in reversed(chunk))
+                else:
+                    out[chunk[0]] = self.failed(e, t0s[chunk[0]], convs[chunk[0]])
+                continue
+            self._count_batch(len(chunk))
+            for j, i in enumerate(chunk):
+                single = len(chunk) == 1  # a batched prefill cannot be continued for one row
+                out[i] = Screened(self.verdict(float(scores[j]), details[j], t0s[i], convs[i], len(chunk)), convs[i],
+                                  inputs if single else None, pre if single else None)  # fmt: skip
+        return out
+
+    def settle(self, s: Any) -> Any:
+        """Publish the verdict, then apply ``on_error='raise'``."""
+        from ohd_guard.verdict import typed_error
+
+        self.emit(s.verdict)
+        if s.exc is not None and self.on_error == "raise":
+            raise typed_error(s.exc)
+        if s.exc is not None and not s.verdict.flagged:
+            with self._stats_lock:
+                self.stats = self.stats.model_copy(update={"failed_open": self.stats.failed_open + 1})
+            log.warning("screening failed and on_error='allow' lets the input through unscreened: %s", s.verdict.error)
+        return s.verdict
+
+    def text_flagged(self, text: str) -> bool:
+        """Whether the detector flags ``text`` read as a user turn (an error counts as flagged)."""
+        try:
+            scores, _, _, _ = self.score([self.convert(text)], keep_cache=False)
+            return bool(scores[0] > self.threshold)
+        except Exception:
+            return True
+
+    def _count_batch(self, n: int) -> None:
+        with self._stats_lock:
+            s = self.stats
+            self.stats = s.model_copy(update={"screened": s.screened + n, "batches": s.batches + 1,
+                                              "largest_batch": max(s.largest_batch, n)})  # fmt: skip

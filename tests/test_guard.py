@@ -290,7 +290,7 @@ def test_refuse_static_raise_and_fail_closed(make_guard, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure while generating the refusal")
 
-    monkeypatch.setattr(guard, "_anchored", broken)
+    monkeypatch.setattr(guard.answering, "anchored", broken)
     r = guard.refuse(TRIGGER[0], v)
     assert r.refused and r.refusal_kind == "static" and r.text == guard.template.static_message
     with pytest.raises(InvalidInputError, match="Verdict"):
