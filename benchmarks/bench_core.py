@@ -21,7 +21,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ohd_guard.calibrate import evaluate_angles
-from ohd_guard.cli import DEFAULT_PROFILE
+from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts, load_shared_set, stratified
 from ohd_guard.loading import load_model
 from ohd_guard.profile import Profile
@@ -104,7 +104,7 @@ def main():
     ap.add_argument("--sections", default="1,2,3", help="which sections to run, e.g. 3")
     args = ap.parse_args()
     model, tok = load_model()
-    profile = Profile.load(DEFAULT_PROFILE)
+    profile = Profile.load(OHD_PROFILE)
     head = profile.heads[0]
     scorers = {
         "exact": DeflectionScorer(model, tok, spec=profile.mask.model_copy(update={"positions": "all"}), score_layer=profile.score_layer),

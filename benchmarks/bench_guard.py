@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ohd_guard.cli import DEFAULT_PROFILE
+from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts
 from ohd_guard.guard import OhdGuard
 from ohd_guard.loading import load_model
@@ -129,8 +129,8 @@ def memory_child(condition: str, new_tokens: int) -> None:
     import psutil
 
     model, tok = load_model()
-    guard = OhdGuard(model, tok, Profile.load(DEFAULT_PROFILE).model_copy(
-        update={"threshold": Profile.load(DEFAULT_PROFILE).threshold.model_copy(update={"value": 1e9})}))  # fmt: skip
+    guard = OhdGuard(model, tok, Profile.load(OHD_PROFILE).model_copy(
+        update={"threshold": Profile.load(OHD_PROFILE).threshold.model_copy(update={"value": 1e9})}))  # fmt: skip
 
     def run(prompt):
         if condition == "guarded":
@@ -184,7 +184,7 @@ def main():
     if args.memory_child:
         return memory_child(args.memory_child, args.new_tokens)
     model, tok = load_model()
-    profile = Profile.load(DEFAULT_PROFILE)
+    profile = Profile.load(OHD_PROFILE)
     safe = [p.text for p in load_calibration_prompts("heldout") if p.label == 0]
     print(f"model: embedded Qwen2.5-Coder-0.5B-Instruct ({next(model.parameters()).dtype}), torch threads "
           f"{torch.get_num_threads()}; profile head {profile.heads[0]}, mode {profile.mask.positions}\n")

@@ -99,11 +99,11 @@ def build(tiny: bool) -> tuple[Any, Any, Any]:
         profile = calibrate(model, tok, trig, clean, head=HeadRef(layer=1, head=2))
         return model, tok, OhdGuard(model, tok, profile)
     from ohd_guard.cli import DEFAULT_PROFILE
+    from ohd_guard.detectors import load_profile
     from ohd_guard.loading import load_model
-    from ohd_guard.profile import Profile
 
     model, tok = load_model()
-    return model, tok, OhdGuard(model, tok, Profile.load(DEFAULT_PROFILE))
+    return model, tok, OhdGuard(model, tok, load_profile(DEFAULT_PROFILE))  # the shipped default detector
 
 
 def _verdict(msg: Any) -> str:

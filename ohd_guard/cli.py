@@ -357,10 +357,10 @@ def cmd_eval(args) -> int:
 
     parser = args.parser
     shared = [n for group in args.shared for n in group]
-    if not args.files and not shared:
+    if not args.files and not shared and not args.project_heldout:
         parser.error("no sets to evaluate: give labelled CSV/JSONL files and/or --shared NAMES")
     names = [n for group in (args.detectors or []) for n in group]
-    if args.detectors is None and not args.detector_file:
+    if args.detectors is None and not args.detector_file and not args.shipped:
         names = ["ohd"]
     names = list(dict.fromkeys(names))
     if not 0.0 < args.max_fpr < 1.0:
@@ -382,9 +382,24 @@ def cmd_eval(args) -> int:
     for f in args.files:
         key = Path(f).name if Path(f).name not in sets else str(f)
         sets[key] = per_class(load_labelled_file(f), args.limit)
+    if args.project_heldout:
+        held = load_calibration_prompts("heldout")
+        sets["project heldout"] = per_class(held, args.limit)
+        sets["project look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
     for name in shared:
-        items = load_shared_set(name, limit=args.limit if name == "figstep_images" else None)
-        sets[name] = per_class(items, args.limit)
+        sets[name] = load_shared_set(name, limit=args.limit if name == "figstep_images" else None)
+    if args.dedupe_fit:  # numbers only on items the shipped (or --fit-data) detectors were not fitted on
+        from ohd_guard.datasets import dedupe_against, shipped_fit_items
+
+        fit = shipped_fit_items()[0] + (load_labelled_file(args.fit_data) if args.fit_data else [])
+        for name in list(sets):
+            if not name.startswith("project "):  # the project's held-out split is disjoint by construction
+                kept = dedupe_against(sets[name], fit)
+                say(f"[eval] {name}: {len(sets[name]) - len(kept)} items dropped as duplicates of fit data")
+                sets[name] = kept
+    for name in shared:
+        if name != "figstep_images":
+            sets[name] = per_class(sets[name], args.limit)
     attacks, seeds = None, []
     if args.attacks:
         from ohd_guard.attacks import ATTACKS, make_attacks
@@ -408,7 +423,7 @@ def cmd_eval(args) -> int:
     notes: list[str] = []
     profile = None
     if "ohd" in names or {"ohd-fast", "ohd-exact"} & set(names):
-        profile_path = args.profile or DEFAULT_PROFILE
+        profile_path = args.profile or OHD_PROFILE
         loaded = Profile.load(profile_path, allow_edited=args.allow_edited)
         if args.profile is not None or "ohd" in names:
             loaded.verify(model, processor)  # ProfileMismatchError: exit 2 with the reason
@@ -426,8 +441,11 @@ def cmd_eval(args) -> int:
             det = OneHeadDefense.from_profile(profile, model, processor, batch_size=bs)
             entries.append((det, "profile"))
             notes.append(f"{det.name} from profile {profile_path}: {_describe(det)}")
-    for path in args.detector_file:
-        det = load_detector(path, model, processor)
+    detector_files = list(args.detector_file)
+    if args.shipped:
+        detector_files += [p for k, p in SHIPPED_PROFILES.items() if p.is_file() and not (k == "ohd" and "ohd" in names)]
+    for path in detector_files:
+        det = load_detector(path, model, processor, allow_edited=args.allow_edited)
         if hasattr(det, "batch_size"):
             det.batch_size = bs
         entries.append((det, Path(path).name))
@@ -560,8 +578,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(e)
     e.add_argument("files", nargs="*", type=Path, help="labelled CSV/JSONL files (text,label[,category,image])")
     e.add_argument("--shared", nargs="*", type=_shared_names, default=[], metavar="NAME",
-                   help="sets of the shared datasets folder (advbench, jbb, figstep, figstep_images, alpaca_seed, "
-                        "refusal_direction_harmless), space- or comma-separated")
+                   help="sets of the shared datasets folder, space- or comma-separated (docs/evaluation.md lists them)")
+    e.add_argument("--project-heldout", action="store_true",
+                   help="also evaluate the project's held-out split, and its look-alike/harmful-twin pairs on their own")
+    e.add_argument("--dedupe-fit", action="store_true",
+                   help="drop items of the sets that duplicate the shipped profiles' fit data (and --fit-data)")
+    e.add_argument("--shipped", action="store_true",
+                   help="evaluate every profile shipped for the embedded model (ohd, sahs, hiddendetect, fused)")
     e.add_argument("--profile", type=Path, default=None,
                    help="profile for 'ohd' (and the head of ohd-fast/ohd-exact); default: the shipped one")
     e.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")

@@ -812,3 +812,32 @@ def stratified(items: list[LabelledPrompt], n: int | None, seed: int | None = No
                 out.append(groups[k][i])
         i += 1
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The fit data of the shipped profiles
+# --------------------------------------------------------------------------------------------
+
+SHIPPED_FIT_SHARED: tuple[str, ...] = (
+    # look-alikes that must pass (over-refusal sets), harmful requests, jailbreak templates, benign tasks
+    "orbench_hard:150", "phtest_harmless:100", "coconot_contrast:60",
+    "orbench_toxic:60", "do_not_answer:60", "catqa:40", "jailbreak_wild:30", "gptfuzz_jailbreak:10",
+    "self_instruct:40", "wizardlm:40",
+)
+"""Shared-set parts the shipped SAHs/HiddenDetect/fused profiles are fitted on, besides the project's
+calibration split: ``NAME:N`` = N items evenly spread through the set (``calibrate --fit-shared``)."""
+
+
+def shipped_fit_items(fit_shared: tuple[str, ...] | list[str] = SHIPPED_FIT_SHARED) -> tuple[list[LabelledPrompt], list[str]]:
+    """The exact fit data of the shipped profiles and its source lines; evaluations dedupe against it
+    (``ohd-guard eval --dedupe-fit``)."""
+    items, sources = load_calibration_prompts("calib"), ["ohd_guard/data (calib split)"]
+    for spec in fit_shared:
+        name, _, n = spec.partition(":")
+        extra = evenly(load_shared_set(name), int(n) if n else None)
+        items += extra
+        sources.append(f"shared:{name} ({len(extra)} items)")
+    return items, sources
+
+
+__all__ += ["SHIPPED_FIT_SHARED", "shipped_fit_items"]

@@ -32,6 +32,7 @@ from ohd_guard.detectors import Detector, as_input, shared_prefill
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.metrics import auroc, roc_curve, tpr_at_fpr
 from ohd_guard.rendering import encode_conversations
+from ohd_guard.screening import PrefillDetector, PrefillReads, Reads, union
 
 log = logging.getLogger("ohd_guard.evaluation")
 
@@ -247,6 +248,64 @@ def _metrics(report: EvalReport, det: Detector, name: str, kind: str, y: np.ndar
     )
 
 
+class _Joint(PrefillDetector):
+    """Several prefill detectors read from ONE screening prefill through the guard's own path: each
+    member's score is exactly what a guard running that member alone computes (same reads of the
+    same pass), at the cost of one screening instead of one per detector."""
+
+    kind = "joint"
+    fitted = True
+
+    def __init__(self, members: Sequence[PrefillDetector]):
+        self.members = list(members)
+        self._reads = union(*(m.reads() for m in self.members))
+
+    @property
+    def threshold(self) -> float:
+        return 0.0
+
+    def reads(self) -> Reads:
+        return self._reads
+
+    def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        per = [np.asarray(m.score_reads(reads)[0], dtype=float) for m in self.members]
+        rows = [{"scores": [float(p[i]) for p in per]} for i in range(len(per[0]))]
+        return per[0], rows
+
+    def risk(self, scores: np.ndarray) -> np.ndarray:
+        return np.full(len(scores), 0.5)
+
+
+def joint_scores(detectors: Sequence[Any], items: Sequence[Any], batch_size: int = 8) -> np.ndarray:
+    """[N, D] scores of prefill detectors on one model, from one guard screening per batch."""
+    from ohd_guard.detectors.base import batched
+    from ohd_guard.guard import OhdGuard
+
+    d0 = detectors[0]
+    guard = OhdGuard(d0.model, d0.processor, _Joint(detectors), on_error="raise", verify=False,
+                     allow_local_files=True, max_batch_size=batch_size)  # fmt: skip
+    return batched(lambda b: [v.details["scores"] for v in guard.screen_batch(b)], items, batch_size)
+
+
+def _joint_groups(detectors: Sequence[Detector]) -> list[list[Any]]:
+    """Prefill detectors that can share one screening prefill (same model, compatible masked branches)."""
+    groups: list[list[Any]] = []
+    for d in detectors:
+        if not isinstance(d, PrefillDetector):
+            continue
+        for g in groups:
+            if g[0].model is d.model:
+                try:
+                    union(*(m.reads() for m in g), d.reads())
+                except InvalidInputError:
+                    continue
+                g.append(d)
+                break
+        else:
+            groups.append([d])
+    return [g for g in groups if len(g) > 1]
+
+
 @torch.no_grad()
 def _prefill(model, processor, conv: Any) -> None:
     """What an unguarded model runs before its first answer token: tokenise + forward with KV cache."""
@@ -335,13 +394,33 @@ def evaluate(
         reference_sets=refs, labels={k: v.tolist() for k, v in labels.items()},
     )
     timing: dict[tuple[str, str], tuple[float, str]] = {}
+    joint: dict[str, tuple[list[Any], int]] = {}  # detector name -> (its group, its column)
+    for g in _joint_groups(detectors):
+        for k, d in enumerate(g):
+            joint[d.name] = (g, k)
+    shared: dict[tuple[int, str], tuple[np.ndarray | None, str, float]] = {}
     with shared_prefill():
         for det in detectors:
             report.scores[det.name] = {}
             for name, (_, items) in sets.items():
                 t0 = time.perf_counter()
                 try:
-                    s = np.asarray(det.score(items), dtype=float)
+                    if det.name in joint:
+                        g, k = joint[det.name]
+                        key = (id(g), name)
+                        if key not in shared:
+                            t1 = time.perf_counter()
+                            try:
+                                shared[key] = (joint_scores(g, items, getattr(g[0], "batch_size", 8)), "", 0.0)
+                            except InvalidInputError as e:
+                                shared[key] = (None, str(e), 0.0)
+                            shared[key] = (shared[key][0], shared[key][1], time.perf_counter() - t1)
+                        cols, err, _ = shared[key]
+                        if cols is None:
+                            raise InvalidInputError(err)
+                        s = cols[:, k]
+                    else:
+                        s = np.asarray(det.score(items), dtype=float)
                     report.scores[det.name][name] = s.tolist()
                     why = ""
                 except InvalidInputError as e:  # e.g. images for a text-only model

@@ -187,9 +187,9 @@ class Screener:
 
 def union(*requests: Reads) -> Reads:
     """One request serving several (for a fused detector); at most one masked branch."""
-    branches = [r.masked for r in requests if r.masked is not None]
+    branches = list(dict.fromkeys(r.masked for r in requests if r.masked is not None))
     if len(branches) > 1:
-        raise InvalidInputError("only one masked branch per prefill")
+        raise InvalidInputError("only one masked branch per prefill (the detectors mask different heads)")
     heads = tuple(dict.fromkeys(h for r in requests for h in r.heads))
     layers = tuple(dict.fromkeys(i for r in requests for i in r.layers))
     return Reads(heads=heads, layers=layers, masked=branches[0] if branches else None)

@@ -13,7 +13,7 @@ import torch
 from transformers import StoppingCriteria
 
 from ohd_guard.calibrate import calibrate
-from ohd_guard.cli import DEFAULT_PROFILE
+from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts
 from ohd_guard.guard import OhdGuard
 from ohd_guard.masking import HeadRef, MaskSpec
@@ -48,8 +48,8 @@ class _LastIds(StoppingCriteria):
 @pytest.fixture(scope="module")
 def guard(real_model):
     model, tok = real_model
-    if DEFAULT_PROFILE.exists():
-        profile = Profile.load(DEFAULT_PROFILE)
+    if OHD_PROFILE.exists():
+        profile = Profile.load(OHD_PROFILE)
     else:  # before a profile ships: a quick calibration of a head found by a search on this model
         calib = load_calibration_prompts("calib", seed=1)
         unsafe = [p for p in calib if p.label == 1][:20]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ohd_guard.calibrate import calibrate, evaluate_angles
-from ohd_guard.cli import DEFAULT_PROFILE
+from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts
 from ohd_guard.profile import Profile
 from ohd_guard.scoring import DeflectionScorer
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def shipped(real_model):
     model, tok = real_model
-    profile = Profile.load(DEFAULT_PROFILE)
+    profile = Profile.load(OHD_PROFILE)
     profile.verify(model, tok)
     held = load_calibration_prompts("heldout")
     scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)

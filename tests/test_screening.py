@@ -176,3 +176,34 @@ def test_a_failing_read_leaves_no_hook_and_fails_closed(planted, fitted, monkeyp
     v = guard.screen(TEST[0])
     assert v.flagged and "probe exploded" in v.error and v.detector == "sahs"
     assert _hooks(model) == hooks
+
+
+def test_screening_result_is_answered_and_refused_without_converting_or_prefilling_again(planted, fitted, monkeypatch):
+    from ohd_guard.testing import ForwardCounter
+    from ohd_guard.verdict import Screened
+
+    model, tok = planted
+    guard = OhdGuard(model, tok, fitted["sahs"])
+    conversions = []
+    real = guard.screening_stage.convert
+    monkeypatch.setattr(guard.screening_stage, "convert", lambda raw: conversions.append(1) or real(raw))
+    safe = guard.screening(TEST[0])
+    assert isinstance(safe, Screened) and not safe.verdict.flagged and safe.prefill is not None
+    expected = OhdGuard(model, tok, fitted["sahs"]).generate(TEST[0], max_new_tokens=6, do_sample=False).text
+    counter = ForwardCounter(model)
+    try:
+        r = guard.answer(safe, max_new_tokens=6, do_sample=False)
+    finally:
+        counter.close()
+    assert r.text == expected and not r.refused
+    assert max(counter.lengths) == 1  # decoding steps only: the answer started from the screening prefill
+    assert safe.prefill is None  # used once; a second answer re-runs the prompt
+    assert guard.answer(safe, max_new_tokens=6, do_sample=False).text == expected
+    flagged = guard.screening(with_trigger(TEST)[0])
+    assert flagged.verdict.flagged
+    assert guard.answer(flagged, max_new_tokens=6).refused  # never an answer to a flagged conversation
+    r = guard.refuse(flagged, max_new_tokens=6)
+    assert r.refused and r.verdict is flagged.verdict
+    assert len(conversions) == 2  # one per screening: answering and refusing converted nothing again
+    with pytest.raises(InvalidInputError):
+        guard.answer(flagged.verdict)

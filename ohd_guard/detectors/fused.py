@@ -51,6 +51,9 @@ def _features(angles: np.ndarray, sahs_log_odds: np.ndarray) -> np.ndarray:
 class Fused(GuardScored, StateDetector, PrefillDetector):
     """Logistic on ``log(angle + 1e-3)`` of up to ``n_angles`` selective heads and the SAHs log-odds.
 
+    One angle (the default) keeps screening to one forward pass (the one-pass masked branch); more
+    angles replay the layers above the lowest head for every extra head.
+
     Args:
         ohd_profile: the One-head Defense profile whose mask, score layer and selective heads
             (``top_heads``, eligible first) give the angles; without one, the chosen heads of a fast
@@ -62,14 +65,17 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
     name = "Fused"
     kind = "fused"
 
-    def __init__(self, ohd_profile: Profile | None = None, n_angles: int = 4, sahs: SAHs | None = None,
+    def __init__(self, ohd_profile: Profile | None = None, n_angles: int = 1, sahs: SAHs | None = None,
                  l2_grid: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0), folds: int = 5, batch_size: int = 8, seed: int = 0):
         super().__init__()
         self.ohd_profile, self.n_angles, self.sahs = ohd_profile, n_angles, sahs or SAHs(batch_size=batch_size)
         self.l2_grid, self.folds, self.batch_size, self.seed = tuple(l2_grid), folds, batch_size, seed
         self._probe: Logistic | None = None
 
-    def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "Fused":
+    def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any],
+            sahs_oof: np.ndarray | None = None) -> "Fused":
+        """Fit SAHs (unless it is fitted already and ``sahs_oof``, its out-of-fold scores on
+        ``unsafe + safe``, is given), the angles of the selective heads, then the combination."""
         _check_sets(unsafe, safe)
         t0 = time.perf_counter()
         profile = self.ohd_profile
@@ -80,9 +86,12 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
             profile = calibrate(model, processor, [as_input(x) for x in unsafe], [as_input(x) for x in safe],
                                 spec=mode_spec("fast"), strategy="fast", batch_size=self.batch_size)  # fmt: skip
         heads = _selective_heads(profile, self.n_angles)
-        self.sahs.fit(model, processor, unsafe, safe)
-        oof_sahs = self.sahs.oof_
-        assert oof_sahs is not None
+        if sahs_oof is None or not self.sahs.fitted:
+            self.sahs.fit(model, processor, unsafe, safe)
+            sahs_oof = self.sahs.oof_
+        oof_sahs = np.asarray(sahs_oof, dtype=float)
+        if oof_sahs.shape != (len(unsafe) + len(safe),):
+            raise CalibrationError(f"sahs_oof has {oof_sahs.shape} scores for {len(unsafe) + len(safe)} prompts")
         scorer = DeflectionScorer(model, processor, spec=profile.mask, score_layer=profile.score_layer)
         convs = [as_input(x) for x in list(unsafe) + list(safe)]
         angles = scorer.angles(convs, heads, batch_size=self.batch_size)

@@ -1,0 +1,78 @@
+"""Fit the shipped profiles of the embedded model for SAHs, HiddenDetect and the fused detector.
+
+All three are fitted on the same data, read once: the project's calibration split plus parts of
+public sets of the shared folder (read at run time, never copied), listed in
+``ohd_guard.datasets.SHIPPED_FIT_SHARED``. One
+prefill per prompt serves SAHs (every head's output) and HiddenDetect (every layer's state); the
+fused detector adds the shipped One-head Defense head's angle on a stratified subset and combines
+it with SAHs' out-of-fold log-odds there. Each profile records its sources and, measured through
+the guard, its metrics on the project's held-out split.
+
+    python benchmarks/fit_shipped.py                      # writes ohd_guard/profiles/*.{sahs,hiddendetect,fused}.json
+    python benchmarks/fit_shipped.py --out /tmp/profiles  # anywhere else
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
+    ap.add_argument("--fused-per-class", type=int, default=150, help="prompts per class the fused combination is fitted on")
+    ap.add_argument("--hiddendetect-per-class", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    from ohd_guard.calibrate import evaluate_angles
+    from ohd_guard.cli import OHD_PROFILE
+    from ohd_guard.datasets import load_calibration_prompts, shipped_fit_items, stratified
+    from ohd_guard.detectors import Fused, HiddenDetect, SAHs, save_state, shared_prefill
+    from ohd_guard.evaluation import joint_scores
+    from ohd_guard.loading import load_model
+    from ohd_guard.profile import Profile
+
+    def say(msg: str) -> None:
+        print(f"[fit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    model, tok = load_model()
+    items, sources = shipped_fit_items()
+    unsafe = [p for p in items if p.label == 1]
+    safe = [p for p in items if p.label == 0]
+    say(f"fit data: {len(unsafe)} unsafe + {len(safe)} safe ({'; '.join(sources)})")
+    bs = args.batch_size
+    t0 = time.perf_counter()
+    with shared_prefill():  # one prefill per prompt for SAHs and HiddenDetect
+        sahs = SAHs(top_k=16, batch_size=bs).fit(model, tok, unsafe, safe)
+        say(f"SAHs: {time.perf_counter() - t0:.0f} s, heads {', '.join(map(str, sahs.state.heads[:6]))}, ..., "
+            f"CV AUROC {sahs.state.cv_auroc:.3f}")
+        hu, hs = stratified(unsafe, args.hiddendetect_per_class, seed=0), stratified(safe, args.hiddendetect_per_class, seed=0)
+        hd = HiddenDetect(batch_size=bs).fit(model, tok, hu, hs)
+        say(f"HiddenDetect: band {hd.state.band}, calibration AUROC {hd.state.band_auroc:.3f}")
+    oof = dict(zip(map(id, unsafe + safe), sahs.oof_))
+    fu, fs = stratified(unsafe, args.fused_per_class, seed=0), stratified(safe, args.fused_per_class, seed=0)
+    t1 = time.perf_counter()
+    fused = Fused(Profile.load(OHD_PROFILE), n_angles=1, sahs=sahs, batch_size=bs).fit(
+        model, tok, fu, fs, sahs_oof=np.array([oof[id(x)] for x in fu + fs]))
+    say(f"Fused: {time.perf_counter() - t1:.0f} s, {', '.join(f'{n} {c:+.2f}' for n, c in zip(fused.state.features, fused.state.coef))}, "
+        f"CV AUROC {fused.state.cv_auroc:.3f}")
+
+    held = load_calibration_prompts("heldout")
+    hu_, hs_ = [p for p in held if p.label == 1], [p for p in held if p.label == 0]
+    scores = joint_scores([sahs, hd, fused], hu_ + hs_, bs)  # one guard screening per batch for all three
+    n = len(hu_)
+    for k, (det, name) in enumerate([(sahs, "sahs"), (hd, "hiddendetect"), (fused, "fused")]):
+        m = evaluate_angles("heldout", scores[:n, k], scores[n:, k], det.state.threshold)
+        state = det.state.model_copy(update={"sources": sources, "metrics": [*det.state.metrics, m]})
+        path = save_state(state, args.out / f"qwen2.5-coder-0.5b-instruct.{name}.json")
+        say(f"{name}: held-out AUROC {m.auroc:.3f}, DR {m.detection_rate:.3f}, FPR {m.false_positive_rate:.3f} -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
