@@ -9,31 +9,16 @@ or the request moved into a typographic image. A detector whose signal is about 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Sequence
 
-from ohd_guard.datasets import LabelledPrompt, to_typographic
+from ohd_guard.datasets import LabelledConversation, LabelledPrompt, to_typographic
 from ohd_guard.errors import InvalidInputError
 
 ATTACKS: tuple[str, ...] = (
     "roleplay", "hypothetical", "prefix_injection", "refusal_hijack", "multi_turn", "benign_padding", "typographic",
 )
 """Every attack :func:`make_attacks` knows, in report order (``direct`` = the seeds unchanged)."""
-
-
-@dataclass(frozen=True, eq=False)
-class LabelledConversation:
-    """A multi-turn conversation with its ground truth (what :class:`LabelledPrompt` is for one turn)."""
-
-    messages: list[dict[str, Any]]
-    label: int
-    category: str = ""
-    source: str = ""
-
-    @property
-    def text(self) -> str:
-        """The user turns joined, for logs and reports."""
-        return "\n".join(str(m["content"]) for m in self.messages if m.get("role") == "user")
 
 
 ROLEPLAY = (

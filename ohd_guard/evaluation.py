@@ -368,7 +368,7 @@ def evaluate(
     """Score every set with every fitted detector and collect the metrics described in the module doc.
 
     ``datasets`` and ``attacks`` map a name to labelled items (:class:`~ohd_guard.datasets.LabelledPrompt`
-    or :class:`~ohd_guard.attacks.LabelledConversation`); attack sets are reported in their own table
+    or :class:`~ohd_guard.datasets.LabelledConversation`); attack sets are reported in their own table
     and never enter the reference pools. ``latency_prompts=0`` skips the latency measurement.
     """
     if not detectors:

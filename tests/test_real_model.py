@@ -25,7 +25,8 @@ def shipped(real_model):
     model, tok = real_model
     profile = Profile.load(OHD_PROFILE)
     profile.verify(model, tok)
-    held = load_calibration_prompts("heldout")
+    # the held-out prompts the profile was measured on (before the look-alike/twin pairs were added)
+    held = [p for p in load_calibration_prompts("heldout") if not p.category.startswith("contrast_")]
     scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)
     unsafe = scorer.angles([p.text for p in held if p.label == 1], [profile.heads[0]], batch_size=12)[:, 0]
     safe = scorer.angles([p.text for p in held if p.label == 0], [profile.heads[0]], batch_size=12)[:, 0]
