@@ -3,6 +3,8 @@
     python benchmarks/bench_guard.py [--prompts 6] [--repeats 2] [--new-tokens 32] [--concurrency 32]
                                      [--sections latency,long,throughput,memory]
 
+0. Time to first token of a guard running each shipped profile (OhD, SAHs, HiddenDetect, fused)
+   against the unguarded model, interleaved prompt by prompt in one run.
 1. Latency on benign prompts the guard passes: guarded vs unguarded time-to-first-token
    (``max_new_tokens=1``) and total latency (greedy, ``--new-tokens``), interleaved prompt by prompt
    in one run, for the profile's mask mode and the other one (cost only: its threshold is disabled);
@@ -87,6 +89,36 @@ def latency(model, tok, profile, prompts, n, repeats, new_tokens):
             "total_ratio": sum(res["total_g"]) / sum(res["total_u"]),
         })  # fmt: skip
         guard.close()
+    return rows
+
+
+def detector_ttft(model, tok, prompts, repeats):
+    """Time to first token of a guard running each shipped profile (threshold disabled: the cost of
+    screening + answering, whatever the verdict) vs the unguarded model, interleaved prompt by prompt."""
+    from ohd_guard.cli import SHIPPED_PROFILES
+    from ohd_guard.detectors import load_profile
+
+    guards = {}
+    for kind, path in SHIPPED_PROFILES.items():
+        prof = load_profile(path)
+        off = (prof.model_copy(update={"threshold": prof.threshold.model_copy(update={"value": 180.0})})
+               if kind == "ohd" else prof.model_copy(update={"threshold": 1e9}))  # fmt: skip
+        guards[kind] = OhdGuard(model, tok, off)
+    any_guard = next(iter(guards.values()))
+    for g in guards.values():
+        g.generate(prompts[0], max_new_tokens=1)  # warm-up
+    unguarded(model, any_guard, prompts[0], 1)
+    times = {k: [] for k in ["unguarded", *guards]}
+    for q in prompts:
+        for _ in range(repeats):
+            times["unguarded"].append(timed(lambda: unguarded(model, any_guard, q, 1)))
+            for kind, g in guards.items():
+                times[kind].append(timed(lambda: g.generate(q, max_new_tokens=1, do_sample=False)))
+    base = sum(times["unguarded"])
+    rows = [{"detector": k, "prompts": len(prompts), "ttft_ms_median": statistics.median(v) * 1e3,
+             "ratio_to_unguarded": sum(v) / base} for k, v in times.items()]  # fmt: skip
+    for g in guards.values():
+        g.close()
     return rows
 
 
@@ -178,8 +210,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--memory-child", choices=["guarded", "unguarded"], help=argparse.SUPPRESS)
-    ap.add_argument("--sections", default="latency,long,throughput,memory",
-                    help="comma-separated: latency (short benign prompts), long (TTFT on a long prompt), throughput, memory")
+    ap.add_argument("--sections", default="detectors,latency,long,throughput,memory",
+                    help="comma-separated: detectors (TTFT of every shipped profile), latency (short benign prompts, "
+                         "OhD profile), long (TTFT on a long prompt), throughput, memory")
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.new_tokens)
@@ -189,6 +222,10 @@ def main():
     print(f"model: embedded Qwen2.5-Coder-0.5B-Instruct ({next(model.parameters()).dtype}), torch threads "
           f"{torch.get_num_threads()}; profile head {profile.heads[0]}, mode {profile.mask.positions}\n")
     sections = set(args.sections.split(","))
+    if "detectors" in sections:
+        print("## Time to first token per shipped detector (one run, interleaved, ratio of summed times)\n")
+        print(table(rows := detector_ttft(model, tok, safe[: args.prompts], args.repeats), list(rows[0])))
+        print()
     if "latency" in sections:
         print("## Latency on benign prompts (median over prompts of the median of repeats)\n")
         print(table(rows := latency(model, tok, profile, safe[: args.prompts * 3], args.prompts, args.repeats, args.new_tokens), list(rows[0])))

@@ -111,7 +111,7 @@ def _verdict(msg: Any) -> str:
     if not info:
         return "passed"
     v = info["verdict"]
-    return f"FLAGGED ({v['angle']:.2f} deg > {v['threshold']:.2f}), {info['refusal_kind']} refusal"
+    return f"FLAGGED ({v['detector']} score {v['score']:.2f} > {v['threshold']:.2f}), {info['refusal_kind']} refusal"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

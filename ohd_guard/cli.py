@@ -384,7 +384,7 @@ def cmd_eval(args) -> int:
         sets[key] = per_class(load_labelled_file(f), args.limit)
     if args.project_heldout:
         held = load_calibration_prompts("heldout")
-        sets["project heldout"] = per_class(held, args.limit)
+        sets["project heldout"] = held  # whole: it is what the profiles' held-out numbers are measured on
         sets["project look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
     for name in shared:
         sets[name] = load_shared_set(name, limit=args.limit if name == "figstep_images" else None)
@@ -395,7 +395,7 @@ def cmd_eval(args) -> int:
         for name in list(sets):
             if not name.startswith("project "):  # the project's held-out split is disjoint by construction
                 kept = dedupe_against(sets[name], fit)
-                say(f"[eval] {name}: {len(sets[name]) - len(kept)} items dropped as duplicates of fit data")
+                say(f"[eval] {name}: {len(sets[name]) - len(kept)} items dropped (duplicates of fit data or within the set)")
                 sets[name] = kept
     for name in shared:
         if name != "figstep_images":
@@ -512,9 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(sp):
         sp.add_argument("--model", default=None, help="local HF folder or .gguf file (default: embedded Qwen2.5-Coder-0.5B)")
-        sp.add_argument("--device", default="auto")
-        sp.add_argument("--dtype", default="auto")
-        sp.add_argument("--batch-size", type=int, default=8)
+        sp.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps, ...")
+        sp.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+        sp.add_argument("--batch-size", type=int, default=8, help="conversations per batched prefill (default 8)")
 
     c = sub.add_parser("calibrate", help="fit a detector (One-head Defense: search the head) and write its profile")
     model_args(c)
@@ -570,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser(
         "eval", help="DR, FPR, AUROC, TPR@5%%FPR, per-category rates and latency of detectors on labelled sets",
-        description="Evaluate One-head Defense (and peer detectors) on labelled files and shared sets;\n"
+        description="Evaluate the guard's detectors (shipped or fitted here) and peer baselines on labelled files\n"
+                    "and shared sets;\n"
                     "prints a markdown report (see docs/cli.md and docs/evaluation.md).",
         epilog="detectors:\n" + "\n".join(f"  {k:<15} {v}" for k, v in EVAL_DETECTORS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
