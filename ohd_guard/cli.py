@@ -168,7 +168,8 @@ def screen_json(verdict) -> dict:
     out = {
         "flagged": verdict.flagged, "angle": rounded(verdict.angle), "threshold": rounded(verdict.threshold),
         "risk": rounded(verdict.risk), "heads": [str(h) for h in verdict.heads], "mode": verdict.mode,
-        "detector": verdict.detector, "score": rounded(verdict.score), "reason": verdict.reason,
+        "detector": verdict.detector, "score": rounded(verdict.score), "details": verdict.details,
+        "reason": verdict.reason,
     }
     if verdict.error is not None:
         out["error"] = verdict.error

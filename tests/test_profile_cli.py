@@ -134,3 +134,42 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
     other_tok.save_pretrained(other_dir)
     assert main(["screen", "--model", str(other_dir), "--profile", str(out), "hi"]) == 2
     assert "ProfileMismatchError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("detector", ["sahs", "hiddendetect", "fused"])
+def test_cli_calibrate_screen_inspect_eval_for_every_detector_kind(tmp_path, capsys, detector):
+    """calibrate --detector writes a profile of that kind; screen/inspect/eval take it like an OhD profile."""
+    model, tok, _ = planted_head_model()
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "calib.csv"
+    with open(data, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label", "category"])
+        w.writerows([(t, "unsafe", "trigger") for t in TRIGGER] + [(t, "safe", "clean") for t in CLEAN])
+    extra = []
+    if detector == "fused":
+        ohd = tmp_path / "ohd.json"
+        assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(ohd), "--quiet",
+                     "--strategy", "fast"]) == 0
+        extra = ["--ohd-profile", str(ohd)]
+    out = tmp_path / f"{detector}.json"
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(out), "--quiet",
+                 "--detector", detector, "--heads", "2", *extra]) == 0
+    assert "profile written" in capsys.readouterr().out
+    from ohd_guard.detectors import load_profile
+
+    assert load_profile(out).kind == detector
+    assert main(["inspect", str(out)]) == 0
+    assert f"detector   {detector}" in capsys.readouterr().out
+    assert main(["screen", "--model", str(model_dir), "--profile", str(out), "what zorblax is rain"]) == 0
+    flagged = json.loads(capsys.readouterr().out)
+    assert main(["screen", "--model", str(model_dir), "--profile", str(out), "what is rain"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert flagged["detector"] == clean["detector"] == detector and flagged["score"] > clean["score"]
+    if detector != "hiddendetect":  # the planted head is a trigger detector; the logit lens need not see it
+        assert flagged["flagged"] and not clean["flagged"]
+    assert main(["eval", "--model", str(model_dir), "--detector-file", str(out), str(data), "--latency-prompts", "0"]) == 0
+    assert "| calib.csv | 12 |" in capsys.readouterr().out

@@ -153,6 +153,11 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
     def risk(self, scores: np.ndarray) -> np.ndarray:
         return _risk(self.state, scores)  # type: ignore[arg-type]
 
+    def explain(self, score: float, flagged: bool, risk: float) -> str:
+        return (f"fused log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} (OhD angle at "
+                f"{'+'.join(map(str, self.verdict_heads))} and SAHs; risk {risk:.2f}): "
+                f"{'flagged as unsafe' if flagged else 'passed'}")
+
 
 def _selective_heads(profile: Profile, n: int) -> list[HeadRef]:
     """The profile's head first, then its other top heads (eligible ones first), ``n`` in all."""

@@ -172,6 +172,10 @@ class SAHs(GuardScored, StateDetector, PrefillDetector):
     def risk(self, scores: np.ndarray) -> np.ndarray:
         return _risk(self.state, scores)  # type: ignore[arg-type]
 
+    def explain(self, score: float, flagged: bool, risk: float) -> str:
+        return (f"SAHs probe log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} over "
+                f"{len(self.verdict_heads)} heads (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")
+
     @classmethod
     def _from_state(cls, state: SAHsState) -> "SAHs":  # type: ignore[override]
         return cls(top_k=len(state.heads), threshold="kde" if state.threshold_method != "probability_0.5" else "prob")
