@@ -135,6 +135,6 @@ def test_cli_screen_prints_the_guards_own_verdict(guard, capsys):
     from ohd_guard.cli import main, screen_json
 
     for prompt in README_DEMO:
-        assert main(["screen", prompt]) == 0
+        assert main(["screen", "--detector", "ohd", prompt]) == 0  # the shipped OhD profile, as this guard
         printed = json.loads(capsys.readouterr().out)
         assert printed == screen_json(guard.screen(prompt)), prompt
