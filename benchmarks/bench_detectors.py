@@ -1,4 +1,7 @@
-"""One-head Defense against its baselines on the real embedded model; writes docs/results.md.
+"""Detectors fitted on one calibration subsample, side by side on the real embedded model.
+
+Writes ``/tmp/ohd_bench/results.md`` (the shipped profiles' comparison in docs/results.md comes
+from ``benchmarks/fit_shipped.py`` and ``ohd-guard eval --shipped``; see there).
 
     python benchmarks/bench_detectors.py                      # defaults below, ~25 min on 2 CPU cores
     python benchmarks/bench_detectors.py --calib-per-class 8 --heldout 4 --per-set 4 --attack-seeds 2  # smoke
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward (generation: twice that)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is faster on a loaded machine)")
     ap.add_argument("--profile", type=Path, default=PROFILE)
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--out", type=Path, default=Path("/tmp/ohd_bench/results.md"))
     ap.add_argument("--json", type=Path, default=Path("/tmp/ohd_bench/report.json"))
     ap.add_argument("--roc", type=Path, default=Path("/tmp/ohd_bench/roc.png"))
     args = ap.parse_args(argv)
