@@ -61,23 +61,15 @@ def _layer_range(value: str | None, model) -> list[int] | None:
 def _fit_items(args) -> tuple[list, list, list[str]]:
     """(fit items, held-out items, sources) for ``calibrate``: the project's calibration split (or
     ``--data``) plus ``--fit-shared`` sets read from the shared datasets folder at run time."""
-    from ohd_guard.datasets import evenly, load_calibration_prompts, load_labelled_file, load_shared_set
-    from ohd_guard.errors import InvalidInputError
+    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_parts
 
     if args.data:
         items, heldout_items, sources = load_labelled_file(args.data), [], [str(args.data)]
     else:
         items, heldout_items = load_calibration_prompts("calib"), load_calibration_prompts("heldout")
         sources = ["ohd_guard/data (calib split)"]
-    for spec in args.fit_shared or []:
-        name, _, n = spec.partition(":")
-        try:
-            limit = int(n) if n else None
-        except ValueError:
-            raise InvalidInputError(f"--fit-shared: expected NAME or NAME:COUNT, got {spec!r}") from None
-        extra = evenly(load_shared_set(name), limit)
-        items += extra
-        sources.append(f"shared:{name} ({len(extra)} items)")
+    extra, extra_sources = load_shared_parts(args.fit_shared or [])
+    items, sources = items + extra, sources + extra_sources
     if args.limit:
         items = [p for p in items if p.label == 1][: args.limit] + [p for p in items if p.label == 0][: args.limit]
     return items, heldout_items, sources

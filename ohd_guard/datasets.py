@@ -828,16 +828,27 @@ SHIPPED_FIT_SHARED: tuple[str, ...] = (
 calibration split: ``NAME:N`` = N items evenly spread through the set (``calibrate --fit-shared``)."""
 
 
-def shipped_fit_items(fit_shared: tuple[str, ...] | list[str] = SHIPPED_FIT_SHARED) -> tuple[list[LabelledPrompt], list[str]]:
-    """The exact fit data of the shipped profiles and its source lines; evaluations dedupe against it
-    (``ohd-guard eval --dedupe-fit``)."""
-    items, sources = load_calibration_prompts("calib"), ["ohd_guard/data (calib split)"]
-    for spec in fit_shared:
+def load_shared_parts(specs: tuple[str, ...] | list[str]) -> tuple[list[LabelledPrompt], list[str]]:
+    """Items of ``NAME`` or ``NAME:N`` specs (N items evenly spread through the set, all without
+    ``:N``) and one source line per spec."""
+    items, sources = [], []
+    for spec in specs:
         name, _, n = spec.partition(":")
-        extra = evenly(load_shared_set(name), int(n) if n else None)
+        try:
+            limit = int(n) if n else None
+        except ValueError:
+            raise InvalidInputError(f"expected NAME or NAME:COUNT, got {spec!r}") from None
+        extra = evenly(load_shared_set(name), limit)
         items += extra
         sources.append(f"shared:{name} ({len(extra)} items)")
     return items, sources
 
 
-__all__ += ["SHIPPED_FIT_SHARED", "shipped_fit_items"]
+def shipped_fit_items(fit_shared: tuple[str, ...] | list[str] = SHIPPED_FIT_SHARED) -> tuple[list[LabelledPrompt], list[str]]:
+    """The exact fit data of the shipped profiles and its source lines; evaluations dedupe against it
+    (``ohd-guard eval --dedupe-fit``)."""
+    extra, sources = load_shared_parts(fit_shared)
+    return load_calibration_prompts("calib") + extra, ["ohd_guard/data (calib split)", *sources]
+
+
+__all__ += ["SHIPPED_FIT_SHARED", "load_shared_parts", "shipped_fit_items"]

@@ -398,7 +398,7 @@ def evaluate(
     for g in _joint_groups(detectors):
         for k, d in enumerate(g):
             joint[d.name] = (g, k)
-    shared: dict[tuple[int, str], tuple[np.ndarray | None, str, float]] = {}
+    shared: dict[tuple[int, str], tuple[np.ndarray | None, str]] = {}  # (group, set) -> (scores [N, D], error)
     with shared_prefill():
         for det in detectors:
             report.scores[det.name] = {}
@@ -409,13 +409,11 @@ def evaluate(
                         g, k = joint[det.name]
                         key = (id(g), name)
                         if key not in shared:
-                            t1 = time.perf_counter()
                             try:
-                                shared[key] = (joint_scores(g, items, getattr(g[0], "batch_size", 8)), "", 0.0)
+                                shared[key] = (joint_scores(g, items, getattr(g[0], "batch_size", 8)), "")
                             except InvalidInputError as e:
-                                shared[key] = (None, str(e), 0.0)
-                            shared[key] = (shared[key][0], shared[key][1], time.perf_counter() - t1)
-                        cols, err, _ = shared[key]
+                                shared[key] = (None, str(e))
+                        cols, err = shared[key]
                         if cols is None:
                             raise InvalidInputError(err)
                         s = cols[:, k]

@@ -79,6 +79,24 @@ def chat_template_of(processor: Any) -> str:
     return ""
 
 
+def content_digest(obj: BaseModel) -> str:
+    """sha256 of a saved model's content: every field but ``created_at`` and ``digest``."""
+    body = obj.model_dump(mode="json", exclude={"created_at", "digest"})
+    return _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+def check_digest(obj: Any, path: str | Path, allow_edited: bool, what_changed: str, fix: str) -> None:
+    """Refuse (or, with ``allow_edited``, warn about) a loaded profile whose content no longer matches
+    the digest written by its save: it was edited by hand after calibration, or predates digests."""
+    if obj.digest == content_digest(obj):
+        return
+    what = "has no content digest" if obj.digest is None else "does not match its content digest"
+    msg = f"{path} {what}: it was edited after calibration{what_changed}"
+    if not allow_edited:
+        raise ProfileFormatError(f"{msg}; {fix}")
+    log.warning("%s; loaded anyway because allow_edited=True", msg)
+
+
 class ModelFingerprint(BaseModel):
     """What identifies a model for calibration purposes."""
 
@@ -215,8 +233,7 @@ class Profile(BaseModel):
 
     def content_digest(self) -> str:
         """sha256 of the profile's content (all fields but ``created_at`` and ``digest``)."""
-        body = self.model_dump(mode="json", exclude={"created_at", "digest"})
-        return _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
+        return content_digest(self)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -256,12 +273,8 @@ class Profile(BaseModel):
             raise ProfileFormatError(f"{path} is not a valid profile: {problems}") from e
         except RecursionError:
             raise ProfileFormatError(f"{path} is not a valid profile: nested too deeply") from None
-        if profile.digest != profile.content_digest():
-            what = "has no content digest" if profile.digest is None else "does not match its content digest"
-            msg = f"{path} {what}: it was edited after calibration (heads, threshold, mask or statistics changed)"
-            if not allow_edited:
-                raise ProfileFormatError(msg + "; recalibrate, or load it with Profile.load(path, allow_edited=True)")
-            log.warning("%s; loaded anyway because allow_edited=True", msg)
+        check_digest(profile, path, allow_edited, " (heads, threshold, mask or statistics changed)",
+                     "recalibrate, or load it with Profile.load(path, allow_edited=True)")
         return profile
 
     def verify(self, model: torch.nn.Module, processor: Any = None, strict_dtype: bool = False) -> None:

@@ -224,6 +224,7 @@ class ConversationScreener:
         self.reads = detector.reads()
         self.screener.check(self.reads)
         self.heads: tuple[HeadRef, ...] = tuple(detector.verdict_heads)
+        self.mode = detector.mask_positions  # fixed once fitted: not recomputed per verdict
         ctx = getattr(self.screener.adapter.text_config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens or (int(ctx) if ctx else None)
         self._multimodal = is_multimodal(processor)
@@ -278,7 +279,7 @@ class ConversationScreener:
         risk = float(self.detector.risk(np.array([score]))[0])
         return Verdict(
             flagged=flagged, angle=detail.get("angle"), threshold=self.threshold, risk=risk, heads=self.heads,
-            mode=self.detector.mask_positions, latency_ms=(time.perf_counter() - t0) * 1e3,
+            mode=self.mode, latency_ms=(time.perf_counter() - t0) * 1e3,
             reason=self.detector.explain(score, flagged, risk), conversation_digest=conv.digest(), batch_size=batch,
             detector=self.detector.kind, score=float(score), details=detail,
         )
@@ -292,7 +293,7 @@ class ConversationScreener:
         what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
         verdict = Verdict(
             flagged=not allow, angle=None, threshold=self.threshold, risk=None, heads=self.heads,
-            mode=self.detector.mask_positions, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
+            mode=self.mode, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
             reason=f"{what} ({type(exc).__name__}); "
             + ("passed unscreened because on_error='allow'" if allow else "treated as unsafe (fail closed)"),
             error=f"{type(exc).__name__}: {exc}", conversation_digest=conv.digest() if conv is not None else None,

@@ -89,8 +89,8 @@ def test_missing_profile_file(tmp_path):
         Profile.load(tmp_path / "nope.json")
 
 
-def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
-    """The CLI on a planted model saved to disk, read back by path like a user's local model."""
+def _saved_planted(tmp_path):
+    """The planted model saved to disk (read back by path like a user's local model) and its calibration CSV."""
     model, tok, _ = planted_head_model()
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
@@ -100,6 +100,12 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
         w = csv.writer(fh)
         w.writerow(["text", "label", "category"])
         w.writerows([(t, "unsafe", "trigger") for t in TRIGGER] + [(t, "safe", "clean") for t in CLEAN])
+    return model_dir, data
+
+
+def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
+    """The CLI on a planted model saved to disk, read back by path like a user's local model."""
+    model_dir, data = _saved_planted(tmp_path)
     out = tmp_path / "profile.json"
     assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(out), "--quiet",
                  "--top-k", "3"]) == 0
@@ -139,15 +145,7 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
 @pytest.mark.parametrize("detector", ["sahs", "hiddendetect", "fused"])
 def test_cli_calibrate_screen_inspect_eval_for_every_detector_kind(tmp_path, capsys, detector):
     """calibrate --detector writes a profile of that kind; screen/inspect/eval take it like an OhD profile."""
-    model, tok, _ = planted_head_model()
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    data = tmp_path / "calib.csv"
-    with open(data, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label", "category"])
-        w.writerows([(t, "unsafe", "trigger") for t in TRIGGER] + [(t, "safe", "clean") for t in CLEAN])
+    model_dir, data = _saved_planted(tmp_path)
     extra = []
     if detector == "fused":
         ohd = tmp_path / "ohd.json"

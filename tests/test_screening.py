@@ -44,14 +44,9 @@ def fitted(planted):
     return {
         "ohd": ohd,
         "sahs": SAHs(top_k=3, folds=4).fit(model, tok, unsafe, safe),
-        "hiddendetect": _refusal_wired_hiddendetect(model, tok, unsafe, safe),
+        "hiddendetect": HiddenDetect().fit(model, tok, unsafe, safe),  # fits and scores; the logit lens need not see the trigger
         "fused": Fused(ohd.profile, n_angles=2, sahs=SAHs(top_k=3, folds=4)).fit(model, tok, unsafe, safe),
     }
-
-
-def _refusal_wired_hiddendetect(model, tok, unsafe, safe):
-    # HiddenDetect reads refusal tokens in the logit lens: on the planted model it just has to fit and score
-    return HiddenDetect().fit(model, tok, unsafe, safe)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -9,7 +9,6 @@ model, so loading onto a different one raises :class:`~ohd_guard.errors.ProfileM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 from ohd_guard.calibrate import as_conversation
 from ohd_guard.datasets import LabelledPrompt
 from ohd_guard.errors import CalibrationError, InvalidInputError, ProfileFormatError, ProfileMismatchError
-from ohd_guard.profile import CalibrationMetrics, ModelFingerprint
+from ohd_guard.profile import CalibrationMetrics, ModelFingerprint, check_digest, content_digest
 from ohd_guard.threshold import RiskCalibration
 
 log = logging.getLogger("ohd_guard.detectors")
@@ -128,8 +127,7 @@ class DetectorState(BaseModel):
     __hash__ = None  # type: ignore[assignment]
 
     def content_digest(self) -> str:
-        body = self.model_dump(mode="json", exclude={"created_at", "digest"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return content_digest(self)
 
     def verify(self, model: Any, processor: Any = None) -> None:
         """Raise :class:`ProfileMismatchError` unless this state was fitted on ``model``."""
@@ -236,12 +234,7 @@ class StateDetector(Detector):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
             raise ProfileFormatError(f"{path} is not a valid {cls.__name__} state: {problems}") from e
-        if state.digest != state.content_digest():
-            what = "has no content digest" if state.digest is None else "does not match its content digest"
-            msg = f"{path} {what}: it was edited after calibration"
-            if not allow_edited:
-                raise ProfileFormatError(msg + "; refit it, or load it with allow_edited=True")
-            log.warning("%s; loaded anyway because allow_edited=True", msg)
+        check_digest(state, path, allow_edited, "", "refit it, or load it with allow_edited=True")
         return state
 
     @classmethod
