@@ -1,4 +1,4 @@
-"""Fit the shipped profiles of the embedded model for SAHs, HiddenDetect and the fused detector.
+"""Fit the shipped profiles of an embedded model for SAHs, HiddenDetect and the fused detector.
 
 All three are fitted on the same data, read once: the project's calibration split plus parts of
 public sets of the shared folder (read at run time, never copied), listed in
@@ -8,8 +8,10 @@ fused detector adds the shipped One-head Defense head's angle on a stratified su
 it with SAHs' out-of-fold log-odds there. Each profile records its sources and, measured through
 the guard, its metrics on the project's held-out split.
 
-    python benchmarks/fit_shipped.py                      # writes ohd_guard/profiles/*.{sahs,hiddendetect,fused}.json
+    python benchmarks/fit_shipped.py                      # writes ohd_guard/profiles/<model>.{sahs,hiddendetect,fused}.json
     python benchmarks/fit_shipped.py --out /tmp/profiles  # anywhere else
+    python benchmarks/fit_shipped.py --model qwen2.5-coder-1.5b-instruct   # another embedded model (its
+        # One-head Defense profile first: ohd-guard calibrate --model ... --detector ohd, see docs/results.md)
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default)")
+    ap.add_argument("--ohd-profile", type=Path, default=None,
+                    help="the model's One-head Defense profile for the fused detector (default: the shipped one)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
     ap.add_argument("--fused-per-class", type=int, default=150, help="prompts per class the fused combination is fitted on")
     ap.add_argument("--hiddendetect-per-class", type=int, default=200)
@@ -30,17 +35,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ohd_guard.calibrate import evaluate_angles
-    from ohd_guard.cli import OHD_PROFILE
     from ohd_guard.datasets import load_calibration_prompts, shipped_fit_items, stratified
     from ohd_guard.detectors import Fused, HiddenDetect, SAHs, save_state, shared_prefill
     from ohd_guard.evaluation import joint_scores
-    from ohd_guard.loading import load_model
+    from ohd_guard.loading import embedded_model, load_model
+    from ohd_guard.shipped import shipped_profiles
     from ohd_guard.profile import Profile
 
     def say(msg: str) -> None:
         print(f"[fit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    model, tok = load_model()
+    embedded = embedded_model(args.model)
+    if embedded is None:
+        ap.error(f"--model: not an embedded model: {args.model!r}")
+    name = embedded.name
+    ohd_path = args.ohd_profile or shipped_profiles(args.model).get("ohd")
+    if ohd_path is None:
+        ap.error(f"no One-head Defense profile ships for {name}: pass --ohd-profile")
+    ohd_profile = Profile.load(ohd_path)
+    model, tok = load_model(args.model)
+    ohd_profile.verify(model, tok)
+    say(f"model {name}; One-head Defense profile {ohd_path}")
     items, sources = shipped_fit_items()
     unsafe = [p for p in items if p.label == 1]
     safe = [p for p in items if p.label == 0]
@@ -57,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     oof = dict(zip(map(id, unsafe + safe), sahs.oof_))
     fu, fs = stratified(unsafe, args.fused_per_class, seed=0), stratified(safe, args.fused_per_class, seed=0)
     t1 = time.perf_counter()
-    fused = Fused(Profile.load(OHD_PROFILE), n_angles=1, sahs=sahs, batch_size=bs).fit(
+    fused = Fused(ohd_profile, n_angles=1, sahs=sahs, batch_size=bs).fit(
         model, tok, fu, fs, sahs_oof=np.array([oof[id(x)] for x in fu + fs]))
     say(f"Fused: {time.perf_counter() - t1:.0f} s, {', '.join(f'{n} {c:+.2f}' for n, c in zip(fused.state.features, fused.state.coef))}, "
         f"CV AUROC {fused.state.cv_auroc:.3f}")
@@ -66,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     hu_, hs_ = [p for p in held if p.label == 1], [p for p in held if p.label == 0]
     scores = joint_scores([sahs, hd, fused], hu_ + hs_, bs)  # one guard screening per batch for all three
     n = len(hu_)
-    for k, (det, name) in enumerate([(sahs, "sahs"), (hd, "hiddendetect"), (fused, "fused")]):
+    for k, (det, kind) in enumerate([(sahs, "sahs"), (hd, "hiddendetect"), (fused, "fused")]):
         m = evaluate_angles("heldout", scores[:n, k], scores[n:, k], det.state.threshold)
         state = det.state.model_copy(update={"sources": sources, "metrics": [*det.state.metrics, m]})
-        path = save_state(state, args.out / f"qwen2.5-coder-0.5b-instruct.{name}.json")
-        say(f"{name}: held-out AUROC {m.auroc:.3f}, DR {m.detection_rate:.3f}, FPR {m.false_positive_rate:.3f} -> {path}")
+        path = save_state(state, args.out / f"{name}.{kind}.json")
+        say(f"{kind}: held-out AUROC {m.auroc:.3f}, DR {m.detection_rate:.3f}, FPR {m.false_positive_rate:.3f} -> {path}")
     return 0
 
 

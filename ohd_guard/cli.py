@@ -10,18 +10,18 @@ from pathlib import Path
 
 from ohd_guard.errors import OhdGuardError
 
-_PROFILES = Path(__file__).parent / "profiles"
-SHIPPED_PROFILES: dict[str, Path] = {
-    "ohd": _PROFILES / "qwen2.5-coder-0.5b-instruct.json",
-    "sahs": _PROFILES / "qwen2.5-coder-0.5b-instruct.sahs.json",
-    "hiddendetect": _PROFILES / "qwen2.5-coder-0.5b-instruct.hiddendetect.json",
-    "fused": _PROFILES / "qwen2.5-coder-0.5b-instruct.fused.json",
-}
-"""Profiles shipped for the embedded default model, one per guard detector (``ohd-guard calibrate``)."""
+from ohd_guard.shipped import DEFAULT_DETECTOR, KINDS, default_profile, shipped_profiles
+
+SHIPPED_PROFILES: dict[str, Path] = shipped_profiles()
+"""Profiles shipped for the embedded default model, one per guard detector (``ohd-guard calibrate``);
+other embedded models' profiles: :func:`ohd_guard.shipped.shipped_profiles`."""
 OHD_PROFILE = SHIPPED_PROFILES["ohd"]
-DEFAULT_DETECTOR = "sahs"
-"""The detector the guard loads by default: the one that wins on held-out data (docs/results.md)."""
-DEFAULT_PROFILE = SHIPPED_PROFILES[DEFAULT_DETECTOR]
+DEFAULT_PROFILE = default_profile()
+
+
+def _shipped(args) -> dict[str, Path]:
+    """The shipped profiles of ``--model`` (an embedded model's name; the default model otherwise)."""
+    return shipped_profiles(getattr(args, "model", None))
 
 
 def _load(args):
@@ -61,7 +61,7 @@ def _layer_range(value: str | None, model) -> list[int] | None:
 def _fit_items(args) -> tuple[list, list, list[str]]:
     """(fit items, held-out items, sources) for ``calibrate``: the project's calibration split (or
     ``--data``) plus ``--fit-shared`` sets read from the shared datasets folder at run time."""
-    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_parts
+    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_parts, stratified
 
     if args.data:
         items, heldout_items, sources = load_labelled_file(args.data), [], [str(args.data)]
@@ -71,7 +71,9 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
     extra, extra_sources = load_shared_parts(args.fit_shared or [])
     items, sources = items + extra, sources + extra_sources
     if args.limit:
-        items = [p for p in items if p.label == 1][: args.limit] + [p for p in items if p.label == 0][: args.limit]
+        # spread over categories (seeded): the first N of a file are one source or one form
+        items = stratified([p for p in items if p.label == 1], args.limit, seed=0) + stratified(
+            [p for p in items if p.label == 0], args.limit, seed=0)
     return items, heldout_items, sources
 
 
@@ -126,7 +128,7 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
     elif args.detector == "hiddendetect":
         det = HiddenDetect(batch_size=bs)
     else:
-        ohd = Profile.load(args.ohd_profile or OHD_PROFILE, allow_edited=args.allow_edited)
+        ohd = Profile.load(args.ohd_profile or _shipped(args)["ohd"], allow_edited=args.allow_edited)
         det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs)
     t0 = time.perf_counter()
     if not args.quiet:
@@ -175,7 +177,9 @@ def cmd_screen(args) -> int:
     for p in args.image or []:
         if not Path(p).is_file():
             args.parser.error(f"--image: no such file: {p}")
-    profile = load_profile(args.profile or SHIPPED_PROFILES[args.detector], allow_edited=args.allow_edited)
+    if args.profile is None and args.detector not in _shipped(args):
+        args.parser.error(f"no {args.detector} profile ships for {args.model or 'the default model'}: pass --profile")
+    profile = load_profile(args.profile or _shipped(args)[args.detector], allow_edited=args.allow_edited)
     model, processor = _load(args)
     # the guard's own screening path (one-pass/two-pass, length limits, fail closed); the user's own
     # image files are theirs to read
@@ -416,7 +420,7 @@ def cmd_eval(args) -> int:
     notes: list[str] = []
     profile = None
     if "ohd" in names or {"ohd-fast", "ohd-exact"} & set(names):
-        profile_path = args.profile or OHD_PROFILE
+        profile_path = args.profile or _shipped(args).get("ohd", OHD_PROFILE)
         loaded = Profile.load(profile_path, allow_edited=args.allow_edited)
         if args.profile is not None or "ohd" in names:
             loaded.verify(model, processor)  # ProfileMismatchError: exit 2 with the reason
@@ -436,7 +440,7 @@ def cmd_eval(args) -> int:
             notes.append(f"{det.name} from profile {profile_path}: {_describe(det)}")
     detector_files = list(args.detector_file)
     if args.shipped:
-        detector_files += [p for k, p in SHIPPED_PROFILES.items() if p.is_file() and not (k == "ohd" and "ohd" in names)]
+        detector_files += [p for k, p in _shipped(args).items() if not (k == "ohd" and "ohd" in names)]
     for path in detector_files:
         det = load_detector(path, model, processor, allow_edited=args.allow_edited)
         if hasattr(det, "batch_size"):
@@ -504,7 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
-        sp.add_argument("--model", default=None, help="local HF folder or .gguf file (default: embedded Qwen2.5-Coder-0.5B)")
+        sp.add_argument("--model", default=None,
+                        help="an embedded model's name (qwen2.5-coder-0.5b-instruct, the default; qwen2.5-coder-1.5b-instruct; "
+                             "gemma3-270m: each picks its shipped profiles), a local HF folder or a .gguf file")
         sp.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps, ...")
         sp.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
         sp.add_argument("--batch-size", type=int, default=8, help="conversations per batched prefill (default 8)")
@@ -541,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank-by", choices=["gap", "auroc"], default="auroc",
                    help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)")
     c.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR instead of the KDE crossing")
-    c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts")
+    c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts, spread evenly over categories")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=cmd_calibrate)
 
@@ -550,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     s.add_argument("--profile", type=Path, default=None, help="profile JSON of any detector (default: the shipped one of --detector)")
-    s.add_argument("--detector", choices=list(SHIPPED_PROFILES), default=DEFAULT_DETECTOR,
+    s.add_argument("--detector", choices=list(KINDS), default=DEFAULT_DETECTOR,
                    help=f"which shipped profile screens when --profile is not given (default: {DEFAULT_DETECTOR})")
     s.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     s.set_defaults(func=cmd_screen, parser=s)
@@ -578,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dedupe-fit", action="store_true",
                    help="drop items of the sets that duplicate the shipped profiles' fit data (and --fit-data)")
     e.add_argument("--shipped", action="store_true",
-                   help="evaluate every profile shipped for the embedded model (ohd, sahs, hiddendetect, fused)")
+                   help="evaluate every profile shipped for --model (an embedded model; ohd, sahs, hiddendetect, fused)")
     e.add_argument("--profile", type=Path, default=None,
                    help="profile for 'ohd' (and the head of ohd-fast/ohd-exact); default: the shipped one")
     e.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")

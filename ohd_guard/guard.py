@@ -146,16 +146,16 @@ class OhdGuard:
         **options: Any,
     ) -> OhdGuard:
         """Load a model with :func:`~ohd_guard.loading.load_model` and guard it with ``profile``
-        (a path, a Profile or a detector state, of any detector; default: the shipped default profile
-        for the embedded model, see ``ohd_guard.cli.DEFAULT_DETECTOR``). A profile that
+        (a path, a Profile or a detector state, of any detector; default: the profile shipped for
+        ``model_ref`` when it names an embedded model, see :mod:`ohd_guard.shipped`). A profile that
         was calibrated on another model is refused with ProfileMismatchError; one edited after
         calibration (or written before profiles had a digest) needs ``allow_edited=True``."""
         from ohd_guard.loading import load_model
 
         if profile is None:
-            from ohd_guard.cli import DEFAULT_PROFILE
+            from ohd_guard.shipped import default_profile
 
-            profile = DEFAULT_PROFILE
+            profile = default_profile(model_ref)
         if isinstance(profile, (str, Path)):
             from ohd_guard.detectors import load_profile
 

@@ -52,6 +52,11 @@ def encode_conversations(processor: Any, conversations: Sequence[Any], device=No
         tok.padding_side = "left"
         if tok.pad_token is None:
             raise InvalidInputError("the tokenizer has no pad token; set tokenizer.pad_token first")
+        if not getattr(processor, "chat_template", None) and not getattr(tok, "chat_template", None):
+            raise InvalidInputError(
+                "the model's tokenizer/processor has no chat template, so conversations cannot be rendered "
+                "as generation would see them; set processor.chat_template (a Jinja template) first"
+            )
         pad = {"processor_kwargs": {"padding": True}} if mm else {"padding": True}
         enc = processor.apply_chat_template(
             batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", **pad
