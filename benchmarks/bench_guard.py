@@ -1,7 +1,7 @@
-"""Guard benchmark on the real embedded model. Prints markdown tables.
+"""Guard benchmark on a real embedded model (default: the embedded default). Prints markdown tables.
 
     python benchmarks/bench_guard.py [--prompts 6] [--repeats 2] [--new-tokens 32] [--concurrency 32]
-                                     [--sections latency,long,throughput,memory]
+                                     [--sections latency,long,throughput,memory] [--model NAME]
 
 0. Time to first token of a guard running each shipped profile (OhD, SAHs, HiddenDetect, fused)
    against the unguarded model, interleaved prompt by prompt in one run.
@@ -30,11 +30,11 @@ import time
 
 import torch
 
-from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts
 from ohd_guard.guard import OhdGuard
 from ohd_guard.loading import load_model
 from ohd_guard.profile import Profile
+from ohd_guard.shipped import shipped_profiles
 
 LONG_PROMPT = "Summarise the following notes for a team meeting:\n" + "\n".join(
     f"- item {i}: the build pipeline step {i} takes longer than expected and needs a cache" for i in range(60)
@@ -92,14 +92,13 @@ def latency(model, tok, profile, prompts, n, repeats, new_tokens):
     return rows
 
 
-def detector_ttft(model, tok, prompts, repeats):
+def detector_ttft(model, tok, prompts, repeats, profiles):
     """Time to first token of a guard running each shipped profile (threshold disabled: the cost of
     screening + answering, whatever the verdict) vs the unguarded model, interleaved prompt by prompt."""
-    from ohd_guard.cli import SHIPPED_PROFILES
     from ohd_guard.detectors import load_profile
 
     guards = {}
-    for kind, path in SHIPPED_PROFILES.items():
+    for kind, path in profiles.items():
         prof = load_profile(path)
         off = (prof.model_copy(update={"threshold": prof.threshold.model_copy(update={"value": 180.0})})
                if kind == "ohd" else prof.model_copy(update={"threshold": 1e9}))  # fmt: skip
@@ -161,8 +160,9 @@ def memory_child(condition: str, new_tokens: int) -> None:
     import psutil
 
     model, tok = load_model()
-    guard = OhdGuard(model, tok, Profile.load(OHD_PROFILE).model_copy(
-        update={"threshold": Profile.load(OHD_PROFILE).threshold.model_copy(update={"value": 1e9})}))  # fmt: skip
+    profile = Profile.load(shipped_profiles()["ohd"])
+    guard = OhdGuard(model, tok, profile.model_copy(
+        update={"threshold": profile.threshold.model_copy(update={"value": 1e9})}))  # fmt: skip
 
     def run(prompt):
         if condition == "guarded":
@@ -209,6 +209,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default; memory: always it)")
     ap.add_argument("--memory-child", choices=["guarded", "unguarded"], help=argparse.SUPPRESS)
     ap.add_argument("--sections", default="detectors,latency,long,throughput,memory",
                     help="comma-separated: detectors (TTFT of every shipped profile), latency (short benign prompts, "
@@ -216,15 +217,16 @@ def main():
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args.memory_child, args.new_tokens)
-    model, tok = load_model()
-    profile = Profile.load(OHD_PROFILE)
+    model, tok = load_model(args.model)
+    profiles = shipped_profiles(args.model)
+    profile = Profile.load(profiles["ohd"])
     safe = [p.text for p in load_calibration_prompts("heldout") if p.label == 0]
-    print(f"model: embedded Qwen2.5-Coder-0.5B-Instruct ({next(model.parameters()).dtype}), torch threads "
+    print(f"model: {args.model or 'embedded default'}, {type(model).__name__} ({next(model.parameters()).dtype}), torch threads "
           f"{torch.get_num_threads()}; profile head {profile.heads[0]}, mode {profile.mask.positions}\n")
     sections = set(args.sections.split(","))
     if "detectors" in sections:
         print("## Time to first token per shipped detector (one run, interleaved, ratio of summed times)\n")
-        print(table(rows := detector_ttft(model, tok, safe[: args.prompts], args.repeats), list(rows[0])))
+        print(table(rows := detector_ttft(model, tok, safe[: args.prompts], args.repeats, profiles), list(rows[0])))
         print()
     if "latency" in sections:
         print("## Latency on benign prompts (median over prompts of the median of repeats)\n")
