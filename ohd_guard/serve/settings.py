@@ -1,0 +1,81 @@
+"""What a server is configured with: its limits (:class:`ServeSettings`) and which guard it serves
+(:class:`GuardSpec`, a plain description a Ray replica can rebuild the guard from)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_KEY_ENV = "OHD_GUARD_API_KEY"
+"""Environment variable holding the bearer token when ``--api-key`` is not given."""
+
+
+class ServeSettings(BaseModel):
+    """Limits and identity of one server. Every limit exists so that hostile traffic costs a typed 4xx,
+    never memory, a hung worker or an unguarded answer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_name: str = "ohd-guard"
+    """The model id clients send (``GET /v1/models`` lists it); other ids get 404 model_not_found."""
+    api_key: str | None = None
+    """Bearer token required on every route but ``/health`` (None: no auth)."""
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_image_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Per image, decoded (checked on the base64 length before decoding)."""
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    """Per image, from the image header before decoding (the guard's ConversationLimits)."""
+    max_concurrent_requests: int = Field(64, gt=0)
+    """Requests in flight at once (streams included); more get 429 too_many_requests."""
+    max_concurrent_streams: int = Field(16, gt=0)
+    """Open SSE streams at once; more get 429 too_many_streams."""
+    default_max_tokens: int = Field(256, gt=0)
+    max_tokens_limit: int = Field(2048, gt=0)
+    """Largest ``max_tokens`` accepted (400 above it)."""
+    max_screen_batch: int = Field(64, gt=0)
+    """Conversations per ``POST /v1/screen``."""
+    disconnect_poll_s: float = Field(0.2, gt=0)
+    """How often a non-streamed request checks that its client is still there."""
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+class GuardSpec(BaseModel):
+    """How to build the served guard: a model reference and profile (as ``OhdGuard.load`` takes them),
+    or ``factory="module:function"`` returning an :class:`~ohd_guard.guard.OhdGuard`. Plain data, so a
+    Ray replica on another node builds its own guard from it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    model: str | None = None
+    profile: str | None = None
+    factory: str | None = None
+    refusal: Literal["anchored", "static", "raise"] = "anchored"
+    on_error: Literal["refuse", "raise", "allow"] = "refuse"
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_edited: bool = False
+    max_batch_size: int = Field(16, gt=0)
+    max_wait_ms: float = Field(5.0, ge=0)
+    options: dict[str, Any] = {}
+    """Extra keyword arguments for the factory."""
+
+    def build(self, settings: ServeSettings | None = None) -> Any:
+        """Build the guard. Never with ``allow_local_files``: clients must not name server files."""
+        from ohd_guard.conversation import ConversationLimits
+        from ohd_guard.guard import OhdGuard
+
+        settings = settings or ServeSettings()
+        limits = ConversationLimits(max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+                                    max_total_pixels=max(settings.max_image_pixels, 2 * 4096 * 4096))
+        opts = dict(refusal=self.refusal, on_error=self.on_error, limits=limits, max_batch_size=self.max_batch_size,
+                    max_wait_ms=self.max_wait_ms, allow_local_files=False)
+        if self.factory:
+            mod, _, attr = self.factory.partition(":")
+            if not mod or not attr:
+                raise ValueError(f"factory must be 'module:function', not {self.factory!r}")
+            return getattr(importlib.import_module(mod), attr)(**opts, **self.options)
+        return OhdGuard.load(self.model, self.profile, device=self.device, dtype=self.dtype,
+                             allow_edited=self.allow_edited, **opts)
