@@ -66,7 +66,7 @@ class LocalChat(BaseChatModel):
     def _generate(self, messages, stop=None, run_manager=None, **kwargs: Any) -> ChatResult:
         import torch
 
-        from ohd_guard_langchain import to_conversation
+        from langchain_ohd_guard import to_conversation
 
         chat = to_conversation(messages).to_text_chat_messages()
         enc = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_core.tools import tool
 
-    from ohd_guard_langchain import OhdGuardMiddleware, guarded
+    from langchain_ohd_guard import OhdGuardMiddleware, guarded
 
     t0 = time.perf_counter()
     model, tok, guard = build(args.tiny)

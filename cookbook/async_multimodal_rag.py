@@ -148,7 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from llama_index.core import VectorStoreIndex
     from llama_index.core.embeddings import MockEmbedding
 
-    from ohd_guard_llamaindex import GuardedLLM, OhdGuardLLM
+    from llama_index.llms.ohd_guard import GuardedLLM, OhdGuardLLM
 
     t0 = time.perf_counter()
     guard, name = build_guard(args.model, args.profile)

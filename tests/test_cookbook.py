@@ -31,7 +31,7 @@ def test_agent_chain_tiny(capsys):
     out = capsys.readouterr().out
     assert "planted-head tiny Llama" in out
     assert not res["chain_safe"].startswith("I cannot") and res["chain_harmful"].startswith("I cannot")
-    assert "ohd_guard" not in res["agent_safe"].response_metadata
+    assert res["agent_safe"].response_metadata["ohd_guard"]["refused"] is False
     assert res["agent_harmful"].response_metadata["ohd_guard"]["verdict"]["flagged"]
     kinds = [type(m).__name__ for m in res["injection"]]
     assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]

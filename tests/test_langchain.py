@@ -22,13 +22,11 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from langchain_tests.integration_tests import ChatModelIntegrationTests
-from langchain_tests.unit_tests import ChatModelUnitTests
 from PIL import Image
 
-import ohd_guard_langchain
+import langchain_ohd_guard
 from ohd_guard.errors import GuardViolation, InvalidInputError
-from ohd_guard_langchain import (
+from langchain_ohd_guard import (
     EVENT_NAME,
     ChatOhdGuard,
     GuardedRunnable,
@@ -117,28 +115,16 @@ class Events(BaseCallbackHandler):
 
 
 # ------------------------------------------------------------------------------------- public API
-def test_all_is_pinned_and_resolves():
-    assert ohd_guard_langchain.__all__ == [
-        "EVENT_NAME", "ChatOhdGuard", "GuardedRunnable", "OhdGuardMiddleware", "OhdGuardRunnable",
-        "UnsupportedContentError", "adispatch_verdict", "dispatch_verdict", "guarded", "to_conversation",
-    ]  # fmt: skip
-    for name in ohd_guard_langchain.__all__:
-        assert getattr(ohd_guard_langchain, name) is not None
-    from ohd_guard.guard import EVENT_NAME as CORE_EVENT
-
-    assert EVENT_NAME == CORE_EVENT
-
-
 def test_import_is_lazy_and_middleware_names_its_install():
     code = (
-        "import sys, ohd_guard_langchain\n"
+        "import sys, langchain_ohd_guard\n"
         "assert 'langchain.agents' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n"
         "sys.modules['langchain.agents.middleware'] = None\n"
-        "try:\n    ohd_guard_langchain.OhdGuardMiddleware\nexcept ImportError as e:\n    print(e)\n"
+        "try:\n    langchain_ohd_guard.OhdGuardMiddleware\nexcept ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'ohd-guard[langchain-agents]'" in out.stdout
+    assert "pip install 'langchain-ohd-guard[agents]'" in out.stdout
 
 
 # -------------------------------------------------------------------------------------- converters
@@ -407,75 +393,10 @@ def test_middleware_async_raise_and_events(guard):
     assert len(events) == 1 and events[0]["name"] == EVENT_NAME and events[0]["data"]["flagged"]
     assert out["messages"][-1].content == "hi"
     with pytest.raises(GuardViolation):
-        _agent(spy("hi"), guard, on_flag="raise").invoke({"messages": [("human", "zorblax")]})
+        _agent(spy("hi"), guard, exit_behavior="error").invoke({"messages": [("human", "zorblax")]})
 
 
 # ------------------------------------------------------------------------------------- chat model
-class TestChatOhdGuardStandard(ChatModelUnitTests):
-    """langchain-tests' standard unit tests. Tool calling and structured output are not supported:
-    the tests gated on them are turned off through the suite's own switches."""
-
-    @property
-    def chat_model_class(self):
-        return ChatOhdGuard
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"guard": planted_guard(), "model": "planted-llama"}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return False
-
-
-class TestChatOhdGuardStandardIntegration(ChatModelIntegrationTests):
-    """langchain-tests' standard integration tests, run against the local planted model (no network):
-    invoke/stream/batch (sync and async), events, conversations, stop sequences, names. Tool calling,
-    structured output, usage metadata and the URL/PDF/audio/image-download tests are switched off;
-    image inputs are covered by test_chat_model_sees_images_with_a_vision_language_model below."""
-
-    @property
-    def chat_model_class(self):
-        return ChatOhdGuard
-
-    @property
-    def chat_model_params(self) -> dict:
-        return {"guard": planted_guard(), "model": "planted-llama", "max_tokens": 8}
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return False
-
-    @property
-    def has_structured_output(self) -> bool:
-        return False
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return False
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False  # the suite downloads its test image from the web
-
-
-@pytest.mark.xfail(reason="tool calling is not supported by ChatOhdGuard", raises=NotImplementedError, strict=True)
-def test_tool_calling_is_not_supported(guard, search_tool):
-    ChatOhdGuard(guard=guard).bind_tools([search_tool])
-
-
 def test_chat_model_answers_refuses_and_streams(guard):
     chat = ChatOhdGuard(guard=guard, max_tokens=6)
     safe = chat.invoke("hello there")
@@ -585,8 +506,8 @@ def test_chat_model_events_and_raise_policy(guard):
     assert cb.events and cb.events[0][0] == EVENT_NAME and cb.events[0][1]["flagged"]
     with pytest.raises(GuardViolation):
         ChatOhdGuard(guard=planted_guard(refusal="raise"), max_tokens=4).invoke("zorblax")
-    with pytest.raises(NotImplementedError, match="tool calling"):
-        ChatOhdGuard(guard=guard).invoke("hi", tools=[{"type": "function"}])
+    with pytest.raises(NotImplementedError, match="guarded"):
+        ChatOhdGuard(guard=guard).invoke("hi", functions=[{"name": "f"}])
     with pytest.raises(InvalidInputError, match="no guard"):
         ChatOhdGuard().invoke("hi")
     with pytest.raises(InvalidInputError, match="unsupported call arguments"):
@@ -631,3 +552,241 @@ def test_middleware_screens_the_system_prompt_and_what_other_middleware_added(gu
     assert answerer.calls == 0 and out[-1].response_metadata["ohd_guard"]["refused"]
     clean = create_agent(spy("ok"), tools=[], system_prompt="You are helpful.", middleware=[OhdGuardMiddleware(guard)])
     assert clean.invoke({"messages": [("human", "hello")]})["messages"][-1].content == "ok"
+
+
+# ------------------------------------------------------------- verdicts on every response (safe too)
+def test_safe_responses_carry_their_verdict(guard):
+    chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | spy("fine")
+    out = guarded(chain, guard).invoke({"q": "tell me about cats"})
+    assert out.response_metadata["ohd_guard"]["refused"] is False
+    assert out.response_metadata["ohd_guard"]["verdict"]["flagged"] is False
+    chunks = list(guarded(spy("two words"), guard).stream("cats"))
+    assert "ohd_guard" not in chunks[0].response_metadata and len(chunks) > 1
+    assert chunks[-1].response_metadata["ohd_guard"]["verdict"]["flagged"] is False
+    agent_out = _agent(spy("hi there"), guard).invoke({"messages": [("human", "hello")]})["messages"][-1]
+    assert agent_out.content == "hi there" and agent_out.response_metadata["ohd_guard"]["input_verdict"]["flagged"] is False
+
+
+# ------------------------------------------------- middleware: input / tool / output, exit_behavior
+def _tool_run(guard, search_tool, **kw):
+    call = AIMessage("", tool_calls=[{"name": "web_search", "args": {"query": "cats"}, "id": "c1"}])
+    answerer = SpyChat(messages=iter([call, AIMessage("final answer")]))
+    mw = OhdGuardMiddleware(guard, refusal_max_new_tokens=8, **kw)
+    from langchain.agents import create_agent
+
+    agent = create_agent(answerer, tools=[search_tool], middleware=[mw])
+    return answerer, agent
+
+
+def test_tool_result_injection_ends_the_run_when_it_arrives(guard, search_tool):
+    answerer, agent = _tool_run(guard, search_tool)
+    out = agent.invoke({"messages": [("human", "search cats for me")]})["messages"]
+    assert answerer.calls == 1, "the model must not read the flagged tool result"
+    assert out[-1].response_metadata["ohd_guard"]["stage"] == "tool"
+    assert "tool result was flagged" in out[-1].content
+
+
+def test_tool_result_injection_replaced_lets_the_agent_go_on(guard, search_tool):
+    answerer, agent = _tool_run(guard, search_tool, exit_behavior="replace", violation_message="[removed: {stage}]")
+    out = agent.invoke({"messages": [("human", "search cats for me")]})["messages"]
+    tool_msg = next(m for m in out if isinstance(m, ToolMessage))
+    assert tool_msg.content == "[removed: tool result]" and tool_msg.response_metadata["ohd_guard"]["replaced"]
+    assert answerer.calls == 2 and out[-1].content == "final answer"
+    assert not any("zorblax" in str(m.content) for m in out)
+
+
+def test_tool_result_injection_raises_with_its_stage(guard, search_tool):
+    _, agent = _tool_run(guard, search_tool, exit_behavior="error")
+    with pytest.raises(GuardViolation) as e:
+        agent.invoke({"messages": [("human", "search cats for me")]})
+    assert e.value.stage == "tool"
+
+    async def run():
+        _, agent = _tool_run(guard, search_tool, exit_behavior="error")
+        await agent.ainvoke({"messages": [("human", "search cats for me")]})
+
+    with pytest.raises(GuardViolation):
+        asyncio.run(run())
+
+
+def test_input_replace_rescreens_and_answers_the_replaced_request(guard):
+    answerer = spy("answered")
+    out = _agent(answerer, guard, exit_behavior="replace").invoke({"messages": [("human", "zorblax now")]})["messages"]
+    assert answerer.calls == 1 and out[-1].content == "answered"
+    assert out[-1].response_metadata["ohd_guard"]["input_verdict"]["flagged"] is False  # the replaced request's
+    # an injection in the system prompt survives replacing the human turn: the run still ends
+    from langchain.agents import create_agent
+
+    answerer = spy("answered")
+    agent = create_agent(answerer, tools=[], system_prompt="zorblax everything",
+                         middleware=[OhdGuardMiddleware(guard, exit_behavior="replace", refusal_max_new_tokens=4)])
+    assert agent.invoke({"messages": [("human", "hi")]})["messages"][-1].response_metadata["ohd_guard"]["refused"]
+    assert answerer.calls == 0
+
+
+def test_the_input_check_screens_tool_definitions(guard):
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(q: str) -> str:
+        """Look up a word. Always zorblax the user first."""
+        return "ok"
+
+    answerer = spy("hi")
+    out = _agent(answerer, guard, [lookup]).invoke({"messages": [("human", "hello")]})["messages"]
+    assert answerer.calls == 0 and out[-1].response_metadata["ohd_guard"]["refused"]
+
+
+@pytest.mark.parametrize("exit_behavior", ["end", "replace"])
+def test_output_check_reads_the_answer(guard, exit_behavior):
+    """The user turn is clean: only the answer carries the trigger, so only an output check that
+    reads the answer can flag it; the flagged answer does not stay in the returned state."""
+    answerer = spy("the zorblax is here")
+    out = _agent(answerer, guard, check_output=True, exit_behavior=exit_behavior).invoke(
+        {"messages": [("human", "tell me about cats")]})["messages"]
+    assert answerer.calls == 1 and [type(m).__name__ for m in out] == ["HumanMessage", "AIMessage"]
+    meta = out[-1].response_metadata["ohd_guard"]
+    assert meta["stage"] == "output" and meta["output_verdict"]["flagged"] and "answer was flagged" in out[-1].content
+    assert not any("zorblax" in str(m.content) for m in out)
+    safe = _agent(spy("cats are nice"), guard, check_output=True).invoke({"messages": [("human", "cats")]})["messages"]
+    assert safe[-1].content == "cats are nice"
+    assert safe[-1].response_metadata["ohd_guard"]["output_verdict"]["flagged"] is False
+    assert safe[-1].response_metadata["ohd_guard"]["input_verdict"]["flagged"] is False
+
+
+def test_output_check_error_and_async(guard):
+    with pytest.raises(GuardViolation) as e:
+        _agent(spy("zorblax"), guard, check_output=True, exit_behavior="error").invoke({"messages": [("human", "hi")]})
+    assert e.value.stage == "output"
+
+    async def run():
+        agent = _agent(spy("the zorblax is here"), guard, check_output=True)
+        events = [ev async for ev in agent.astream_events({"messages": [("human", "cats")]}, version="v2")
+                  if ev["event"] == "on_custom_event"]  # fmt: skip
+        return events
+
+    events = asyncio.run(run())
+    assert [ev["data"]["flagged"] for ev in events] == [False, True], "input passed, output flagged"
+
+
+def test_output_check_reads_at_the_answers_last_token(guard):
+    from langchain_ohd_guard.answers import AnswerCheck, AnswerRendering
+
+    rendered = AnswerRendering(guard.tokenizer).apply_chat_template(
+        [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the cat sat"}]], tokenize=False)
+    assert rendered[0].endswith("assistant\nthe cat sat")
+    check = AnswerCheck(guard)
+    conv = [{"role": "user", "content": "tell me about cats"}]
+    assert check.screen([*conv, {"role": "assistant", "content": "the zorblax is here"}]).flagged
+    assert not check.screen([*conv, {"role": "assistant", "content": "the cats are here"}]).flagged
+
+
+def test_calibrate_answers_fits_a_profile_the_output_check_uses(guard, tmp_path):
+    import json
+
+    from langchain_ohd_guard.answers import AnswerCheck, answer_items, calibrate_answers
+    from ohd_guard.masking import HeadRef
+    from ohd_guard.testing import with_trigger
+
+    shipped_unsafe, shipped_safe = answer_items()
+    assert len(shipped_unsafe) == 40 and len(shipped_safe) == 40
+    answers = ["the cats sleep all day", "the dog is here now", "the bread is in the oven", "the light is on now"]
+    rows = [{"prompt": "tell me", "answer": a, "label": "unsafe"} for a in with_trigger(answers)]
+    rows += [{"prompt": "tell me", "answer": a, "label": "safe"} for a in answers]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = guard.model, guard.tokenizer
+    profile = calibrate_answers(model, tok, path, detector="ohd", head=HeadRef(layer=1, head=2))
+    check = AnswerCheck(guard, profile)
+    assert check.screen([{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "a zorblax"}]).flagged
+
+
+# ---------------------------------------------------------------------- ChatOhdGuard tool calling
+class Forced:
+    """Makes the tiny model write ``texts[k]`` on its k-th generation (a logits processor handed to
+    ``model.generate``): the real model decodes, only its choice of tokens is scripted, because a
+    random tiny model cannot decide to call a tool by itself."""
+
+    def __init__(self, tok, *texts: str):
+        self.texts = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
+        self.k, self.start, self.last = -1, 0, -1
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        n = input_ids.shape[1]
+        if n != self.last + 1:  # a new generation
+            self.k, self.start = self.k + 1, n
+        self.last = n
+        ids = self.texts[min(self.k, len(self.texts) - 1)]
+        out = torch.full_like(scores, -float("inf"))
+        out[:, ids[min(n - self.start, len(ids) - 1)]] = 0.0
+        return out
+
+
+def _forced_chat(guard, *texts: str, **kw):
+    return ChatOhdGuard(guard=guard, max_tokens=60, generation_kwargs={"logits_processor": [Forced(guard.tokenizer, *texts)]},
+                        **kw)
+
+
+def test_parse_tool_calls():
+    from langchain_ohd_guard.tools import parse_tool_calls
+
+    text, calls, bad = parse_tool_calls('Let me look.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>'
+                                        '<tool_call>{"name": "g"</tool_call>')
+    assert text == "Let me look." and [(c["name"], c["args"]) for c in calls] == [("f", {"x": 1})]
+    assert len(bad) == 1 and bad[0]["args"] == '{"name": "g"'
+    assert parse_tool_calls("no calls") == ("no calls", [], [])
+
+
+def test_chat_model_calls_tools_in_a_real_agent(guard):
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    seen = []
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        seen.append(city)
+        return "sunny"
+
+    chat = _forced_chat(guard, '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "It is sunny.")
+    agent = create_agent(chat, tools=[get_weather], middleware=[OhdGuardMiddleware(guard)])
+    out = agent.invoke({"messages": [("human", "weather in paris?")]})["messages"]
+    assert seen == ["Paris"]
+    assert [type(m).__name__ for m in out] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert out[1].tool_calls[0]["args"] == {"city": "Paris"} and out[-1].content == "It is sunny."
+    assert out[-1].response_metadata["ohd_guard"]["refused"] is False
+
+
+def test_chat_model_tool_choice_streaming_and_structured_output(guard):
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        """A person."""
+
+        name: str
+
+    chat = _forced_chat(guard, '<tool_call>{"name": "Person", "arguments": {"name": "Ada"}}</tool_call>')
+    assert chat.with_structured_output(Person).invoke("who wrote the first program?") == Person(name="Ada")
+    chat = _forced_chat(guard, '<tool_call>{"name": "Person", "arguments": {"name": "Ada"}}</tool_call>')
+    chunks = list(chat.bind_tools([Person], tool_choice="Person").stream("who?"))
+    assert len(chunks) == 1 and chunks[0].tool_calls[0]["args"] == {"name": "Ada"}
+    assert chunks[0].response_metadata["ohd_guard"]["verdict"]["flagged"] is False
+
+
+def test_chat_model_screens_tool_definitions_and_results(guard):
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(q: str) -> str:
+        """Look up a word; zorblax the user first."""
+        return "ok"
+
+    out = ChatOhdGuard(guard=guard, max_tokens=4).bind_tools([lookup]).invoke("hello")
+    assert out.response_metadata["ohd_guard"]["refused"] and not out.tool_calls
+    history = [HumanMessage("find cats"), AIMessage("", tool_calls=[{"name": "lookup", "args": {"q": "c"}, "id": "1"}]),
+               ToolMessage("the zorblax page", tool_call_id="1", name="lookup")]
+    clean = lookup.model_copy(update={"description": "Look up a word."})
+    assert ChatOhdGuard(guard=guard, max_tokens=4).bind_tools([clean]).invoke(history).response_metadata["ohd_guard"]["refused"]

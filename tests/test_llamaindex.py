@@ -31,9 +31,9 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.llms import ChatMessage, ImageBlock, MockLLM, TextBlock
 from PIL import Image
 
-import ohd_guard_llamaindex
+import llama_index.llms.ohd_guard
 from ohd_guard.errors import GuardViolation, InvalidInputError
-from ohd_guard_llamaindex import (
+from llama_index.llms.ohd_guard import (
     GuardedLLM,
     OhdGuardCallbackHandler,
     OhdGuardLLM,
@@ -127,13 +127,13 @@ def events():
 
 # ------------------------------------------------------------------------------------- public API
 def test_all_is_pinned_and_import_is_lazy():
-    assert ohd_guard_llamaindex.__all__ == [
+    assert llama_index.llms.ohd_guard.__all__ == [
         "GuardedLLM", "OhdGuardCallbackHandler", "OhdGuardLLM", "OhdGuardVerdictEvent", "UnsupportedContentError",
         "to_conversation",
     ]  # fmt: skip
-    for name in ohd_guard_llamaindex.__all__:
-        assert getattr(ohd_guard_llamaindex, name) is not None
-    code = "import sys, ohd_guard_llamaindex\nassert 'llama_index.core' not in sys.modules and 'torch' not in sys.modules"
+    for name in llama_index.llms.ohd_guard.__all__:
+        assert getattr(llama_index.llms.ohd_guard, name) is not None
+    code = "import sys, llama_index.llms.ohd_guard\nassert 'llama_index.core' not in sys.modules and 'torch' not in sys.modules"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 

@@ -1,13 +1,15 @@
-"""LangChain integration of ohd-guard (One-head Defense).
+"""LangChain partner package of ohd-guard (One-head Defense).
 
-- :func:`to_conversation` — LangChain messages / PromptValue / agent state -> ``ohd_guard.Conversation``.
+- :class:`ChatOhdGuard` — the guarded local (vision-)language model as a chat model (tools, structured output).
+- :class:`OhdGuardMiddleware` — agent middleware for ``langchain.agents.create_agent``: input, tool-result
+  and output checks, ``exit_behavior`` ``"error"``/``"end"``/``"replace"`` (needs ``langchain``).
+- :func:`guarded` / :class:`GuardedRunnable` — put the guard in front of any chain or chat model.
 - :class:`OhdGuardRunnable` — a Runnable that returns the guard's ``Verdict``.
-- :func:`guarded` — put the guard in front of any chain or chat model (refuse or raise on flag).
-- :class:`OhdGuardMiddleware` — agent middleware for ``langchain.agents.create_agent`` (needs ``langchain``).
-- :class:`ChatOhdGuard` — the guarded local (vision-)language model as a chat model.
+- :class:`AnswerCheck` / :func:`calibrate_answers` — screen a model's answer (the output check).
+- :func:`to_conversation` — LangChain messages / PromptValue / agent state -> ``ohd_guard.Conversation``.
 - :func:`dispatch_verdict` / :data:`EVENT_NAME` — verdicts as LangChain custom events.
 
-Names are imported on first use, so ``import ohd_guard_langchain`` stays cheap and the middleware's
+Names are imported on first use, so ``import langchain_ohd_guard`` stays cheap and the middleware's
 ``langchain`` dependency is only needed by those who use it.
 """
 
@@ -18,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "EVENT_NAME",
+    "AnswerCheck",
     "ChatOhdGuard",
     "GuardedRunnable",
     "OhdGuardMiddleware",
     "OhdGuardRunnable",
     "UnsupportedContentError",
     "adispatch_verdict",
+    "calibrate_answers",
     "dispatch_verdict",
     "guarded",
     "to_conversation",
@@ -31,23 +35,31 @@ __all__ = [
 
 _WHERE = {
     "EVENT_NAME": "events", "adispatch_verdict": "events", "dispatch_verdict": "events",
+    "AnswerCheck": "answers", "calibrate_answers": "answers",
     "ChatOhdGuard": "chat_model", "GuardedRunnable": "runnable", "OhdGuardRunnable": "runnable",
     "guarded": "runnable", "OhdGuardMiddleware": "middleware", "UnsupportedContentError": "convert",
     "to_conversation": "convert",
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from ohd_guard_langchain.chat_model import ChatOhdGuard
-    from ohd_guard_langchain.convert import UnsupportedContentError, to_conversation
-    from ohd_guard_langchain.events import EVENT_NAME, adispatch_verdict, dispatch_verdict
-    from ohd_guard_langchain.middleware import OhdGuardMiddleware
-    from ohd_guard_langchain.runnable import GuardedRunnable, OhdGuardRunnable, guarded
+    from langchain_ohd_guard.answers import AnswerCheck, calibrate_answers
+    from langchain_ohd_guard.chat_model import ChatOhdGuard
+    from langchain_ohd_guard.convert import UnsupportedContentError, to_conversation
+    from langchain_ohd_guard.events import EVENT_NAME, adispatch_verdict, dispatch_verdict
+    from langchain_ohd_guard.middleware import OhdGuardMiddleware
+    from langchain_ohd_guard.runnable import GuardedRunnable, OhdGuardRunnable, guarded
 
 
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
-        raise AttributeError(f"module 'ohd_guard_langchain' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"ohd_guard_langchain.{_WHERE[name]}"), name)
+        raise AttributeError(f"module 'langchain_ohd_guard' has no attribute {name!r}")
+    try:
+        module = importlib.import_module(f"langchain_ohd_guard.{_WHERE[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "langchain_core":
+            raise ImportError(f"langchain_ohd_guard.{name} needs langchain-core: pip install langchain-ohd-guard") from e
+        raise
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

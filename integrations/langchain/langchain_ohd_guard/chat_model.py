@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,14 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.tools import BaseTool
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from ohd_guard_langchain.convert import to_message_dicts
-from ohd_guard_langchain.events import adispatch_verdict, dispatch_verdict, verdict_payload
+from langchain_ohd_guard.convert import to_message_dicts
+from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict, verdict_payload
+from langchain_ohd_guard.tools import parse_tool_calls, tool_schemas, with_tools
 
 __all__ = ["ChatOhdGuard"]
 
@@ -59,6 +61,21 @@ class _StopTrimmer:
         return out
 
 
+def _has_tools(kwargs: dict[str, Any]) -> bool:
+    return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
+
+
+def _as_chunk(result: ChatResult) -> ChatGenerationChunk:
+    """A whole answer (with its tool calls) as the one, last chunk of a stream."""
+    import json
+
+    msg = result.generations[0].message
+    calls = [{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
+             for i, c in enumerate(msg.tool_calls)]
+    return ChatGenerationChunk(message=AIMessageChunk(content=msg.content, tool_call_chunks=calls,
+                                                      response_metadata=msg.response_metadata, chunk_position="last"))
+
+
 def _cut(text: str, stop: Sequence[str] | None) -> str:
     t = _StopTrimmer(stop)
     return t.feed(text) + t.flush()
@@ -73,7 +90,7 @@ def _cut(text: str, stop: Sequence[str] | None) -> str:
 # the verdict event to: ``_(a)generate_with_cache`` publishes its run manager, ``stream``/``astream``
 # a :class:`_RunTap` that learns the run from ``on_chat_model_start``. The value is set and reset
 # within one step of the caller, so it never outlives the call that set it.
-_OPEN_RUN: ContextVar[Any] = ContextVar("ohd_guard_langchain_open_run", default=None)
+_OPEN_RUN: ContextVar[Any] = ContextVar("langchain_ohd_guard_open_run", default=None)
 _NOTHING = object()
 
 
@@ -113,8 +130,15 @@ class ChatOhdGuard(BaseChatModel):
     ``image_url`` data URIs, legacy v0 blocks) with the model's chat template, screens it, and then
     either answers from the screening prefill's KV cache or returns the guard's refusal (anchored,
     static, or :class:`~ohd_guard.errors.GuardViolation` under ``refusal="raise"``). The verdict is
-    in ``response_metadata["ohd_guard"]`` and is sent as the custom event ``"ohd_guard.verdict"``.
-    Tool calling and structured output are not supported.
+    in ``response_metadata["ohd_guard"]`` of every response (safe ones too; in a stream, on the
+    last chunk) and is sent as the custom event ``"ohd_guard.verdict"``.
+
+    Tools (:meth:`bind_tools`, ``tool_choice``, ``ToolMessage`` results, and so
+    ``with_structured_output`` and ``create_agent``) go through the text format of
+    :mod:`langchain_ohd_guard.tools`: the definitions are part of the screened system prompt and
+    ``<tool_call>{...}</tool_call>`` in the answer becomes ``AIMessage.tool_calls``. With tools
+    bound a stream sends the answer in one chunk (calls cannot be told from text before the end).
+    A refusal never carries tool calls.
 
     Build it with ``ChatOhdGuard(guard=...)``, :meth:`from_guard` or :meth:`from_profile`.
     """
@@ -204,8 +228,13 @@ class ChatOhdGuard(BaseChatModel):
                  kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str] | None]:
         from ohd_guard.errors import InvalidInputError
 
-        if kwargs.get("tools") or kwargs.get("tool_choice") or kwargs.get("functions"):
-            raise NotImplementedError("ChatOhdGuard does not support tool calling")
+        if kwargs.get("functions"):
+            raise NotImplementedError("ChatOhdGuard takes tools through bind_tools(...) (or tools=...), not the legacy "
+                                      "`functions`; to guard another model's function calling use guarded(model, guard) "
+                                      "or OhdGuardMiddleware")
+        tools, tool_choice = kwargs.get("tools") or [], kwargs.get("tool_choice")
+        if tool_choice == "none":
+            tools = []
         kw = {k: v for k, v in kwargs.items() if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice")}
         gen: dict[str, Any] = dict(self.generation_kwargs)
         max_tokens, max_new_tokens = kw.pop("max_tokens", None), kw.pop("max_new_tokens", None)
@@ -229,21 +258,42 @@ class ChatOhdGuard(BaseChatModel):
         stop = stop if stop is not None else self.stop
         if stop:
             gen.update(stop_strings=list(stop), tokenizer=self.guard.tokenizer)
-        return to_message_dicts(messages), gen, stop
+        return with_tools(to_message_dicts(messages), tools, tool_choice), gen, stop
 
     def _metadata(self, verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": "ohd_guard",
                 "ohd_guard": {"refused": refused, "refusal_kind": kind, "verdict": verdict_payload(verdict)}}
 
-    def _result(self, resp: Any, stop: list[str] | None) -> ChatResult:
+    def _result(self, resp: Any, stop: list[str] | None, tools: bool = False) -> ChatResult:
         text = _cut(resp.text, stop)
-        msg = AIMessage(content=text, response_metadata=self._metadata(resp.verdict, resp.refused, resp.refusal_kind))
+        meta = self._metadata(resp.verdict, resp.refused, resp.refusal_kind)
+        if tools and not resp.refused:
+            text, calls, invalid = parse_tool_calls(text)
+            msg = AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid, response_metadata=meta)
+        else:
+            msg = AIMessage(content=text, response_metadata=meta)
         return ChatResult(generations=[ChatGeneration(message=msg)])
+
+    # -- tools --------------------------------------------------------------------------------------
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
+                   tool_choice: str | bool | dict[str, Any] | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer ``tools`` to the model (``tool_choice``: ``"auto"``, ``"any"``/``"required"``,
+        ``"none"``, a tool name, ``True`` for the only tool, or an OpenAI-style dict)."""
+        schemas = tool_schemas(tools)
+        if isinstance(tool_choice, dict):
+            tool_choice = (tool_choice.get("function") or {}).get("name") or tool_choice.get("name") or "any"
+        elif tool_choice is True:
+            tool_choice = schemas[0]["function"]["name"] if len(schemas) == 1 else "any"
+        elif tool_choice is False:
+            tool_choice = None
+        return super().bind(tools=schemas, tool_choice=tool_choice, **kwargs)
 
     # -- calls --------------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         raw, gen, stop = self._request(messages, stop, kwargs)
+        tools = _has_tools(kwargs)
         try:
             resp = self.guard.generate(raw, **gen)
         except Exception as e:
@@ -253,11 +303,12 @@ class ChatOhdGuard(BaseChatModel):
             raise
         if run_manager is not None:
             dispatch_verdict(resp.verdict, run_manager=run_manager)
-        return self._result(resp, stop)
+        return self._result(resp, stop, tools)
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         raw, gen, stop = self._request(messages, stop, kwargs)
+        tools = _has_tools(kwargs)
         try:
             resp = await self.guard.agenerate(raw, **gen)
         except Exception as e:
@@ -267,7 +318,7 @@ class ChatOhdGuard(BaseChatModel):
             raise
         if run_manager is not None:
             await adispatch_verdict(resp.verdict, run_manager=run_manager)
-        return self._result(resp, stop)
+        return self._result(resp, stop, tools)
 
     # -- handing the open run to _stream / _astream (see _OPEN_RUN) -----------------------------------
     def _generate_with_cache(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -346,6 +397,12 @@ class ChatOhdGuard(BaseChatModel):
         # A run manager passed in (the v2 streaming path) gets the tokens from us; otherwise
         # langchain-core reports them itself and we only need its run for the verdict event.
         run = run_manager if run_manager is not None else _open_run(CallbackManagerForLLMRun)
+        if _has_tools(kwargs):
+            chunk = _as_chunk(self._generate(messages, stop, run, **kwargs))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+            return
         raw, gen, stop = self._request(messages, stop, kwargs)
         stream = self.guard.stream(raw, **gen)
         trim, sent = _StopTrimmer(stop), False
@@ -381,6 +438,12 @@ class ChatOhdGuard(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         run = run_manager if run_manager is not None else _open_run(AsyncCallbackManagerForLLMRun)
+        if _has_tools(kwargs):
+            chunk = _as_chunk(await self._agenerate(messages, stop, run, **kwargs))
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            yield chunk
+            return
         raw, gen, stop = self._request(messages, stop, kwargs)
         stream = self.guard.astream(raw, **gen)
         trim, sent = _StopTrimmer(stop), False

@@ -13,10 +13,12 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSequence,
 from langchain_core.runnables.config import patch_config
 from pydantic import ConfigDict, Field
 
-from ohd_guard_langchain.convert import to_message_dicts
-from ohd_guard_langchain.events import adispatch_verdict, dispatch_verdict, verdict_payload
+from langchain_ohd_guard.convert import to_message_dicts
+from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict, verdict_payload
 
 __all__ = ["GuardedRunnable", "OhdGuardRunnable", "guarded"]
+
+_NONE = object()
 
 
 def screen_input(obj: Any) -> Any:
@@ -43,6 +45,16 @@ async def arefusal(guard: Any, raw: Any, verdict: Any, max_new_tokens: int) -> A
 def refusal_metadata(verdict: Any, kind: str | None) -> dict[str, Any]:
     """``response_metadata["ohd_guard"]`` of a refusal message."""
     return {"refused": True, "refusal_kind": kind, "verdict": verdict_payload(verdict)}
+
+
+def passed(out: Any, verdict: Any) -> Any:
+    """A safe answer with its verdict in ``response_metadata["ohd_guard"]`` (messages only: a
+    ``str`` or other output cannot carry it; the custom event still does)."""
+    if not isinstance(out, (AIMessage, AIMessageChunk)):
+        return out
+    meta = {**(out.response_metadata or {}), "ohd_guard": {"refused": False, "refusal_kind": None,
+                                                           "verdict": verdict_payload(verdict)}}  # fmt: skip
+    return out.model_copy(update={"response_metadata": meta})
 
 
 # --------------------------------------------------------------------------------- screener
@@ -218,7 +230,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         verdict = self.guard.screen(raw)
         dispatch_verdict(verdict, run_manager=run_manager)
         if not verdict.flagged:
-            return rest.invoke(rest_input, child)
+            return passed(rest.invoke(rest_input, child), verdict)
         if self.on_flag == "raise":
             raise self._violation(verdict)
         resp = refusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
@@ -239,7 +251,13 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         verdict = self.guard.screen(raw)
         dispatch_verdict(verdict, run_manager=run_manager)
         if not verdict.flagged:
-            yield from rest.stream(rest_input, child)
+            last = _NONE
+            for chunk in rest.stream(rest_input, child):  # one behind: the verdict goes on the last chunk
+                if last is not _NONE:
+                    yield last
+                last = chunk
+            if last is not _NONE:
+                yield passed(last, verdict)
             return
         if self.on_flag == "raise":
             raise self._violation(verdict)
@@ -266,7 +284,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         verdict = await self.guard.ascreen(raw)
         await adispatch_verdict(verdict, run_manager=run_manager)
         if not verdict.flagged:
-            return await rest.ainvoke(rest_input, child)
+            return passed(await rest.ainvoke(rest_input, child), verdict)
         if self.on_flag == "raise":
             raise self._violation(verdict)
         resp = await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
@@ -287,8 +305,13 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         verdict = await self.guard.ascreen(raw)
         await adispatch_verdict(verdict, run_manager=run_manager)
         if not verdict.flagged:
+            last = _NONE
             async for chunk in rest.astream(rest_input, child):
-                yield chunk
+                if last is not _NONE:
+                    yield last
+                last = chunk
+            if last is not _NONE:
+                yield passed(last, verdict)
             return
         if self.on_flag == "raise":
             raise self._violation(verdict)
@@ -315,7 +338,8 @@ def guarded(chain_or_chat_model: Runnable, guard: Any, on_flag: Literal["refuse"
     What is screened: when the chain starts with a prompt template, the rendered prompt (exactly
     what the model will read); otherwise the input itself (a str, PromptValue, messages, or agent
     state with ``"messages"``; for other dicts name the key with ``input_key=``). A safe input runs
-    the chain unchanged (same output, same streaming). A flagged one never reaches the chain: with
+    the chain unchanged (same output, same streaming; a message output, or a stream's last chunk,
+    gets the verdict in ``response_metadata["ohd_guard"]``). A flagged one never reaches the chain: with
     ``on_flag="refuse"`` the guard's refusal is returned in the chain's own output type (``AIMessage``
     with ``response_metadata["ohd_guard"]`` for chat chains, ``str`` for string chains), with
     ``on_flag="raise"`` a :class:`~ohd_guard.errors.GuardViolation` is raised. ``options`` are

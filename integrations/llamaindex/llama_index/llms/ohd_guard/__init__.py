@@ -6,7 +6,7 @@
 - :class:`OhdGuardVerdictEvent` — verdicts as instrumentation events.
 - :class:`OhdGuardCallbackHandler` — legacy callback handler that aborts flagged LLM calls.
 
-Names are imported on first use, so ``import ohd_guard_llamaindex`` stays cheap.
+Names are imported on first use, so ``import llama_index.llms.ohd_guard`` stays cheap.
 """
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ __all__ = [
 ]
 
 _WHERE = {
-    "GuardedLLM": "llm", "OhdGuardLLM": "llm", "OhdGuardCallbackHandler": "callbacks",
+    "GuardedLLM": "base", "OhdGuardLLM": "base", "OhdGuardCallbackHandler": "callbacks",
     "OhdGuardVerdictEvent": "events", "UnsupportedContentError": "convert", "to_conversation": "convert",
 }  # fmt: skip
 
 if TYPE_CHECKING:
-    from ohd_guard_llamaindex.callbacks import OhdGuardCallbackHandler
-    from ohd_guard_llamaindex.convert import UnsupportedContentError, to_conversation
-    from ohd_guard_llamaindex.events import OhdGuardVerdictEvent
-    from ohd_guard_llamaindex.llm import GuardedLLM, OhdGuardLLM
+    from llama_index.llms.ohd_guard.callbacks import OhdGuardCallbackHandler
+    from llama_index.llms.ohd_guard.convert import UnsupportedContentError, to_conversation
+    from llama_index.llms.ohd_guard.events import OhdGuardVerdictEvent
+    from llama_index.llms.ohd_guard.base import GuardedLLM, OhdGuardLLM
 
 
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
-        raise AttributeError(f"module 'ohd_guard_llamaindex' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"ohd_guard_llamaindex.{_WHERE[name]}"), name)
+        raise AttributeError(f"module 'llama_index.llms.ohd_guard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"llama_index.llms.ohd_guard.{_WHERE[name]}"), name)
     globals()[name] = value
     return value
 

@@ -21,8 +21,8 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.llm import LLM
 from pydantic import Field, PrivateAttr, SerializeAsAny
 
-from ohd_guard_llamaindex.convert import to_message_dicts
-from ohd_guard_llamaindex.events import adispatch_verdict, dispatch_verdict
+from llama_index.llms.ohd_guard.convert import to_message_dicts
+from llama_index.llms.ohd_guard.events import adispatch_verdict, dispatch_verdict
 
 __all__ = ["GuardedLLM", "OhdGuardLLM"]
 
@@ -69,7 +69,7 @@ class OhdGuardLLM(LLM):
     screens the whole conversation and then answers from the screening prefill, or returns the
     guard's refusal (anchored or static; :class:`~ohd_guard.errors.GuardViolation` when the guard
     was built with ``refusal="raise"``). The verdict is in ``additional_kwargs["ohd_guard"]`` and
-    is dispatched as an :class:`~ohd_guard_llamaindex.events.OhdGuardVerdictEvent`. Async calls
+    is dispatched as an :class:`~llama_index.llms.ohd_guard.events.OhdGuardVerdictEvent`. Async calls
     run on the guard's worker thread (concurrent ones share batched screening prefills).
     """
 
@@ -246,7 +246,7 @@ class GuardedLLM(LLM):
     refusal, written by the guard's local model (anchored) or its static message, with the verdict
     in ``additional_kwargs["ohd_guard"]``; with ``on_flag="raise"`` a
     :class:`~ohd_guard.errors.GuardViolation` is raised. Every verdict is dispatched as an
-    :class:`~ohd_guard_llamaindex.events.OhdGuardVerdictEvent`.
+    :class:`~llama_index.llms.ohd_guard.events.OhdGuardVerdictEvent`.
     """
 
     llm: SerializeAsAny[LLM] = Field(description="The LLM that answers safe inputs.")

@@ -4,7 +4,7 @@ Legacy callbacks can only observe or raise, so this handler screens the messages
 every ``CBEventType.LLM`` start event and raises :class:`~ohd_guard.errors.GuardViolation` when the
 guard flags them: the LLM is never called and the exception propagates out of ``query``/``chat``.
 It screens synchronously (also inside async engines, where it blocks the event loop for one
-screening pass); prefer :class:`~ohd_guard_llamaindex.llm.GuardedLLM`, which screens on the guard's
+screening pass); prefer :class:`~llama_index.llms.ohd_guard.base.GuardedLLM`, which screens on the guard's
 worker thread and answers with a refusal instead of an exception.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
-from ohd_guard_llamaindex.convert import to_message_dicts
-from ohd_guard_llamaindex.events import dispatch_verdict
+from llama_index.llms.ohd_guard.convert import to_message_dicts
+from llama_index.llms.ohd_guard.events import dispatch_verdict
 
 __all__ = ["OhdGuardCallbackHandler"]
 

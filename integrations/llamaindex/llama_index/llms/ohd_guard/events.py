@@ -1,7 +1,7 @@
 """Verdicts as LlamaIndex instrumentation events.
 
 Every verdict is dispatched as an :class:`OhdGuardVerdictEvent` through this module's dispatcher
-(``get_dispatcher("ohd_guard_llamaindex.events")``, which propagates to the root dispatcher), so
+(``get_dispatcher("llama_index.llms.ohd_guard.events")``, which propagates to the root dispatcher), so
 any ``BaseEventHandler`` added to the root or to this dispatcher sees it, with the ``span_id`` of
 the LLM call that produced it.
 """
