@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--roc", type=Path, default=None, metavar="PATH", help="ROC curves as PNG (needs matplotlib)")
     e.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     e.set_defaults(func=cmd_eval, parser=e)
+    from ohd_guard.serve.cli import add_parser as add_serve_parser  # FastAPI/Ray are imported only when serving
+
+    add_serve_parser(sub)
     return p
 
 
