@@ -363,8 +363,10 @@ def cmd_eval(args) -> int:
     if not 0.0 < args.max_fpr < 1.0:
         parser.error(f"--max-fpr must be strictly between 0 and 1, got {args.max_fpr}")
     if args.roc:
+        from ohd_guard.plot import require_matplotlib
+
         try:
-            import matplotlib  # noqa: F401
+            require_matplotlib()
         except ImportError:
             parser.error("--roc needs matplotlib: pip install 'ohd-guard[plot]' (or leave out --roc)")
     quiet = args.quiet

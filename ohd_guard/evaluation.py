@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ohd_guard.adapters import model_device
 from ohd_guard.detectors import Detector, as_input, shared_prefill
 from ohd_guard.errors import InvalidInputError
-from ohd_guard.metrics import auroc, roc_curve, tpr_at_fpr
+from ohd_guard.metrics import auroc, tpr_at_fpr
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.screening import PrefillDetector, PrefillReads, Reads, union
 
@@ -187,36 +187,12 @@ class EvalReport(BaseModel):
         return "\n".join(out) + "\n"
 
     def plot_roc(self, path: str | Path, sets: Sequence[str] | None = None) -> Path:
-        """One ROC panel per set (paired as in the tables), one curve per detector, saved as PNG."""
-        try:
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            from matplotlib.figure import Figure
-        except ImportError as e:
-            raise ImportError("ROC plots need matplotlib: pip install 'ohd-guard[plot]'") from e
-        names = list(sets) if sets is not None else list(self.datasets) + list(self.attacks)
-        panels = [(n, [(d, p) for d in self.detectors if (p := self.paired(d, n)) is not None]) for n in names]
-        panels = [(n, c) for n, c in panels if c]
-        if not panels:
-            raise InvalidInputError("no set has scores of both classes to draw")
-        cols = min(3, len(panels))
-        rows = -(-len(panels) // cols)
-        fig = Figure(figsize=(4.2 * cols, 4.0 * rows))
-        FigureCanvasAgg(fig)
-        for i, (name, curves) in enumerate(panels):
-            ax = fig.add_subplot(rows, cols, i + 1)
-            for d, (s, y, _) in curves:
-                fpr, tpr, _ = roc_curve(s, y)
-                ax.plot(fpr, tpr, label=f"{d} ({auroc(s, y):.2f})", lw=1.4)
-            ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
-            ax.set_title(f"{name}: {curves[0][1][2]}", fontsize=9)
-            ax.set_xlabel("FPR")
-            ax.set_ylabel("TPR")
-            ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        return path
+        """One ROC panel per set (paired as in the tables), one curve per detector, saved as PNG
+        (drawn by :func:`ohd_guard.plot.report_roc`)."""
+        from ohd_guard.plot import report_roc
+
+        report_roc(self, path, sets)
+        return Path(path)
 
 
 # -- evaluation ---------------------------------------------------------------------------------
