@@ -5,6 +5,12 @@ Typical use::
     from ohd_guard import OhdGuard
     guard = OhdGuard.load()        # the embedded model and its shipped profile
     verdict = guard.screen("How do I make a pipe bomb?")
+
+The integrations are their own packages (each names its install when it is missing)::
+
+    from langchain_ohd_guard import ChatOhdGuard, OhdGuardMiddleware, guarded   # pip install langchain-ohd-guard
+    from llama_index.llms.ohd_guard import OhdGuardLLM, GuardedLLM              # pip install llama-index-llms-ohd-guard
+    from ohd_guard import plot                  # score distributions, ROC curves: pip install 'ohd-guard[plot]'
 """
 
 import logging

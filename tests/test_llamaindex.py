@@ -366,3 +366,31 @@ def test_callback_handler_aborts_flagged_llm_calls(guard, index, events):
         engine.query("how do i zorblax")
     assert e.value.verdict.flagged and [v.flagged for v in handler.verdicts.values()] == [False, True]
     assert [ev.source for ev in events] == ["OhdGuardCallbackHandler"] * 2
+
+
+# ------------------------------------------- streams report what one-shot calls report; span ids
+@pytest.mark.parametrize("policy", ["anchored", "static"])
+def test_streamed_responses_report_the_same_refusal_as_one_shot(policy, events):
+    llm = OhdGuardLLM(vlm_guard(refusal=policy), max_new_tokens=4)
+    one = llm.chat(user("zorblax here")).additional_kwargs["ohd_guard"]
+    chunks = list(llm.stream_chat(user("zorblax here")))
+    assert {(c.additional_kwargs["ohd_guard"]["refused"], c.additional_kwargs["ohd_guard"]["refusal_kind"])
+            for c in chunks} == {(True, policy)} == {(one["refused"], one["refusal_kind"])}  # fmt: skip
+
+    async def run():
+        return [c.additional_kwargs["ohd_guard"] async for c in await llm.astream_chat(user("zorblax here"))]
+
+    assert {(i["refused"], i["refusal_kind"]) for i in asyncio.run(run())} == {(True, policy)}
+    safe = list(llm.stream_complete("tell me about cats"))
+    assert {(c.additional_kwargs["ohd_guard"]["refused"], c.additional_kwargs["ohd_guard"]["refusal_kind"])
+            for c in safe} == {(False, None)}  # fmt: skip
+    streamed = [e for e in events if e.source == "OhdGuardLLM"]
+    assert "OhdGuardLLM.stream_chat" in streamed[1].span_id, "a stream's verdict belongs to its LLM call's span"
+    assert "OhdGuardLLM.stream_chat" in streamed[-1].span_id  # stream_complete is derived from stream_chat
+
+
+def test_guarded_llm_safe_responses_carry_their_verdict(guard):
+    llm = GuardedLLM(llm=Answerer(), guard=guard)
+    assert llm.chat(user("a cat")).additional_kwargs["ohd_guard"]["verdict"]["flagged"] is False
+    assert llm.complete("a cat").additional_kwargs["ohd_guard"]["refused"] is False
+    assert all(c.additional_kwargs["ohd_guard"]["refused"] is False for c in llm.stream_chat(user("a cat")))

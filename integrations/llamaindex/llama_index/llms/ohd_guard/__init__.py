@@ -38,7 +38,14 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module 'llama_index.llms.ohd_guard' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"llama_index.llms.ohd_guard.{_WHERE[name]}"), name)
+    try:
+        module = importlib.import_module(f"llama_index.llms.ohd_guard.{_WHERE[name]}")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("llama_index.core"):
+            raise ImportError(f"llama_index.llms.ohd_guard.{name} needs llama-index-core: "
+                              "pip install llama-index-llms-ohd-guard") from e
+        raise
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

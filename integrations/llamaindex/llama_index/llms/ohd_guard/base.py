@@ -17,6 +17,13 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
+from llama_index.core.base.llms.generic_utils import (
+    achat_to_completion_decorator,
+    astream_chat_to_completion_decorator,
+    chat_to_completion_decorator,
+    stream_chat_to_completion_decorator,
+)
+from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
 from pydantic import Field, PrivateAttr, SerializeAsAny
@@ -54,6 +61,22 @@ def _chat(text: str, info: dict[str, Any], raw: Any = None, delta: str | None = 
 
 def _completion(text: str, info: dict[str, Any], raw: Any = None, delta: str | None = None) -> CompletionResponse:
     return CompletionResponse(text=text, delta=delta, raw=raw, additional_kwargs={"ohd_guard": info})
+
+
+def _passed(resp: Any, verdict: Any) -> Any:
+    """A safe response of the answering LLM with its verdict in ``additional_kwargs["ohd_guard"]``."""
+    resp.additional_kwargs["ohd_guard"] = _info(verdict, False, None)
+    return resp
+
+
+def _passed_stream(gen: Any, verdict: Any):
+    for resp in gen:
+        yield _passed(resp, verdict)
+
+
+async def _apassed_stream(gen: Any, verdict: Any):
+    async for resp in gen:
+        yield _passed(resp, verdict)
 
 
 def _once(item: Any):
@@ -157,84 +180,94 @@ class OhdGuardLLM(LLM):
         text, info, resp = await self._arespond(_raw(self.guard, messages), kwargs)
         return _chat(text, info, raw=resp)
 
-    @llm_completion_callback()
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text, info, resp = self._respond(prompt, kwargs)
-        return _completion(text, info, raw=resp)
+    # -- streaming: the verdict event goes out before the first piece; every piece carries the
+    # refusal decision, the last one the final response's (as a one-shot call reports it) ------------
+    def _provisional(self, verdict: Any) -> dict[str, Any]:
+        kind = None
+        if verdict.flagged:
+            kind = "static" if verdict.error or self.guard.refusal == "static" else "anchored"
+        return _info(verdict, bool(verdict.flagged), kind)
 
-    @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        text, info, resp = await self._arespond(prompt, kwargs)
-        return _completion(text, info, raw=resp)
+    def _final(self, stream: Any) -> dict[str, Any]:
+        resp = stream.response
+        return _info(resp.verdict, resp.refused, resp.refusal_kind) if resp is not None else self._provisional(stream.verdict)
 
-    # -- streaming ----------------------------------------------------------------------------
-    def _pieces(self, raw: Any, kwargs: dict[str, Any]):
-        """Yield (accumulated text, delta, info) as the guard streams; the verdict event goes out
-        before the first piece."""
+    def _pieces(self, raw: Any, kwargs: dict[str, Any], span_id: str | None):
+        """Yield (accumulated text, delta, info) as the guard streams (one piece behind, so the last
+        one can carry the final response's info)."""
         stream = self.guard.stream(raw, **self._gen(kwargs))
-        text, sent = "", False
+        text, sent, held = "", False, None
         try:
             for piece in stream:
                 if not sent:
-                    dispatch_verdict(stream.verdict, "OhdGuardLLM")
+                    dispatch_verdict(stream.verdict, "OhdGuardLLM", span_id)
                     sent = True
-                text += piece
-                yield text, piece, _info(stream.verdict, bool(stream.verdict.flagged), None)
+                if held is not None:
+                    text += held
+                    yield text, held, self._provisional(stream.verdict)
+                held = piece
         finally:
             if not sent and stream.verdict is not None:
-                dispatch_verdict(stream.verdict, "OhdGuardLLM")
+                dispatch_verdict(stream.verdict, "OhdGuardLLM", span_id)
             stream.close()
+        if held is not None:
+            yield text + held, held, self._final(stream)
 
-    async def _apieces(self, raw: Any, kwargs: dict[str, Any]):
+    async def _apieces(self, raw: Any, kwargs: dict[str, Any], span_id: str | None):
         stream = self.guard.astream(raw, **self._gen(kwargs))
-        text, sent = "", False
+        text, sent, held = "", False, None
         try:
             async for piece in stream:
                 if not sent:
-                    await adispatch_verdict(stream.verdict, "OhdGuardLLM")
+                    await adispatch_verdict(stream.verdict, "OhdGuardLLM", span_id)
                     sent = True
-                text += piece
-                yield text, piece, _info(stream.verdict, bool(stream.verdict.flagged), None)
+                if held is not None:
+                    text += held
+                    yield text, held, self._provisional(stream.verdict)
+                held = piece
         finally:
             if not sent and stream.verdict is not None:
-                await adispatch_verdict(stream.verdict, "OhdGuardLLM")
+                await adispatch_verdict(stream.verdict, "OhdGuardLLM", span_id)
             await stream.aclose()
+        if held is not None:
+            yield text + held, held, self._final(stream)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        raw = _raw(self.guard, messages)
+        raw, span_id = _raw(self.guard, messages), active_span_id.get()
 
         def gen() -> ChatResponseGen:
-            for text, delta, info in self._pieces(raw, kwargs):
+            for text, delta, info in self._pieces(raw, kwargs, span_id):
                 yield _chat(text, info, delta=delta)
-
-        return gen()
-
-    @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        def gen() -> CompletionResponseGen:
-            for text, delta, info in self._pieces(prompt, kwargs):
-                yield _completion(text, info, delta=delta)
 
         return gen()
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        raw = _raw(self.guard, messages)
+        raw, span_id = _raw(self.guard, messages), active_span_id.get()
 
         async def gen() -> ChatResponseAsyncGen:
-            async for text, delta, info in self._apieces(raw, kwargs):
+            async for text, delta, info in self._apieces(raw, kwargs, span_id):
                 yield _chat(text, info, delta=delta)
 
         return gen()
 
+    # -- completion: derived from chat (the prompt is one user turn), with LlamaIndex's own converters
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return chat_to_completion_decorator(self.chat)(prompt, **kwargs)
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await achat_to_completion_decorator(self.achat)(prompt, **kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return stream_chat_to_completion_decorator(self.stream_chat)(prompt, **kwargs)
+
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
-        async def gen() -> CompletionResponseAsyncGen:
-            async for text, delta, info in self._apieces(prompt, kwargs):
-                yield _completion(text, info, delta=delta)
-
-        return gen()
+        return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
 
 
 # ----------------------------------------------------------------------------- screen + any LLM
@@ -244,7 +277,7 @@ class GuardedLLM(LLM):
 
     A flagged input never reaches ``llm``: with ``on_flag="refuse"`` the response is the guard's
     refusal, written by the guard's local model (anchored) or its static message, with the verdict
-    in ``additional_kwargs["ohd_guard"]``; with ``on_flag="raise"`` a
+    in ``additional_kwargs["ohd_guard"]`` (a safe response carries its verdict there too); with ``on_flag="raise"`` a
     :class:`~ohd_guard.errors.GuardViolation` is raised. Every verdict is dispatched as an
     :class:`~llama_index.llms.ohd_guard.events.OhdGuardVerdictEvent`.
     """
@@ -310,7 +343,7 @@ class GuardedLLM(LLM):
         raw = _raw(self.guard, messages)
         verdict = self._screen(raw)
         if not verdict.flagged:
-            return self.llm.chat(messages, **kwargs)
+            return _passed(self.llm.chat(messages, **kwargs), verdict)
         return _chat(*self._refusal(raw, verdict))
 
     @llm_chat_callback()
@@ -318,7 +351,7 @@ class GuardedLLM(LLM):
         raw = _raw(self.guard, messages)
         verdict = await self._ascreen(raw)
         if not verdict.flagged:
-            return await self.llm.achat(messages, **kwargs)
+            return _passed(await self.llm.achat(messages, **kwargs), verdict)
         return _chat(*await self._arefusal(raw, verdict))
 
     @llm_chat_callback()
@@ -326,7 +359,7 @@ class GuardedLLM(LLM):
         raw = _raw(self.guard, messages)
         verdict = self._screen(raw)
         if not verdict.flagged:
-            return self.llm.stream_chat(messages, **kwargs)
+            return _passed_stream(self.llm.stream_chat(messages, **kwargs), verdict)
         text, info = self._refusal(raw, verdict)
         return _once(_chat(text, info, delta=text))
 
@@ -335,7 +368,7 @@ class GuardedLLM(LLM):
         raw = _raw(self.guard, messages)
         verdict = await self._ascreen(raw)
         if not verdict.flagged:
-            return await self.llm.astream_chat(messages, **kwargs)
+            return _apassed_stream(await self.llm.astream_chat(messages, **kwargs), verdict)
         text, info = await self._arefusal(raw, verdict)
 
         async def gen() -> ChatResponseAsyncGen:
@@ -348,21 +381,21 @@ class GuardedLLM(LLM):
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         verdict = self._screen(prompt)
         if not verdict.flagged:
-            return self.llm.complete(prompt, formatted=formatted, **kwargs)
+            return _passed(self.llm.complete(prompt, formatted=formatted, **kwargs), verdict)
         return _completion(*self._refusal(prompt, verdict))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         verdict = await self._ascreen(prompt)
         if not verdict.flagged:
-            return await self.llm.acomplete(prompt, formatted=formatted, **kwargs)
+            return _passed(await self.llm.acomplete(prompt, formatted=formatted, **kwargs), verdict)
         return _completion(*await self._arefusal(prompt, verdict))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         verdict = self._screen(prompt)
         if not verdict.flagged:
-            return self.llm.stream_complete(prompt, formatted=formatted, **kwargs)
+            return _passed_stream(self.llm.stream_complete(prompt, formatted=formatted, **kwargs), verdict)
         text, info = self._refusal(prompt, verdict)
         return _once(_completion(text, info, delta=text))
 
@@ -370,7 +403,7 @@ class GuardedLLM(LLM):
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         verdict = await self._ascreen(prompt)
         if not verdict.flagged:
-            return await self.llm.astream_complete(prompt, formatted=formatted, **kwargs)
+            return _apassed_stream(await self.llm.astream_complete(prompt, formatted=formatted, **kwargs), verdict)
         text, info = await self._arefusal(prompt, verdict)
 
         async def gen() -> CompletionResponseAsyncGen:

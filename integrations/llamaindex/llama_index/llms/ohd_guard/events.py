@@ -41,9 +41,16 @@ class OhdGuardVerdictEvent(BaseEvent):
         return data
 
 
-def dispatch_verdict(verdict: Any, source: str) -> None:
-    dispatcher.event(OhdGuardVerdictEvent(verdict=verdict, source=source))
+def _event(verdict: Any, source: str, span_id: str | None) -> OhdGuardVerdictEvent:
+    """The event, on ``span_id`` when given (a stream runs after its LLM call's span has closed, so
+    it passes the span it was opened in), else on the active span."""
+    extra = {"span_id": span_id} if span_id is not None else {}
+    return OhdGuardVerdictEvent(verdict=verdict, source=source, **extra)
 
 
-async def adispatch_verdict(verdict: Any, source: str) -> None:
-    await dispatcher.aevent(OhdGuardVerdictEvent(verdict=verdict, source=source))
+def dispatch_verdict(verdict: Any, source: str, span_id: str | None = None) -> None:
+    dispatcher.event(_event(verdict, source, span_id))
+
+
+async def adispatch_verdict(verdict: Any, source: str, span_id: str | None = None) -> None:
+    await dispatcher.aevent(_event(verdict, source, span_id))
