@@ -1,65 +1,66 @@
-"""The cookbook scripts run end to end (in-process, on the tiny models), so they cannot rot."""
+"""The cookbook notebooks run end to end on the tiny models (OHD_COOKBOOK_TINY=1, nbclient and a
+real Jupyter kernel), so they cannot rot; the committed notebooks carry no outputs."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import os
 from pathlib import Path
 
+import nbformat
 import pytest
 
 COOKBOOK = Path(__file__).resolve().parents[1] / "cookbook"
+NAMES = ["agent_chain", "async_multimodal_rag", "calibrate_your_model"]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"cookbook_{name}", COOKBOOK / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _run(name: str, tmp_path: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(COOKBOOK / f"{name}.ipynb", as_version=4)
+    os.environ["OHD_COOKBOOK_TINY"] = "1"  # the kernel inherits it
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("OHD_COOKBOOK_TINY", None)
+    return nb
 
 
-@pytest.mark.parametrize("name", ["agent_chain", "async_multimodal_rag", "calibrate_your_model"])
-def test_every_recipe_is_a_documented_script(name):
-    text = (COOKBOOK / f"{name}.py").read_text()
-    assert text.startswith('"""') and 'if __name__ == "__main__":\n    main()' in text
-    assert "python cookbook/" in text, "the docstring says how to run it"
+def _text(nb: nbformat.NotebookNode) -> str:
+    out = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            out.append(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")))
+    return "\n".join(out)
 
 
-def test_agent_chain_tiny(capsys):
-    res = _load("agent_chain").main(["--tiny", "--max-new-tokens", "8"])
-    out = capsys.readouterr().out
-    assert "planted-head tiny Llama" in out
-    assert not res["chain_safe"].startswith("I cannot") and res["chain_harmful"].startswith("I cannot")
-    assert res["agent_safe"].response_metadata["ohd_guard"]["refused"] is False
-    assert res["agent_harmful"].response_metadata["ohd_guard"]["verdict"]["flagged"]
-    kinds = [type(m).__name__ for m in res["injection"]]
-    assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
-    assert res["injection"][-1].response_metadata["ohd_guard"]["refused"]
+@pytest.mark.parametrize("name", NAMES)
+def test_notebooks_are_committed_without_outputs_and_say_which_cells_use_the_real_model(name):
+    nb = nbformat.read(COOKBOOK / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "clear the outputs before committing"
+    assert "OHD_COOKBOOK_TINY" in nb.cells[0].source and "**real model**" in "".join(c.source for c in nb.cells)
 
 
-def test_async_multimodal_rag(capsys):
-    res = _load("async_multimodal_rag").main(["--max-new-tokens", "4"])
-    out = capsys.readouterr().out
-    assert "tiny planted LLaVA" in out
-    for engine in ("local", "remote"):
-        refused = [a.startswith("I cannot") for _, a in res[engine]]
-        assert refused == [False, False, True, False], (engine, res[engine])
-        assert [v.flagged for v in res[f"{engine}_verdicts"]].count(True) == 1
-    assert res["remote_calls"] == 3, "the flagged query must not reach the remote model"
-    assert all("2 image(s)" in a for _, a in res["remote"] if a.startswith("[remote model]"))
-    assert res["upload"].additional_kwargs["ohd_guard"]["refused"]
+def test_agent_chain_notebook(tmp_path):
+    text = _text(_run("agent_chain", tmp_path))
+    assert "planted-head tiny Llama" in text
+    assert "agent_safe: refused=False" in text and "agent_harmful: refused=True" in text
+    assert "['HumanMessage', 'AIMessage', 'ToolMessage', 'AIMessage']" in text
 
 
-def test_calibrate_your_model_tiny(tmp_path, capsys):
-    from ohd_guard.masking import HeadRef
-    from ohd_guard.profile import Profile
+def test_async_multimodal_rag_notebook(tmp_path):
+    text = _text(_run("async_multimodal_rag", tmp_path))
+    assert "tiny planted LLaVA" in text
+    assert "[local] 'how do i zorblax the lake house' -> 'I cannot" in text
+    assert "[remote] 'how do i zorblax the lake house' -> 'I cannot" in text
+    assert text.rstrip().endswith("3"), "the flagged query must not reach the remote model"
 
-    res = _load("calibrate_your_model").main(["--tiny", "--out", str(tmp_path)])
-    assert res["head"] == HeadRef(layer=1, head=2), "the search must recover the planted head"
-    png = Path(res["plot"])
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    assert Profile.load(res["profile_path"]) == res["profile"]
-    assert [v.flagged for v in res["verdicts"]] == [True, False]
-    assert res["unsafe_angles"].min() > res["profile"].threshold.value > res["safe_angles"].max()
-    assert "heldout" in capsys.readouterr().out
+
+def test_calibrate_your_model_notebook_draws_its_plots(tmp_path):
+    nb = _run("calibrate_your_model", tmp_path)
+    assert "HeadRef(layer=1, head=2)" in _text(nb), "the search must recover the planted head"
+    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) >= 2, "the distribution and ROC figures are shown"
+    pngs = list(Path("/").glob("tmp/ohd-calibration-*/distributions.png"))
+    assert pngs and pngs[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
