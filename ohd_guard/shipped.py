@@ -36,6 +36,15 @@ def default_profile(model: Any = None) -> Path:
     return shipped_profiles(model)[DEFAULT_DETECTOR]
 
 
+def answer_profile(model: Any = None) -> Path | None:
+    """The output-check profile shipped for an embedded model (its answers read at their last token,
+    ``langchain_ohd_guard.answers``), or ``None`` where none ships."""
+    m = embedded_model(model) or embedded_model(None)
+    assert m is not None
+    path = PROFILES_DIR / f"{m.name}.answers.{DEFAULT_DETECTOR}.json"
+    return path if path.is_file() else None
+
+
 def models_with_profiles() -> list[str]:
     """Embedded models that ship a default profile."""
     return [name for name in EMBEDDED_MODELS if DEFAULT_DETECTOR in shipped_profiles(name)]
