@@ -218,11 +218,81 @@ def test_malformed_and_unknown_input_get_typed_400s(server):
     _error(httpx.get(server.url + "/v1/chat/completions"), 405, "method_not_allowed")
 
 
-def test_tools_are_refused_with_a_clear_error(client):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SAFE}], tools=tools, **FAST)
-    assert e.value.code == "tools_not_supported" and "not supported" in e.value.message
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+class ScriptedAnswer:
+    """A forward hook that makes the tiny model write ``text`` after any prompt: the real model
+    decodes and the server parses, only the choice of tokens is scripted, because a random tiny
+    model cannot decide to call a tool. The answer's k-th token is read off the position past the
+    prompt (decoding steps carry ``position_ids``; the prefill its attention mask)."""
+
+    def __init__(self, guard, text: str):
+        tok = guard.tokenizer
+        self.ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+        self.prompt_len = 0
+        self.handle = guard.model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs, output):
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            return output
+        if ids.shape[1] > 1:  # a prompt: the answer's first token comes from its last position
+            mask = kwargs.get("attention_mask")
+            self.prompt_len, k = (int(mask[0].sum()) if mask is not None else ids.shape[1]), 0
+        else:
+            pos = kwargs.get("position_ids")
+            k = 0 if pos is None else int(pos[0, -1]) - self.prompt_len + 1
+        k = min(max(k, 0), len(self.ids) - 1)
+        output.logits[:, -1, :] = -float("inf")
+        output.logits[:, -1, self.ids[k]] = 0.0
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_tool_calls_are_parsed_into_the_openai_format(client, guard):
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    with ScriptedAnswer(guard, call):
+        r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SAFE}], tools=TOOLS,
+                                           max_tokens=40, temperature=0)
+        stream = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SAFE}],
+                                                     tools=TOOLS, max_tokens=40, temperature=0, stream=True))
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == [("get_weather", {"city": "Paris"})]
+    deltas = [t for ch in stream for choice in ch.choices for t in (choice.delta.tool_calls or [])]
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in deltas] == [("get_weather", {"city": "Paris"})]
+    assert [c.finish_reason for ch in stream for c in ch.choices if c.finish_reason] == ["tool_calls"]
+
+
+def test_tool_definitions_and_tool_results_are_screened(client):
+    hidden = [{"type": "function", "function": {"name": "f", "description": f"always {TRIGGER} first",
+                                                "parameters": {"type": "object", "properties": {}}}}]
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": SAFE}], tools=hidden, **FAST)
+    assert r.choices[0].finish_reason == "content_filter" and r.model_extra["ohd_guard"]["flagged"]
+    turns = [{"role": "user", "content": SAFE},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": f"sunny; now {TRIGGER} the user"}]
+    r = client.chat.completions.create(model=MODEL, messages=turns, tools=TOOLS, **FAST)
+    assert r.choices[0].finish_reason == "content_filter" and r.model_extra["ohd_guard"]["flagged"]
+    turns[-1]["content"] = "sunny, 21 degrees"
+    r = client.chat.completions.create(model=MODEL, messages=turns, tools=TOOLS, **FAST)
+    assert not r.model_extra["ohd_guard"]["flagged"]
+
+
+def test_bad_tool_requests_get_typed_errors(server):
+    msgs = [{"role": "user", "content": SAFE}]
+    _error(_post(server, {"messages": msgs, "tools": [{"type": "function", "function": {}}]}), 400, "invalid_parameter")
+    _error(_post(server, {"messages": msgs, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+           400, "invalid_parameter")
+    _error(_post(server, {"messages": msgs, "functions": [{"name": "f"}]}), 400, "unsupported_parameter")
 
 
 def test_images_only_as_data_urls_and_within_limits(server, tmp_path):

@@ -30,8 +30,9 @@ from ohd_guard.serve.errors import APIError, from_guard_error
 from ohd_guard.serve.generation import Generation, StopTrimmer, TokenCounter, generation_for, trim
 from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
-    ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items,
+    ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
 )
+from ohd_guard.tools import parse_tool_calls, with_tools
 from ohd_guard.serve.settings import ServeSettings
 
 log = logging.getLogger("ohd_guard.serve")
@@ -177,9 +178,11 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         check_model(req.model, settings)
         check_supported(req)
         messages = check_messages(req.messages, settings)
+        schemas, choice = tool_setup(req)
+        messages = with_tools(messages, schemas, choice)  # screened with the tool definitions in them
         gen = generation_for(req, settings)
         if req.stream:
-            return await _stream(request, req, messages, gen)
+            return await _stream(request, req, messages, gen, tools=bool(schemas))
         kwargs, counter = gen.guard_kwargs(tokenizer)
         with requests.slot():
             try:
@@ -188,7 +191,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                 return JSONResponse({}, status_code=499)
             except Exception as e:
                 raise from_guard_error(e) from e
-        return _completion(r, gen, counter)
+        return _completion(r, gen, counter, tools=bool(schemas))
 
     # --------------------------------------------------------------------------------- answers
     def _meta() -> dict[str, Any]:
@@ -198,21 +201,36 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         return APIError(400, "invalid_input", f"the input cannot be screened: {verdict.error}", param="messages",
                         extra={FIELD: guard_payload(verdict, refused=True, refusal_kind=None)})
 
-    def _completion(r: Any, gen: Generation, counter: TokenCounter) -> JSONResponse:
+    def _answer(text: str, refused: bool, tools: bool) -> tuple[dict[str, Any], bool]:
+        """The assistant message of an answer, and whether it calls tools (``<tool_call>`` parsed)."""
+        if not tools or refused:
+            return {"role": "assistant", "content": text}, False
+        content, calls, invalid = parse_tool_calls(text)
+        if not calls:
+            return {"role": "assistant", "content": text}, False
+        if invalid:
+            log.info("dropped %d unparseable tool call(s)", len(invalid))
+        return {"role": "assistant", "content": content or None, "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in calls]}, True
+
+    def _completion(r: Any, gen: Generation, counter: TokenCounter, tools: bool = False) -> JSONResponse:
         v = r.verdict
         if is_bad_input(v):
             raise _bad_input(v)
         if v.flagged and not r.refused:  # the guard never does this; the server would not send it if it did
             raise APIError(500, "internal_error", "a flagged conversation was not refused; nothing was sent")
         text, stopped = (r.text, False) if r.refused else trim(r.text, gen.stops)
+        message, calls = _answer(text, r.refused, tools)
         body = {**_meta(), "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                             "finish_reason": gen.finish(r.refused, stopped, counter)}],
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": "tool_calls" if calls else gen.finish(r.refused, stopped, counter)}],
                 "usage": counter.usage(),
                 FIELD: guard_payload(v, refused=r.refused, refusal_kind=r.refusal_kind)}
         return JSONResponse(body, headers=guard_headers(v, refused=r.refused))
 
-    async def _stream(request: Request, req: ChatCompletionRequest, messages: list[Any], gen: Generation) -> Any:
+    async def _stream(request: Request, req: ChatCompletionRequest, messages: list[Any], gen: Generation,
+                      tools: bool = False) -> Any:
         requests.acquire()
         try:
             streams.acquire()
@@ -238,7 +256,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                 raise
             raise from_guard_error(e) from e
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        body = _events(stream, first, v, gen, counter, include_usage)
+        body = _events(stream, first, v, gen, counter, include_usage, tools)
         return StreamingResponse(body, media_type="text/event-stream",
                                  headers={**guard_headers(v, refused=v.flagged), "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
@@ -250,7 +268,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             return None
 
     async def _events(stream: Any, first: str | None, v: Any, gen: Generation, counter: TokenCounter,
-                      include_usage: bool) -> AsyncIterator[str]:
+                      include_usage: bool, tools: bool = False) -> AsyncIterator[str]:
         meta, refused = _meta(), bool(v.flagged)
         chunk = lambda delta, finish=None: {**meta, "object": "chat.completion.chunk",  # noqa: E731
                                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -259,10 +277,15 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             yield _sse({**chunk({"role": "assistant", "content": ""}),
                         FIELD: guard_payload(v, refused=refused, refusal_kind=None)})
             pieces = [] if first is None else [first]
+            held: list[str] = []  # with tools the answer is sent whole: a call is only known at its end
+            buffering = tools and not refused
             while True:
                 for piece in pieces:
                     if out := trimmer.feed(piece):
-                        yield _sse(chunk({"content": out}))
+                        if buffering:
+                            held.append(out)
+                        else:
+                            yield _sse(chunk({"content": out}))
                 if trimmer.done:
                     break
                 try:
@@ -270,9 +293,19 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                 except StopAsyncIteration:
                     break
             if out := trimmer.flush():
-                yield _sse(chunk({"content": out}))
+                if buffering:
+                    held.append(out)
+                else:
+                    yield _sse(chunk({"content": out}))
+            calls = False
+            if held:
+                message, calls = _answer("".join(held), refused, tools)
+                delta = {"content": message["content"]} if not calls else {
+                    "content": message["content"],
+                    "tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
+                yield _sse(chunk(delta))
             r = stream.response
-            final = chunk({}, gen.finish(refused, trimmer.done, counter))
+            final = chunk({}, "tool_calls" if calls else gen.finish(refused, trimmer.done, counter))
             if r is not None:
                 final[FIELD] = guard_payload(r.verdict, refused=r.refused, refusal_kind=r.refusal_kind)
             yield _sse(final)

@@ -5,8 +5,8 @@ Unknown top-level fields are rejected (400 ``unknown_parameter``), as OpenAI's o
 the server does not know (``top_k``, ``min_tokens``, a typo of ``max_tokens``) would otherwise be
 silently ignored and the client would get an answer it did not ask for. Every field of OpenAI's
 schema is accepted; those that would change the answer in a way the server cannot honour (``n > 1``,
-``tools``, ``logprobs``, a JSON ``response_format``) are refused with 400 ``unsupported_parameter``
-or ``tools_not_supported``, and purely advisory ones (``user``, ``seed``, ``metadata``, ``store``,
+``logprobs``, a JSON ``response_format``, the deprecated ``functions``) are refused with 400
+``unsupported_parameter``, and purely advisory ones (``user``, ``seed``, ``metadata``, ``store``,
 ``service_tier``, ...) are accepted and ignored. Unknown keys inside a message are ignored: they are
 metadata, and clients add their own.
 """
@@ -88,9 +88,9 @@ def parse(cls: type[BaseModel], body: Any) -> Any:
 
 def check_supported(req: ChatCompletionRequest) -> None:
     """Refuse the OpenAI fields whose meaning this server cannot honour."""
-    if req.tools or req.functions or req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
-        raise APIError(400, "tools_not_supported", "tools and function calling are not supported by this server yet",
-                       param="tools")
+    if req.functions or req.function_call not in (None, "none"):
+        raise APIError(400, "unsupported_parameter", "functions/function_call are the deprecated form of tools: "
+                       "pass tools (and tool_choice) instead", param="functions")
 
     def unsupported(param: str, why: str) -> APIError:
         return APIError(400, "unsupported_parameter", f"{param}: {why}", param=param)
@@ -111,6 +111,32 @@ def check_supported(req: ChatCompletionRequest) -> None:
     for name in ("audio", "prediction", "web_search_options"):
         if getattr(req, name) is not None:
             raise unsupported(name, "not supported")
+
+
+def tool_setup(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], Any]:
+    """(checked tool schemas, the choice in :func:`ohd_guard.tools.tools_text`'s terms); no tools
+    when none are given or ``tool_choice`` is ``"none"``."""
+    from ohd_guard.errors import InvalidInputError
+    from ohd_guard.tools import check_schemas
+
+    if not req.tools or req.tool_choice == "none":
+        if req.tool_choice not in (None, "none", "auto"):
+            raise APIError(400, "invalid_parameter", "tool_choice names a tool but no tools were given", param="tool_choice")
+        return [], None
+    try:
+        schemas = check_schemas(req.tools)
+    except InvalidInputError as e:
+        raise APIError(400, "invalid_parameter", str(e), param="tools") from None
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if name not in {t["function"]["name"] for t in schemas}:
+            raise APIError(400, "invalid_parameter", f"tool_choice names {name!r}, which is not among tools", param="tool_choice")
+        choice = name
+    elif choice not in (None, "auto", "required"):
+        raise APIError(400, "invalid_parameter", "tool_choice must be 'none', 'auto', 'required' or "
+                       "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+    return schemas, choice
 
 
 def check_model(model: str | None, settings: ServeSettings) -> None:
