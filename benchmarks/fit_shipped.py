@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-per-class", type=int, default=150, help="prompts per class the fused combination is fitted on")
     ap.add_argument("--hiddendetect-per-class", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--no-fused", action="store_true",
+                    help="fit SAHs and HiddenDetect only (Gemma 3: the fused detector's one-pass angle cannot crop a "
+                         "full sliding-window cache yet, see docs/results.md)")
     args = ap.parse_args(argv)
 
     from ohd_guard.calibrate import evaluate_angles
@@ -69,19 +72,22 @@ def main(argv: list[str] | None = None) -> int:
         hu, hs = stratified(unsafe, args.hiddendetect_per_class, seed=0), stratified(safe, args.hiddendetect_per_class, seed=0)
         hd = HiddenDetect(batch_size=bs).fit(model, tok, hu, hs)
         say(f"HiddenDetect: band {hd.state.band}, calibration AUROC {hd.state.band_auroc:.3f}")
-    oof = dict(zip(map(id, unsafe + safe), sahs.oof_))
-    fu, fs = stratified(unsafe, args.fused_per_class, seed=0), stratified(safe, args.fused_per_class, seed=0)
-    t1 = time.perf_counter()
-    fused = Fused(ohd_profile, n_angles=1, sahs=sahs, batch_size=bs).fit(
-        model, tok, fu, fs, sahs_oof=np.array([oof[id(x)] for x in fu + fs]))
-    say(f"Fused: {time.perf_counter() - t1:.0f} s, {', '.join(f'{n} {c:+.2f}' for n, c in zip(fused.state.features, fused.state.coef))}, "
-        f"CV AUROC {fused.state.cv_auroc:.3f}")
+    fitted = [(sahs, "sahs"), (hd, "hiddendetect")]
+    if not args.no_fused:
+        oof = dict(zip(map(id, unsafe + safe), sahs.oof_))
+        fu, fs = stratified(unsafe, args.fused_per_class, seed=0), stratified(safe, args.fused_per_class, seed=0)
+        t1 = time.perf_counter()
+        fused = Fused(ohd_profile, n_angles=1, sahs=sahs, batch_size=bs).fit(
+            model, tok, fu, fs, sahs_oof=np.array([oof[id(x)] for x in fu + fs]))
+        say(f"Fused: {time.perf_counter() - t1:.0f} s, {', '.join(f'{n} {c:+.2f}' for n, c in zip(fused.state.features, fused.state.coef))}, "
+            f"CV AUROC {fused.state.cv_auroc:.3f}")
+        fitted.append((fused, "fused"))
 
     held = load_calibration_prompts("heldout")
     hu_, hs_ = [p for p in held if p.label == 1], [p for p in held if p.label == 0]
-    scores = joint_scores([sahs, hd, fused], hu_ + hs_, bs)  # one guard screening per batch for all three
+    scores = joint_scores([det for det, _ in fitted], hu_ + hs_, bs)  # one guard screening per batch for all
     n = len(hu_)
-    for k, (det, kind) in enumerate([(sahs, "sahs"), (hd, "hiddendetect"), (fused, "fused")]):
+    for k, (det, kind) in enumerate(fitted):
         m = evaluate_angles("heldout", scores[:n, k], scores[n:, k], det.state.threshold)
         state = det.state.model_copy(update={"sources": sources, "metrics": [*det.state.metrics, m]})
         path = save_state(state, args.out / f"{name}.{kind}.json")

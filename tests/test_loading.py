@@ -53,12 +53,13 @@ def test_a_tokenizer_without_chat_template_is_refused_with_a_typed_error():
         encode_conversations(tok, ["hello"])
 
 
-def test_shipped_profiles_are_per_model_and_every_model_with_profiles_has_all_kinds():
+def test_shipped_profiles_are_per_model_and_every_model_with_profiles_has_the_default_and_ohd():
     names = models_with_profiles()
-    assert embedded_model(None).name in names
+    assert embedded_model(None).name in names and "qwen2.5-coder-1.5b-instruct" in names
+    assert set(shipped_profiles(None)) == set(shipped_profiles("qwen2.5-coder-1.5b-instruct")) == set(KINDS)
     for name in names:
         got = shipped_profiles(name)
-        assert set(got) == set(KINDS), f"{name}: shipped {sorted(got)}"
+        assert {"ohd", DEFAULT_DETECTOR} <= set(got) <= set(KINDS), f"{name}: shipped {sorted(got)}"
         assert all(p.parent == PROFILES_DIR and p.name.startswith(name) for p in got.values())
         assert DEFAULT_DETECTOR in got
     assert shipped_profiles("/a/local/folder") == shipped_profiles(None)  # refused later by its fingerprint
