@@ -146,6 +146,29 @@ def cropped_copy(cache: Any, from_layer: int) -> Any:
     return out
 
 
+def recording_cache(model: nn.Module) -> Any:
+    """A fresh ``DynamicCache`` for ``model`` whose sliding-window layers record their past
+    (``DynamicSlidingWindowLayer.activate_past_recording``), or ``None`` when it has none.
+
+    A sliding-window layer that has filled its window keeps only its last ``window - 1`` positions
+    and refuses ``crop``; cropping the last position off (the masked branch of ``last`` mode) then
+    needs the position before them. With recording on, ``crop(-1)`` returns exactly the window the
+    last prompt position attends to (Gemma 3, Mistral with a sliding window)."""
+    from transformers import DynamicCache
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if not getattr(cfg, "sliding_window", None) or "sliding_attention" not in (getattr(cfg, "layer_types", None) or []):
+        return None
+    cache = DynamicCache(config=model.config)
+    sliding = [layer for layer in _layers(cache) if getattr(layer, "is_sliding", False)]
+    if not sliding or not all(hasattr(layer, "activate_past_recording") for layer in sliding):
+        raise InternalChanged(moved("DynamicSlidingWindowLayer.activate_past_recording",
+                                    "sliding-window cache layers cannot record their past"))
+    for layer in sliding:
+        layer.activate_past_recording()
+    return cache
+
+
 def layerwise_copy(cache: Any) -> Any:
     """A copy of ``cache`` whose layers can be narrowed or appended to without touching ``cache``."""
     out = copy.copy(cache)

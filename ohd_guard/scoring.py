@@ -198,8 +198,11 @@ class DeflectionScorer:
         T = inputs["input_ids"].shape[1]
         if last and T < 2:
             raise InvalidInputError("the rendered prompt has fewer than 2 tokens")
+        kw: dict[str, Any] = {}
+        if last and (rec := hf.recording_cache(self.model)) is not None:  # so the cache can lose its last position
+            kw[hf.model_cache_keyword(self.model)] = rec
         with self._capture(from_layer, calls, site, last_of=T if last else None):
-            out = self.model(**inputs, use_cache=keep_cache or last, logits_to_keep=1)
+            out = self.model(**inputs, use_cache=keep_cache or last, logits_to_keep=1, **kw)
         cache = hf.output_cache(out)
         prefix_cache = _cropped_copy(cache, from_layer) if last else None
         return Prefill(

@@ -295,3 +295,30 @@ def test_loading_is_quiet_and_the_library_logs_nowhere_by_default(tmp_path, capf
     assert "Loading weights" not in err and "DynamicCache" not in err, err
     assert any(isinstance(h, logging.NullHandler) for h in logging.getLogger("ohd_guard").handlers)
     assert ohd_guard.OhdGuard is OhdGuard
+
+
+def test_last_mode_angle_past_the_sliding_window_equals_a_full_masked_forward():
+    """Gemma 3: a prompt longer than the sliding window fills it; the masked branch of ``last`` mode crops
+    the prefill's cache by one position, which needs the sliding layers to record their past
+    (``hf.recording_cache``). The angle must equal two independent full forwards without any cache."""
+    import numpy as np
+
+    from ohd_guard.adapters import get_adapter
+    from ohd_guard.masking import HeadRef, MaskSpec, head_mask
+    from ohd_guard.rendering import encode_conversations
+    from ohd_guard.scoring import DeflectionScorer
+    from ohd_guard.testing import tiny_model
+
+    model, tok = tiny_model("gemma3_text")
+    text = " ".join(f"word{i % 7}" for i in range(120))
+    inputs = encode_conversations(tok, [text])
+    assert inputs["input_ids"].shape[1] > model.config.sliding_window
+    assert hf.recording_cache(model) is not None
+    spec, head = MaskSpec(positions="last"), HeadRef(layer=1, head=1)
+    got = DeflectionScorer(model, tok, spec=spec).angles([text], [head])[0, 0]
+    with torch.no_grad():
+        h0 = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1][0, -1].double()
+        with head_mask(get_adapter(model), [head], spec):
+            h1 = model(**inputs, output_hidden_states=True, use_cache=False).hidden_states[-1][0, -1].double()
+    want = float(np.degrees(torch.arccos(torch.clamp(torch.dot(h0, h1) / (h0.norm() * h1.norm()), -1, 1)).item()))
+    assert got > 0 and abs(got - want) < 1e-3 * max(1.0, want), (got, want)
