@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -171,3 +171,35 @@ def resume_from_prefill(model: Any, prefill: Prefill) -> Iterator[Resume]:
             if _INSTALLED[key] == 0:
                 del _INSTALLED[key]
                 model.__dict__.pop(hf.PREFILL_METHOD, None)
+
+
+class StopTrimmer:
+    """Cuts streamed text before the first stop sequence, holding back any tail that may begin one
+    (the server's ``stop`` and LangChain's ``stop=`` share it)."""
+
+    def __init__(self, stops: Sequence[str] | None):
+        self.stops, self.buf, self.stopped = [s for s in (stops or []) if s], "", False
+
+    def feed(self, chunk: str) -> str:
+        if self.stopped or not self.stops:
+            return "" if self.stopped else chunk
+        self.buf += chunk
+        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
+        if hits:
+            self.stopped = True
+            return self.buf[: min(hits)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
+        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.buf = ("" if self.stopped else self.buf), ""
+        return out
+
+
+def cut_at_stops(text: str, stops: Sequence[str] | None) -> tuple[str, bool]:
+    """``text`` cut before its first stop sequence, and whether one was found."""
+    t = StopTrimmer(stops)
+    out = t.feed(text) + t.flush()
+    return out, t.stopped
+

@@ -19,13 +19,19 @@ DEFAULT_DETECTOR = "sahs"
 """The detector the guard loads by default: the one that wins on held-out data (docs/results.md)."""
 
 
-def shipped_profiles(model: Any = None) -> dict[str, Path]:
-    """``{kind: path}`` of the profiles shipped for an embedded model (``None``: the default model)."""
+def _name(model: Any) -> str:
+    """The embedded model ``model`` names; the default for anything else (its fingerprint decides later)."""
     m = embedded_model(model) or embedded_model(None)
     assert m is not None
+    return m.name
+
+
+def shipped_profiles(model: Any = None) -> dict[str, Path]:
+    """``{kind: path}`` of the profiles shipped for an embedded model (``None``: the default model)."""
+    name = _name(model)
     out = {}
     for kind in KINDS:
-        path = PROFILES_DIR / (f"{m.name}.json" if kind == "ohd" else f"{m.name}.{kind}.json")
+        path = PROFILES_DIR / (f"{name}.json" if kind == "ohd" else f"{name}.{kind}.json")
         if path.is_file():
             out[kind] = path
     return out
@@ -39,9 +45,7 @@ def default_profile(model: Any = None) -> Path:
 def answer_profile(model: Any = None) -> Path | None:
     """The output-check profile shipped for an embedded model (its answers read at their last token,
     ``langchain_ohd_guard.answers``), or ``None`` where none ships."""
-    m = embedded_model(model) or embedded_model(None)
-    assert m is not None
-    path = PROFILES_DIR / f"{m.name}.answers.{DEFAULT_DETECTOR}.json"
+    path = PROFILES_DIR / f"{_name(model)}.answers.{DEFAULT_DETECTOR}.json"
     return path if path.is_file() else None
 
 

@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ohd_guard.serve.errors import APIError, from_guard_error
-from ohd_guard.serve.generation import Generation, StopTrimmer, TokenCounter, generation_for, trim
+from ohd_guard.generation import StopTrimmer, cut_at_stops
+from ohd_guard.serve.generation import Generation, TokenCounter, generation_for
 from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
     ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
@@ -220,7 +221,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             raise _bad_input(v)
         if v.flagged and not r.refused:  # the guard never does this; the server would not send it if it did
             raise APIError(500, "internal_error", "a flagged conversation was not refused; nothing was sent")
-        text, stopped = (r.text, False) if r.refused else trim(r.text, gen.stops)
+        text, stopped = (r.text, False) if r.refused else cut_at_stops(r.text, gen.stops)
         message, calls = _answer(text, r.refused, tools)
         body = {**_meta(), "object": "chat.completion",
                 "choices": [{"index": 0, "message": message, "logprobs": None,
@@ -286,7 +287,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                             held.append(out)
                         else:
                             yield _sse(chunk({"content": out}))
-                if trimmer.done:
+                if trimmer.stopped:
                     break
                 try:
                     pieces = [await stream.__anext__()]
@@ -305,7 +306,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                     "tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
                 yield _sse(chunk(delta))
             r = stream.response
-            final = chunk({}, "tool_calls" if calls else gen.finish(refused, trimmer.done, counter))
+            final = chunk({}, "tool_calls" if calls else gen.finish(refused, trimmer.stopped, counter))
             if r is not None:
                 final[FIELD] = guard_payload(r.verdict, refused=r.refused, refusal_kind=r.refusal_kind)
             yield _sse(final)

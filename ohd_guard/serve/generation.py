@@ -48,35 +48,6 @@ class TokenCounter(StoppingCriteria):
         return {"prompt_tokens": self.prompt, "completion_tokens": self.n, "total_tokens": self.prompt + self.n}
 
 
-class StopTrimmer:
-    """Cuts streamed text before the first stop sequence, holding back any tail that may begin one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.buf, self.done = stops, "", False
-
-    def feed(self, chunk: str) -> str:
-        if self.done or not self.stops:
-            return "" if self.done else chunk
-        self.buf += chunk
-        hits = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
-        if hits:
-            self.done = True
-            return self.buf[: min(hits)]
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.done else self.buf), ""
-        return out
-
-
-def trim(text: str, stops: list[str]) -> tuple[str, bool]:
-    """``text`` cut before its first stop sequence, and whether one was found."""
-    hits = [i for s in stops if (i := text.find(s)) >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
 @dataclass
 class Generation:
     """What one request asks of the generator."""

@@ -22,6 +22,8 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from ohd_guard.generation import StopTrimmer, cut_at_stops
+
 from langchain_ohd_guard.convert import to_message_dicts
 from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict, verdict_payload
 from langchain_ohd_guard.tools import parse_tool_calls, tool_schemas, with_tools
@@ -31,34 +33,6 @@ __all__ = ["ChatOhdGuard"]
 #: Per-call keyword arguments passed on to ``model.generate`` (others are refused, not ignored).
 _GEN_KEYS = {"top_p", "top_k", "repetition_penalty", "do_sample", "num_beams", "min_new_tokens"}
 _CALL_KEYS = _GEN_KEYS | {"max_tokens", "max_new_tokens", "temperature", "timeout"}
-
-
-class _StopTrimmer:
-    """Cuts streamed text at the first stop sequence, holding back a possible partial match."""
-
-    def __init__(self, stop: Sequence[str] | None):
-        self.stop = [s for s in (stop or []) if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.buf = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.buf += text
-        cut = min((i for s in self.stop if (i := self.buf.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            out, self.buf, self.stopped = self.buf[:cut], "", True
-            return out
-        if self.hold <= 0:
-            out, self.buf = self.buf, ""
-            return out
-        out, self.buf = self.buf[: -self.hold], self.buf[-self.hold:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.stopped else self.buf), ""
-        return out
 
 
 def _has_tools(kwargs: dict[str, Any]) -> bool:
@@ -77,8 +51,7 @@ def _as_chunk(result: ChatResult) -> ChatGenerationChunk:
 
 
 def _cut(text: str, stop: Sequence[str] | None) -> str:
-    t = _StopTrimmer(stop)
-    return t.feed(text) + t.flush()
+    return cut_at_stops(text, stop)[0]
 
 
 # -- the run of a streamed call -----------------------------------------------------------------------
@@ -405,7 +378,7 @@ class ChatOhdGuard(BaseChatModel):
             return
         raw, gen, stop = self._request(messages, stop, kwargs)
         stream = self.guard.stream(raw, **gen)
-        trim, sent = _StopTrimmer(stop), False
+        trim, sent = StopTrimmer(stop), False
 
         def announce() -> None:
             nonlocal sent
@@ -446,7 +419,7 @@ class ChatOhdGuard(BaseChatModel):
             return
         raw, gen, stop = self._request(messages, stop, kwargs)
         stream = self.guard.astream(raw, **gen)
-        trim, sent = _StopTrimmer(stop), False
+        trim, sent = StopTrimmer(stop), False
 
         async def announce() -> None:
             nonlocal sent
