@@ -20,6 +20,7 @@ import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import BaseMessage as BaseMessageT
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from PIL import Image
@@ -699,6 +700,57 @@ def test_calibrate_answers_fits_a_profile_the_output_check_uses(guard, tmp_path)
     profile = calibrate_answers(model, tok, path, detector="ohd", head=HeadRef(layer=1, head=2))
     check = AnswerCheck(guard, profile)
     assert check.screen([{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "a zorblax"}]).flagged
+
+
+def _streamed(agent, mode: str, asynchronous: bool, text: str = "tell me about cats") -> list[Any]:
+    """Everything ``agent`` streams in ``mode`` for one human turn (sync or async)."""
+    state = {"messages": [("human", text)]}
+    if not asynchronous:
+        return list(agent.stream(state, stream_mode=mode))
+
+    async def run():
+        return [item async for item in agent.astream(state, stream_mode=mode)]
+
+    return asyncio.run(run())
+
+
+def _streamed_text(items: list[Any]) -> str:
+    """The text of every message in streamed items (``messages``: (message, metadata); ``updates``
+    and ``values``: dicts of state), concatenated: what a client that renders the stream has read."""
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, BaseMessageT):
+            out.append(str(x.content) + str(getattr(x, "additional_kwargs", "")))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif hasattr(x, "update"):  # a Command
+            walk(getattr(x, "update"))
+
+    walk(items)
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", ["messages", "updates", "values"])
+@pytest.mark.parametrize("exit_behavior", ["end", "replace"])
+def test_output_check_holds_the_stream_until_the_answer_passed(guard, exit_behavior, mode, asynchronous):
+    """Issue #23.1: with ``check_output=True`` no chunk of a flagged answer reaches any stream mode
+    (the fake model streams it token by token, as LangGraph's ``messages`` mode sees a real one);
+    the replacement does, and a safe answer still arrives whole."""
+    flagged = _agent(GenericFakeChatModel(messages=iter(["the zorblax is here now"])), guard, check_output=True,
+                     exit_behavior=exit_behavior)
+    items = _streamed(flagged, mode, asynchronous)
+    text = _streamed_text(items)
+    assert "zorblax" not in text, f"the flagged answer leaked into stream_mode={mode!r}"
+    assert "answer was flagged" in text
+    safe = _agent(GenericFakeChatModel(messages=iter(["cats are nice pets"])), guard, check_output=True,
+                  exit_behavior=exit_behavior)
+    assert "cats are nice pets" in _streamed_text(_streamed(safe, mode, asynchronous)).replace("\n", "")
 
 
 # ---------------------------------------------------------------------- ChatOhdGuard tool calling

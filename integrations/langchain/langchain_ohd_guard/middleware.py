@@ -7,7 +7,8 @@ Needs the ``langchain`` package (``pip install 'langchain-ohd-guard[agents]'``);
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 try:
@@ -40,6 +41,32 @@ def _last(messages: list[BaseMessage], cls: type) -> int | None:
     return next((i for i in range(len(messages) - 1, -1, -1) if isinstance(messages[i], cls)), None)
 
 
+@contextmanager
+def _unstreamed() -> Iterator[None]:
+    """Model calls made inside run with LangGraph's ``nostream`` tag (``langgraph.constants.TAG_NOSTREAM``,
+    the tag LangChain's own summarization middleware uses for its hidden calls): LangGraph's
+    ``stream_mode="messages"`` handler then ignores their tokens and their final message. The tag
+    rides on the child config LangChain reads from the context (``var_child_runnable_config``),
+    because the agent's model node invokes the model without a config of ours."""
+    from langchain_core.runnables.config import var_child_runnable_config
+    from langgraph.constants import TAG_NOSTREAM
+
+    parent = var_child_runnable_config.get() or {}
+    token = var_child_runnable_config.set({**parent, "tags": [*(parent.get("tags") or []), TAG_NOSTREAM]})
+    try:
+        yield
+    finally:
+        var_child_runnable_config.reset(token)
+
+
+def _ai_messages(response: Any) -> tuple[Any, list[BaseMessage]]:
+    """(the ``ModelResponse`` holding the messages, its messages) of any handler result shape
+    (``ModelResponse``, ``ExtendedModelResponse``, a bare ``AIMessage``: ``(None, [msg])``)."""
+    inner = getattr(response, "model_response", response)
+    result = getattr(inner, "result", None)
+    return (None, [response]) if result is None else (inner, list(result))
+
+
 def _with_meta(msg: BaseMessage, key: str, verdict: Any, **extra: Any) -> BaseMessage:
     """``msg`` with the verdict under ``response_metadata["ohd_guard"][key]`` (kept: what was there)."""
     meta = dict(msg.response_metadata or {})
@@ -66,9 +93,14 @@ class OhdGuardMiddleware(AgentMiddleware):
       ``ToolMessage`` that arrived since the last model answer, on its own as a ``[tool result]``
       turn, so a flag is pinned on that message (which ``"replace"`` then replaces). The next
       model call's input check screens it again, in context.
-    * ``check_output`` (``after_model``): the conversation with the model's answer (its text and
-      tool calls) read at the answer's last token by an :class:`~langchain_ohd_guard.answers.AnswerCheck`
-      (pass ``answer_profile``, calibrated with :func:`~langchain_ohd_guard.answers.calibrate_answers`).
+    * ``check_output`` (``wrap_model_call``, around the model call): the messages the model received
+      with its answer (text and tool calls) read at the answer's last token by an
+      :class:`~langchain_ohd_guard.answers.AnswerCheck` (pass ``answer_profile``, calibrated with
+      :func:`~langchain_ohd_guard.answers.calibrate_answers`). The answer is checked *before* it
+      leaves the model node, and the model call runs with LangGraph's ``nostream`` tag, so no
+      stream mode (``messages``, ``updates``, ``values``, ...) carries an unchecked token: the
+      checked answer (or its replacement) is streamed whole once it passed. The cost: nothing of
+      an answer is streamed until all of it is generated and checked.
 
     On a flag, ``exit_behavior``: ``"error"`` raises :class:`~ohd_guard.errors.GuardViolation`
     (``.stage`` is ``"input"``, ``"tool"`` or ``"output"``); ``"end"`` ends the run with an
@@ -76,7 +108,8 @@ class OhdGuardMiddleware(AgentMiddleware):
     ``violation_message``); ``"replace"`` replaces the offending content with ``violation_message``
     and goes on: the flagged last human turn of the request (re-screened; still flagged: the run
     ends), the tool result, or the answer (its tool calls dropped, so nothing flagged is executed).
-    A flagged answer never stays in the state: ``"end"`` replaces it too.
+    A flagged answer never reaches the state or a stream: ``"end"`` replaces it too (the
+    replacement has no tool calls, so the agent ends after it under both).
 
     Every verdict is sent as the custom event ``"ohd_guard.verdict"`` and is kept on the answer in
     ``response_metadata["ohd_guard"]`` (``input_verdict``, ``output_verdict``; ``verdict`` is the
@@ -149,21 +182,46 @@ class OhdGuardMiddleware(AgentMiddleware):
         response.result = [_with_meta(m, "input_verdict", verdict) if isinstance(m, AIMessage) else m for m in result]
         return response
 
+    def _call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+        """The model's response; with the output check on, unstreamed and checked."""
+        if self.answer_check is None:
+            return handler(request)
+        with _unstreamed():
+            response = handler(request)
+        found = self._answer_raw(request, response)
+        if found is None:
+            return response
+        verdict = self.answer_check.screen(found[1])
+        dispatch_verdict(verdict)
+        return self._on_output(response, found[0], verdict)
+
+    async def _acall(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        if self.answer_check is None:
+            return await handler(request)
+        with _unstreamed():
+            response = await handler(request)
+        found = self._answer_raw(request, response)
+        if found is None:
+            return response
+        verdict = await self.answer_check.ascreen(found[1])
+        await adispatch_verdict(verdict)
+        return self._on_output(response, found[0], verdict)
+
     def wrap_model_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
         if not self.check_input:
-            return handler(request)
+            return self._call(request, handler)
         raw = self._received(request)
         verdict = self.guard.screen(raw)
         dispatch_verdict(verdict)
         if not verdict.flagged:
-            return self._answered(handler(request), verdict)
+            return self._answered(self._call(request, handler), verdict)
         if self.exit_behavior == "error":
             self._raise("input", verdict)
         if self.exit_behavior == "replace" and (req := self._replaced_request(request, verdict)) is not None:
             again = self.guard.screen(self._received(req))
             dispatch_verdict(again)
             if not again.flagged:
-                return self._answered(handler(req), again)
+                return self._answered(self._call(req, handler), again)
             verdict = again
         if self.violation_message is not None:
             return self._violation_message("input", verdict)
@@ -173,19 +231,19 @@ class OhdGuardMiddleware(AgentMiddleware):
 
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         if not self.check_input:
-            return await handler(request)
+            return await self._acall(request, handler)
         raw = self._received(request)
         verdict = await self.guard.ascreen(raw)
         await adispatch_verdict(verdict)
         if not verdict.flagged:
-            return self._answered(await handler(request), verdict)
+            return self._answered(await self._acall(request, handler), verdict)
         if self.exit_behavior == "error":
             self._raise("input", verdict)
         if self.exit_behavior == "replace" and (req := self._replaced_request(request, verdict)) is not None:
             again = await self.guard.ascreen(self._received(req))
             await adispatch_verdict(again)
             if not again.flagged:
-                return self._answered(await handler(req), again)
+                return self._answered(await self._acall(req, handler), again)
             verdict = again
         if self.violation_message is not None:
             return self._violation_message("input", verdict)
@@ -240,44 +298,28 @@ class OhdGuardMiddleware(AgentMiddleware):
                 changed = True
         return {"messages": [msgs[i] for i in arrived]} if changed else None
 
-    # -- output: after_model ----------------------------------------------------------------------
-    def _answer_raw(self, state: Any) -> tuple[AIMessage, Any] | None:
-        msgs = list(state.get("messages", []))
-        i = _last(msgs, AIMessage)
-        if i is None or i != len(msgs) - 1:
+    # -- output: inside wrap_model_call ------------------------------------------------------------
+    def _answer_raw(self, request: Any, response: Any) -> tuple[AIMessage, Any] | None:
+        """(the answer, what the output check reads: the messages the model received, then the answer)."""
+        _, msgs = _ai_messages(response)
+        answer = next((m for m in reversed(msgs) if isinstance(m, AIMessage)), None)
+        if answer is None or (not answer.text and not answer.tool_calls):
             return None
-        answer = msgs[i]
-        info = (answer.response_metadata or {}).get("ohd_guard") or {}
-        if info.get("refused") or info.get("stage"):  # the guard's own refusal or violation message
-            return None
-        if not answer.text and not answer.tool_calls:
-            return None
-        return answer, screen_input(msgs[: i + 1])
+        return answer, screen_input([*request.messages, answer])
 
-    def _on_output(self, answer: AIMessage, verdict: Any) -> dict[str, Any]:
-        if not verdict.flagged:
-            return {"messages": [_with_meta(answer, "output_verdict", verdict)]}
-        if self.exit_behavior == "error":
+    def _on_output(self, response: Any, answer: AIMessage, verdict: Any) -> Any:
+        """``response`` with the output verdict on the answer, or with the answer replaced (nothing
+        else of the model's output kept: no tool calls, no structured response) or raised."""
+        if verdict.flagged and self.exit_behavior == "error":
             self._raise("output", verdict)
-        replaced = self._violation_message("output", verdict, id=answer.id)  # same id: replaces the answer
-        if self.exit_behavior == "end":
-            return {"jump_to": "end", "messages": [replaced]}
-        return {"messages": [replaced]}  # no tool calls left: the agent ends after it
-
-    @hook_config(can_jump_to=["end"])
-    def after_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        if self.answer_check is None or (found := self._answer_raw(state)) is None:
-            return None
-        answer, raw = found
-        verdict = self.answer_check.screen(raw)
-        dispatch_verdict(verdict)
-        return self._on_output(answer, verdict)
-
-    @hook_config(can_jump_to=["end"])
-    async def aafter_model(self, state: Any, runtime: Any) -> dict[str, Any] | None:
-        if self.answer_check is None or (found := self._answer_raw(state)) is None:
-            return None
-        answer, raw = found
-        verdict = await self.answer_check.ascreen(raw)
-        await adispatch_verdict(verdict)
-        return self._on_output(answer, verdict)
+        if verdict.flagged:
+            new = self._violation_message("output", verdict, id=answer.id)  # same id: replaces the answer
+        else:
+            new = _with_meta(answer, "output_verdict", verdict)
+        inner, msgs = _ai_messages(response)
+        if inner is None:
+            return new
+        inner.result = [new] if verdict.flagged else [new if m is answer else m for m in msgs]
+        if verdict.flagged:
+            inner.structured_response = None
+        return response
