@@ -1,0 +1,223 @@
+"""The calibration-in-context generator: deterministic, labels kept and balanced, fit/held-out material
+disjoint, every item accepted by the core and rendered by a real chat template, tools as the guard renders them."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from ohd_guard.contexts import (
+    CONTEXT_KINDS, LLAMAINDEX_QA_SYSTEM, LLAMAINDEX_TEXT_QA, RAG_TEMPLATES, ContextConversation, in_contexts, material,
+    place,
+)
+from ohd_guard.conversation import to_conversation
+from ohd_guard.datasets import LabelledConversation, LabelledPrompt, load_calibration_prompts
+from ohd_guard.errors import InvalidInputError
+from ohd_guard.rendering import encode_conversations
+from ohd_guard.testing import tiny_model
+from ohd_guard.tools import check_schemas, tools_text, with_tools
+
+
+def _balanced(n: int) -> list[LabelledPrompt]:
+    prompts = load_calibration_prompts()
+    return [p for p in prompts if p.label == 1][:n] + [p for p in prompts if p.label == 0][:n]
+
+
+PROMPTS = _balanced(20)
+
+
+@pytest.fixture(scope="module")
+def fit_items() -> list[ContextConversation]:
+    return in_contexts(PROMPTS, per_prompt=3, seed=0, split="fit")
+
+
+@pytest.fixture(scope="module")
+def heldout_items() -> list[ContextConversation]:
+    return in_contexts(PROMPTS, per_prompt=3, seed=0, split="heldout")
+
+
+def _contents(item: ContextConversation) -> str:
+    out = []
+    for m in item.messages:
+        c = m.get("content")
+        out += [c] if isinstance(c, str) else [p["text"] for p in c or []]
+        out += [tc["function"]["arguments"] for tc in m.get("tool_calls", [])]
+    return "\n".join(out)
+
+
+def _tool_names(item: ContextConversation) -> set[str]:
+    return {json.loads(line)["function"]["name"] for line in re.findall(r"^\{.*\}$", _contents(item), re.M)
+            if '"function"' in line}
+
+
+def test_deterministic_for_a_seed_and_independent_of_order(fit_items):
+    assert in_contexts(PROMPTS, per_prompt=3, seed=0) == fit_items
+    assert in_contexts(PROMPTS, per_prompt=3, seed=1) != fit_items
+    reordered = in_contexts(PROMPTS[::-1], per_prompt=3, seed=0)
+    assert Counter(reordered) == Counter(fit_items)  # an item depends on its prompt, not on its position
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    assert place(PROMPTS[0], "rag", rng_a) == place(PROMPTS[0], "rag", rng_b)
+
+
+def test_labels_kept_and_every_kind_balanced(fit_items):
+    by_text = {p.text: p for p in PROMPTS}
+    for x in fit_items:
+        p = by_text[x.request]
+        assert isinstance(x, LabelledConversation) and x.context in CONTEXT_KINDS
+        assert (x.label, x.category, x.source) == (p.label, p.category, p.source)
+        assert p.text in _contents(x)
+    counts = Counter((x.context, x.label) for x in fit_items)
+    for kind in CONTEXT_KINDS:
+        per = 1 if kind == "bare" else 3
+        assert counts[(kind, 0)] == counts[(kind, 1)] == 20 * per, kind
+    variants = Counter((x.variant, x.label) for x in fit_items)
+    for v in ("tools/defs", "tools/round", "tools/after_call", "tools/in_result", "history/benign",
+              "history/after_harmful", "padding/before", "padding/after", "padding/both", "rag/langchain_rag_prompt",
+              "rag/langchain_retrieval_chain", "rag/llamaindex_chat", "rag/llamaindex_text"):
+        assert variants[(v, 0)] > 0 and variants[(v, 1)] > 0, v
+
+
+def test_fit_and_heldout_material_disjoint(fit_items, heldout_items):
+    fit, held = material("fit"), material("heldout")
+    for field in ("passages", "operators", "wrappers", "greetings", "exchanges", "harmful_turns", "frames"):
+        a, b = getattr(fit, field), getattr(held, field)
+        assert a and b and not {json.dumps(x) for x in a} & {json.dumps(x) for x in b}, field
+    names = lambda m: {t["schema"]["function"]["name"] for t in m.tools}  # noqa: E731
+    assert not names(fit) & names(held) and len(fit.frames) >= 2 and len(held.frames) >= 2
+    # and in the items themselves: no tool, passage, operator prompt or wrapper crosses over
+    for items, other in ((fit_items, held), (heldout_items, fit)):
+        text = "\n".join(_contents(x) for x in items)
+        assert not set().union(*map(_tool_names, items)) & names(other)
+        for field in ("passages", "operators"):
+            assert not [s for s in getattr(other, field) if s in text], field
+        assert not [w for w in other.wrappers if w.split("{request}")[0] in text]
+    used = set().union(*map(_tool_names, heldout_items))
+    assert len(used) >= 8 and used <= names(held)
+
+
+def test_material_is_well_formed():
+    fit, held = material("fit"), material("heldout")
+    assert len(fit.tools + held.tools) >= 20 and len(fit.passages + held.passages) >= 30
+    assert len(fit.operators + held.operators) >= 15 and len(fit.wrappers + held.wrappers) >= 10
+    for t in fit.tools + held.tools:
+        check_schemas([t["schema"]])
+        params = t["schema"]["function"]["parameters"]
+        args = t["call"]["arguments"]
+        assert set(args) <= set(params["properties"]) and set(params.get("required", ())) <= set(args)
+    for f in fit.frames + held.frames:
+        assert f["result"].count("{request}") == 1
+    assert all(w.count("{request}") == 1 for w in fit.wrappers + held.wrappers)
+    lengths = sorted(len(o.split()) for o in fit.operators + held.operators)
+    assert lengths[0] <= 5 and lengths[-1] >= 80  # one line to a few paragraphs
+
+
+def test_every_item_converts_and_renders_with_a_chat_template(fit_items, heldout_items):
+    _, tok = tiny_model("qwen2")
+    convs = [to_conversation(x.messages) for x in fit_items + heldout_items]
+    for x, c in zip(fit_items, convs):
+        rendered = tok.apply_chat_template(c.to_text_chat_messages(), tokenize=False, add_generation_prompt=True)
+        assert x.request in rendered and rendered.endswith("<|im_start|>assistant\n")
+        if x.variant in ("tools/in_result", "tools/after_call"):
+            assert c.messages[-1].text.startswith("[tool result: ")  # the tool result is screened as input
+    enc = encode_conversations(tok, convs[:16])
+    assert enc["input_ids"].shape[0] == 16
+
+
+def test_tools_render_exactly_as_with_tools(fit_items):
+    fit_names = {t["schema"]["function"]["name"] for t in material("fit").tools}
+    tool_items = [x for x in fit_items if x.context == "tools"]
+    assert len(tool_items) == 120
+    for x in tool_items:
+        sys_content = x.messages[0]["content"]
+        section = sys_content if isinstance(sys_content, str) else sys_content[-1]["text"].removeprefix("\n\n")
+        block = section.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
+        schemas = [json.loads(line) for line in block.splitlines()]
+        choice = "required" if section.endswith("at least one of these functions.") else None
+        base = list(x.messages[1:]) if isinstance(sys_content, str) else \
+            [{"role": "system", "content": sys_content[0]["text"]}, *x.messages[1:]]
+        assert section == tools_text(schemas, choice)
+        assert with_tools(base, schemas, choice) == x.messages
+        names = [s["function"]["name"] for s in schemas]
+        assert 1 <= len(names) <= 4 and len(set(names)) == len(names) and set(names) <= fit_names
+        for m in x.messages:
+            for call in m.get("tool_calls", []):
+                assert call["function"]["name"] in names
+
+
+def test_request_inside_a_tool_result_and_harmful_history(fit_items):
+    in_result = [x for x in fit_items if x.variant == "tools/in_result"]
+    for x in in_result:
+        assert x.messages[-1]["role"] == "tool" and x.request in x.messages[-1]["content"]
+        assert x.text == x.messages[-1]["content"]  # the latest input is the tool result
+        assert x.messages[-2]["tool_calls"][0]["id"] == x.messages[-1]["tool_call_id"]
+    harmful_asks = {u for u, _ in material("fit").harmful_turns}
+    for x in fit_items:
+        if x.context != "history":
+            assert not x.earlier_harmful
+            continue
+        users = [m["content"] for m in x.messages if m["role"] == "user"]
+        assert users[-1] == x.request == x.text and 1 <= len(x.messages) - 1 <= 6
+        assert x.earlier_harmful == (x.variant == "history/after_harmful") == (users[0] in harmful_asks)
+        if x.earlier_harmful:
+            assert len(users) >= 3  # the harmful turn, then benign turns, then the request
+
+
+def test_rag_fills_the_framework_templates(fit_items):
+    passages = material("fit").passages
+    for x in (x for x in fit_items if x.context == "rag"):
+        name = x.variant.removeprefix("rag/")
+        system, user = RAG_TEMPLATES[name]
+        used = sorted((p for p in passages if p in _contents(x)), key=_contents(x).index)
+        context = "\n\n".join(used)  # retrieved passages joined by a blank line, as both frameworks do
+        assert 1 <= len(used) <= 4
+        expected = ([{"role": "system", "content": system.format(context=context)}] if system and "{context}" in system
+                    else [{"role": "system", "content": system}] if system else [])
+        question = x.request
+        expected.append({"role": "user", "content": user.format(context=context, question=question,
+                                                                  context_str=context, query_str=question)})
+        assert x.messages == expected, name
+
+
+def test_llamaindex_templates_equal_the_installed_library():
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.prompts.chat_prompts import CHAT_TEXT_QA_PROMPT
+    from llama_index.core.prompts.default_prompts import DEFAULT_TEXT_QA_PROMPT_TMPL
+
+    assert LLAMAINDEX_TEXT_QA == DEFAULT_TEXT_QA_PROMPT_TMPL
+    system, user = CHAT_TEXT_QA_PROMPT.message_templates
+    assert (system.content, user.content) == (LLAMAINDEX_QA_SYSTEM, LLAMAINDEX_TEXT_QA)
+
+
+def test_extra_passages_are_halved_and_must_be_benign():
+    extra = [f"Extra passage number {i} about the history of lighthouses." for i in range(6)]
+    fit, held = material("fit", extra), material("heldout", extra)
+    assert set(extra[0::2]) <= set(fit.passages) and set(extra[1::2]) <= set(held.passages)
+    assert not set(fit.passages) & set(held.passages)
+    benign = [LabelledPrompt(extra[0], 0)]
+    assert extra[0] in material("fit", benign).passages
+    with pytest.raises(InvalidInputError, match="unsafe"):
+        material("fit", [LabelledPrompt("x", 1)])
+    braces = LabelledPrompt("Format {this} and {0} literally {", 0)
+    assert all(braces.text in _contents(x) for x in in_contexts([braces], per_prompt=4))
+
+
+def test_bad_input_fails_with_a_named_error():
+    with pytest.raises(InvalidInputError, match="unknown context kind"):
+        in_contexts(PROMPTS, kinds=["bare", "chat"])
+    with pytest.raises(InvalidInputError, match="split"):
+        in_contexts(PROMPTS, split="test")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="per_prompt"):
+        in_contexts(PROMPTS, per_prompt=0)
+    with pytest.raises(InvalidInputError, match="no prompts"):
+        in_contexts([])
+    with pytest.raises(InvalidInputError, match="image"):
+        in_contexts([LabelledPrompt("look", 0, image=Image.new("RGB", (4, 4)))])
+    with pytest.raises(InvalidInputError, match="label"):
+        place(LabelledPrompt("hello", 2), "bare", random.Random(0))
+    with pytest.raises(InvalidInputError, match="LabelledPrompt"):
+        place("hello", "bare", random.Random(0))  # type: ignore[arg-type]
