@@ -104,6 +104,11 @@ class ConversationLimits(_Model):
     max_image_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_text_chars: int = Field(200_000, gt=0)
     max_messages: int = Field(256, gt=0)
+    max_parts_per_message: int = Field(256, gt=0)
+    max_parts: int = Field(1024, gt=0)
+    """Content parts per message and in the whole conversation (an assistant's tool calls count),
+    checked before any part is converted: empty parts pass every size limit yet each still costs a
+    rendered token or more (a million empty strings rendered to a million tokens)."""
 
 
 _DEFAULT_LIMITS = ConversationLimits()
@@ -203,7 +208,17 @@ class _State:
                  base_dir: Path | None, allow_local_files: bool):
         self.limits, self.fetcher, self.allow_local_files = limits, fetcher, allow_local_files
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
-        self.n_images = self.n_chars = self.n_pixels = 0
+        self.n_images = self.n_chars = self.n_pixels = self.n_parts = 0
+
+    def parts(self, n: int, mi: int) -> None:
+        """Count ``n`` more parts of message ``mi`` against the limits, before converting them."""
+        if n > self.limits.max_parts_per_message:
+            _fail(f"too many content parts: {n} in one message, over max_parts_per_message="
+                  f"{self.limits.max_parts_per_message}", mi)
+        self.n_parts += n
+        if self.n_parts > self.limits.max_parts:
+            _fail(f"too many content parts: {self.n_parts} in the conversation, over max_parts={self.limits.max_parts}",
+                  mi)
 
     def text(self, text: Any, mi: int | None, pi: int | None) -> TextPart:
         if not isinstance(text, str):
@@ -513,9 +528,10 @@ def _message(raw: Any, st: _State, mi: int) -> Message:
         items = list(content)
     else:
         _fail(f"message content must be a string or a list of parts, got {type(content).__name__}", mi)
+    calls = raw.get("tool_calls") if isinstance(raw, Mapping) and r == "assistant" else None
+    st.parts(len(items) + (len(calls) if isinstance(calls, list) else 0), mi)  # each call is a part
     parts = [_part(x, st, mi, j) for j, x in enumerate(items)]
-    if isinstance(raw, Mapping) and r == "assistant":
-        parts += [st.text(t, mi, None) for t in _tool_calls_text(raw.get("tool_calls"))]
+    parts += [st.text(t, mi, None) for t in _tool_calls_text(calls)]
     if r == "tool":
         # Tool output is where indirect prompt injection arrives (a web page, a file, an API reply),
         # so it is screened as user-visible input rather than dropped or trusted.

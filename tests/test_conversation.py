@@ -364,6 +364,27 @@ def test_too_many_messages():
     raises("too many messages", [{"role": "user", "content": "a"}] * 4, limits=ConversationLimits(max_messages=3))
 
 
+def test_too_many_parts_are_refused_before_any_part_is_converted():
+    """#23.7: a million empty strings passed every other limit (no characters, no images) and were
+    rendered into a million tokens before the context check; the part counts are checked first."""
+    import time
+
+    t0 = time.perf_counter()
+    e = raises("too many content parts.*max_parts_per_message=256", user(*[""] * 1_000_000))
+    assert e.message_index == 0 and time.perf_counter() - t0 < 1.0
+    raises("too many content parts.*max_parts_per_message=256", user(*([""] * 257)))
+    assert len(to_conversation(user(*([""] * 255), "hi")).messages[0].parts) == 256
+    many = [{"role": "user", "content": ["a"] * 200}] * 6  # 200 per message is fine; 1200 together are not
+    e = raises("too many content parts.*max_parts=1024", many)
+    assert e.message_index == 5
+    lim = ConversationLimits(max_parts_per_message=2, max_parts=3)
+    raises("max_parts_per_message=2", user("a", "b", "c"), limits=lim)
+    raises("max_parts=3", [{"role": "user", "content": ["a", "b"]}] * 2, limits=lim)
+    calls = [{"function": {"name": "f", "arguments": "{}"}}] * 3  # tool calls become parts too
+    raises("max_parts_per_message=2", [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": None, "tool_calls": calls}], limits=lim)
+
+
 def test_remote_url_without_fetcher():
     raises("needs a fetcher.*never downloads", user({"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}))
     raises("unsupported image URL scheme 'ftp'", user({"type": "image_url", "image_url": {"url": "ftp://x/a.png"}}))
@@ -387,6 +408,7 @@ def test_image_part_without_source():
 def test_limits_are_frozen_and_validated():
     lim = ConversationLimits()
     assert (lim.max_images, lim.max_image_pixels, lim.max_text_chars, lim.max_messages) == (8, 4096 * 4096, 200_000, 256)
+    assert (lim.max_parts_per_message, lim.max_parts) == (256, 1024)
     with pytest.raises(Exception):
         lim.max_images = 3
     with pytest.raises(InvalidInputError):

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ohd_guard.serve.errors import APIError, from_guard_error
 from ohd_guard.generation import StopTrimmer, cut_at_stops
@@ -71,20 +72,41 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing more than ``limit`` bytes while reading (a lying Content-Length too)."""
+def _check_depth(body: Any, limit: int) -> None:
+    """Refuse containers nested deeper than ``limit`` (walked level by level, never recursively)."""
+    level, depth = [body] if isinstance(body, (dict, list)) else [], 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise APIError(400, "invalid_json", f"the request body is nested too deep: over max_json_depth={limit}")
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x) if isinstance(v, (dict, list))]
+
+
+async def _read_json(request: Request, limit: int, max_depth: int) -> Any:
+    """The body as JSON, refusing more than ``limit`` bytes while reading (a lying Content-Length too)
+    and more than ``max_depth`` levels of nesting. A client that leaves mid-body costs one INFO line."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, "body_too_large", f"request body over max_body_bytes={limit}")
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise APIError(413, "body_too_large", f"request body over max_body_bytes={limit}")
     try:
-        return json.loads(buf)
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise APIError(413, "body_too_large", f"request body over max_body_bytes={limit}")
+    except ClientDisconnect:
+        log.info("client disconnected while sending its request body (%d bytes read); nothing was screened",
+                 len(buf))
+        raise APIError(499, "client_disconnected", "the client disconnected before its request body ended") from None
+    try:
+        body = json.loads(buf)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # the C parser's own depth guard: thousands of nested brackets
+        raise APIError(400, "invalid_json",
+                       f"the request body is nested too deep: over max_json_depth={max_depth}") from None
+    _check_depth(body, max_depth)
+    return body
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any], poll_s: float) -> Any:
@@ -160,7 +182,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     @app.post("/v1/screen")
     async def screen(request: Request) -> JSONResponse:
         authorize(request)
-        req = parse(ScreenRequest, await _read_json(request, settings.max_body_bytes))
+        req = parse(ScreenRequest, await _read_json(request, settings.max_body_bytes, settings.max_json_depth))
         check_model(req.model, settings)
         items = screen_items(req, settings)
         with requests.slot():
@@ -175,7 +197,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         authorize(request)
-        req = parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
+        req = parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes, settings.max_json_depth))
         check_model(req.model, settings)
         check_supported(req)
         messages = check_messages(req.messages, settings)

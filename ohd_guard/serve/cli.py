@@ -63,7 +63,10 @@ def _spec(args: argparse.Namespace) -> GuardSpec:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
         args.parser.error("--min-replicas must not exceed --max-replicas")
-    settings, spec = _settings(args), _spec(args)
+    try:
+        settings, spec = _settings(args), _spec(args)
+    except ValueError as e:  # pydantic's ValidationError: a limit out of range, said before any model loads
+        args.parser.error(str(e))
     try:
         if args.ray:
             import ray

@@ -8,7 +8,8 @@ schema is accepted; those that would change the answer in a way the server canno
 ``logprobs``, a JSON ``response_format``, the deprecated ``functions``) are refused with 400
 ``unsupported_parameter``, and purely advisory ones (``user``, ``seed``, ``metadata``, ``store``,
 ``service_tier``, ...) are accepted and ignored. Unknown keys inside a message are ignored: they are
-metadata, and clients add their own.
+metadata, and clients add their own. Types are strict, as OpenAI's are: ``"max_tokens": true``,
+``"5"`` or ``5.0`` and ``"stream": "true"`` are 400 ``invalid_parameter``, not coerced.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     messages: list[Any] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -67,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
 class ScreenRequest(BaseModel):
     """``POST /v1/screen``: verdicts only, for a batch of conversations (each a string or a message list)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     conversations: list[str | list[Any]] = Field(min_length=1)
     model: str | None = None
 

@@ -7,7 +7,7 @@ import importlib
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_KEY_ENV = "OHD_GUARD_API_KEY"
 """Environment variable holding the bearer token when ``--api-key`` is not given."""
@@ -32,12 +32,33 @@ class ServeSettings(BaseModel):
     max_concurrent_streams: int = Field(16, gt=0)
     """Open SSE streams at once; more get 429 too_many_streams."""
     default_max_tokens: int = Field(256, gt=0)
+    """``max_tokens`` of a request that sends none; left unset, it is clamped to ``max_tokens_limit``."""
     max_tokens_limit: int = Field(2048, gt=0)
     """Largest ``max_tokens`` accepted (400 above it)."""
+    max_json_depth: int = Field(64, gt=0, le=512)
+    """Nesting depth of a request body (400 ``invalid_json`` deeper): a deep body would otherwise reach
+    recursive code (the JSON parser itself, then schema and template code) as a RecursionError."""
     max_screen_batch: int = Field(64, gt=0)
     """Conversations per ``POST /v1/screen``."""
     disconnect_poll_s: float = Field(0.2, gt=0)
     """How often a non-streamed request checks that its client is still there."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _clamp_default_max_tokens(cls, data: Any) -> Any:
+        """``--max-tokens-limit 64`` alone must not make every request without ``max_tokens`` a 400."""
+        limit = data.get("max_tokens_limit") if isinstance(data, dict) else None
+        if isinstance(limit, int) and "default_max_tokens" not in data:
+            default = cls.model_fields["default_max_tokens"].default
+            data = {**data, "default_max_tokens": max(1, min(default, limit))}
+        return data
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServeSettings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} is over max_tokens_limit="
+                             f"{self.max_tokens_limit}: every request without max_tokens would be refused")
+        return self
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
