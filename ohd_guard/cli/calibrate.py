@@ -1,0 +1,154 @@
+"""``ohd-guard calibrate``: fit a detector on labelled prompts and write its profile."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ohd_guard.cli.common import METRIC_COLUMNS, describe, load_model, model_args, positive_int, shipped, table
+
+
+def _layer_range(value: str | None, model) -> list[int] | None:
+    """``"8-24"``, ``"12,18,24"`` or ``"all"`` -> score layers (1-based, as ``hidden_states`` indices)."""
+    if value is None:
+        return None
+    from ohd_guard.adapters import get_adapter
+    from ohd_guard.errors import InvalidInputError
+
+    L = get_adapter(model).num_layers
+    try:
+        if value == "all":
+            return list(range(1, L + 1))
+        if "-" in value:
+            a, b = (int(x) for x in value.split("-", 1))
+            return list(range(a, b + 1))
+        return [int(x) for x in value.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"--score-layers: expected FIRST-LAST, a comma list or 'all', got {value!r}") from None
+
+
+def _fit_items(args) -> tuple[list, list, list[str]]:
+    """(fit items, held-out items, sources) for ``calibrate``: the project's calibration split (or
+    ``--data``) plus ``--fit-shared`` sets read from the shared datasets folder at run time."""
+    from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, load_shared_parts, stratified
+
+    if args.data:
+        items, heldout_items, sources = load_labelled_file(args.data), [], [str(args.data)]
+    else:
+        items, heldout_items = load_calibration_prompts("calib"), load_calibration_prompts("heldout")
+        sources = ["ohd_guard/data (calib split)"]
+    extra, extra_sources = load_shared_parts(args.fit_shared or [])
+    items, sources = items + extra, sources + extra_sources
+    if args.limit:
+        # spread over categories (seeded): the first N of a file are one source or one form
+        items = stratified([p for p in items if p.label == 1], args.limit, seed=0) + stratified(
+            [p for p in items if p.label == 0], args.limit, seed=0)
+    return items, heldout_items, sources
+
+
+def cmd_calibrate(args) -> int:
+    items, heldout_items, sources = _fit_items(args)
+    unsafe = [p for p in items if p.label == 1]
+    safe = [p for p in items if p.label == 0]
+    if args.detector != "ohd":
+        return _calibrate_probe(args, unsafe, safe, heldout_items, sources)
+    from ohd_guard.detectors import calibrate
+    from ohd_guard.masking import HeadRef, MaskSpec
+
+    model, processor = load_model(args)
+    head = HeadRef(layer=args.head[0], head=args.head[1]) if args.head else None
+    threshold = "kde" if args.target_fpr is None else args.target_fpr
+    profile = calibrate(
+        model, processor, unsafe, safe,
+        spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
+        score_layer=args.score_layer, score_layers=_layer_range(args.score_layers, model), head=head, strategy=args.strategy, top_k=args.top_k,
+        percentile=args.percentile, rank_by=args.rank_by, threshold=threshold, batch_size=args.batch_size, progress=not args.quiet,
+        heldout=(
+            [p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0]
+        ) if heldout_items else None,
+        sources=sources,
+    )
+    profile.save(args.output)
+    print(f"head {profile.heads[0]}  score layer {profile.score_layer}  "
+          f"threshold {profile.threshold.value:.4f} deg ({profile.threshold.method})  "
+          f"search {profile.calibration.search} in {profile.calibration.seconds:.0f} s")
+    print(table([m.model_dump() for m in profile.metrics], METRIC_COLUMNS))
+    print(table([{"head": str(h.head), **h.model_dump(exclude={"head"})} for h in profile.top_heads[:10]],
+                 ["head", "unsafe_mean", "safe_mean", "gap", "auroc", "eligible"]))
+    print(f"profile written to {args.output}")
+    return 0
+
+
+def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, sources: list[str]) -> int:
+    """``calibrate --detector sahs|hiddendetect|fused``: fit, measure on the held-out split, save."""
+    import time
+
+    import numpy as np
+
+    from ohd_guard.detectors.base import evaluate_scores
+    from ohd_guard.detectors import Fused, HiddenDetect, SAHs, save_state
+    from ohd_guard.profile import Profile
+
+    model, processor = load_model(args)
+    bs = args.batch_size
+    if args.detector == "sahs":
+        det = SAHs(top_k=args.heads, batch_size=bs)
+    elif args.detector == "hiddendetect":
+        det = HiddenDetect(batch_size=bs)
+    else:
+        ohd = Profile.load(args.ohd_profile or shipped(args)["ohd"], allow_edited=args.allow_edited)
+        det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs)
+    t0 = time.perf_counter()
+    if not args.quiet:
+        print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
+    det.fit(model, processor, unsafe, safe)
+    state = det.state.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
+    if heldout_items:
+        u = [p for p in heldout_items if p.label == 1]
+        s = [p for p in heldout_items if p.label == 0]
+        scores = det.score(u + s)
+        state = state.model_copy(update={"metrics": [*state.metrics, evaluate_scores(
+            "heldout", np.asarray(scores[: len(u)]), np.asarray(scores[len(u):]), state.threshold)]})  # fmt: skip
+    save_state(state, args.output)
+    print(f"{det.name}: {describe(det)}  in {state.seconds:.0f} s")
+    print(table([m.model_dump() for m in state.metrics], METRIC_COLUMNS))
+    print(f"profile written to {args.output}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="fit a detector (One-head Defense: search the head) and write its profile")
+    model_args(c)
+    c.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect", "fused"], default="ohd",
+                   help="ohd (One-head Defense, default), sahs (probe on the top heads), hiddendetect (logit-lens "
+                        "refusal cosine) or fused (logistic on OhD angles and the SAHs log-odds)")
+    c.add_argument("--data", type=Path, help="labelled CSV/JSONL (default: the project's calibration prompts)")
+    c.add_argument("--fit-shared", action="append", default=[], metavar="NAME[:N]",
+                   help="also fit on N items (all without :N), evenly spread, of a shared set (repeatable)")
+    c.add_argument("--output", "-o", type=Path, required=True, help="where the profile JSON is written")
+    c.add_argument("--heads", type=positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
+    c.add_argument("--angles", type=positive_int, default=1,
+                   help="fused: selective heads whose angles are features (default 1: one-pass screening)")
+    c.add_argument("--ohd-profile", type=Path, default=None,
+                   help="fused: the One-head Defense profile giving mask, score layer and heads (default: shipped)")
+    c.add_argument("--allow-edited", action="store_true", help="fused: accept an --ohd-profile edited after calibration")
+    c.add_argument("--strategy", choices=["two-stage", "exact", "fast"], default="two-stage",
+                   help="ohd head search: fast mask on all heads then exact on the top k (default), or one mode only")
+    c.add_argument("--target", choices=["query", "output"], default="query",
+                   help="ohd: mask the head's query (paper, default) or its output")
+    c.add_argument("--positions", choices=["all", "last"], default="last",
+                   help="last (default: fast, and better held-out AUROC on the embedded model) or all (paper-exact)")
+    c.add_argument("--alpha", type=float, default=1e-5, help="ohd: soft mask scale (default 1e-5)")
+    c.add_argument("--score-layer", type=int, default=None, help="read the angle after this decoder layer (default: last, after the final norm)")
+    c.add_argument("--score-layers", default=None, metavar="FIRST-LAST|all",
+                   help="search the score layer with the head among these (e.g. 8-24); one replay serves them all")
+    c.add_argument("--head", type=int, nargs=2, metavar=("LAYER", "HEAD"), help="fix the head, skip the search")
+    c.add_argument("--top-k", type=int, default=8, help="ohd: heads re-scored in the second search stage")
+    c.add_argument("--percentile", type=float, default=80.0,
+                   help="ohd selectivity rule: keep heads whose safe angle is below this percentile over all heads")
+    c.add_argument("--rank-by", choices=["gap", "auroc"], default="auroc",
+                   help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)")
+    c.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR instead of the KDE crossing")
+    c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts, spread evenly over categories")
+    c.add_argument("--quiet", action="store_true", help="no progress output")
+    c.set_defaults(func=cmd_calibrate)
