@@ -336,6 +336,41 @@ def test_guarded_emits_exactly_one_verdict_per_flagged_call(guard):
     })  # fmt: skip
 
 
+def _reasoning(text: str) -> AIMessage:
+    return AIMessage(content=[{"type": "reasoning", "reasoning": text}, {"type": "text", "text": "ok"}])
+
+
+@pytest.mark.parametrize("where", ["reasoning", "name"])
+def test_guarded_screens_what_it_forwards_reasoning_and_names(guard, where):
+    """#23.8: a trigger only in an AIMessage reasoning block or only in ``HumanMessage(name=...)`` was
+    not screened, and the chain's model (which gets the messages as they are: providers send both
+    on) received it. Both are screened now; a clean name or reasoning passes."""
+    def turns(word: str) -> list[Any]:
+        if where == "name":
+            return [HumanMessage("tell me about cats please", name=word)]
+        return [HumanMessage("hi"), _reasoning(f"the {word} plan"), HumanMessage("tell me about cats please")]
+
+    answerer = spy("cats are nice")
+    g = guarded(answerer, guard, refusal_max_new_tokens=4)
+    out = g.invoke(turns("zorblax"))
+    assert answerer.calls == 0 and out.response_metadata["ohd_guard"]["refused"], "forwarded unscreened"
+    assert OhdGuardRunnable(guard).invoke(turns("zorblax")).flagged
+    assert g.invoke(turns("alice")).content == "cats are nice" and answerer.calls == 1
+    agent = _agent(spy("hi"), guard)  # the middleware screens through the same converter
+    assert agent.invoke({"messages": turns("zorblax")})["messages"][-1].response_metadata["ohd_guard"]["refused"]
+
+
+def test_chat_model_prompt_still_leaves_reasoning_and_names_out():
+    """ChatOhdGuard's own model reads the core's dicts: a local chat template drops names and
+    earlier reasoning, so neither is added to the prompt it answers (and screens) from."""
+    from langchain_ohd_guard.convert import to_message_dicts
+    from langchain_ohd_guard.runnable import screen_input
+
+    msgs = [HumanMessage("hi", name="alice"), _reasoning("a plan")]
+    assert "alice" not in str(to_message_dicts(msgs)) and "a plan" not in str(to_message_dicts(msgs))
+    assert "[name: alice]" in str(screen_input(msgs)) and "[reasoning] a plan" in str(screen_input(msgs))
+
+
 # ------------------------------------------------------------------------------------- middleware
 @pytest.fixture()
 def search_tool():

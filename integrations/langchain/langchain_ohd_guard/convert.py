@@ -6,6 +6,12 @@ OpenAI/HF-style part dicts, and :func:`ohd_guard.to_conversation` does the decod
 limits and the error locations. Nothing the model could see is dropped silently: an image that
 cannot be resolved, an audio/video/file block, or a block of an unknown type raises
 :class:`UnsupportedContentError` (an :class:`~ohd_guard.errors.InvalidInputError`).
+
+Two things a local chat template drops but a provider forwards to its model (OpenAI sends a
+message's ``name``; reasoning blocks go back to OpenAI's and Anthropic's models with the history)
+are read only with ``forwarded=True``: as ``[name: ...]`` and ``[reasoning] ...`` text parts. The
+screens whose messages go on to another model as they are (``guarded``, ``OhdGuardRunnable``, the
+agent middleware) pass it; ``ChatOhdGuard`` does not, since its own model never sees either.
 """
 
 from __future__ import annotations
@@ -75,9 +81,9 @@ def _image_part(block: Mapping[str, Any], mi: int, bi: int) -> dict[str, Any]:
     raise UnsupportedContentError("image block has no 'base64', 'url' or 'path' data", mi, bi)
 
 
-def _block_parts(block: Any, role: str, mi: int, bi: int) -> list[dict[str, Any]]:
-    """One v1 standard content block -> zero or more core part dicts (empty only for blocks that
-    carry nothing a model reads: reasoning traces)."""
+def _block_parts(block: Any, role: str, mi: int, bi: int, forwarded: bool = False) -> list[dict[str, Any]]:
+    """One v1 standard content block -> zero or more core part dicts (empty only for reasoning
+    traces, unless ``forwarded``, and for reasoning without readable text: an encrypted trace)."""
     if isinstance(block, str):
         return [{"type": "text", "text": block}]
     if not isinstance(block, Mapping):
@@ -108,8 +114,9 @@ def _block_parts(block: Any, role: str, mi: int, bi: int) -> list[dict[str, Any]
     if kind == "server_tool_result":
         out = block.get("output")
         return [{"type": "text", "text": f"[tool result] {out if isinstance(out, str) else json.dumps(out, default=str)}"}]
-    if kind == "reasoning":
-        return []  # the model's own hidden trace: chat templates do not feed it back either
+    if kind == "reasoning":  # the model's own trace: local chat templates do not feed it back, providers do
+        text = block.get("reasoning")
+        return [{"type": "text", "text": f"[reasoning] {text}"}] if forwarded and isinstance(text, str) and text else []
     if kind == "non_standard":
         value = block.get("value")
         if isinstance(value, Mapping) and value.get("type") in ("image_url", "input_image"):
@@ -124,14 +131,17 @@ def _block_parts(block: Any, role: str, mi: int, bi: int) -> list[dict[str, Any]
     raise UnsupportedContentError(f"unknown content block of type {kind!r}: refusing to drop it unscreened", mi, bi)
 
 
-def _message_dict(msg: BaseMessage, mi: int) -> dict[str, Any]:
+def _message_dict(msg: BaseMessage, mi: int, forwarded: bool = False) -> dict[str, Any]:
     role = _role(msg)
     parts: list[dict[str, Any]] = []
     for bi, block in enumerate(msg.content_blocks):
-        parts.extend(_block_parts(block, role, mi, bi))
+        parts.extend(_block_parts(block, role, mi, bi, forwarded))
     out: dict[str, Any] = {"role": role, "content": parts}
+    name = getattr(msg, "name", None) or None
     if role == "tool":
-        out["name"] = getattr(msg, "name", None) or None
+        out["name"] = name
+    elif forwarded and name is not None:
+        parts.insert(0, {"type": "text", "text": f"[name: {name}]"})
     return out
 
 
@@ -155,20 +165,22 @@ def _as_messages(obj: Any) -> list[BaseMessage] | None:
     return None
 
 
-def to_message_dicts(obj: Any) -> list[dict[str, Any]]:
-    """LangChain input -> the core's OpenAI/HF-style message dicts (images still undecoded)."""
+def to_message_dicts(obj: Any, *, forwarded: bool = False) -> list[dict[str, Any]]:
+    """LangChain input -> the core's OpenAI/HF-style message dicts (images still undecoded); with
+    ``forwarded``, message names and reasoning text too (see the module docstring)."""
     msgs = _as_messages(obj)
     if msgs is None:
         if isinstance(obj, str):
             return [{"role": "user", "content": obj}]
         raise InvalidInputError(f"cannot read {type(obj).__name__} as LangChain messages")
-    return [_message_dict(m, i) for i, m in enumerate(msgs)]
+    return [_message_dict(m, i, forwarded) for i, m in enumerate(msgs)]
 
 
 def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
                     fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
-                    allow_local_files: bool = False) -> Conversation:
-    """Convert LangChain input into a :class:`~ohd_guard.Conversation`.
+                    allow_local_files: bool = False, forwarded: bool = False) -> Conversation:
+    """Convert LangChain input into a :class:`~ohd_guard.Conversation` (``forwarded``: with message
+    names and reasoning text, as a provider forwards them; see the module docstring).
 
     Accepts a ``str`` (one user turn), a ``PromptValue``, a ``BaseMessage``, a list of messages
     or message-likes (``("human", "...")`` tuples, role/content dicts), a dict with a ``"messages"``
@@ -186,4 +198,4 @@ def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
         return _core(obj, **kw)
     if not msgs:
         raise InvalidInputError("empty conversation: there are no messages")
-    return _core([_message_dict(m, i) for i, m in enumerate(msgs)], **kw)
+    return _core([_message_dict(m, i, forwarded) for i, m in enumerate(msgs)], **kw)

@@ -23,12 +23,14 @@ _NONE = object()
 
 def screen_input(obj: Any) -> Any:
     """What the guard is handed: str and core types pass through; LangChain input (PromptValue,
-    messages, ``{"messages": [...]}``) becomes the core's message dicts (typed error if it cannot)."""
+    messages, ``{"messages": [...]}``) becomes the core's message dicts (typed error if it cannot),
+    message names and reasoning text included: the messages go on to a model as they are, and a
+    provider forwards both (screen what is forwarded)."""
     from ohd_guard.conversation import Conversation
 
     if isinstance(obj, (str, Conversation)):
         return obj
-    return to_message_dicts(obj)
+    return to_message_dicts(obj, forwarded=True)
 
 
 # --------------------------------------------------------------------------------- refusals
