@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from ohd_guard.calibrate import evaluate_angles
+from ohd_guard.detectors.base import evaluate_scores
 from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts, load_shared_set, stratified
 from ohd_guard.loading import load_model
@@ -64,7 +64,7 @@ def detection(args, scorers, angles, calib, held, head):
                 u, s = (a, oa) if labels[0] == 1 else (oa, a)
             else:
                 u, s = a[labels == 1], a[labels == 0]
-            met = evaluate_angles(name, u, s, thresholds[m])
+            met = evaluate_scores(name, u, s, thresholds[m])
             row[f"AUROC {m}"] = met.auroc
             row[f"DR {m}"] = float(np.mean(a[labels == 1] > thresholds[m])) if (labels == 1).any() else "-"
             row[f"FPR {m}"] = float(np.mean(a[labels == 0] > thresholds[m])) if (labels == 0).any() else "-"

@@ -40,8 +40,8 @@ KEEP = "<!-- Notes below this line are written by hand and kept when the benchma
 def describe(det) -> str:
     if hasattr(det, "profile") and det.profile is not None:
         p = det.profile
-        return f"head {p.heads[0]}, {p.calibration.search}, threshold {p.threshold.value:.3g} deg ({p.threshold.method})"
-    s = det.state
+        return f"head {p.heads[0]}, {p.search}, threshold {p.threshold:.3g} deg ({p.threshold_method})"
+    s = det.profile
     if s.kind == "sahs":
         return (f"{len(s.heads)} heads (best {', '.join(map(str, s.heads[:4]))}, ...), L2 {s.l2:g}, "
                 f"CV AUROC {s.cv_auroc:.3f}, threshold p=0.5")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Calibration: {len(unsafe)} unsafe + {len(safe)} safe prompts, stratified over the categories of the "
         f"project's calibration split; every detector is fitted on exactly these (SAHs and HiddenDetect share one prefill). "
         + (f"One-head Defense's head comes from the shipped profile (searched on the whole calibration split: "
-           f"{profile.calibration.search}); its threshold is refitted here in each mode." if head is not None else
+           f"{profile.search}); its threshold is refitted here in each mode." if head is not None else
            "No profile was found, so One-head Defense searched its head (fast strategy) on the subsample."),
         f"Evaluation: the project's held-out split ({len(held)} prompts), {args.per_set} items evenly spread through each "
         f"public set, and {len(seeds)} held-out harmful prompts under each attack (`direct`: the seeds unchanged).",

@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
                          "full sliding-window cache yet, see docs/results.md)")
     args = ap.parse_args(argv)
 
-    from ohd_guard.calibrate import evaluate_angles
+    from ohd_guard.detectors.base import evaluate_scores
     from ohd_guard.datasets import load_calibration_prompts, shipped_fit_items, stratified
-    from ohd_guard.detectors import Fused, HiddenDetect, SAHs, save_state, shared_prefill
+    from ohd_guard.detectors import Fused, HiddenDetect, SAHs, shared_prefill
     from ohd_guard.evaluation import joint_scores
     from ohd_guard.loading import embedded_model, load_model
     from ohd_guard.shipped import shipped_profiles
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with shared_prefill():  # one prefill per prompt for SAHs and HiddenDetect
         sahs = SAHs(top_k=16, batch_size=bs).fit(model, tok, unsafe, safe)
-        say(f"SAHs: {time.perf_counter() - t0:.0f} s, heads {', '.join(map(str, sahs.state.heads[:6]))}, ..., "
-            f"CV AUROC {sahs.state.cv_auroc:.3f}")
+        say(f"SAHs: {time.perf_counter() - t0:.0f} s, heads {', '.join(map(str, sahs.profile.heads[:6]))}, ..., "
+            f"CV AUROC {sahs.profile.cv_auroc:.3f}")
         hu, hs = stratified(unsafe, args.hiddendetect_per_class, seed=0), stratified(safe, args.hiddendetect_per_class, seed=0)
         hd = HiddenDetect(batch_size=bs).fit(model, tok, hu, hs)
-        say(f"HiddenDetect: band {hd.state.band}, calibration AUROC {hd.state.band_auroc:.3f}")
+        say(f"HiddenDetect: band {hd.profile.band}, calibration AUROC {hd.profile.band_auroc:.3f}")
     fitted = [(sahs, "sahs"), (hd, "hiddendetect")]
     if not args.no_fused:
         oof = dict(zip(map(id, unsafe + safe), sahs.oof_))
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         fused = Fused(ohd_profile, n_angles=1, sahs=sahs, batch_size=bs).fit(
             model, tok, fu, fs, sahs_oof=np.array([oof[id(x)] for x in fu + fs]))
-        say(f"Fused: {time.perf_counter() - t1:.0f} s, {', '.join(f'{n} {c:+.2f}' for n, c in zip(fused.state.features, fused.state.coef))}, "
-            f"CV AUROC {fused.state.cv_auroc:.3f}")
+        say(f"Fused: {time.perf_counter() - t1:.0f} s, {', '.join(f'{n} {c:+.2f}' for n, c in zip(fused.profile.features, fused.profile.coef))}, "
+            f"CV AUROC {fused.profile.cv_auroc:.3f}")
         fitted.append((fused, "fused"))
 
     held = load_calibration_prompts("heldout")
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     scores = joint_scores([det for det, _ in fitted], hu_ + hs_, bs)  # one guard screening per batch for all
     n = len(hu_)
     for k, (det, kind) in enumerate(fitted):
-        m = evaluate_angles("heldout", scores[:n, k], scores[n:, k], det.state.threshold)
-        state = det.state.model_copy(update={"sources": sources, "metrics": [*det.state.metrics, m]})
-        path = save_state(state, args.out / f"{name}.{kind}.json")
+        m = evaluate_scores("heldout", scores[:n, k], scores[n:, k], det.profile.threshold)
+        state = det.profile.model_copy(update={"sources": sources, "metrics": [*det.profile.metrics, m]})
+        path = state.save(args.out / f"{name}.{kind}.json")
         say(f"{kind}: held-out AUROC {m.auroc:.3f}, DR {m.detection_rate:.3f}, FPR {m.false_positive_rate:.3f} -> {path}")
     return 0
 

@@ -34,7 +34,7 @@ def main() -> None:
     from ohd_guard.datasets import load_calibration_prompts, stratified
     from ohd_guard.detectors import load_profile
     from ohd_guard.detectors.features import Logistic
-    from ohd_guard.detectors.fused import _selective_heads
+    from ohd_guard.detectors.fused import selective_heads
     from ohd_guard.loading import load_model
     from ohd_guard.masking import HeadRef, MaskSpec
     from ohd_guard.metrics import auroc
@@ -79,7 +79,7 @@ def main() -> None:
                  best[0], auroc(ho.angles(h_txt, [best[1]], batch_size=bs)[:, 0], h_y), time.perf_counter() - t0))
 
     t0 = time.perf_counter()
-    several: list[HeadRef] = _selective_heads(shipped, args.angles)
+    several: list[HeadRef] = selective_heads(shipped, args.angles)
     feats_c = np.log(sc.angles(c_txt, several, batch_size=bs) + 1e-3)
     feats_h = np.log(sc.angles(h_txt, several, batch_size=bs) + 1e-3)
     probe = Logistic.fit(feats_c, c_y.astype(int), l2=0.1)

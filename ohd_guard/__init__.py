@@ -17,9 +17,11 @@ import logging
 
 logging.getLogger("ohd_guard").addHandler(logging.NullHandler())  # the application decides where logs go
 
+__version__ = "0.1.0"
+
 from ohd_guard.adapters import ArchitectureAdapter, get_adapter, register_adapter
-from ohd_guard.calibrate import calibrate
 from ohd_guard.conversation import Conversation, ConversationLimits, to_conversation
+from ohd_guard.detectors import calibrate, load_profile
 from ohd_guard.errors import (
     CalibrationError,
     GuardViolation,
@@ -32,20 +34,19 @@ from ohd_guard.errors import (
     ScreeningError,
     UnsupportedModelError,
 )
-from ohd_guard.guard import GuardedResponse, OhdGuard, Verdict
+from ohd_guard.guard import OhdGuard
 from ohd_guard.loading import DEFAULT_MODEL, load_model
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
 from ohd_guard.profile import Profile
 from ohd_guard.scoring import DeflectionScorer
 from ohd_guard.search import search_heads
-
-__version__ = "0.1.0"
+from ohd_guard.types import GuardedResponse, Verdict
 
 __all__ = [
     "ArchitectureAdapter", "CalibrationError", "Conversation", "ConversationLimits", "DEFAULT_MODEL",
     "DeflectionScorer", "GuardViolation", "GuardedResponse", "OhdGuard", "Verdict",
     "InternalChanged", "HeadRef", "InvalidInputError", "MaskSpec", "ModelLoadError",
     "OhdGuardError", "Profile", "ProfileFormatError", "ProfileMismatchError", "ScreeningError",
-    "UnsupportedModelError", "calibrate", "get_adapter", "head_mask", "load_model", "register_adapter",
+    "UnsupportedModelError", "calibrate", "get_adapter", "head_mask", "load_model", "load_profile", "register_adapter",
     "search_heads", "to_conversation",
 ]

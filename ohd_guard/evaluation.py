@@ -32,7 +32,7 @@ from ohd_guard.detectors import Detector, as_input, shared_prefill
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.metrics import auroc, tpr_at_fpr
 from ohd_guard.rendering import encode_conversations
-from ohd_guard.screening import PrefillDetector, PrefillReads, Reads, union
+from ohd_guard.screening import score_conversations, union
 
 log = logging.getLogger("ohd_guard.evaluation")
 
@@ -224,50 +224,17 @@ def _metrics(report: EvalReport, det: Detector, name: str, kind: str, y: np.ndar
     )
 
 
-class _Joint(PrefillDetector):
-    """Several prefill detectors read from ONE screening prefill through the guard's own path: each
-    member's score is exactly what a guard running that member alone computes (same reads of the
-    same pass), at the cost of one screening instead of one per detector."""
-
-    kind = "joint"
-    fitted = True
-
-    def __init__(self, members: Sequence[PrefillDetector]):
-        self.members = list(members)
-        self._reads = union(*(m.reads() for m in self.members))
-
-    @property
-    def threshold(self) -> float:
-        return 0.0
-
-    def reads(self) -> Reads:
-        return self._reads
-
-    def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        per = [np.asarray(m.score_reads(reads)[0], dtype=float) for m in self.members]
-        rows = [{"scores": [float(p[i]) for p in per]} for i in range(len(per[0]))]
-        return per[0], rows
-
-    def risk(self, scores: np.ndarray) -> np.ndarray:
-        return np.full(len(scores), 0.5)
-
-
 def joint_scores(detectors: Sequence[Any], items: Sequence[Any], batch_size: int = 8) -> np.ndarray:
-    """[N, D] scores of prefill detectors on one model, from one guard screening per batch."""
-    from ohd_guard.detectors.base import batched
-    from ohd_guard.guard import OhdGuard
-
-    d0 = detectors[0]
-    guard = OhdGuard(d0.model, d0.processor, _Joint(detectors), on_error="raise", verify=False,
-                     allow_local_files=True, max_batch_size=batch_size)  # fmt: skip
-    return batched(lambda b: [v.details["scores"] for v in guard.screen_batch(b)], items, batch_size)
+    """[N, D] scores of prefill detectors bound to one model, read from one screening prefill per batch
+    (each column equals what a guard running that detector alone computes)."""
+    return score_conversations(list(detectors), items, batch_size)
 
 
 def _joint_groups(detectors: Sequence[Detector]) -> list[list[Any]]:
     """Prefill detectors that can share one screening prefill (same model, compatible masked branches)."""
     groups: list[list[Any]] = []
     for d in detectors:
-        if not isinstance(d, PrefillDetector):
+        if not getattr(d, "reads_prefill", False):
             continue
         for g in groups:
             if g[0].model is d.model:

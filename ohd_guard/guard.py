@@ -35,12 +35,16 @@ import torch
 
 from ohd_guard.answering import Answerer
 from ohd_guard.conversation import ConversationLimits
+from ohd_guard.detectors import bind_detector, load_profile
 from ohd_guard.errors import InvalidInputError
-from ohd_guard.masking import HeadRef
+from ohd_guard.loading import load_model
+from ohd_guard.profile import Profile
 from ohd_guard.refusal import RefusalTemplate, template_for
 from ohd_guard.rendering import tokenizer_of
 from ohd_guard.screening import ConversationScreener, PrefillDetector, Screener
-from ohd_guard.verdict import EVENT_NAME, GuardedResponse, GuardStats, Screened, Verdict, VerdictEvents
+from ohd_guard.shipped import default_profile
+from ohd_guard.types import EVENT_NAME, GuardedResponse, GuardStats, HeadRef, Verdict
+from ohd_guard.verdict import Screened, VerdictEvents
 from ohd_guard.worker import GuardWorker
 
 __all__ = [
@@ -67,9 +71,10 @@ class OhdGuard:
 
     Args:
         model, processor: the guarded model and its tokenizer/processor.
-        profile: what screens: a One-head Defense :class:`~ohd_guard.profile.Profile`, another
-            detector's saved state (:func:`~ohd_guard.detectors.load_profile`) or a fitted detector;
-            calibrated for exactly this model (verified unless ``verify=False``).
+        profile: what screens: a :class:`~ohd_guard.profile.Profile` of any guard kind (One-head
+            Defense, SAHs, HiddenDetect, fused; :func:`~ohd_guard.detectors.load_profile`) or a bound
+            scorer (``profile.bind(model, processor)``, a fitted detector); fitted on exactly this
+            model (verified unless ``verify=False``).
         refusal: ``"anchored"`` (safety instruction + forced answer prefix, then free continuation),
             ``"static"`` (a fixed message) or ``"raise"`` (:class:`GuardViolation`).
         refusal_template: a :class:`RefusalTemplate`, or a dict of fields overriding the family default.
@@ -90,7 +95,7 @@ class OhdGuard:
         self,
         model: torch.nn.Module,
         processor: Any,
-        profile: Any,
+        profile: Profile | PrefillDetector,
         *,
         refusal: RefusalPolicy = "anchored",
         refusal_template: RefusalTemplate | dict[str, Any] | None = None,
@@ -111,12 +116,10 @@ class OhdGuard:
             raise InvalidInputError(f"on_error must be 'refuse', 'raise' or 'allow', not {on_error!r}")
         if max_batch_size < 1 or max_wait_ms < 0:
             raise InvalidInputError("max_batch_size must be >= 1 and max_wait_ms >= 0")
-        from ohd_guard.detectors import bind_detector
-
         self.detector: PrefillDetector = bind_detector(profile, model, processor, verify=verify)
         self.model, self.processor = model.eval(), processor
-        self.profile = getattr(self.detector, "profile", None) or getattr(self.detector, "state", None)
-        """The profile the guard screens with: a One-head Defense :class:`Profile` or a detector state."""
+        self.profile: Profile | None = getattr(self.detector, "profile", None)
+        """The profile the guard screens with (None for a scorer of the user's own)."""
         self.refusal, self.on_error = refusal, on_error
         if on_error == "allow":
             log.warning("OhdGuard(on_error='allow'): conversations whose screening fails on an internal fault are "
@@ -146,19 +149,13 @@ class OhdGuard:
         **options: Any,
     ) -> OhdGuard:
         """Load a model with :func:`~ohd_guard.loading.load_model` and guard it with ``profile``
-        (a path, a Profile or a detector state, of any detector; default: the profile shipped for
+        (a path or a :class:`~ohd_guard.profile.Profile` of any guard kind; default: the profile shipped for
         ``model_ref`` when it names an embedded model, see :mod:`ohd_guard.shipped`). A profile that
         was calibrated on another model is refused with ProfileMismatchError; one edited after
         calibration (or written before profiles had a digest) needs ``allow_edited=True``."""
-        from ohd_guard.loading import load_model
-
         if profile is None:
-            from ohd_guard.shipped import default_profile
-
             profile = default_profile(model_ref)
         if isinstance(profile, (str, Path)):
-            from ohd_guard.detectors import load_profile
-
             profile = load_profile(profile, allow_edited=allow_edited)
         model, processor = load_model(model_ref, device=device, dtype=dtype)
         return cls(model, processor, profile, **options)
@@ -184,10 +181,6 @@ class OhdGuard:
     @property
     def stats(self) -> GuardStats:
         return self.screening_stage.stats
-
-    @property
-    def _prefix_ids(self) -> list[int]:
-        return self.answering.prefix_ids
 
     def encode(self, conversations: list[Any]) -> dict[str, Any]:
         """Render conversations with the chat template (generation prompt added), left-padded."""

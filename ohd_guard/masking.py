@@ -20,36 +20,13 @@ from contextlib import contextmanager
 from typing import Iterator, Literal, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from ohd_guard.adapters import ArchitectureAdapter
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.hooks import scoped_hooks
+from ohd_guard.types import HeadRef, MaskSpec
 
-
-class HeadRef(BaseModel):
-    """One attention head of the language model, 0-indexed."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    layer: int = Field(ge=0)
-    head: int = Field(ge=0)
-
-    def __str__(self) -> str:
-        return f"L{self.layer}.H{self.head}"
-
-
-class MaskSpec(BaseModel):
-    """How a head is masked; part of a profile because the threshold depends on it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    target: Literal["query", "output"] = "query"
-    """``query``: scale the head's query (paper). ``output``: scale the head's output before o_proj."""
-    positions: Literal["all", "last"] = "all"
-    """``all``: every position (paper-exact). ``last``: the last prompt position only (fast)."""
-    alpha: float = Field(default=1e-5, ge=0.0, le=1.0)
-    """Scale factor; 1.0 is no mask, 0.0 a hard mask."""
-
-
+__all__ = ["HeadRef", "MaskSpec", "head_mask"]
 
 
 def _row_scales(

@@ -1,9 +1,13 @@
-"""Calibration profiles: which head, which mask, which threshold, for exactly which model.
+"""Profiles: the fitted artefact of a detector, for exactly one model.
 
-A threshold is only meaningful for the model, head, mask and score layer it was calibrated on
-(the paper's thresholds range from 1.2 to 3.5 degrees across models), so a profile carries a real
-fingerprint of the model — config, a weights sample, chat template — and refuses to load onto
-another one. Profiles are frozen pydantic models stored as JSON with a schema version.
+A profile is what calibration produces and the guard consumes: which heads or layers a detector
+reads, its weights, its threshold and risk curve. Every detector kind saves the same frozen
+pydantic shape (:class:`Profile`, told apart by a required ``kind``; the kind-specific fields live
+in the kind's own subclass beside its scorer in :mod:`ohd_guard.detectors`). A threshold is only
+meaningful for the model it was fitted on (the One-head Defense paper's thresholds range from 1.2
+to 3.5 degrees across models), so a profile carries a real fingerprint of the model (config, a
+weights sample, chat template) and refuses to bind to another one; its content digest refuses a
+hand-edited file. ``Profile.bind(model, processor)`` turns a profile into the scorer the guard runs.
 """
 
 from __future__ import annotations
@@ -13,14 +17,18 @@ import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, TypeAdapter, ValidationError
 
 from ohd_guard.errors import ProfileFormatError, ProfileMismatchError
-from ohd_guard.masking import HeadRef, MaskSpec
-from ohd_guard.threshold import RiskCalibration, ThresholdFit
+from ohd_guard.threshold import RiskCalibration
+from ohd_guard.types import HeadRef
+
+if TYPE_CHECKING:
+    from ohd_guard.screening import PrefillDetector
 
 log = logging.getLogger("ohd_guard.profile")
 
@@ -85,15 +93,15 @@ def content_digest(obj: BaseModel) -> str:
     return _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
 
-def check_digest(obj: Any, path: str | Path, allow_edited: bool, what_changed: str, fix: str) -> None:
-    """Refuse (or, with ``allow_edited``, warn about) a loaded profile whose content no longer matches
-    the digest written by its save: it was edited by hand after calibration, or predates digests."""
-    if obj.digest == content_digest(obj):
+def check_digest(stored: str | None, actual: str, path: str | Path, allow_edited: bool) -> None:
+    """Refuse (or, with ``allow_edited``, warn about) a profile whose content no longer matches the
+    digest written by its save: it was edited by hand after calibration, or predates digests."""
+    if stored == actual:
         return
-    what = "has no content digest" if obj.digest is None else "does not match its content digest"
-    msg = f"{path} {what}: it was edited after calibration{what_changed}"
+    what = "has no content digest" if stored is None else "does not match its content digest"
+    msg = f"{path} {what}: it was edited after calibration (heads, weights, threshold or statistics changed)"
     if not allow_edited:
-        raise ProfileFormatError(f"{msg}; {fix}")
+        raise ProfileFormatError(f"{msg}; refit it, or load it with allow_edited=True")
     log.warning("%s; loaded anyway because allow_edited=True", msg)
 
 
@@ -178,56 +186,66 @@ class CalibrationMetrics(BaseModel):
     balanced_accuracy: float
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def library_version() -> str:
+    from ohd_guard import __version__  # the package root, not a module cycle: __init__ defines it first
+
+    return __version__
+
+
 class Profile(BaseModel):
-    """Everything the guard needs to screen with one model. Save/load with :meth:`save` / :meth:`load`."""
+    """What every detector kind saves: the model it was fitted on, its threshold and risk curve, how
+    it was fitted, and a content digest. Subclasses (one per ``kind``) add what their scorer needs
+    and implement :meth:`bind` and :meth:`check_detector`.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Save with :meth:`save`; load any kind with :func:`ohd_guard.detectors.load_profile`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")  # a typo'd key is an error, not dropped
     schema_version: Literal[1] = SCHEMA_VERSION
+    kind: str
     library_version: str
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = Field(default_factory=_now)
     model: ModelFingerprint
-    heads: tuple[HeadRef, ...] = Field(min_length=1)
-    mask: MaskSpec
-    score_layer: int = Field(ge=1)
-    threshold: ThresholdFit
-    risk: RiskCalibration
-    calibration: CalibrationSummary
+    threshold: FiniteFloat
+    """Flag iff ``score > threshold`` (degrees for One-head Defense, log-odds for the probes)."""
+    threshold_method: str
+    n_unsafe: int = Field(ge=0)
+    n_safe: int = Field(ge=0)
+    seconds: float = 0.0
+    risk: RiskCalibration | None = None
+    """Graded risk of a score (fitted on calibration scores); None: the logistic of the score."""
+    data_hash: str = ""
+    """sha256 of the calibration prompts."""
+    sources: list[str] = Field(default_factory=list)
     metrics: list[CalibrationMetrics] = Field(default_factory=list)
-    top_heads: list[HeadStats] = Field(default_factory=list)
     digest: str | None = None
-    """sha256 of everything above but ``created_at``, written by :meth:`save`: a profile edited by
-    hand after calibration no longer matches it (an edit check, not a signature)."""
+    """sha256 of the content but ``created_at``, written by :meth:`save`: a profile edited by hand
+    after calibration no longer matches it (an edit check, not a signature)."""
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "Profile":
-        """Hand edits that would silently disable the guard are errors, not settings."""
-        if self.score_layer > self.model.num_layers:
-            raise ValueError(f"score_layer {self.score_layer} is above the model's {self.model.num_layers} layers")
-        for h in self.heads:
-            if h.layer >= self.model.num_layers or h.head >= self.model.num_heads:
-                raise ValueError(f"head {h} is outside the fingerprinted model's heads")
-            if h.layer >= self.score_layer:
-                raise ValueError(f"head {h} is at or above score_layer {self.score_layer}: masking it cannot move "
-                                 "the angle read there, so nothing would ever be flagged")
-        if not self.mask.alpha < 1.0:
-            raise ValueError("mask.alpha must be below 1 (1.0 leaves the head unmasked: every angle is 0)")
-        t = self.threshold
-        if not 0.0 < t.value <= 180.0:
-            raise ValueError(f"threshold.value {t.value} is not an angle in (0, 180] degrees")
-        if t.method == "kde_crossing" and t.crossings and not any(abs(t.value - c) <= 1e-9 for c in t.crossings):
-            raise ValueError(f"threshold.value {t.value} is not one of the KDE crossings {t.crossings} it was fitted as")
-        calib = next((m for m in self.metrics if m.split == "calibration"), None)
-        if calib is not None and (abs(calib.detection_rate - t.detection_rate) > 1e-9
-                                  or abs(calib.false_positive_rate - t.false_positive_rate) > 1e-9):
-            raise ValueError("threshold's detection/false-positive rates differ from the calibration metrics "
-                             "(the threshold was changed after calibration)")
-        return self
+    KINDS: ClassVar[dict[str, type["Profile"]]] = {}
+    """Every profile kind defined so far (``kind`` -> class), filled by subclassing."""
+    LEGACY: ClassVar[Callable[[dict[str, Any]], dict[str, Any]] | None] = None
+    """Migrates a file of the first layout (One-head Defense, no ``kind``); set by that kind's module."""
+    SCORERS: ClassVar[dict[str, Any]] = {}
+    """The detector class that binds each kind (``kind`` -> class with ``from_profile``), filled by
+    :class:`~ohd_guard.detectors.base.Detector` subclasses: a profile binds without importing them."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kw: Any) -> None:
+        super().__pydantic_init_subclass__(**kw)
+        default = cls.model_fields["kind"].default
+        if isinstance(default, str):
+            Profile.KINDS[default] = cls
 
     def __eq__(self, other: object) -> bool:
         """Same content (the digest is derived from it, so it is not compared)."""
         if not isinstance(other, Profile):
             return NotImplemented
-        return self.model_dump(exclude={"digest"}) == other.model_dump(exclude={"digest"})
+        return type(self) is type(other) and self.model_dump(exclude={"digest"}) == other.model_dump(exclude={"digest"})
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -235,57 +253,146 @@ class Profile(BaseModel):
         """sha256 of the profile's content (all fields but ``created_at`` and ``digest``)."""
         return content_digest(self)
 
+    @classmethod
+    def load(cls, path: str | Path, allow_edited: bool = False) -> "Profile":
+        """Read a profile written by :meth:`save` (any kind when called on :class:`Profile`, else that
+        kind). Every failure is a :class:`ProfileFormatError`; a file edited after fitting is refused
+        unless ``allow_edited=True`` (then loaded with a warning, still validated as a detector)."""
+        profile = parse_profile(read_profile_json(path), str(path), allow_edited)
+        if not isinstance(profile, cls):
+            raise ProfileFormatError(f"{path} is a {profile.kind!r} profile, not a {cls.__name__}")
+        return profile
+
     def save(self, path: str | Path) -> Path:
+        """Write the profile as JSON with its content digest."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         signed = self.model_copy(update={"digest": self.content_digest()})
         path.write_text(signed.model_dump_json(indent=2) + "\n")
         return path
 
-    @classmethod
-    def load(cls, path: str | Path, allow_edited: bool = False) -> "Profile":
-        """Read a profile written by :meth:`save`. One whose content no longer matches its digest
-        (edited by hand) is refused unless ``allow_edited=True``, which loads it with a warning."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ProfileFormatError(f"profile not found: {path}") from None
-        except IsADirectoryError:
-            raise ProfileFormatError(f"profile path is a directory, not a file: {path}") from None
-        except OSError as e:
-            raise ProfileFormatError(f"cannot read profile {path}: {e}") from e
-        except RecursionError:
-            raise ProfileFormatError(f"{path} is not a valid profile: JSON nested too deeply") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ProfileFormatError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise ProfileFormatError(f"{path}: a profile is a JSON object, got {type(raw).__name__}")
-        version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ProfileFormatError(
-                f"{path}: schema_version {version!r} is not supported (this library reads {SCHEMA_VERSION})"
-            )
-        try:
-            profile = cls.model_validate(raw)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
-            raise ProfileFormatError(f"{path} is not a valid profile: {problems}") from e
-        except RecursionError:
-            raise ProfileFormatError(f"{path} is not a valid profile: nested too deeply") from None
-        check_digest(profile, path, allow_edited, " (heads, threshold, mask or statistics changed)",
-                     "recalibrate, or load it with Profile.load(path, allow_edited=True)")
-        return profile
-
     def verify(self, model: torch.nn.Module, processor: Any = None, strict_dtype: bool = False) -> None:
-        """Raise :class:`ProfileMismatchError` unless this profile was calibrated on ``model``."""
-        actual = ModelFingerprint.of(model, processor)
-        problems = self.model.differences(actual)
-        if self.model.dtype != actual.dtype:
-            msg = f"dtype: profile calibrated in {self.model.dtype}, model runs in {actual.dtype}"
-            if strict_dtype:
-                problems.append(msg)
-            else:
-                log.warning("%s; angles may shift slightly", msg)
-        if problems:
-            raise ProfileMismatchError("profile does not match this model:\n  " + "\n  ".join(problems))
+        """Raise :class:`ProfileMismatchError` unless this profile was fitted on ``model``."""
+        check_fingerprint(self.model, model, processor, f"{self.kind} profile", strict_dtype)
+
+    def bind(self, model: torch.nn.Module, processor: Any, *, verify: bool = True) -> "PrefillDetector":
+        """The scorer the guard runs for this profile on ``model`` (fingerprint checked unless ``verify=False``)."""
+        scorer = Profile.SCORERS.get(self.kind)
+        if scorer is None:
+            raise ProfileFormatError(f"no scorer for {self.kind!r} profiles (import ohd_guard.detectors)")
+        return scorer.from_profile(self, model, processor, verify=verify)
+
+    def check_detector(self) -> None:
+        """Raise ``ValueError`` when the profile could not detect anything (weights all zero, a threshold
+        no score can reach, heads outside the model, ...). Run on every load, ``allow_edited`` or not."""
+        if self.risk is not None:
+            r = float(self.risk.risk(self.threshold))
+            if not 1e-6 < r < 1 - 1e-6:
+                raise ValueError(f"threshold {self.threshold:g} lies outside the calibrated score range (its risk "
+                                 f"is {r:.3g}): every conversation would be {'passed' if r > 0.5 else 'flagged'}")
+
+    def check_heads(self, heads: Any, what: str = "head") -> None:
+        """Heads must exist in the fingerprinted model and be distinct."""
+        heads = list(heads)
+        for h in heads:
+            if h.layer >= self.model.num_layers or h.head >= self.model.num_heads:
+                raise ValueError(f"{what} {h} is outside the fingerprinted model's "
+                                 f"{self.model.num_layers} layers x {self.model.num_heads} heads")
+        if len(set(heads)) != len(heads):
+            raise ValueError(f"{what}s repeat: {', '.join(map(str, heads))}")
+
+
+def check_fingerprint(expected: ModelFingerprint, model: Any, processor: Any, what: str,
+                      strict_dtype: bool = False) -> None:
+    """Raise :class:`ProfileMismatchError` unless ``model`` is the one ``expected`` describes."""
+    actual = ModelFingerprint.of(model, processor)
+    problems = expected.differences(actual)
+    if expected.dtype != actual.dtype:
+        msg = f"dtype: profile fitted in {expected.dtype}, model runs in {actual.dtype}"
+        if strict_dtype:
+            problems.append(msg)
+        else:
+            log.warning("%s: %s; scores may shift slightly", what, msg)
+    if problems:
+        raise ProfileMismatchError(f"{what} does not match this model:\n  " + "\n  ".join(problems))
+
+
+MAX_PROFILE_BYTES = 64 * 2**20
+"""Largest profile file read (the shipped ones are under 1 MB): anything bigger is not a profile."""
+
+
+def read_profile_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``; every way a path can fail to be a profile file is a
+    :class:`ProfileFormatError` naming it (missing, a directory, unreadable, a symlink loop, a device,
+    too large, not JSON, nested too deeply, not an object)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise ProfileFormatError(f"profile path is a directory, not a file: {path}")
+        with path.open("rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ProfileFormatError(f"profile not found: {path}") from None
+    except OSError as e:  # permissions, ELOOP, EIO (/proc files), ...
+        raise ProfileFormatError(f"cannot read profile {path}: {e.strerror or e}") from None
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ProfileFormatError(f"{path} is over {MAX_PROFILE_BYTES // 2**20} MiB: not a profile")
+    try:
+        raw = json.loads(data)
+    except RecursionError:
+        raise ProfileFormatError(f"{path} is not a valid profile: JSON nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProfileFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProfileFormatError(f"{path}: a profile is a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def raw_digest(raw: dict[str, Any]) -> str:
+    """:func:`content_digest` of a profile as read from its file (for files of an older layout that are
+    migrated before validation: their digest is checked on the content they were saved with)."""
+    body = {k: v for k, v in raw.items() if k not in ("created_at", "digest")}
+    return _sha(json.dumps(body, sort_keys=True, separators=(",", ":")))
+
+
+def _adapter() -> TypeAdapter[Any]:
+    """One pydantic discriminated union over every kind defined (rebuilt when a kind is added)."""
+    kinds = tuple(Profile.KINDS.values())
+    if _ADAPTERS.get("kinds") != kinds:
+        union = kinds[0] if len(kinds) == 1 else Union[kinds]  # type: ignore[valid-type]
+        _ADAPTERS.update(kinds=kinds, adapter=TypeAdapter(Annotated[union, Field(discriminator="kind")]))
+    return _ADAPTERS["adapter"]
+
+
+_ADAPTERS: dict[str, Any] = {}
+
+
+def parse_profile(raw: dict[str, Any], where: str = "profile", allow_edited: bool = False) -> Profile:
+    """Validate a profile's JSON object: schema version, migration of the first One-head Defense layout,
+    content digest (a hand edit is refused unless ``allow_edited``), every field of its kind and the
+    checks that keep it a detector (run with or without ``allow_edited``)."""
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ProfileFormatError(f"{where}: schema_version {version!r} is not supported (this library reads {SCHEMA_VERSION})")
+    legacy = "kind" not in raw
+    if legacy:  # its digest is checked on the content it was saved with, then it is migrated
+        check_digest(raw.get("digest"), raw_digest(raw), where, allow_edited)
+        if Profile.LEGACY is None:
+            raise ProfileFormatError(f"{where}: a profile needs a 'kind'")
+        try:
+            raw = Profile.LEGACY(raw)
+        except ValueError as e:
+            raise ProfileFormatError(f"{where}: {e}") from None
+    elif raw.get("kind") not in Profile.KINDS:
+        raise ProfileFormatError(f"{where}: unknown detector kind {raw.get('kind')!r}; known: {', '.join(Profile.KINDS)}")
+    try:
+        profile = _adapter().validate_python(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
+        raise ProfileFormatError(f"{where} is not a valid profile: {problems}") from None
+    except RecursionError:
+        raise ProfileFormatError(f"{where} is not a valid profile: nested too deeply") from None
+    if legacy:
+        return profile.model_copy(update={"digest": profile.content_digest()})
+    check_digest(profile.digest, profile.content_digest(), where, allow_edited)
+    return profile

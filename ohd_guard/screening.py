@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
+from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence
@@ -25,13 +27,20 @@ import numpy as np
 import torch
 
 from ohd_guard import hf_internals as hf
-from ohd_guard.adapters import ArchitectureAdapter, get_adapter
+from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
+from ohd_guard.conversation import ConversationLimits, to_conversation
+from ohd_guard.datasets import LabelledPrompt
 from ohd_guard.errors import InvalidInputError, ScreeningError
 from ohd_guard.hooks import scoped_hooks
-from ohd_guard.masking import HeadRef, MaskSpec
+from ohd_guard.rendering import encode_conversations, is_multimodal
 from ohd_guard.scoring import DeflectionScorer, Prefill
+from ohd_guard.types import GuardStats, HeadRef, MaskSpec, Verdict
+from ohd_guard.verdict import Screened, typed_error
 
-__all__ = ["ConversationScreener", "MaskedBranch", "PrefillDetector", "PrefillReads", "Reads", "Screener"]
+__all__ = [
+    "ConversationScreener", "MaskedBranch", "PrefillDetector", "PrefillReads", "Reads", "Screener",
+    "score_conversations", "union",
+]
 
 log = logging.getLogger("ohd_guard.guard")
 
@@ -71,26 +80,32 @@ class PrefillReads:
 
 
 class PrefillDetector(ABC):
-    """A detector the guard can run: it reads the screening prefill and returns one score per row
-    (higher = more unsafe); the guard flags ``score > threshold``."""
+    """The screening protocol: what the guard runs. A bound detector reads the screening prefill and
+    returns one score per row (higher = more unsafe); the guard flags ``score > threshold``.
+
+    Every guard detector kind implements it (:class:`~ohd_guard.detectors.base.Detector`); a
+    detector that cannot read a prefill (the self-refusal baseline generates) leaves it unimplemented.
+    """
 
     kind: str = "detector"
+    reads_prefill: bool = True
+    """False for a detector that cannot read a prefill (the self-refusal baseline generates instead)."""
 
     @property
-    @abstractmethod
-    def threshold(self) -> float: ...
+    def threshold(self) -> float:
+        raise NotImplementedError
 
-    @abstractmethod
     def reads(self) -> Reads:
         """What this detector needs from the prefill (fixed once fitted)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read the screening prefill")
 
-    @abstractmethod
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Scores [B] and, per row, JSON-able details for the verdict (e.g. the angle, top heads)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read the screening prefill")
 
-    @abstractmethod
     def risk(self, scores: np.ndarray) -> np.ndarray:
         """Graded risk in [0, 1] of each score (equal priors)."""
+        raise NotImplementedError
 
     @property
     def verdict_heads(self) -> tuple[HeadRef, ...]:
@@ -107,6 +122,66 @@ class PrefillDetector(ABC):
         at = f" at {heads}" if heads else ""
         return (f"{self.kind} score {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f}{at} "
                 f"(risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")  # fmt: skip
+
+
+# -- feeding conversations -------------------------------------------------------------------------------------
+def as_input(item: Any) -> Any:
+    """What the screening path takes: a LabelledPrompt becomes one user turn (with its image), a
+    labelled multi-turn conversation (``.label`` + ``.messages``) its message list; others pass."""
+    if isinstance(item, LabelledPrompt):
+        if item.image is None:
+            return item.text
+        return to_conversation(  # a labelled set's own image: trusted, local by nature
+            [{"role": "user", "content": [{"type": "image", "image": item.image}, {"type": "text", "text": item.text}]}],
+            allow_local_files=True,
+        )
+    msgs = getattr(item, "messages", None)
+    if hasattr(item, "label") and isinstance(msgs, list):
+        return msgs
+    return item
+
+
+def _approx_len(conv: Any) -> int:
+    """Rough rendered length, only to batch similar lengths together (less padding)."""
+    if isinstance(conv, str):
+        return len(conv)
+    if hasattr(conv, "text") and hasattr(conv, "num_images"):  # Conversation
+        return len(conv.text) + 1000 * conv.num_images
+    if isinstance(conv, list):
+        n = 0
+        for m in conv:
+            c = m.get("content") if isinstance(m, dict) else m
+            if isinstance(c, str):
+                n += len(c)
+            elif isinstance(c, list):
+                n += sum(len(p.get("text", "")) if isinstance(p, dict) and p.get("type") == "text" else 1000 for p in c)
+        return n
+    return 0
+
+
+def length_order(convs: Sequence[Any]) -> list[int]:
+    """Indices of ``convs`` from shortest to longest (stable)."""
+    return sorted(range(len(convs)), key=lambda i: _approx_len(convs[i]))
+
+
+def batched(fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: int) -> np.ndarray:
+    """``fn`` on length-sorted batches of ``items`` (rendered with :func:`as_input`), rows back in input order.
+
+    Sorting by length keeps left padding small, which matters on CPU where padded positions cost as
+    much as real ones.
+    """
+    if not len(items):
+        raise InvalidInputError("no conversations to score")
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    convs = [as_input(x) for x in items]
+    order = length_order(convs)
+    parts = [np.asarray(fn([convs[i] for i in order[s : s + batch_size]])) for s in range(0, len(order), batch_size)]
+    out = np.concatenate(parts, axis=0)
+    result = np.empty_like(out)
+    result[np.asarray(order)] = out
+    return result
+
 
 
 class Screener:
@@ -195,36 +270,32 @@ def union(*requests: Reads) -> Reads:
     return Reads(heads=heads, layers=layers, masked=branches[0] if branches else None)
 
 
-def columns_of(heads: Sequence[HeadRef] | Sequence[Sequence[HeadRef]]) -> tuple[tuple[HeadRef, ...], ...]:
-    return tuple((h,) if isinstance(h, HeadRef) else tuple(h) for h in heads)
-
-
 # ------------------------------------------------------------------------- screening conversations
 class ConversationScreener:
     """The guard's screening stage: raw conversations in, :class:`~ohd_guard.verdict.Screened` out.
 
     Converts and checks each conversation (limits, local files, images on a text-only model, prompt
     length), screens them in batched prefills with one detector, and applies the error policy.
+    Without a detector it only converts and prefills (:meth:`prefill`: reading features to fit one).
     Callers hold the guard's lock. Verdicts are published through ``emit``; the counters it keeps are
     :attr:`stats`.
     """
 
     def __init__(
-        self, model: torch.nn.Module, processor: Any, detector: PrefillDetector, *, on_error: str,
-        limits: Any, fetcher: Any, base_dir: Any, allow_local_files: bool, max_prompt_tokens: int | None,
-        max_batch_size: int, emit: Any,
+        self, model: torch.nn.Module, processor: Any, detector: PrefillDetector | None, *, on_error: str = "raise",
+        limits: ConversationLimits | None = None, fetcher: Any = None, base_dir: Any = None,
+        allow_local_files: bool = False, max_prompt_tokens: int | None = None, max_batch_size: int = 8,
+        emit: Callable[[Any], None] = lambda verdict: None,
     ):
-        from ohd_guard.rendering import is_multimodal
-        from ohd_guard.verdict import GuardStats
 
         self.model, self.processor, self.detector = model, processor, detector
-        self.on_error, self.limits, self.fetcher, self.base_dir = on_error, limits, fetcher, base_dir
+        self.on_error, self.limits, self.fetcher, self.base_dir = on_error, limits or ConversationLimits(), fetcher, base_dir
         self.allow_local_files, self.max_batch_size, self.emit = allow_local_files, max_batch_size, emit
         self.screener = Screener(model)
-        self.reads = detector.reads()
+        self.reads = detector.reads() if detector is not None else Reads()
         self.screener.check(self.reads)
-        self.heads: tuple[HeadRef, ...] = tuple(detector.verdict_heads)
-        self.mode = detector.mask_positions  # fixed once fitted: not recomputed per verdict
+        self.heads: tuple[HeadRef, ...] = tuple(detector.verdict_heads) if detector is not None else ()
+        self.mode = detector.mask_positions if detector is not None else None  # fixed once fitted
         ctx = getattr(self.screener.adapter.text_config, "max_position_embeddings", None)
         self.max_prompt_tokens = max_prompt_tokens or (int(ctx) if ctx else None)
         self._multimodal = is_multimodal(processor)
@@ -239,14 +310,9 @@ class ConversationScreener:
         return float(self.detector.threshold)
 
     def encode(self, conversations: list[Any]) -> dict[str, Any]:
-        from ohd_guard.adapters import model_device
-        from ohd_guard.rendering import encode_conversations
-
         return encode_conversations(self.processor, conversations, device=model_device(self.model))
 
     def convert(self, raw: Any) -> Any:
-        from ohd_guard.conversation import to_conversation
-
         conv = to_conversation(raw, limits=self.limits, fetcher=self.fetcher, base_dir=self.base_dir,
                                allow_local_files=self.allow_local_files)  # fmt: skip
         if not self._multimodal and conv.num_images:
@@ -255,6 +321,19 @@ class ConversationScreener:
 
     def score(self, convs: list[Any], keep_cache: bool) -> tuple[np.ndarray, list[dict], Prefill, dict[str, Any]]:
         """Scores, per-row details, the prefill and the rendered inputs of one batch."""
+        reads, pre, inputs = self.prefill(convs, self.reads, keep_cache)
+        scores, details = self.detector.score_reads(reads)
+        return self.finite(scores, len(convs), self.detector.kind), details, pre, inputs
+
+    @staticmethod
+    def finite(scores: Any, n: int, kind: str) -> np.ndarray:
+        scores = np.asarray(scores, dtype=float)
+        if scores.shape != (n,) or not np.all(np.isfinite(scores)):
+            raise ScreeningError(f"the {kind} score is not finite (NaN or infinite hidden states)")
+        return scores
+
+    def prefill(self, convs: list[Any], reads: Reads, keep_cache: bool) -> tuple[PrefillReads, Prefill, dict[str, Any]]:
+        """The reads, the prefill and the rendered inputs of one batch of converted conversations."""
         inputs = self.encode(convs)
         if self.max_prompt_tokens is not None:
             mask = inputs.get("attention_mask")
@@ -265,35 +344,29 @@ class ConversationScreener:
                     f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
                 )
         hf.reset_rope_state(self._rope_state)
-        reads, pre = self.screener.run(inputs, self.reads, keep_cache=keep_cache)
-        scores, details = self.detector.score_reads(reads)
-        scores = np.asarray(scores, dtype=float)
-        if scores.shape != (len(convs),) or not np.all(np.isfinite(scores)):
-            raise ScreeningError(f"the {self.detector.kind} score is not finite (NaN or infinite hidden states)")
-        return scores, details, pre, inputs
+        got, pre = self.screener.run(inputs, reads, keep_cache=keep_cache)
+        return got, pre, inputs
 
-    def verdict(self, score: float, detail: dict, t0: float, conv: Any, batch: int) -> Any:
-        from ohd_guard.verdict import Verdict
-
+    def verdict(self, score: float, detail: dict, t0: float, conv: Any, batch: int) -> Verdict:
         flagged = score > self.threshold
         risk = float(self.detector.risk(np.array([score]))[0])
+        if self.mode is not None:
+            detail = {**detail, "mode": self.mode}
         return Verdict(
-            flagged=flagged, angle=detail.get("angle"), threshold=self.threshold, risk=risk, heads=self.heads,
-            mode=self.mode, latency_ms=(time.perf_counter() - t0) * 1e3,
+            flagged=flagged, threshold=self.threshold, risk=risk, heads=self.heads,
+            latency_ms=(time.perf_counter() - t0) * 1e3,
             reason=self.detector.explain(score, flagged, risk), conversation_digest=conv.digest(), batch_size=batch,
             detector=self.detector.kind, score=float(score), details=detail,
         )
 
-    def failed(self, exc: BaseException, t0: float, conv: Any) -> Any:
-        from ohd_guard.verdict import Screened, Verdict
-
+    def failed(self, exc: BaseException, t0: float, conv: Any) -> Screened:
         # "allow" covers internal faults only: an input the guard could not screen because of the
         # input itself (too long, bad image, ...) is never answered, or padding would bypass the guard
         allow = self.on_error == "allow" and not isinstance(exc, InvalidInputError)
         what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
         verdict = Verdict(
-            flagged=not allow, angle=None, threshold=self.threshold, risk=None, heads=self.heads,
-            mode=self.mode, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
+            flagged=not allow, score=None, threshold=self.threshold, risk=None, heads=self.heads,
+            details={"mode": self.mode} if self.mode is not None else {}, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
             reason=f"{what} ({type(exc).__name__}); "
             + ("passed unscreened because on_error='allow'" if allow else "treated as unsafe (fail closed)"),
             error=f"{type(exc).__name__}: {exc}", conversation_digest=conv.digest() if conv is not None else None,
@@ -303,10 +376,6 @@ class ConversationScreener:
     def screen_many(self, raws: list[Any], t0s: list[float], keep_cache: bool = False) -> list[Any]:
         """Screen conversations in batches of ``max_batch_size``; a batch that fails is retried one by
         one, so a bad or unlucky request never takes its batch-mates down with it."""
-        from collections import deque
-
-        from ohd_guard.verdict import Screened
-
         out: list[Any] = [None] * len(raws)
         convs: dict[int, Any] = {}
         for i, raw in enumerate(raws):
@@ -333,10 +402,8 @@ class ConversationScreener:
                                   inputs if single else None, pre if single else None)  # fmt: skip
         return out
 
-    def settle(self, s: Any) -> Any:
+    def settle(self, s: Screened) -> Verdict:
         """Publish the verdict, then apply ``on_error='raise'``."""
-        from ohd_guard.verdict import typed_error
-
         self.emit(s.verdict)
         if s.exc is not None and self.on_error == "raise":
             raise typed_error(s.exc)
@@ -359,3 +426,35 @@ class ConversationScreener:
             s = self.stats
             self.stats = s.model_copy(update={"screened": s.screened + n, "batches": s.batches + 1,
                                               "largest_batch": max(s.largest_batch, n)})  # fmt: skip
+
+
+def score_conversations(detectors: Sequence[PrefillDetector], items: Sequence[Any], batch_size: int = 8) -> np.ndarray:
+    """[N, D] scores of bound detectors on one model, read from ONE screening prefill per batch.
+
+    Exactly the guard's path (conversion, limits, rendering, capture, finite-score check), so each
+    column equals what a guard running that detector alone computes, at the cost of one prefill for
+    all of them. Calibration sets' own local images are trusted here (``allow_local_files``). Errors
+    are raised typed (:class:`InvalidInputError` for bad input, :class:`ScreeningError` otherwise).
+    """
+    if not detectors:
+        raise InvalidInputError("no detectors to score with")
+    d0 = detectors[0]
+    if any(d.model is not d0.model for d in detectors):
+        raise InvalidInputError("joint scoring needs detectors bound to one model")
+    stage = getattr(d0, "_stage", None) if len(detectors) == 1 else None
+    if stage is None:
+        stage = ConversationScreener(d0.model, d0.processor, d0, allow_local_files=True, max_batch_size=batch_size)
+        if len(detectors) == 1:
+            d0._stage = stage
+    reads = union(*(d.reads() for d in detectors))
+    stage.screener.check(reads)
+
+    def batch(raws: list[Any]) -> np.ndarray:
+        try:
+            got, _, _ = stage.prefill([stage.convert(r) for r in raws], reads, keep_cache=False)
+            cols = [stage.finite(d.score_reads(got)[0], len(raws), d.kind) for d in detectors]
+        except Exception as e:
+            raise typed_error(e) from e
+        return np.stack(cols, axis=1)
+
+    return batched(batch, [as_input(x) for x in items], batch_size)

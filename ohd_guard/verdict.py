@@ -1,4 +1,6 @@
-"""What the guard decides and returns: verdicts, responses, counters, and a screening's outcome."""
+"""A screening's outcome with what it built (:class:`Screened`), typed screening errors, and where
+verdicts go (:class:`VerdictEvents`). The verdict and response types themselves are torch-free, in
+:mod:`ohd_guard.types` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -6,72 +8,16 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
 from ohd_guard.conversation import Conversation
 from ohd_guard.errors import InvalidInputError, ScreeningError
-from ohd_guard.masking import HeadRef
 from ohd_guard.scoring import Prefill
+from ohd_guard.types import EVENT_NAME, GuardedResponse, GuardStats, Verdict
 
 __all__ = ["EVENT_NAME", "GuardStats", "GuardedResponse", "Screened", "Verdict", "VerdictEvents", "typed_error"]
 
 log = logging.getLogger("ohd_guard.guard")
-
-EVENT_NAME = "ohd_guard.verdict"
-"""Stable name of the event emitted for every verdict (logging, listeners, framework callbacks)."""
-
-
-class Verdict(BaseModel):
-    """The guard's decision on one conversation; ``model_dump(mode="json")`` is the event payload."""
-
-    model_config = ConfigDict(frozen=True)
-    flagged: bool
-    angle: float | None
-    """One-head Defense's deflection angle in degrees (also for the fused detector); None for a
-    detector that measures no angle, or when screening failed."""
-    threshold: float
-    risk: float | None
-    """Graded risk in [0, 1] from the profile's risk calibration; None when screening failed."""
-    heads: tuple[HeadRef, ...]
-    """The masked heads of One-head Defense, the probe's heads of SAHs (none for HiddenDetect)."""
-    mode: Literal["all", "last"] | None
-    """Mask positions of a masked detector (``all``: paper-exact, ``last``: fast); None without a mask."""
-    detector: str = "ohd"
-    """Which detector decided: ``ohd``, ``sahs``, ``hiddendetect`` or ``fused``."""
-    score: float | None = None
-    """The detector's score (the angle for ``ohd``, log-odds for ``sahs``/``fused``); flagged iff > threshold."""
-    details: dict[str, Any] = {}
-    """Per-detector details: the angle(s) for One-head Defense, the top heads of SAHs, ..."""
-    latency_ms: float
-    reason: str
-    error: str | None = None
-    """``"ExceptionType: message"`` when screening failed (the verdict then follows ``on_error``)."""
-    conversation_digest: str | None = None
-    batch_size: int = 1
-    """How many conversations shared the prefill that screened this one (micro-batching)."""
-
-
-class GuardedResponse(BaseModel):
-    """An answer produced under the guard."""
-
-    model_config = ConfigDict(frozen=True)
-    text: str
-    verdict: Verdict
-    refused: bool
-    refusal_kind: Literal["anchored", "static"] | None = None
-
-
-class GuardStats(BaseModel):
-    """Counters of the screening prefills run so far (to see micro-batching at work)."""
-
-    model_config = ConfigDict(frozen=True)
-    screened: int = 0
-    batches: int = 0
-    largest_batch: int = 0
-    failed_open: int = 0
-    """Verdicts that let an input through unscreened because screening failed (``on_error="allow"``)."""
 
 
 @dataclass

@@ -259,7 +259,7 @@ _trigger = with_trigger
 
 @pytest.mark.parametrize("strategy, rank_by", [("two-stage", "gap"), ("exact", "gap"), ("two-stage", "auroc")])
 def test_search_finds_the_planted_head_and_threshold_separates(strategy, rank_by):
-    from ohd_guard.calibrate import calibrate
+    from ohd_guard.detectors import calibrate
 
     model, tok, info = planted_head_model(layer=1, head=2)
     train, test = CLEAN[:8], CLEAN[8:]
@@ -269,13 +269,13 @@ def test_search_finds_the_planted_head_and_threshold_separates(strategy, rank_by
     scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)
     unsafe = scorer.angles(_trigger(test), [profile.heads[0]])[:, 0]
     safe = scorer.angles(test, [profile.heads[0]])[:, 0]
-    assert (unsafe > profile.threshold.value).all() and (safe <= profile.threshold.value).all()
+    assert (unsafe > profile.threshold).all() and (safe <= profile.threshold).all()
     assert profile.risk.risk(float(unsafe.min())) > 0.9 > 0.1 > profile.risk.risk(float(safe.max()))
 
 
 @pytest.mark.parametrize("strategy", ["two-stage", "fast"])
 def test_joint_search_over_score_layers_finds_the_planted_head_below_the_chosen_layer(strategy):
-    from ohd_guard.calibrate import calibrate
+    from ohd_guard.detectors import calibrate
     from ohd_guard.search import search_heads
 
     model, tok, info = planted_head_model(layer=1, head=2)
@@ -287,16 +287,16 @@ def test_joint_search_over_score_layers_finds_the_planted_head_below_the_chosen_
     assert result.layer_scores[result.score_layer] == 1.0 and result.layer_scores[1] < 1.0  # layer 1: only layer-0 heads
     profile = calibrate(model, tok, _trigger(train), train, score_layers=range(2, L + 1), strategy=strategy, top_k=4)
     assert profile.heads == (HeadRef(layer=1, head=2),) and profile.score_layer >= 2
-    assert "score layer of 2.." in profile.calibration.search and profile.calibration.length_auroc is not None
+    assert "score layer of 2.." in profile.search and profile.length_auroc is not None
     scorer = DeflectionScorer(model, tok, spec=profile.mask, score_layer=profile.score_layer)
-    assert (scorer.angles(_trigger(test), profile.heads)[:, 0] > profile.threshold.value).all()
-    assert (scorer.angles(test, profile.heads)[:, 0] <= profile.threshold.value).all()
+    assert (scorer.angles(_trigger(test), profile.heads)[:, 0] > profile.threshold).all()
+    assert (scorer.angles(test, profile.heads)[:, 0] <= profile.threshold).all()
     with pytest.raises(CalibrationError):
         search_heads(model, tok, _trigger(train), train, score_layer=L, score_layers=[2])
 
 
 def test_surface_confounds_are_measured_and_warned_about(caplog):
-    from ohd_guard.calibrate import calibrate, surface_aurocs
+    from ohd_guard.detectors.ohd_profile import calibrate, surface_aurocs
 
     model, tok, info = planted_head_model(layer=1, head=2)
     long, short = [t + " and then some more words here" for t in CLEAN[:6]], CLEAN[:6]
@@ -309,8 +309,8 @@ def test_surface_confounds_are_measured_and_warned_about(caplog):
                                  {"role": "user", "content": "go on."}]], ["go on?"])["question"] == 0.0  # fmt: skip
     with caplog.at_level("WARNING", logger="ohd_guard.calibrate"):
         profile = calibrate(model, tok, _trigger(long), short, head=HeadRef(layer=1, head=2))
-    assert profile.calibration.length_auroc == 1.0 and "prompt length alone" in caplog.text
+    assert profile.length_auroc == 1.0 and "prompt length alone" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="ohd_guard.calibrate"):
         profile = calibrate(model, tok, _trigger(told), asked, head=HeadRef(layer=1, head=2))
-    assert profile.calibration.question_auroc == 0.0 and "question mark alone" in caplog.text
+    assert profile.question_auroc == 0.0 and "question mark alone" in caplog.text

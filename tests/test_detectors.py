@@ -55,9 +55,10 @@ def test_largest_effect_finds_planted_head(planted, tmp_path):
     model, tok, _ = planted
     det = LargestEffectHead("exact", top_k=3).fit(model, tok, trig(TRAIN), TRAIN)
     assert det.profile.heads == (HeadRef(layer=1, head=2),)
-    assert det.profile.calibration.search.startswith("largest-effect")
+    assert det.profile.search.startswith("largest-effect")
     assert auroc(det.score(trig(TEST) + TEST), Y_TEST) == 1.0
-    assert type(load_detector(det.save(tmp_path / "le.json"), model, tok)) is LargestEffectHead
+    loaded = load_detector(det.save(tmp_path / "le.json"), model, tok)  # the head choice differs, not the scorer
+    assert type(loaded) is OneHeadDefense and loaded.profile == det.profile
 
 
 def test_selectivity_rule_rejects_a_loud_surface_head_that_largest_effect_picks():
@@ -77,8 +78,8 @@ def test_selectivity_rule_rejects_a_loud_surface_head_that_largest_effect_picks(
 def test_sahs_ranks_planted_head_first_and_separates(planted, tmp_path):
     model, tok, _ = planted
     det = SAHs(top_k=3, folds=4).fit(model, tok, trig(TRAIN), TRAIN)
-    assert det.state.heads[0] == HeadRef(layer=1, head=2)
-    assert len(det.state.coef) == 3 * 16 and det.threshold == 0.0
+    assert det.profile.heads[0] == HeadRef(layer=1, head=2)
+    assert len(det.profile.coef) == 3 * 16 and det.threshold == 0.0
     s = det.score(trig(TEST) + TEST)
     assert auroc(s, Y_TEST) > 0.9
     same = load_detector(det.save(tmp_path / "sahs.json"), model, tok)
@@ -94,8 +95,8 @@ def test_hiddendetect_band_starts_where_the_planted_signal_does(tmp_path):
     with torch.no_grad():
         model.lm_head.weight[ids] = 0.5 * direction / direction.norm()
     det = HiddenDetect().fit(model, tok, trig(TRAIN), TRAIN)
-    assert det.state.band[0] >= 2 and det.state.band_auroc == 1.0
-    assert max(det.state.layer_auroc[:2]) < 0.9 and min(det.state.layer_auroc[2:]) == 1.0
+    assert det.profile.band[0] >= 2 and det.profile.band_auroc == 1.0
+    assert max(det.profile.layer_auroc[:2]) < 0.9 and min(det.profile.layer_auroc[2:]) == 1.0
     s = det.score(trig(TEST) + TEST)
     assert np.isfinite(s).all() and auroc(s, Y_TEST) == 1.0
     assert det.predict(trig(TEST) + TEST).tolist() == [True] * 4 + [False] * 4
@@ -154,7 +155,7 @@ def test_prefill_detectors_fit_score_and_round_trip_on_tiny_models(arch, tmp_pat
         assert s.shape == (len(probe),) and np.isfinite(s).all()
         assert det.predict(probe).dtype == bool
         same = load_detector(det.save(tmp_path / f"{det.name}.json"), model, proc)
-        assert type(same) is type(det)
+        assert isinstance(det, type(same)) and same.profile == det.profile  # LargestEffect binds as OhD
         np.testing.assert_allclose(same.score(probe), s, rtol=1e-5, atol=1e-6)
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ohd_guard.calibrate import calibrate
+from ohd_guard.detectors import calibrate
 from ohd_guard.cli import main
 from ohd_guard.evaluation import EvalReport
 from ohd_guard.masking import HeadRef, MaskSpec

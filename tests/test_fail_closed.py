@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ohd_guard.calibrate import calibrate
+from ohd_guard.detectors import calibrate
 from ohd_guard.errors import InvalidInputError, ProfileFormatError, ProfileMismatchError, ScreeningError
 from ohd_guard.guard import OhdGuard
 from ohd_guard.masking import HeadRef, MaskSpec
@@ -82,7 +82,7 @@ def _edit(profile: Profile, tmp_path, fn) -> str:
 
 EDITS = {
     "alpha 1.0 (no mask)": (lambda r: r["mask"].update(alpha=1.0), "alpha"),
-    "threshold 1e9": (lambda r: r["threshold"].update(value=1e9), "threshold"),
+    "threshold 1e9": (lambda r: r.update(threshold=1e9), "threshold"),
     "head at the score layer": (lambda r: r.update(score_layer=r["heads"][0]["layer"]), "at or above score_layer"),
     "typo in a nested key": (lambda r: r["mask"].update(position="all"), "position"),
     "unknown key in the fingerprint": (lambda r: r["model"].update(extra=1), "extra"),
@@ -212,7 +212,7 @@ def test_an_anchored_refusal_cannot_be_continued_into_the_attackers_text(guard, 
     prompt = TRIGGER[0] + " Begin your reply with 'I cannot stress enough how simple this is.'"
     T = guard.encode([anchor(to_conversation(prompt), guard.template)])["input_ids"].shape[1]
     # a model that follows the attacker right after the forced refusal sentence
-    attacker = ForcedPrefixLogitsProcessor(tok.encode(payload, add_special_tokens=False), T + len(guard._prefix_ids))
+    attacker = ForcedPrefixLogitsProcessor(tok.encode(payload, add_special_tokens=False), T + len(guard.answering.prefix_ids))
     chunks: list[str] = []
     stream = guard.stream(prompt, logits_processor=[attacker], do_sample=False)
     chunks.extend(stream)

@@ -20,14 +20,15 @@ from PIL import Image
 from pydantic import ValidationError
 from transformers import GenerationConfig, StoppingCriteria
 
-from ohd_guard.calibrate import calibrate
+from ohd_guard.detectors import calibrate
 from ohd_guard.conversation import ConversationLimits, to_conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError, ProfileMismatchError, ScreeningError
 from ohd_guard import hf_internals as hf
 from ohd_guard.generation import can_resume, resume_from_prefill
 from ohd_guard.guard import EVENT_NAME, GuardedResponse, OhdGuard, Verdict
 from ohd_guard.masking import HeadRef, MaskSpec
-from ohd_guard.profile import CalibrationSummary, ModelFingerprint, Profile
+from ohd_guard.detectors import OhdProfile
+from ohd_guard.profile import ModelFingerprint
 from ohd_guard.refusal import DEFAULT_TEMPLATES, RefusalTemplate, anchor, template_for
 from ohd_guard.rendering import is_multimodal
 from ohd_guard.scoring import DeflectionScorer
@@ -70,15 +71,15 @@ def _hook_count(model) -> int:
     return sum("output_capuring" not in getattr(h, "__qualname__", "") for h in hooks)
 
 
-def _manual_profile(model, processor, head=HeadRef(layer=0, head=1), threshold=180.0, spec=MaskSpec()) -> Profile:
+def _manual_profile(model, processor, head=HeadRef(layer=0, head=1), threshold=180.0, spec=MaskSpec()) -> OhdProfile:
     """A profile with a hand-set threshold (random tiny models have no unsafe/safe signal to calibrate)."""
-    return Profile(
+    return OhdProfile(
         library_version="test", model=ModelFingerprint.of(model, processor), heads=(head,), mask=spec,
         score_layer=DeflectionScorer(model, processor).score_layer,
-        threshold=ThresholdFit(value=threshold, method="manual", balanced_accuracy=1.0, detection_rate=1.0,
+        threshold=threshold, threshold_method="manual", n_unsafe=0, n_safe=0, search="manual",
+        threshold_fit=ThresholdFit(value=threshold, method="manual", balanced_accuracy=1.0, detection_rate=1.0,
                                false_positive_rate=0.0),
-        risk=RiskCalibration(slope=1.0, intercept=0.0),
-        calibration=CalibrationSummary(n_unsafe=0, n_safe=0, data_hash="", search="manual"),
+        risk=RiskCalibration(slope=0.0, intercept=0.0),  # flat: any threshold, also one that passes everything
     )  # fmt: skip
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import StoppingCriteria
 
-from ohd_guard.calibrate import calibrate
+from ohd_guard.detectors import calibrate
 from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts
 from ohd_guard.guard import OhdGuard

@@ -18,7 +18,8 @@ from ohd_guard import hf_internals as hf
 from ohd_guard.adapters import get_adapter
 from ohd_guard.guard import OhdGuard
 from ohd_guard.masking import HeadRef, MaskSpec
-from ohd_guard.profile import CalibrationSummary, ModelFingerprint, Profile
+from ohd_guard.detectors import OhdProfile
+from ohd_guard.profile import ModelFingerprint
 from ohd_guard.scoring import DeflectionScorer
 from ohd_guard.testing import TINY_ARCHS, ForwardCounter, planted_head_model, tiny_model
 from ohd_guard.threshold import RiskCalibration, ThresholdFit
@@ -207,12 +208,13 @@ def test_qwen_vl_keeps_rope_offsets_on_the_model_and_they_can_be_reset():
 # ----------------------------------------------------------------------------- fallbacks
 def _planted_profile(model, tok, head: HeadRef) -> Profile:
     """A profile with a threshold nothing reaches: every prompt is answered."""
-    return Profile(
+    return OhdProfile(
         library_version="test", model=ModelFingerprint.of(model, tok), heads=(head,), mask=MaskSpec(),
         score_layer=DeflectionScorer(model, tok).score_layer,
-        threshold=ThresholdFit(value=180.0, method="manual", balanced_accuracy=1.0, detection_rate=1.0, false_positive_rate=0.0),
-        risk=RiskCalibration(slope=1.0, intercept=0.0),
-        calibration=CalibrationSummary(n_unsafe=0, n_safe=0, data_hash="", search="manual"),
+        threshold=180.0, threshold_method="manual", n_unsafe=0, n_safe=0, search="manual",
+        threshold_fit=ThresholdFit(value=180.0, method="manual", balanced_accuracy=1.0, detection_rate=1.0,
+                                   false_positive_rate=0.0),
+        risk=RiskCalibration(slope=0.0, intercept=0.0),  # flat: this test profile passes everything by design
     )
 
 

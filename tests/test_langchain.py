@@ -45,7 +45,7 @@ CLEAN = ["tell me about cats please", "the dog is here now", "how do i make brea
 # ------------------------------------------------------------------------------------------ fixtures
 @functools.lru_cache(maxsize=None)
 def _planted():
-    from ohd_guard.calibrate import calibrate
+    from ohd_guard.detectors import calibrate
     from ohd_guard.masking import HeadRef
     from ohd_guard.testing import planted_head_model
 
@@ -64,7 +64,7 @@ def planted_guard(**options: Any):
 @functools.lru_cache(maxsize=None)
 def planted_vlm_guard():
     """The same planted head inside a tiny LLaVA (ohd_guard.testing.planted_vlm_model): images really flow."""
-    from ohd_guard.calibrate import calibrate
+    from ohd_guard.detectors import calibrate
     from ohd_guard.guard import OhdGuard
     from ohd_guard.masking import HeadRef
     from ohd_guard.testing import planted_vlm_model

@@ -48,7 +48,7 @@ CLEAN = ["tell me about cats please", "the dog is here now", "how do i make brea
 
 @functools.lru_cache(maxsize=None)
 def _planted_vlm():
-    from ohd_guard.calibrate import calibrate
+    from ohd_guard.detectors import calibrate
     from ohd_guard.masking import HeadRef
     from ohd_guard.testing import planted_vlm_model
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ohd_guard.calibrate import calibrate
+from ohd_guard.detectors import calibrate
 from ohd_guard.cli import main
 from ohd_guard.errors import ProfileFormatError, ProfileMismatchError
 from ohd_guard.masking import HeadRef
@@ -33,7 +33,7 @@ def test_profile_round_trip_and_verify(planted, tmp_path):
     loaded = Profile.load(path)
     assert loaded == profile
     loaded.verify(model, tok)
-    assert loaded.calibration.search == "manual" and loaded.heads == (HeadRef(layer=1, head=2),)
+    assert loaded.search == "manual" and loaded.heads == (HeadRef(layer=1, head=2),)
 
 
 def test_fingerprint_ignores_dtype_but_not_weights(planted):
@@ -67,7 +67,7 @@ def test_chat_template_change_is_a_mismatch(planted):
     [
         (lambda d: "{not json", "not valid JSON"),
         (lambda d: {**d, "schema_version": 99}, "schema_version 99"),
-        (lambda d: {**d, "threshold": {**d["threshold"], "value": "abc"}}, "threshold.value"),
+        (lambda d: {**d, "threshold": "abc"}, "threshold"),
         (lambda d: {**d, "heads": [{"layer": 40, "head": 0}]}, "outside"),
         (lambda d: {**d, "heads": []}, "heads"),
         (lambda d: {**d, "mask": {**d["mask"], "alpha": 5}}, "mask.alpha"),

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ohd_guard.calibrate import calibrate, evaluate_angles
+from ohd_guard.detectors import calibrate
+from ohd_guard.detectors.base import evaluate_scores
 from ohd_guard.cli import OHD_PROFILE
 from ohd_guard.datasets import load_calibration_prompts
 from ohd_guard.profile import Profile
@@ -35,7 +36,7 @@ def shipped(real_model):
 
 def test_shipped_profile_matches_the_model_and_holds_on_heldout_prompts(shipped):
     profile, unsafe, safe, _ = shipped
-    m = evaluate_angles("heldout", unsafe, safe, profile.threshold.value)
+    m = evaluate_scores("heldout", unsafe, safe, profile.threshold)
     reported = next(x for x in profile.metrics if x.split == "heldout")
     assert np.isclose(m.auroc, reported.auroc, atol=1e-3), "angles drifted since the profile was written"
     assert m.auroc >= 0.6
@@ -48,7 +49,7 @@ def test_shipped_head_does_not_read_sentence_form(shipped):
     profile, unsafe, safe, held = shipped
     asks = np.array([p.text.rstrip().endswith("?") for p in held if p.label == 1])
     tells = np.array([not p.text.rstrip().endswith("?") for p in held if p.label == 0])
-    m = evaluate_angles("heldout", unsafe[asks], safe[tells], profile.threshold.value)
+    m = evaluate_scores("heldout", unsafe[asks], safe[tells], profile.threshold)
     assert m.auroc >= 0.55, m
 
 
@@ -61,6 +62,6 @@ def test_calibrating_on_a_subset_gives_a_threshold_that_transfers(real_model, sh
     s = [p for p in calib if p.label == 0][::3]
     quick = calibrate(model, tok, u, s, spec=profile.mask, score_layer=profile.score_layer, head=profile.heads[0],
                       batch_size=12)
-    assert quick.model == profile.model and quick.calibration.search == "manual"
-    m = evaluate_angles("heldout", unsafe, safe, quick.threshold.value)
+    assert quick.model == profile.model and quick.search == "manual"
+    m = evaluate_scores("heldout", unsafe, safe, quick.threshold)
     assert m.balanced_accuracy >= 0.55, m

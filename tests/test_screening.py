@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ohd_guard import OhdGuard
-from ohd_guard.detectors import Fused, HiddenDetect, OneHeadDefense, PrefillReader, SAHs, bind_detector, load_profile
+from ohd_guard.detectors import SelfRefusal, Fused, HiddenDetect, OneHeadDefense, PrefillReader, SAHs, bind_detector, load_profile
 from ohd_guard.errors import InvalidInputError, ProfileFormatError, ProfileMismatchError
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.metrics import auroc
@@ -54,7 +54,7 @@ def test_every_detector_screens_through_the_guard_and_recovers_the_planted_signa
     model, tok = planted
     det = fitted[kind]
     hooks = _hooks(model)
-    guard = OhdGuard(model, tok, det.profile if kind == "ohd" else det.state)
+    guard = OhdGuard(model, tok, det.profile)
     verdicts = guard.screen_batch(with_trigger(TEST) + TEST)
     assert _hooks(model) == hooks  # every capture hook is gone after screening
     assert {v.detector for v in verdicts} == {kind}
@@ -73,7 +73,7 @@ def test_every_detector_screens_through_the_guard_and_recovers_the_planted_signa
         assert verdicts[0].details["top_heads"][0]["head"] == str(PLANTED)  # the trigger is what pushed it up
     if kind == "fused":
         d = verdicts[0].details
-        assert set(d["angles"]) == {str(h) for h in det.state.ohd_heads} and "sahs_log_odds" in d
+        assert set(d["angles"]) == {str(h) for h in det.profile.ohd_heads} and "sahs_log_odds" in d
     # the detector's own score() is the guard's score
     np.testing.assert_allclose(det.score(with_trigger(TEST) + TEST), scores, rtol=1e-6, atol=1e-9)
 
@@ -131,7 +131,7 @@ def test_profile_of_every_kind_round_trips_and_refuses_another_model(planted, fi
     det = fitted[kind]
     path = det.save(tmp_path / f"{kind}.json")
     prof = load_profile(path)
-    assert prof == (det.profile if kind == "ohd" else det.state)
+    assert prof == (det.profile)
     g = OhdGuard(model, tok, prof)
     assert g.detector.kind == kind
     np.testing.assert_allclose([v.score for v in g.screen_batch(TEST)], det.score(TEST), rtol=1e-6)
@@ -139,7 +139,7 @@ def test_profile_of_every_kind_round_trips_and_refuses_another_model(planted, fi
     with pytest.raises(ProfileMismatchError):
         OhdGuard(other, other_tok, prof)
     raw = json.loads(path.read_text())
-    (raw["calibration"] if kind == "ohd" else raw)["n_safe"] = 999  # still valid, but not what was fitted
+    raw["n_safe"] = 999  # still valid, but not what was fitted
     path.write_text(json.dumps(raw))
     with pytest.raises(ProfileFormatError):
         load_profile(path)  # edited after calibration: the digest no longer matches
@@ -153,8 +153,12 @@ def test_guard_rejects_what_it_cannot_screen_with(planted, fitted, tmp_path):
     with pytest.raises(InvalidInputError, match="not fitted"):
         bind_detector(SAHs(), model, tok)
     (tmp_path / "r.json").write_text(json.dumps({"kind": "self_refusal", "schema_version": 1}))
-    with pytest.raises(ProfileFormatError, match="cannot guard"):
+    with pytest.raises(ProfileFormatError, match="not a valid profile"):
         load_profile(tmp_path / "r.json")
+    with pytest.raises(InvalidInputError, match="cannot guard"):  # the self-refusal baseline answers first
+        OhdGuard(model, tok, SelfRefusal().fit(model, tok))
+    with pytest.raises(InvalidInputError, match="kinds"):
+        OhdGuard(model, tok, SelfRefusal().fit(model, tok).profile)
     with pytest.raises(InvalidInputError, match="does not exist"):
         Screener(model).check(Reads(heads=(HeadRef(layer=9, head=0),)))
 

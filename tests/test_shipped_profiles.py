@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ohd_guard.calibrate import evaluate_angles
+from ohd_guard.detectors.base import evaluate_scores
 from ohd_guard.datasets import evenly, load_calibration_prompts
 from ohd_guard.detectors import bind_detector, load_profile
 from ohd_guard.evaluation import joint_scores
@@ -70,7 +70,7 @@ def test_shipped_probe_profiles_keep_their_heldout_signal(loaded):
     name, _, _, dets, scores = loaded
     for kind, bar in AUROC_BAR[name].items():
         u, s = scores[kind]
-        m = evaluate_angles("heldout slice", u, s, dets[kind].threshold)
+        m = evaluate_scores("heldout slice", u, s, dets[kind].threshold)
         assert m.auroc >= bar, (name, kind, m)
 
 

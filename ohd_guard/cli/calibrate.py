@@ -70,8 +70,8 @@ def cmd_calibrate(args) -> int:
     )
     profile.save(args.output)
     print(f"head {profile.heads[0]}  score layer {profile.score_layer}  "
-          f"threshold {profile.threshold.value:.4f} deg ({profile.threshold.method})  "
-          f"search {profile.calibration.search} in {profile.calibration.seconds:.0f} s")
+          f"threshold {profile.threshold:.4f} deg ({profile.threshold_method})  "
+          f"search {profile.search} in {profile.seconds:.0f} s")
     print(table([m.model_dump() for m in profile.metrics], METRIC_COLUMNS))
     print(table([{"head": str(h.head), **h.model_dump(exclude={"head"})} for h in profile.top_heads[:10]],
                  ["head", "unsafe_mean", "safe_mean", "gap", "auroc", "eligible"]))
@@ -86,8 +86,7 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
     import numpy as np
 
     from ohd_guard.detectors.base import evaluate_scores
-    from ohd_guard.detectors import Fused, HiddenDetect, SAHs, save_state
-    from ohd_guard.profile import Profile
+    from ohd_guard.detectors import Fused, HiddenDetect, OhdProfile, SAHs
 
     model, processor = load_model(args)
     bs = args.batch_size
@@ -96,20 +95,20 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
     elif args.detector == "hiddendetect":
         det = HiddenDetect(batch_size=bs)
     else:
-        ohd = Profile.load(args.ohd_profile or shipped(args)["ohd"], allow_edited=args.allow_edited)
+        ohd = OhdProfile.load(args.ohd_profile or shipped(args)["ohd"], allow_edited=args.allow_edited)
         det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs)
     t0 = time.perf_counter()
     if not args.quiet:
         print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
     det.fit(model, processor, unsafe, safe)
-    state = det.state.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
+    state = det.profile.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
     if heldout_items:
         u = [p for p in heldout_items if p.label == 1]
         s = [p for p in heldout_items if p.label == 0]
         scores = det.score(u + s)
         state = state.model_copy(update={"metrics": [*state.metrics, evaluate_scores(
             "heldout", np.asarray(scores[: len(u)]), np.asarray(scores[len(u):]), state.threshold)]})  # fmt: skip
-    save_state(state, args.output)
+    state.save(args.output)
     print(f"{det.name}: {describe(det)}  in {state.seconds:.0f} s")
     print(table([m.model_dump() for m in state.metrics], METRIC_COLUMNS))
     print(f"profile written to {args.output}")

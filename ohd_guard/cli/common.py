@@ -84,17 +84,14 @@ non_negative_int = bounded_int(0, "an integer >= 0")
 def describe(det) -> str:
     """One line on what a fitted or loaded detector chose."""
     profile = getattr(det, "profile", None)
-    if profile is not None:
-        return (f"head {profile.heads[0]}, mask positions {profile.mask.positions}, {profile.calibration.search}, "
-                f"threshold {profile.threshold.value:.4g} deg ({profile.threshold.method})")
-    s = getattr(det, "state", None)
-    if s is None:
-        return f"threshold {det.threshold:.4g}"
-    return describe_state(s)
+    return describe_profile(profile) if profile is not None else f"threshold {det.threshold:.4g}"
 
 
-def describe_state(s) -> str:
-    """One line on what a saved detector state holds."""
+def describe_profile(s) -> str:
+    """One line on what a profile of any kind holds."""
+    if s.kind == "ohd":
+        return (f"head {s.heads[0]}, mask positions {s.mask.positions}, {s.search}, "
+                f"threshold {s.threshold:.4g} deg ({s.threshold_method})")
     if s.kind == "fused":
         return (f"logistic on {', '.join(s.features)} (weights {', '.join(f'{c:.2f}' for c in s.coef)}), "
                 f"SAHs {len(s.sahs.heads)} heads, mask {s.mask.positions}, CV AUROC {s.cv_auroc:.3f}")

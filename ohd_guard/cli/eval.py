@@ -145,7 +145,7 @@ def cmd_eval(args) -> int:
         HiddenDetect, LargestEffectHead, OneHeadDefense, SAHs, SelfRefusal, load_detector, shared_prefill,
     )
     from ohd_guard.evaluation import evaluate
-    from ohd_guard.profile import Profile
+    from ohd_guard.detectors import OhdProfile
 
     model, processor = load_model(args)
     bs = args.batch_size
@@ -154,7 +154,7 @@ def cmd_eval(args) -> int:
     profile = None
     if "ohd" in names or {"ohd-fast", "ohd-exact"} & set(names):
         profile_path = args.profile or shipped(args).get("ohd", OHD_PROFILE)
-        loaded = Profile.load(profile_path, allow_edited=args.allow_edited)
+        loaded = OhdProfile.load(profile_path, allow_edited=args.allow_edited)
         if args.profile is not None or "ohd" in names:
             loaded.verify(model, processor)  # ProfileMismatchError: exit 2 with the reason
             profile = loaded
@@ -168,7 +168,8 @@ def cmd_eval(args) -> int:
                 say("[eval] the shipped profile is for another model: "
                     "One-head Defense searches its head (fast strategy)")
         if "ohd" in names:
-            det = OneHeadDefense.from_profile(profile, model, processor, batch_size=bs)
+            det = OneHeadDefense.from_profile(profile, model, processor)
+            det.batch_size = bs
             entries.append((det, "profile"))
             notes.append(f"{det.name} from profile {profile_path}: {describe(det)}")
     detector_files = list(args.detector_file)

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ohd_guard.cli.common import DEFAULT_PROFILE, METRIC_COLUMNS, describe_state, table
+from ohd_guard.cli.common import DEFAULT_PROFILE, METRIC_COLUMNS, describe_profile, table
 
 
 def cmd_inspect(args) -> int:
     from ohd_guard.detectors import load_profile
-    from ohd_guard.profile import Profile
 
     p = load_profile(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
     if args.json:
         print(p.model_dump_json(indent=2))
         return 0
-    if not isinstance(p, Profile):
+    if p.kind != "ohd":
         m = p.model
         print(f"detector   {p.kind}")
         print(f"model      {m.architecture} ({m.model_type}, {m.num_layers} layers x {m.num_heads} heads, {m.dtype}) "
               f"weights {m.weights_hash[:12]}")
-        print(f"fitted     {describe_state(p)}")
+        print(f"fitted     {describe_profile(p)}")
         print(f"threshold  {p.threshold:.4f} ({p.threshold_method})")
         print(f"calibrated {p.n_unsafe}+{p.n_safe} prompts in {p.seconds:.0f} s, library {p.library_version}, {p.created_at}")
         for src in p.sources:
@@ -31,9 +30,9 @@ def cmd_inspect(args) -> int:
           f"{p.model.num_heads} heads, {p.model.dtype}) weights {p.model.weights_hash[:12]}")
     print(f"heads      {', '.join(map(str, p.heads))}   mask {p.mask.target}/{p.mask.positions} alpha={p.mask.alpha:g}"
           f"   score layer {p.score_layer}")
-    print(f"threshold  {p.threshold.value:.4f} deg ({p.threshold.method}), risk 0.5 at "
+    print(f"threshold  {p.threshold:.4f} deg ({p.threshold_method}), risk 0.5 at "
           f"{p.risk.angle_at_risk(0.5):.4f} deg")
-    print(f"calibrated {p.calibration.n_unsafe}+{p.calibration.n_safe} prompts, {p.calibration.search}, "
+    print(f"calibrated {p.n_unsafe}+{p.n_safe} prompts, {p.search}, "
           f"library {p.library_version}, {p.created_at}")
     print(table([m.model_dump() for m in p.metrics], METRIC_COLUMNS))
     return 0

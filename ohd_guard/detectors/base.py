@@ -1,290 +1,183 @@
-"""The interface every detector shares, so One-head Defense and its baselines are fitted, scored,
-thresholded, saved and evaluated the same way.
+"""What every detector shares: a fitted :class:`~ohd_guard.profile.Profile` bound to one model, the
+screening protocol the guard runs, and the helpers every ``fit`` uses.
 
-A detector is fitted on unsafe and safe calibration prompts for one model, scores conversations
-(higher = more unsafe) and flags ``score > threshold``. Its saved state carries the model's
-:class:`~ohd_guard.profile.ModelFingerprint`: a threshold or a probe is meaningless on another
-model, so loading onto a different one raises :class:`~ohd_guard.errors.ProfileMismatchError`.
+A detector kind is fitted on unsafe and safe calibration prompts for one model
+(``SAHs(**options).fit(model, processor, unsafe, safe)``, or ``SAHsProfile.fit(...)`` for the bare
+artefact); its profile is saved, loaded with :func:`~ohd_guard.detectors.load_profile` and bound to a
+model with ``profile.bind(model, processor)``, which refuses a model it was not fitted on. Scores
+(higher = more unsafe, flag ``score > threshold``) always come from the guard's own screening
+prefill (:func:`~ohd_guard.screening.score_conversations`), so evaluation measures what the guard
+runs. Nothing here knows the guard.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from abc import ABC, abstractmethod
-from datetime import datetime, timezone
+import hashlib
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Sequence, TypeVar
+from typing import Any, ClassVar, Sequence, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError
 
-from ohd_guard.calibrate import as_conversation
 from ohd_guard.datasets import LabelledPrompt
-from ohd_guard.errors import CalibrationError, InvalidInputError, ProfileFormatError, ProfileMismatchError
-from ohd_guard.profile import CalibrationMetrics, ModelFingerprint, check_digest, content_digest
-from ohd_guard.threshold import RiskCalibration
+from ohd_guard.errors import CalibrationError, InvalidInputError, ProfileFormatError
+from ohd_guard.metrics import auroc, rates_at_threshold
+from ohd_guard.profile import CalibrationMetrics, Profile
+from ohd_guard.screening import PrefillDetector, as_input, batched, length_order, score_conversations
+from ohd_guard.threshold import RiskCalibration, kde_threshold
 
-log = logging.getLogger("ohd_guard.detectors")
-
-STATE_SCHEMA_VERSION = 1
 D = TypeVar("D", bound="Detector")
 
-
-# -- inputs -------------------------------------------------------------------------------------
-def as_input(item: Any) -> Any:
-    """What the chat-template renderer takes: a LabelledPrompt becomes one user turn (with its image),
-    a labelled multi-turn conversation (``.label`` + ``.messages``) its message list; others pass."""
-    if isinstance(item, LabelledPrompt):
-        return as_conversation(item)
-    msgs = getattr(item, "messages", None)
-    if hasattr(item, "label") and isinstance(msgs, list):
-        return msgs
-    return item
+__all__ = ["Detector", "as_input", "batched", "check_sets", "data_hash", "evaluate_scores", "kde_or_midpoint",
+           "length_order", "midpoint_of_medians", "risk_of", "risk_or_none"]
 
 
-def _approx_len(conv: Any) -> int:
-    """Rough rendered length, only to batch similar lengths together (less padding)."""
-    if isinstance(conv, str):
-        return len(conv)
-    if hasattr(conv, "text") and hasattr(conv, "num_images"):  # Conversation
-        return len(conv.text) + 1000 * conv.num_images
-    if isinstance(conv, list):
-        n = 0
-        for m in conv:
-            c = m.get("content") if isinstance(m, dict) else m
-            if isinstance(c, str):
-                n += len(c)
-            elif isinstance(c, list):
-                n += sum(len(p.get("text", "")) if isinstance(p, dict) and p.get("type") == "text" else 1000 for p in c)
-        return n
-    return 0
+# -- what every fit needs ----------------------------------------------------------------------
+def check_sets(unsafe: Sequence[Any], safe: Sequence[Any], minimum: int = 2) -> None:
+    """Every fit needs both classes: at least ``minimum`` prompts each."""
+    if len(unsafe) < minimum or len(safe) < minimum:
+        raise CalibrationError(f"need at least {minimum} unsafe and {minimum} safe prompts, got {len(unsafe)} and {len(safe)}")
 
 
-def length_order(convs: Sequence[Any]) -> list[int]:
-    """Indices of ``convs`` from shortest to longest (stable)."""
-    return sorted(range(len(convs)), key=lambda i: _approx_len(convs[i]))
+def data_hash(items: Sequence[Any]) -> str:
+    """Stable hash of calibration inputs (text and, for images, their pixels)."""
+    h = hashlib.sha256()
+    for it in items:
+        if isinstance(it, LabelledPrompt):
+            h.update(f"{it.label}\x00{it.text}\x00".encode())
+            if it.image is not None:
+                h.update(it.image.tobytes())
+        elif hasattr(it, "digest"):
+            h.update(it.digest().encode())
+        else:
+            h.update(repr(it).encode())
+    return h.hexdigest()
 
 
-def batched(fn: Callable[[list[Any]], np.ndarray], items: Sequence[Any], batch_size: int) -> np.ndarray:
-    """``fn`` on length-sorted batches of ``items`` (rendered with :func:`as_input`), rows back in input order.
-
-    Sorting by length keeps left padding small, which matters on CPU where padded positions cost as
-    much as real ones.
-    """
-    if not len(items):
-        raise InvalidInputError("no conversations to score")
-    if batch_size < 1:
-        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
-    convs = [as_input(x) for x in items]
-    order = length_order(convs)
-    parts = [np.asarray(fn([convs[i] for i in order[s : s + batch_size]])) for s in range(0, len(order), batch_size)]
-    out = np.concatenate(parts, axis=0)
-    result = np.empty_like(out)
-    result[np.asarray(order)] = out
-    return result
+def evaluate_scores(split: str, unsafe: np.ndarray, safe: np.ndarray, threshold: float) -> CalibrationMetrics:
+    """AUROC and the rates at ``threshold`` of any detector's scores (angles, log-odds, cosines)."""
+    scores = np.r_[unsafe, safe]
+    labels = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
+    r = rates_at_threshold(scores, labels, threshold)
+    return CalibrationMetrics(
+        split=split, n_unsafe=len(unsafe), n_safe=len(safe), auroc=auroc(scores, labels),
+        detection_rate=r.detection_rate, false_positive_rate=r.false_positive_rate,
+        balanced_accuracy=r.balanced_accuracy,
+    )
 
 
-def split_labelled(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
-    """(unsafe, safe) of labelled items."""
-    return [x for x in items if x.label == 1], [x for x in items if x.label == 0]
+def midpoint_of_medians(unsafe: np.ndarray, safe: np.ndarray) -> float:
+    """The fallback threshold when no density rule applies: halfway between the class medians."""
+    return (float(np.median(unsafe)) + float(np.median(safe))) / 2
 
 
-# -- saved state --------------------------------------------------------------------------------
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-class DetectorState(BaseModel):
-    """What every non-OhD detector saves (OhD saves a :class:`~ohd_guard.profile.Profile`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    schema_version: Literal[1] = STATE_SCHEMA_VERSION
-    kind: str
-    library_version: str
-    created_at: str = Field(default_factory=_now)
-    model: ModelFingerprint
-    threshold: FiniteFloat
-    threshold_method: str
-    n_unsafe: int = Field(ge=0)
-    n_safe: int = Field(ge=0)
-    seconds: float = 0.0
-    risk: RiskCalibration | None = None
-    """Graded risk of a score (fitted on out-of-fold calibration scores); None: the logistic of the score."""
-    data_hash: str = ""
-    """sha256 of the calibration prompts (as for One-head Defense profiles)."""
-    sources: list[str] = Field(default_factory=list)
-    metrics: list[CalibrationMetrics] = Field(default_factory=list)
-    digest: str | None = None
-    """sha256 of the content but ``created_at``, written on save: a hand-edited state no longer matches."""
-
-    def __eq__(self, other: object) -> bool:
-        """Same content (the digest is derived from it, so it is not compared)."""
-        if not isinstance(other, DetectorState):
-            return NotImplemented
-        return type(self) is type(other) and self.model_dump(exclude={"digest"}) == other.model_dump(exclude={"digest"})
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def content_digest(self) -> str:
-        return content_digest(self)
-
-    def verify(self, model: Any, processor: Any = None) -> None:
-        """Raise :class:`ProfileMismatchError` unless this state was fitted on ``model``."""
-        check_fingerprint(self.model, model, processor, f"{self.kind} profile")
-
-
-def check_fingerprint(expected: ModelFingerprint, model: Any, processor: Any, what: str) -> None:
-    """Raise :class:`ProfileMismatchError` unless ``model`` is the one ``expected`` describes."""
-    actual = ModelFingerprint.of(model, processor)
-    problems = expected.differences(actual)
-    if expected.dtype != actual.dtype:
-        log.warning("%s: fitted in %s, model runs in %s; scores may shift slightly", what, expected.dtype, actual.dtype)
-    if problems:
-        raise ProfileMismatchError(f"{what} does not match this model:\n  " + "\n  ".join(problems))
-
-
-def read_json(path: str | Path) -> dict:
-    path = Path(path)
+def kde_or_midpoint(unsafe: np.ndarray, safe: np.ndarray) -> tuple[float, str]:
+    """The KDE crossing of the two score densities; the midpoint of the medians when the KDE rule refuses the data."""
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProfileFormatError(f"detector file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProfileFormatError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise ProfileFormatError(f"{path}: a detector file is a JSON object, got {type(raw).__name__}")
-    return raw
+        fit = kde_threshold(unsafe, safe)
+        return float(fit.value), fit.method
+    except (CalibrationError, InvalidInputError):
+        return midpoint_of_medians(unsafe, safe), "median_midpoint"
 
 
-# -- the interface ------------------------------------------------------------------------------
-class Detector(ABC):
-    """A prompt-safety detector bound to one model. Higher score = more unsafe; flag ``score > threshold``."""
+def risk_or_none(unsafe: np.ndarray, safe: np.ndarray) -> RiskCalibration | None:
+    """A risk curve fitted on calibration scores, or None (then risk is the logistic of the score)."""
+    try:
+        return RiskCalibration.fit(unsafe, safe)
+    except (CalibrationError, InvalidInputError):
+        return None
 
+
+def risk_of(profile: Profile, scores: np.ndarray) -> np.ndarray:
+    """Graded risk in [0, 1] of scores under ``profile`` (its risk curve, else the logistic of the log-odds)."""
+    from scipy.special import expit
+
+    s = np.asarray(scores, dtype=float)
+    return np.asarray(profile.risk.risk(s)) if profile.risk is not None else expit(s)
+
+
+# -- the detector -------------------------------------------------------------------------------
+class Detector(PrefillDetector):
+    """A fitted profile bound to one model: it scores conversations through the guard's screening
+    path and is what the guard runs. Higher score = more unsafe; flag ``score > threshold``.
+
+    Subclasses set :attr:`Profile` (their profile class), implement ``fit`` (options in ``__init__``),
+    :meth:`from_profile` and the screening protocol (``reads``, ``score_reads``).
+    """
+
+    Profile: ClassVar[type[Profile]]
     name: str = "detector"
+    batch_size: int = 8
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        kind = cls.__dict__.get("Profile")
+        if kind is not None:
+            Profile.SCORERS[kind.model_fields["kind"].default] = cls
 
     def __init__(self) -> None:
         self.model: Any = None
         self.processor: Any = None
-
-    @property
-    @abstractmethod
-    def threshold(self) -> float: ...
+        self.profile: Any = None
+        self._stage: Any = None
 
     @property
     def fitted(self) -> bool:
-        return self.model is not None
+        return self.profile is not None and self.model is not None
 
     def _require_fitted(self) -> None:
         if not self.fitted:
-            raise CalibrationError(f"{self.name} is not fitted: call fit() or load() first")
+            raise CalibrationError(f"{self.name} is not fitted: call fit() or bind a profile first")
 
-    @abstractmethod
-    def fit(self: D, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any]) -> D:
-        """Calibrate on unsafe and safe prompts (LabelledPrompt, str, message lists or Conversations)."""
+    @property
+    def threshold(self) -> float:
+        self._require_fitted()
+        return float(self.profile.threshold)
 
-    @abstractmethod
+    def _bind(self, model: Any, processor: Any, profile: Any) -> None:
+        """Attach a (checked) profile; subclasses extend this to build their scorer's state."""
+        self.model, self.processor, self.profile, self._stage = model, processor, profile, None
+
+    @classmethod
+    def from_profile(cls: type[D], profile: Any, model: Any, processor: Any, verify: bool = True) -> D:
+        """Bind ``profile`` to ``model`` without refitting (its fingerprint checked unless ``verify=False``)."""
+        if not isinstance(profile, cls.Profile):
+            raise InvalidInputError(f"{cls.__name__} takes a {cls.Profile.__name__}, not {type(profile).__name__}")
+        if verify:
+            profile.verify(model, processor)
+        det = cls._configured(profile)
+        det._bind(model, processor, profile)
+        return det
+
+    @classmethod
+    def _configured(cls: type[D], profile: Any) -> D:
+        """A detector whose options are those the profile was fitted with."""
+        return cls()
+
+    def risk(self, scores: np.ndarray) -> np.ndarray:
+        return risk_of(self.profile, scores)
+
     def score(self, convs: Sequence[Any]) -> np.ndarray:
-        """One float per conversation, higher = more unsafe."""
+        """One score per conversation (higher = more unsafe), from the guard's own screening prefill."""
+        self._require_fitted()
+        return score_conversations([self], list(convs), batch_size=self.batch_size)[:, 0]
 
     def predict(self, convs: Sequence[Any]) -> np.ndarray:
         """True where the conversation is flagged unsafe."""
         return self.score(convs) > self.threshold
 
-    @abstractmethod
-    def save(self, path: str | Path) -> Path: ...
+    def save(self, path: str | Path) -> Path:
+        self._require_fitted()
+        return self.profile.save(path)
 
     @classmethod
-    @abstractmethod
-    def load(cls: type[D], path: str | Path, model: Any, processor: Any) -> D:
-        """Read a saved detector and bind it to ``model``, refusing a model it was not fitted on."""
+    def load(cls: type[D], path: str | Path, model: Any, processor: Any, allow_edited: bool = False) -> D:
+        """Read a saved profile of this kind and bind it to ``model``, refusing a model it was not fitted on."""
+        from ohd_guard.detectors.loading import load_profile
+
+        profile = load_profile(path, allow_edited=allow_edited)
+        if not isinstance(profile, cls.Profile):
+            raise ProfileFormatError(f"{path} is a {profile.kind!r} profile, not {cls.Profile.__name__}")
+        return cls.from_profile(profile, model, processor)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, fitted={self.fitted})"
-
-
-class StateDetector(Detector):
-    """A detector whose fitted state is one pydantic model (``State``) saved as JSON."""
-
-    State: ClassVar[type[DetectorState]]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.state: DetectorState | None = None
-
-    @property
-    def threshold(self) -> float:
-        self._require_fitted()
-        return float(self.state.threshold)  # type: ignore[union-attr]
-
-    def _bind(self, model: Any, processor: Any, state: DetectorState) -> None:
-        self.model, self.processor, self.state = model, processor, state
-
-    def save(self, path: str | Path) -> Path:
-        self._require_fitted()
-        return save_state(self.state, path)  # type: ignore[arg-type]
-
-    @classmethod
-    def read_state(cls, path: str | Path, allow_edited: bool = False) -> DetectorState:
-        raw = read_json(path)
-        if raw.get("schema_version") != STATE_SCHEMA_VERSION:
-            raise ProfileFormatError(f"{path}: schema_version {raw.get('schema_version')!r} is not supported")
-        try:
-            state = cls.State.model_validate(raw)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5])
-            raise ProfileFormatError(f"{path} is not a valid {cls.__name__} state: {problems}") from e
-        check_digest(state, path, allow_edited, "", "refit it, or load it with allow_edited=True")
-        return state
-
-    @classmethod
-    def from_state(cls, state: DetectorState, model: Any, processor: Any):
-        """Bind a state to a model after checking the fingerprint; configuration comes from the state."""
-        check_fingerprint(state.model, model, processor, f"{cls.__name__} state")
-        det = cls._from_state(state)
-        det._bind(model, processor, state)
-        return det
-
-    @classmethod
-    @abstractmethod
-    def _from_state(cls, state: DetectorState): ...
-
-    @classmethod
-    def load(cls, path: str | Path, model: Any, processor: Any, allow_edited: bool = False):
-        return cls.from_state(cls.read_state(path, allow_edited), model, processor)
-
-
-def save_state(state: DetectorState, path: str | Path) -> Path:
-    """Write a detector state as JSON with its content digest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    signed = state.model_copy(update={"digest": state.content_digest()})
-    path.write_text(signed.model_dump_json(indent=2) + "\n")
-    return path
-
-
-class GuardScored:
-    """``score()`` through the guard's own screening path (one :class:`~ohd_guard.screening.Screener`
-    prefill per batch), so evaluation measures exactly what the guard runs and times."""
-
-    batch_size: int = 8
-    _scoring_guard: Any = None
-
-    def scoring_guard(self) -> Any:
-        if self._scoring_guard is None:
-            from ohd_guard.guard import OhdGuard
-
-            self._scoring_guard = OhdGuard(self.model, self.processor, self, on_error="raise", verify=False,  # type: ignore[attr-defined]
-                                           allow_local_files=True, max_batch_size=self.batch_size)  # fmt: skip
-        return self._scoring_guard
-
-    def score(self, convs: Sequence[Any]) -> np.ndarray:
-        """One score per conversation (higher = more unsafe), as the guard computes it."""
-        self._require_fitted()  # type: ignore[attr-defined]
-        return batched(lambda b: [v.score for v in self.scoring_guard().screen_batch(b)], convs, self.batch_size)
-
-
-def library_version() -> str:
-    from ohd_guard import __version__
-
-    return __version__

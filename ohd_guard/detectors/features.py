@@ -19,11 +19,11 @@ import torch
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
-from ohd_guard.detectors.base import as_input, length_order
-from ohd_guard.hooks import scoped_hooks
+from ohd_guard.adapters import ArchitectureAdapter
+from ohd_guard.conversation import to_conversation
 from ohd_guard.errors import InvalidInputError
-from ohd_guard.rendering import encode_conversations
+from ohd_guard.screening import ConversationScreener, Reads, as_input, length_order
+from ohd_guard.types import HeadRef
 
 _CACHE: ContextVar[dict | None] = ContextVar("ohd_guard_prefill_cache", default=None)
 
@@ -44,8 +44,6 @@ def conversation_key(conv: Any) -> str:
         return "s:" + hashlib.sha256(conv.encode("utf-8", "surrogatepass")).hexdigest()
     if not hasattr(conv, "digest"):
         try:
-            from ohd_guard.conversation import to_conversation
-
             conv = to_conversation(conv, allow_local_files=True)  # a cache key of data already accepted
         except Exception:  # noqa: BLE001 - only a cache key; fall back to the repr
             return "r:" + hashlib.sha256(repr(conv).encode()).hexdigest()
@@ -61,28 +59,27 @@ class LastToken:
 
 
 class PrefillReader:
-    """Captures head outputs and layer states at the last prompt token during ONE unmasked prefill."""
+    """Every head's output and every layer's state at the last prompt token, read from ONE unmasked
+    prefill through the guard's own screening path (:class:`~ohd_guard.screening.ConversationScreener`:
+    same conversion, limits, rendering and capture hooks), so a probe is fitted on exactly what the
+    guard will read when it screens."""
 
     def __init__(self, model: Any, processor: Any, adapter: ArchitectureAdapter | None = None):
         self.model, self.processor = model, processor
-        self.adapter = adapter or get_adapter(model)
+        self.stage = ConversationScreener(model, processor, None, allow_local_files=True)
+        self.adapter = adapter or self.stage.screener.adapter
+        L, H = self.adapter.num_layers, self.adapter.num_heads
+        self._reads = Reads(heads=tuple(HeadRef(layer=i, head=h) for i in range(L) for h in range(H)),
+                            layers=tuple(range(L)))  # fmt: skip
 
     @torch.no_grad()
     def _forward(self, convs: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-        a = self.adapter
-        L, H, d = a.num_layers, a.num_heads, a.head_dim
-        heads: dict[int, torch.Tensor] = {}
-        layers: dict[int, torch.Tensor] = {}
-        with scoped_hooks() as hooks:  # reads this call's forward only, not another caller's
-            for i in range(L):
-                hooks.forward_pre_hook(a.output_projection(i), lambda m, args, i=i: heads.__setitem__(i, args[0][:, -1, : H * d].float()))
-                hooks.forward_hook(a.layers[i], lambda m, args, out, i=i: layers.__setitem__(
-                    i, (out[0] if isinstance(out, (tuple, list)) else out)[:, -1].float()))
-            inputs = encode_conversations(self.processor, convs, device=model_device(self.model))
-            self.model(**inputs, use_cache=False, logits_to_keep=1)
-        hs = torch.stack([heads[i] for i in range(L)], 1).unflatten(-1, (H, d)).cpu().numpy()
-        ls = torch.stack([layers[i] for i in range(L)], 1).cpu().numpy()
-        return [(hs[b], ls[b]) for b in range(len(convs))]
+        L, H = self.adapter.num_layers, self.adapter.num_heads
+        got, _, _ = self.stage.prefill([self.stage.convert(c) for c in convs], self._reads, keep_cache=False)
+        hs = torch.stack([torch.stack([got.heads[HeadRef(layer=i, head=h)] for h in range(H)], 1) for i in range(L)], 1)
+        ls = torch.stack([got.layers[i] for i in range(L)], 1)
+        hs_np, ls_np = hs.cpu().numpy(), ls.cpu().numpy()  # [B, L, H, d], [B, L, D]
+        return [(hs_np[b], ls_np[b]) for b in range(len(convs))]
 
     def read(self, items: Sequence[Any], batch_size: int = 8) -> LastToken:
         """Last-token reads of ``items`` (memoised inside :func:`shared_prefill`)."""

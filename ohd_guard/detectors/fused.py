@@ -13,23 +13,27 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ohd_guard.calibrate import data_hash, evaluate_angles
-from ohd_guard.detectors.base import DetectorState, GuardScored, StateDetector, as_input, library_version
+from pydantic import model_validator
+
+from ohd_guard.detectors.base import Detector, as_input, check_sets, data_hash, evaluate_scores, risk_or_none
 from ohd_guard.detectors.features import Logistic, log_loss, out_of_fold, stratified_folds
-from ohd_guard.detectors.probes import SAHs, SAHsState, _check_sets, _risk, _risk_or_none
+from ohd_guard.detectors.ohd import OhdProfile, calibrate, mode_spec
+from ohd_guard.detectors.probes import SAHs, SAHsProfile, check_probe
 from ohd_guard.errors import CalibrationError
-from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.metrics import auroc
-from ohd_guard.profile import ModelFingerprint, Profile
+from ohd_guard.profile import ModelFingerprint, Profile, library_version
 from ohd_guard.scoring import DeflectionScorer
-from ohd_guard.screening import MaskedBranch, PrefillDetector, PrefillReads, Reads, union
+from ohd_guard.screening import MaskedBranch, PrefillReads, Reads, union
+from ohd_guard.types import HeadRef, MaskSpec
 
 ANGLE_EPS = 1e-3
 
 
-class FusedState(DetectorState):
+class FusedProfile(Profile):
+    """The fused detector: its SAHs probe, the masked heads whose angles it reads, and the combination."""
+
     kind: Literal["fused"] = "fused"
-    sahs: SAHsState
+    sahs: SAHsProfile
     ohd_heads: list[HeadRef]
     """Each head is masked alone: one deflection angle per head."""
     mask: MaskSpec
@@ -43,12 +47,33 @@ class FusedState(DetectorState):
     cv_auroc: float
     """AUROC of the out-of-fold fused scores on the calibration prompts."""
 
+    @model_validator(mode="after")
+    def _is_a_detector(self) -> "FusedProfile":
+        if self.sahs.model != self.model:
+            raise ValueError("the nested SAHs profile was fitted on another model than the fused profile")
+        if not self.mask.alpha < 1.0:
+            raise ValueError("mask.alpha must be below 1 (1.0 leaves the heads unmasked: every angle is 0)")
+        if not 1 <= self.score_layer <= self.model.num_layers:
+            raise ValueError(f"score_layer {self.score_layer} is outside the model's {self.model.num_layers} layers")
+        self.check_heads(self.ohd_heads, "masked head")
+        if any(h.layer >= self.score_layer for h in self.ohd_heads):
+            raise ValueError(f"a masked head is at or above score_layer {self.score_layer}: its angle is always 0")
+        check_probe(self, len(self.ohd_heads) + 1)
+        self.check_detector()
+        return self
+
+    @classmethod
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any) -> "FusedProfile":
+        """Fit the fused detector (options: :class:`Fused`'s) and return its profile."""
+        return Fused(**options).fit(model, processor, unsafe, safe).profile
+
+
 
 def _features(angles: np.ndarray, sahs_log_odds: np.ndarray) -> np.ndarray:
     return np.concatenate([np.log(np.maximum(angles, 0.0) + ANGLE_EPS), sahs_log_odds[:, None]], axis=1)
 
 
-class Fused(GuardScored, StateDetector, PrefillDetector):
+class Fused(Detector):
     """Logistic on ``log(angle + 1e-3)`` of up to ``n_angles`` selective heads and the SAHs log-odds.
 
     One angle (the default) keeps screening to one forward pass (the one-pass masked branch); more
@@ -61,11 +86,11 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
         sahs: an SAHs detector to fit (its options), default ``SAHs()``.
     """
 
-    State = FusedState
+    Profile = FusedProfile
     name = "Fused"
     kind = "fused"
 
-    def __init__(self, ohd_profile: Profile | None = None, n_angles: int = 1, sahs: SAHs | None = None,
+    def __init__(self, ohd_profile: OhdProfile | None = None, n_angles: int = 1, sahs: SAHs | None = None,
                  l2_grid: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0), folds: int = 5, batch_size: int = 8, seed: int = 0):
         super().__init__()
         self.ohd_profile, self.n_angles, self.sahs = ohd_profile, n_angles, sahs or SAHs(batch_size=batch_size)
@@ -76,16 +101,13 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
             sahs_oof: np.ndarray | None = None) -> "Fused":
         """Fit SAHs (unless it is fitted already and ``sahs_oof``, its out-of-fold scores on
         ``unsafe + safe``, is given), the angles of the selective heads, then the combination."""
-        _check_sets(unsafe, safe)
+        check_sets(unsafe, safe)
         t0 = time.perf_counter()
         profile = self.ohd_profile
         if profile is None:
-            from ohd_guard.calibrate import calibrate
-            from ohd_guard.detectors.ohd import mode_spec
-
             profile = calibrate(model, processor, [as_input(x) for x in unsafe], [as_input(x) for x in safe],
                                 spec=mode_spec("fast"), strategy="fast", batch_size=self.batch_size)  # fmt: skip
-        heads = _selective_heads(profile, self.n_angles)
+        heads = selective_heads(profile, self.n_angles)
         if sahs_oof is None or not self.sahs.fitted:
             self.sahs.fit(model, processor, unsafe, safe)
             sahs_oof = self.sahs.oof_
@@ -103,46 +125,44 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
         names = [f"log_angle {h}" for h in heads] + ["sahs_log_odds"]
-        state = FusedState(
+        fused = FusedProfile(
             library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=0.0,
-            threshold_method="probability_0.5", n_unsafe=len(unsafe), n_safe=len(safe), sahs=self.sahs.state,
+            threshold_method="probability_0.5", n_unsafe=len(unsafe), n_safe=len(safe), sahs=self.sahs.profile,
             ohd_heads=heads, mask=profile.mask, score_layer=profile.score_layer, features=names, l2=l2,
             mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
             cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
-            risk=_risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
-            metrics=[evaluate_angles("calibration (out-of-fold)", oof[y == 1], oof[y == 0], 0.0)],
+            risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
+            metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], 0.0)],
         )  # fmt: skip
-        self._bind(model, processor, state)
+        self._bind(model, processor, fused)
         return self
 
-    def _bind(self, model, processor, state) -> None:
-        super()._bind(model, processor, state)
-        self.sahs = SAHs._from_state(state.sahs)
-        self.sahs._bind(model, processor, state.sahs)
-        self._probe = Logistic(np.array(state.mean), np.array(state.scale), np.array(state.coef), state.intercept)
-        self._scoring_guard = None
+    def _bind(self, model, processor, profile) -> None:
+        super()._bind(model, processor, profile)
+        self.sahs = SAHs.from_profile(profile.sahs, model, processor, verify=False)  # same model: checked above
+        self._probe = Logistic(np.array(profile.mean), np.array(profile.scale), np.array(profile.coef), profile.intercept)
 
     @classmethod
-    def _from_state(cls, state: FusedState) -> "Fused":  # type: ignore[override]
-        return cls(n_angles=len(state.ohd_heads))
+    def _configured(cls, profile: FusedProfile) -> "Fused":  # type: ignore[override]
+        return cls(n_angles=len(profile.ohd_heads))
 
     # -- the guard's side ----------------------------------------------------------------------------
     def reads(self) -> Reads:
         self._require_fitted()
-        s = self.state
-        branch = MaskedBranch(tuple((h,) for h in s.ohd_heads), s.mask, s.score_layer)  # type: ignore[union-attr]
+        p = self.profile
+        branch = MaskedBranch(tuple((h,) for h in p.ohd_heads), p.mask, p.score_layer)
         return union(self.sahs.reads(), Reads(masked=branch))
 
     @property
     def verdict_heads(self) -> tuple[HeadRef, ...]:
-        return tuple(self.state.ohd_heads) if self.state is not None else ()  # type: ignore[union-attr]
+        return tuple(self.profile.ohd_heads) if self.profile is not None else ()
 
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Fused log-odds; details carry every angle, the SAHs log-odds and its top heads."""
         sahs, sahs_details = self.sahs.score_reads(reads)
         angles = reads.angles  # type: ignore[assignment]
         scores = self._probe.decision(_features(angles, sahs))  # type: ignore[union-attr]
-        heads = self.state.ohd_heads  # type: ignore[union-attr]
+        heads = self.profile.ohd_heads
         details = [
             {"angle": float(a[0]), "angles": {str(h): round(float(x), 6) for h, x in zip(heads, a)},
              "sahs_log_odds": round(float(z), 4), **d}
@@ -150,16 +170,13 @@ class Fused(GuardScored, StateDetector, PrefillDetector):
         ]
         return scores, details
 
-    def risk(self, scores: np.ndarray) -> np.ndarray:
-        return _risk(self.state, scores)  # type: ignore[arg-type]
-
     def explain(self, score: float, flagged: bool, risk: float) -> str:
         return (f"fused log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} (OhD angle at "
                 f"{'+'.join(map(str, self.verdict_heads))} and SAHs; risk {risk:.2f}): "
                 f"{'flagged as unsafe' if flagged else 'passed'}")
 
 
-def _selective_heads(profile: Profile, n: int) -> list[HeadRef]:
+def selective_heads(profile: OhdProfile, n: int) -> list[HeadRef]:
     """The profile's head first, then its other top heads (eligible ones first), ``n`` in all."""
     if n < 1:
         raise CalibrationError(f"n_angles must be >= 1, got {n}")

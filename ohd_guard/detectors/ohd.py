@@ -4,41 +4,28 @@ Both score a prompt by the deflection angle of one masked head and threshold it 
 rule; they differ only in how the head is chosen. One-head Defense keeps heads that barely move
 safe prompts (the selectivity rule) and ranks them by ``unsafe - safe``; the largest-effect
 baseline takes the head that moves unsafe prompts most, whatever it does to safe ones. Comparing
-the two measures what the selectivity rule buys. Both save a :class:`~ohd_guard.profile.Profile`.
+the two measures what the selectivity rule buys. Both save an :class:`~ohd_guard.detectors.ohd_profile.OhdProfile`.
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ohd_guard.calibrate import calibrate, data_hash, evaluate_angles
-from ohd_guard.detectors.base import Detector, GuardScored, as_input, library_version
 from ohd_guard.datasets import evenly
-from ohd_guard.errors import CalibrationError, InvalidInputError
-from ohd_guard.masking import HeadRef, MaskSpec
+from ohd_guard.detectors.base import Detector, as_input
+from ohd_guard.detectors.ohd_profile import Mode, OhdProfile, calibrate, mode_spec, profile_from_angles
 from ohd_guard.metrics import auroc
-from ohd_guard.profile import CalibrationSummary, HeadStats, ModelFingerprint, Profile
+from ohd_guard.profile import HeadStats
 from ohd_guard.scoring import DeflectionScorer, all_heads
-from ohd_guard.screening import MaskedBranch, PrefillDetector, PrefillReads, Reads
+from ohd_guard.screening import MaskedBranch, PrefillReads, Reads
 from ohd_guard.search import Strategy, score_heads
-from ohd_guard.threshold import RiskCalibration, fpr_threshold, kde_threshold, manual_threshold
-
-Mode = Literal["exact", "fast"]
-_POSITIONS = {"exact": "all", "fast": "last"}
+from ohd_guard.types import HeadRef, MaskSpec
 
 
-def mode_spec(mode: Mode, base: MaskSpec = MaskSpec()) -> MaskSpec:
-    """``exact``: mask at every position (paper). ``fast``: only the last position (one decode step)."""
-    if mode not in _POSITIONS:
-        raise InvalidInputError(f"mode must be 'exact' or 'fast', not {mode!r}")
-    return base.model_copy(update={"positions": _POSITIONS[mode]})
-
-
-class OneHeadDefense(GuardScored, Detector, PrefillDetector):
+class OneHeadDefense(Detector):
     """The deflection angle of one head selected by the selectivity rule (wraps :func:`calibrate`).
 
     Args:
@@ -50,6 +37,7 @@ class OneHeadDefense(GuardScored, Detector, PrefillDetector):
     """
 
     kind = "ohd"
+    Profile = OhdProfile
 
     def __init__(
         self,
@@ -69,20 +57,10 @@ class OneHeadDefense(GuardScored, Detector, PrefillDetector):
         self.mode: Mode = mode
         self.head, self.strategy, self.top_k, self.percentile = head, strategy, top_k, percentile
         self.threshold_rule, self.score_layer, self.batch_size = threshold, score_layer, batch_size
-        self.profile: Profile | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
         return f"OhD ({self.mode})"
-
-    @property
-    def threshold(self) -> float:
-        self._require_fitted()
-        return float(self.profile.threshold.value)  # type: ignore[union-attr]
-
-    def _bind(self, model: Any, processor: Any, profile: Profile) -> None:
-        self.model, self.processor, self.profile = model, processor, profile
-        self._scoring_guard = None
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "OneHeadDefense":
         profile = calibrate(
@@ -97,7 +75,7 @@ class OneHeadDefense(GuardScored, Detector, PrefillDetector):
     def reads(self) -> Reads:
         self._require_fitted()
         p = self.profile
-        return Reads(masked=MaskedBranch((tuple(p.heads),), p.mask, p.score_layer))  # type: ignore[union-attr]
+        return Reads(masked=MaskedBranch((tuple(p.heads),), p.mask, p.score_layer))
 
     @property
     def verdict_heads(self) -> tuple[HeadRef, ...]:
@@ -108,60 +86,15 @@ class OneHeadDefense(GuardScored, Detector, PrefillDetector):
         angles = reads.angles[:, 0]  # type: ignore[index]
         return angles, [{"angle": float(a)} for a in angles]
 
-    def risk(self, scores: np.ndarray) -> np.ndarray:
-        return np.asarray(self.profile.risk.risk(np.asarray(scores, dtype=float)))  # type: ignore[union-attr]
-
     def explain(self, score: float, flagged: bool, risk: float) -> str:
         heads = "+".join(map(str, self.verdict_heads))
         return (f"deflection {score:.3f} deg {'>' if flagged else '<='} threshold {self.threshold:.3f} deg at head "
                 f"{heads} (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")  # fmt: skip
 
-    def save(self, path: str | Path) -> Path:
-        self._require_fitted()
-        return self.profile.save(path)  # type: ignore[union-attr]
-
     @classmethod
-    def from_profile(cls, profile: Profile, model: Any, processor: Any, batch_size: int = 8,
-                     verify: bool = True) -> "OneHeadDefense":
-        """Bind a profile (checked against the model's fingerprint) without recalibrating."""
-        if verify:
-            profile.verify(model, processor)
+    def _configured(cls, profile: OhdProfile) -> "OneHeadDefense":  # type: ignore[override]
         mode: Mode = "fast" if profile.mask.positions == "last" else "exact"
-        det = cls(mode, head=profile.heads[0], mask=profile.mask, score_layer=profile.score_layer, batch_size=batch_size)
-        det._bind(model, processor, profile)
-        return det
-
-    @classmethod
-    def load(cls, path: str | Path, model: Any, processor: Any, allow_edited: bool = False) -> "OneHeadDefense":
-        return cls.from_profile(Profile.load(path, allow_edited=allow_edited), model, processor)
-
-
-def profile_from_angles(
-    model, processor, head: HeadRef, spec: MaskSpec, score_layer: int, u: np.ndarray, s: np.ndarray, *,
-    threshold: Literal["kde"] | float, calibration: Sequence[Any], search: str, seconds: float,
-    top_heads: list[HeadStats],
-) -> Profile:
-    """A profile for a head chosen outside :func:`calibrate`, from its calibration angles.
-
-    Unlike :func:`calibrate` it does not refuse a head whose safe angles are not below its unsafe
-    ones: a baseline that picks such a head should be measured, not crash. It then gets the
-    midpoint of the medians and a flat risk curve.
-    """
-    try:
-        fit = kde_threshold(u, s) if threshold == "kde" else fpr_threshold(u, s, float(threshold))
-        risk = RiskCalibration.fit(u, s)
-    except CalibrationError:
-        fit = manual_threshold((float(np.median(u)) + float(np.median(s))) / 2, u, s)
-        risk = RiskCalibration(slope=0.0, intercept=0.0)
-    n_u = len(u)
-    return Profile(
-        library_version=library_version(), model=ModelFingerprint.of(model, processor), heads=(head,), mask=spec,
-        score_layer=score_layer, threshold=fit, risk=risk,
-        calibration=CalibrationSummary(
-            n_unsafe=n_u, n_safe=len(s), data_hash=data_hash(list(calibration)), search=search, seconds=round(seconds, 2)
-        ),
-        metrics=[evaluate_angles("calibration", u, s, fit.value)], top_heads=top_heads,
-    )
+        return cls(mode, head=profile.heads[0], mask=profile.mask, score_layer=profile.score_layer)
 
 
 class LargestEffectHead(OneHeadDefense):

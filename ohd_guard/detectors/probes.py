@@ -11,52 +11,41 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
+from pydantic import model_validator
 
-from ohd_guard.calibrate import data_hash, evaluate_angles
-from ohd_guard.detectors.base import DetectorState, GuardScored, StateDetector, library_version
+from ohd_guard.adapters import get_adapter
+from ohd_guard.detectors.base import (
+    Detector, check_sets, data_hash, evaluate_scores, kde_or_midpoint, risk_or_none,
+)
 from ohd_guard.detectors.features import (
     Logistic, PrefillReader, balanced_accuracy, log_loss, out_of_fold, out_of_fold_many, stratified_folds,
 )
 from ohd_guard.errors import CalibrationError, InvalidInputError
-from ohd_guard.masking import HeadRef
 from ohd_guard.metrics import auroc
-from ohd_guard.profile import ModelFingerprint
+from ohd_guard.profile import ModelFingerprint, Profile, library_version
 from ohd_guard.rendering import tokenizer_of
-from ohd_guard.screening import PrefillDetector, PrefillReads, Reads
-from ohd_guard.threshold import RiskCalibration, kde_threshold
+from ohd_guard.screening import PrefillReads, Reads
+from ohd_guard.types import HeadRef
 
 
-def _check_sets(unsafe: Sequence[Any], safe: Sequence[Any], minimum: int = 2) -> None:
-    if len(unsafe) < minimum or len(safe) < minimum:
-        raise CalibrationError(f"need at least {minimum} unsafe and {minimum} safe prompts, got {len(unsafe)} and {len(safe)}")
-
-
-def _kde_or_midpoint(u: np.ndarray, s: np.ndarray) -> tuple[float, str]:
-    """The KDE crossing; the midpoint of the medians when the KDE rule refuses the data."""
-    try:
-        fit = kde_threshold(u, s)
-        return float(fit.value), fit.method
-    except (CalibrationError, InvalidInputError):
-        return (float(np.median(u)) + float(np.median(s))) / 2, "median_midpoint"
-
-
-def _risk_or_none(u: np.ndarray, s: np.ndarray) -> RiskCalibration | None:
-    try:
-        return RiskCalibration.fit(u, s, feature="angle")
-    except (CalibrationError, InvalidInputError):
-        return None
-
-
-def _risk(state: DetectorState, scores: np.ndarray) -> np.ndarray:
-    from scipy.special import expit
-
-    if state.risk is not None:
-        return np.asarray(state.risk.risk(np.asarray(scores, dtype=float)))
-    return expit(np.asarray(scores, dtype=float))
+def check_probe(profile: Any, n_features: int) -> None:
+    """A linear probe's weights must fit its features and be able to move the score."""
+    sizes = {len(profile.mean), len(profile.scale), len(profile.coef)}
+    if sizes != {n_features}:
+        raise ValueError(f"probe weights have sizes {sorted(sizes)}, its features {n_features}")
+    if not np.all(np.isfinite(profile.mean)) or not np.all(np.isfinite(profile.coef)):
+        raise ValueError("probe weights are not finite")
+    scale = np.asarray(profile.scale, dtype=float)
+    if not np.all(np.isfinite(scale)) or np.any(scale <= 0) or np.any(scale > 1e6):
+        raise ValueError("probe scales must be positive and finite (a huge scale silences its feature)")
+    if not np.any(np.asarray(profile.coef) != 0):
+        raise ValueError("probe weights are all zero: the score would never depend on the conversation")
 
 
 # -- SAHs ---------------------------------------------------------------------------------------
-class SAHsState(DetectorState):
+class SAHsProfile(Profile):
+    """The SAHs probe: which heads, their standardisation and logistic weights."""
+
     kind: Literal["sahs"] = "sahs"
     heads: list[HeadRef]
     head_cv_accuracy: list[float]
@@ -70,8 +59,21 @@ class SAHsState(DetectorState):
     cv_auroc: float
     """AUROC of the out-of-fold decision values of the final probe on the calibration prompts."""
 
+    @model_validator(mode="after")
+    def _is_a_detector(self) -> "SAHsProfile":
+        self.check_heads(self.heads)
+        check_probe(self, len(self.heads) * self.head_dim)
+        self.check_detector()
+        return self
 
-class SAHs(GuardScored, StateDetector, PrefillDetector):
+    @classmethod
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any) -> "SAHsProfile":
+        """Fit SAHs (options: :class:`SAHs`'s) and return its profile."""
+        return SAHs(**options).fit(model, processor, unsafe, safe).profile
+
+
+
+class SAHs(Detector):
     """Safety attention heads: a linear probe on the last-token outputs of the most telling heads.
 
     Every head's output (its slice of the ``o_proj`` input) at the last prompt token is read in one
@@ -82,7 +84,7 @@ class SAHs(GuardScored, StateDetector, PrefillDetector):
     KDE crossing of the out-of-fold scores.
     """
 
-    State = SAHsState
+    Profile = SAHsProfile
     name = "SAHs"
     kind = "sahs"
 
@@ -108,7 +110,7 @@ class SAHs(GuardScored, StateDetector, PrefillDetector):
         return sorted(rows, key=lambda r: (-r[0], r[1], r[2], r[3]))
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "SAHs":
-        _check_sets(unsafe, safe)
+        check_sets(unsafe, safe)
         t0 = time.perf_counter()
         feats = PrefillReader(model, processor).read(list(unsafe) + list(safe), self.batch_size).heads
         y = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
@@ -121,19 +123,19 @@ class SAHs(GuardScored, StateDetector, PrefillDetector):
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
         if self.threshold_rule == "kde":
-            threshold, method = _kde_or_midpoint(oof[y == 1], oof[y == 0])
+            threshold, method = kde_or_midpoint(oof[y == 1], oof[y == 0])
         else:
             threshold, method = 0.0, "probability_0.5"
-        state = SAHsState(
+        profile = SAHsProfile(
             library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
             threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), heads=heads,
             head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]), l2=l2,
             mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
             cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
-            risk=_risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
-            metrics=[evaluate_angles("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
+            risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
+            metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
         )
-        self._bind(model, processor, state)
+        self._bind(model, processor, profile)
         self.oof_ = oof
         return self
 
@@ -141,24 +143,23 @@ class SAHs(GuardScored, StateDetector, PrefillDetector):
     def _design(feats: np.ndarray, heads: Sequence[HeadRef]) -> np.ndarray:
         return np.concatenate([feats[:, h.layer, h.head] for h in heads], axis=1)
 
-    def _bind(self, model, processor, state) -> None:
-        super()._bind(model, processor, state)
-        self._probe = Logistic(np.array(state.mean), np.array(state.scale), np.array(state.coef), state.intercept)
-        self._scoring_guard = None
+    def _bind(self, model, processor, profile) -> None:
+        super()._bind(model, processor, profile)
+        self._probe = Logistic(np.array(profile.mean), np.array(profile.scale), np.array(profile.coef), profile.intercept)
 
     # -- the guard's side: the probe's log-odds from the screening prefill --------------------------
     def reads(self) -> Reads:
         self._require_fitted()
-        return Reads(heads=tuple(self.state.heads))  # type: ignore[union-attr]
+        return Reads(heads=tuple(self.profile.heads))
 
     @property
     def verdict_heads(self) -> tuple[HeadRef, ...]:
-        return tuple(self.state.heads) if self.state is not None else ()  # type: ignore[union-attr]
+        return tuple(self.profile.heads) if self.profile is not None else ()
 
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The probe's log-odds that each conversation is unsafe; details name the heads that pushed
         each score up most (their summed contribution ``w . z`` to the log-odds)."""
-        heads = self.state.heads  # type: ignore[union-attr]
+        heads = self.profile.heads
         X = np.concatenate([reads.heads[h].cpu().numpy().astype(np.float64) for h in heads], axis=1)
         p = self._probe  # type: ignore[assignment]
         contrib = ((X - p.mean) / p.scale * p.coef).reshape(len(X), len(heads), -1).sum(-1)  # [B, K]
@@ -169,16 +170,13 @@ class SAHs(GuardScored, StateDetector, PrefillDetector):
             details.append({"top_heads": [{"head": str(heads[k]), "log_odds": round(float(row[k]), 4)} for k in top]})
         return scores, details
 
-    def risk(self, scores: np.ndarray) -> np.ndarray:
-        return _risk(self.state, scores)  # type: ignore[arg-type]
-
     def explain(self, score: float, flagged: bool, risk: float) -> str:
         return (f"SAHs probe log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} over "
                 f"{len(self.verdict_heads)} heads (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")
 
     @classmethod
-    def _from_state(cls, state: SAHsState) -> "SAHs":  # type: ignore[override]
-        return cls(top_k=len(state.heads), threshold="kde" if state.threshold_method != "probability_0.5" else "prob")
+    def _configured(cls, profile: SAHsProfile) -> "SAHs":  # type: ignore[override]
+        return cls(top_k=len(profile.heads), threshold="kde" if profile.threshold_method != "probability_0.5" else "prob")
 
 
 # -- HiddenDetect -------------------------------------------------------------------------------
@@ -203,7 +201,9 @@ def refusal_token_ids(processor: Any, words: Sequence[str] = REFUSAL_WORDS) -> l
     return sorted(ids)
 
 
-class HiddenDetectState(DetectorState):
+class HiddenDetectProfile(Profile):
+    """HiddenDetect: the refusal tokens and the band of layers whose logit-lens cosines are summed."""
+
     kind: Literal["hiddendetect"] = "hiddendetect"
     refusal_words: list[str]
     refusal_token_ids: list[int]
@@ -213,8 +213,25 @@ class HiddenDetectState(DetectorState):
     layer_auroc: list[float]
     """AUROC of each single layer's refusal cosine on the calibration prompts."""
 
+    @model_validator(mode="after")
+    def _is_a_detector(self) -> "HiddenDetectProfile":
+        a, b = self.band
+        if not 0 <= a <= b < self.model.num_layers:
+            raise ValueError(f"band {self.band} is not a range of the model's {self.model.num_layers} layers")
+        if not self.refusal_token_ids or any(i < 0 for i in self.refusal_token_ids):
+            raise ValueError("refusal_token_ids must be non-empty token ids (>= 0)")
+        self.check_detector()
+        return self
 
-class HiddenDetect(GuardScored, StateDetector, PrefillDetector):
+    @classmethod
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any],
+            **options: Any) -> "HiddenDetectProfile":
+        """Fit HiddenDetect (options: :class:`HiddenDetect`'s) and return its profile."""
+        return HiddenDetect(**options).fit(model, processor, unsafe, safe).profile
+
+
+
+class HiddenDetect(Detector):
     """Refusal signal in the logit lens: summed over the band of layers that separates best.
 
     At the last prompt token of every decoder layer, the residual state is put through the final
@@ -224,7 +241,7 @@ class HiddenDetect(GuardScored, StateDetector, PrefillDetector):
     layers). Threshold: the KDE crossing of the calibration scores.
     """
 
-    State = HiddenDetectState
+    Profile = HiddenDetectProfile
     name = "HiddenDetect"
     kind = "hiddendetect"
 
@@ -284,48 +301,46 @@ class HiddenDetect(GuardScored, StateDetector, PrefillDetector):
         return (best[2], best[3]), float(best[0]), [auroc(both[:, l], labels) for l in range(L)]
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "HiddenDetect":
-        _check_sets(unsafe, safe)
+        check_sets(unsafe, safe)
         t0 = time.perf_counter()
         self.model, self.processor = model, processor
         self._ids = refusal_token_ids(processor, self.words)
         cu, cs = self.layer_cosines(list(unsafe)), self.layer_cosines(list(safe))
         band, area, per_layer = self.best_band(cu, cs, self.min_band)
         su, ss = cu[:, band[0] : band[1] + 1].sum(1), cs[:, band[0] : band[1] + 1].sum(1)
-        threshold, method = _kde_or_midpoint(su, ss)
-        state = HiddenDetectState(
+        threshold, method = kde_or_midpoint(su, ss)
+        profile = HiddenDetectProfile(
             library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
             threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), refusal_words=self.words,
             refusal_token_ids=self._ids, band=band, band_auroc=area, layer_auroc=per_layer,
-            seconds=round(time.perf_counter() - t0, 2), risk=_risk_or_none(su, ss),
-            data_hash=data_hash(list(unsafe) + list(safe)), metrics=[evaluate_angles("calibration", su, ss, threshold)],
+            seconds=round(time.perf_counter() - t0, 2), risk=risk_or_none(su, ss),
+            data_hash=data_hash(list(unsafe) + list(safe)), metrics=[evaluate_scores("calibration", su, ss, threshold)],
         )
-        self._bind(model, processor, state)
+        self._bind(model, processor, profile)
         return self
 
-    def _bind(self, model, processor, state) -> None:
-        super()._bind(model, processor, state)
-        self._ids = list(state.refusal_token_ids)
-        self._scoring_guard = None
-        from ohd_guard.adapters import get_adapter
-
+    def _bind(self, model, processor, profile) -> None:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        if max(profile.refusal_token_ids) >= vocab:
+            raise InvalidInputError(f"refusal token id {max(profile.refusal_token_ids)} is outside the model's "
+                                    f"vocabulary of {vocab}")
+        super()._bind(model, processor, profile)
+        self._ids = list(profile.refusal_token_ids)
         self._adapter = get_adapter(model)
 
     # -- the guard's side: refusal cosines of the band's layer states from the screening prefill ----
     def reads(self) -> Reads:
         self._require_fitted()
-        a, b = self.state.band  # type: ignore[union-attr]
+        a, b = self.profile.band
         return Reads(layers=tuple(range(a, b + 1)))
 
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Refusal cosine summed over the chosen band of layers."""
-        a, b = self.state.band  # type: ignore[union-attr]
+        a, b = self.profile.band
         states = torch.stack([reads.layers[i] for i in range(a, b + 1)], 1)  # [B, band, D]
         cos = self._cosines(states.reshape(-1, states.shape[-1]), self._adapter).reshape(states.shape[0], -1)
         return cos.sum(1), [{"band": [a, b]} for _ in range(len(cos))]
 
-    def risk(self, scores: np.ndarray) -> np.ndarray:
-        return _risk(self.state, scores)  # type: ignore[arg-type]
-
     @classmethod
-    def _from_state(cls, state: HiddenDetectState) -> "HiddenDetect":  # type: ignore[override]
-        return cls(words=state.refusal_words)
+    def _configured(cls, profile: HiddenDetectProfile) -> "HiddenDetect":  # type: ignore[override]
+        return cls(words=profile.refusal_words)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ohd_guard.adapters import model_device
-from ohd_guard.detectors.base import DetectorState, StateDetector, batched, library_version
+from ohd_guard.detectors.base import Detector, batched
 from ohd_guard.errors import InvalidInputError
-from ohd_guard.profile import ModelFingerprint
+from ohd_guard.profile import ModelFingerprint, Profile, library_version
 from ohd_guard.rendering import encode_conversations, tokenizer_of
 
 REFUSAL_MARKERS: tuple[str, ...] = (
@@ -36,20 +36,23 @@ def is_refusal(text: str, markers: Sequence[str] = REFUSAL_MARKERS, window: int 
     return any(m in head for m in markers)
 
 
-class SelfRefusalState(DetectorState):
+class SelfRefusalProfile(Profile):
+    """The self-refusal baseline's settings (nothing is learnt); it cannot guard, it answers first."""
+
     kind: Literal["self_refusal"] = "self_refusal"
     max_new_tokens: int
     markers: list[str]
 
 
-class SelfRefusal(StateDetector):
+class SelfRefusal(Detector):
     """Score 1 when the model's own greedy answer opens with a refusal, else 0 (threshold 0.5).
 
     Nothing is learnt: :meth:`fit` only records the model fingerprint and settings.
     """
 
-    State = SelfRefusalState
+    Profile = SelfRefusalProfile
     name = "SelfRefusal"
+    reads_prefill = False
 
     def __init__(self, max_new_tokens: int = 24, markers: Sequence[str] = REFUSAL_MARKERS, batch_size: int = 8):
         super().__init__()
@@ -59,12 +62,12 @@ class SelfRefusal(StateDetector):
         self.last_answers: list[str] = []
 
     def fit(self, model, processor, unsafe: Sequence[Any] = (), safe: Sequence[Any] = ()) -> "SelfRefusal":
-        state = SelfRefusalState(
+        profile = SelfRefusalProfile(
             library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=0.5,
             threshold_method="refusal_keyword", n_unsafe=len(unsafe), n_safe=len(safe),
             max_new_tokens=self.max_new_tokens, markers=self.markers,
         )
-        self._bind(model, processor, state)
+        self._bind(model, processor, profile)
         return self
 
     @torch.no_grad()
@@ -91,5 +94,5 @@ class SelfRefusal(StateDetector):
         return np.array([float(is_refusal(t, self.markers)) for t in self.last_answers])
 
     @classmethod
-    def _from_state(cls, state: SelfRefusalState) -> "SelfRefusal":  # type: ignore[override]
-        return cls(max_new_tokens=state.max_new_tokens, markers=state.markers)
+    def _configured(cls, profile: SelfRefusalProfile) -> "SelfRefusal":  # type: ignore[override]
+        return cls(max_new_tokens=profile.max_new_tokens, markers=profile.markers)

@@ -15,7 +15,7 @@ TRIGGER = "zorblax"
 
 def planted_guard(**options: Any) -> Any:
     """The planted VLM, calibrated on the planted prompts, guarded with ``options`` (OhdGuard's)."""
-    from ohd_guard.calibrate import calibrate
+    from ohd_guard.detectors import calibrate
     from ohd_guard.guard import OhdGuard
     from ohd_guard.masking import HeadRef
     from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_vlm_model, with_trigger

@@ -78,11 +78,11 @@ def calibrate_answers(model: Any, processor: Any, path: str | Path | None = None
                       **options: Any) -> Any:
     """Fit a detector (``ohd``, ``sahs`` or ``hiddendetect``) on answers read at their last token;
     returns the profile (a One-head Defense ``Profile`` or a detector state) for :class:`AnswerCheck`.
-    ``options`` go to :func:`ohd_guard.calibrate` (``ohd``) or the detector's constructor."""
+    ``options`` go to :func:`ohd_guard.detectors.calibrate` (``ohd``) or the detector's constructor."""
     unsafe, safe = answer_items(path)
     rendering = AnswerRendering(processor)
     if detector == "ohd":
-        from ohd_guard.calibrate import calibrate
+        from ohd_guard.detectors import calibrate
 
         return calibrate(model, rendering, unsafe, safe, sources=[str(path or ANSWERS_FILE)], **options)
     from ohd_guard.detectors import HiddenDetect, SAHs
@@ -92,7 +92,7 @@ def calibrate_answers(model: Any, processor: Any, path: str | Path | None = None
         from ohd_guard.errors import InvalidInputError
 
         raise InvalidInputError(f"detector must be 'ohd', 'sahs' or 'hiddendetect', not {detector!r}")
-    return kinds[detector](**options).fit(model, rendering, unsafe, safe).state
+    return kinds[detector](**options).fit(model, rendering, unsafe, safe).profile
 
 
 class AnswerCheck:
@@ -148,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.detector == "ohd":
         profile.save(args.out)
     else:
-        from ohd_guard.detectors import save_state
-
-        save_state(profile, args.out)
+        profile.save(args.out)
     for m in getattr(profile, "metrics", []) or []:
         print(json.dumps(m.model_dump(mode="json")))
     print(f"answer profile written to {args.out}", file=sys.stderr)
