@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Sequence, TypeVar
 import numpy as np
 
 from ohd_guard.datasets import LabelledPrompt
-from ohd_guard.errors import CalibrationError, InvalidInputError, ProfileFormatError
+from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.metrics import auroc, rates_at_threshold
 from ohd_guard.profile import CalibrationMetrics, Profile
 from ohd_guard.screening import PrefillDetector, as_input, batched, length_order, score_conversations
@@ -172,12 +172,7 @@ class Detector(PrefillDetector):
     @classmethod
     def load(cls: type[D], path: str | Path, model: Any, processor: Any, allow_edited: bool = False) -> D:
         """Read a saved profile of this kind and bind it to ``model``, refusing a model it was not fitted on."""
-        from ohd_guard.detectors.loading import load_profile
-
-        profile = load_profile(path, allow_edited=allow_edited)
-        if not isinstance(profile, cls.Profile):
-            raise ProfileFormatError(f"{path} is a {profile.kind!r} profile, not {cls.Profile.__name__}")
-        return cls.from_profile(profile, model, processor)
+        return cls.from_profile(cls.Profile.load(path, allow_edited=allow_edited), model, processor)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, fitted={self.fitted})"

@@ -23,9 +23,10 @@ from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from ohd_guard.generation import StopTrimmer, cut_at_stops
+from ohd_guard.types import response_payload
 
 from langchain_ohd_guard.convert import to_message_dicts
-from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict, verdict_payload
+from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict
 from langchain_ohd_guard.tools import parse_tool_calls, tool_schemas, with_tools
 
 __all__ = ["ChatOhdGuard"]
@@ -235,7 +236,7 @@ class ChatOhdGuard(BaseChatModel):
 
     def _metadata(self, verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": "ohd_guard",
-                "ohd_guard": {"refused": refused, "refusal_kind": kind, "verdict": verdict_payload(verdict)}}
+                "ohd_guard": response_payload(verdict, refused, kind)}
 
     def _result(self, resp: Any, stop: list[str] | None, tools: bool = False) -> ChatResult:
         text = _cut(resp.text, stop)

@@ -26,6 +26,7 @@ from llama_index.core.base.llms.generic_utils import (
 from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
+from ohd_guard.types import response_payload
 from pydantic import Field, PrivateAttr, SerializeAsAny
 
 from llama_index.llms.ohd_guard.convert import to_message_dicts
@@ -50,8 +51,8 @@ def _raw(guard: Any, messages: Sequence[ChatMessage] | str) -> Any:
 
 
 def _info(verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
-    """``additional_kwargs["ohd_guard"]`` of every response."""
-    return {"refused": refused, "refusal_kind": kind, "verdict": verdict.model_dump(mode="json")}
+    """``additional_kwargs["ohd_guard"]`` of every response (the core's one payload shape)."""
+    return response_payload(verdict, refused, kind)
 
 
 def _chat(text: str, info: dict[str, Any], raw: Any = None, delta: str | None = None) -> ChatResponse:
