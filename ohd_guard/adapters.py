@@ -46,7 +46,7 @@ class ArchitectureAdapter:
     def __init__(self, model: nn.Module):
         self.model = model
         self.text_model = self._find_text_model(model)
-        self.layers: nn.ModuleList = self.text_model.layers
+        self.layers: nn.ModuleList = self.text_model.layers  # type: ignore[assignment]  # nn.Module attributes are dynamic
         self.final_norm: nn.Module = self._find_final_norm(self.text_model)
         cfg = self.text_config
         self.num_layers = len(self.layers)
@@ -116,7 +116,7 @@ class ArchitectureAdapter:
                 "does not know its tensor layout; register an adapter for this family."
             )
         if isinstance(getattr(attn, "q_proj", None), nn.Linear):
-            return QuerySite(attn.q_proj, "flat")
+            return QuerySite(attn.q_proj, "flat")  # type: ignore[arg-type]  # dynamic attribute
         for name in ("qkv_proj", "Wqkv", "c_attn", "query_key_value"):
             if isinstance(getattr(attn, name, None), nn.Linear):
                 return QuerySite(getattr(attn, name), "fused")
@@ -153,7 +153,7 @@ class Gemma3Adapter(ArchitectureAdapter):
     model_types = ("gemma3", "gemma3_text")
 
     def query_site(self, layer: int) -> QuerySite:
-        return QuerySite(self.attention(layer).q_norm, "bhtd")
+        return QuerySite(self.attention(layer).q_norm, "bhtd")  # type: ignore[arg-type]  # dynamic attribute
 
 
 class Qwen3Adapter(ArchitectureAdapter):
@@ -162,7 +162,7 @@ class Qwen3Adapter(ArchitectureAdapter):
     model_types = ("qwen3", "qwen3_moe")
 
     def query_site(self, layer: int) -> QuerySite:
-        return QuerySite(self.attention(layer).q_norm, "bthd")
+        return QuerySite(self.attention(layer).q_norm, "bthd")  # type: ignore[arg-type]  # dynamic attribute
 
 
 _REGISTRY: dict[str, Callable[[nn.Module], ArchitectureAdapter]] = {}

@@ -21,7 +21,13 @@ from ohd_guard import hf_internals as hf
 from ohd_guard.conversation import Conversation
 from ohd_guard.errors import GuardViolation, InvalidInputError
 from ohd_guard.generation import CancelledCriteria, ChunkStreamer, Resume, can_resume, resume_from_prefill
-from ohd_guard.refusal import FirstSentenceCriteria, ForcedPrefixLogitsProcessor, RefusalTemplate, anchor, checked_refusal
+from ohd_guard.refusal import (
+    FirstSentenceCriteria,
+    ForcedPrefixLogitsProcessor,
+    RefusalTemplate,
+    anchor,
+    checked_refusal,
+)
 from ohd_guard.scoring import Prefill
 from ohd_guard.screening import ConversationScreener
 from ohd_guard.verdict import GuardedResponse, Screened, Verdict, typed_error
@@ -58,7 +64,7 @@ class Answerer:
 
         def run(resume: Resume) -> Any:
             streamer = ChunkStreamer(self.tokenizer, on_chunk) if on_chunk is not None else None
-            return self.model.generate(**inputs, **resume.generate_kwargs, **gk, streamer=streamer, stopping_criteria=sc,
+            return self.model.generate(**inputs, **resume.generate_kwargs, **gk, streamer=streamer, stopping_criteria=sc,  # type: ignore[operator]
                                        logits_processor=LogitsProcessorList([*resume.logits_processors, *lp]))  # fmt: skip
 
         resume = (prefill is not None and prefill.cache is not None and self.reuse_prefill

@@ -144,7 +144,7 @@ class ContextMaterial:
 
 @cache
 def _raw() -> dict[str, Any]:
-    text = resources.files("ohd_guard").joinpath("data", "contexts", "material.json").read_text(encoding="utf-8")
+    text = resources.files("ohd_guard").joinpath("data").joinpath("contexts").joinpath("material.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

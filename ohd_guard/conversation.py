@@ -347,7 +347,7 @@ class ImagePart(_Model):
         return _normalize_pil(img, limits)
 
 
-Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]  # noqa: UP007 (public runtime alias kept as is)
 
 
 class Message(_Model):
@@ -473,7 +473,7 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "human": "u
 
 
 def _part(raw: Any, st: _State, mi: int, pi: int) -> TextPart | ImagePart:
-    if isinstance(raw, TextPart) or isinstance(raw, str):
+    if isinstance(raw, (TextPart, str)):
         return st.text(raw if isinstance(raw, str) else raw.text, mi, pi)
     if isinstance(raw, ImagePart):
         return st.image(raw.image, mi, pi)

@@ -168,8 +168,8 @@ class EvalReport(BaseModel):
         if self.latency:
             out += ["", "### Screening latency, one prompt at a time", "",
                     "| detector | ms / prompt | unguarded prefill ms / prompt | x prefill |", "|---|---:|---:|---:|"]
-            out += [f"| {l.detector} | {l.ms_per_prompt:.1f} | {l.prefill_ms_per_prompt:.1f} | {l.ratio:.2f} |"
-                    for l in self.latency]
+            out += [f"| {r.detector} | {r.ms_per_prompt:.1f} | {r.prefill_ms_per_prompt:.1f} | {r.ratio:.2f} |"
+                    for r in self.latency]
         thr = ", ".join(f"{d}: {t:.4g}" for d, t in self.thresholds.items())
         out += ["", f"Thresholds: {thr}.", f"Reference sets for one-class pairing: {', '.join(self.reference_sets)}."]
         if categories and self.categories:
@@ -274,9 +274,9 @@ def _latency(detectors: Sequence[Detector], convs: list[Any], progress: bool) ->
     own: dict[str, list[float]] = {d.name: [] for d in detectors}
     for c in convs:
         for k, d in models.items():
-            base[k].append(_timed(lambda: _prefill(d.model, d.processor, c)))
+            base[k].append(_timed(lambda: _prefill(d.model, d.processor, c)))  # noqa: B023 (called at once)
         for d in detectors:
-            own[d.name].append(_timed(lambda: d.score([c])))
+            own[d.name].append(_timed(lambda: d.score([c])))  # noqa: B023 (called at once)
     out = []
     for d in detectors:
         per, ref = float(np.median(own[d.name])), float(np.median(base[id(d.model)]))
@@ -373,8 +373,8 @@ def evaluate(
     for det in detectors:
         for name, (kind, items) in sets.items():
             sec, why = timing[(det.name, name)]
-            s = report.scores[det.name].get(name)
-            report.results.append(_metrics(report, det, name, kind, labels[name], None if s is None else np.asarray(s), sec, why))
+            got = report.scores[det.name].get(name)
+            report.results.append(_metrics(report, det, name, kind, labels[name], None if got is None else np.asarray(got), sec, why))
             if s is None:
                 continue
             cats: dict[tuple[str, int], list[int]] = {}

@@ -67,7 +67,7 @@ class CancelledCriteria(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------ resuming from the prefill
@@ -114,7 +114,7 @@ def _shim(model: Any) -> Callable[..., Any]:
                     f"GenerationMixin.{hf.PREFILL_METHOD}", "generate() passed it another cache or prompt than it was given"))
             pending["used"] = True
             return pending["outputs"]
-        return original(model, input_ids, generation_config, model_kwargs, *args, **kwargs)
+        return original(model, input_ids, generation_config, model_kwargs, *args, **kwargs)  # type: ignore[misc]  # shimmed only when present
 
     return _prefill
 

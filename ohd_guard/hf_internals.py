@@ -25,7 +25,6 @@ from torch import nn
 
 from ohd_guard.errors import InternalChanged
 
-
 TRANSFORMERS_VERSION: str = transformers.__version__
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 """The oldest and newest transformers releases the whole suite ran on."""
@@ -58,7 +57,7 @@ def _parameters(fn: Callable) -> set[str]:
         return set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cache_keyword(fn: Callable) -> str:
     """The keyword ``fn`` (a model's or a decoder layer's ``forward``, ``generate``) takes its KV cache
     under: ``cache`` on transformers >= 5.24, ``past_key_values`` before. Memoised: the masked replay
@@ -156,10 +155,10 @@ def recording_cache(model: nn.Module) -> Any:
     last prompt position attends to (Gemma 3, Mistral with a sliding window)."""
     from transformers import DynamicCache
 
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config  # type: ignore[operator]
     if not getattr(cfg, "sliding_window", None) or "sliding_attention" not in (getattr(cfg, "layer_types", None) or []):
         return None
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module attributes are dynamic
     sliding = [layer for layer in _layers(cache) if getattr(layer, "is_sliding", False)]
     if not sliding or not all(hasattr(layer, "activate_past_recording") for layer in sliding):
         raise InternalChanged(moved("DynamicSlidingWindowLayer.activate_past_recording",
@@ -218,7 +217,7 @@ def rope_state_modules(model: nn.Module) -> list[nn.Module]:
 def reset_rope_state(modules: list[nn.Module]) -> None:
     """Forget rotary offsets left by an earlier batch (a stale one would shift this batch's positions)."""
     for m in modules:
-        m.rope_deltas = None
+        m.rope_deltas = None  # type: ignore[assignment]
 
 
 # -- noise ---------------------------------------------------------------------------------------

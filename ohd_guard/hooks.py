@@ -38,6 +38,7 @@ class HookScope:
 
     def forward_pre_hook(self, module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = False) -> None:
         """``fn(module, args)`` (or ``fn(module, args, kwargs)``); a return value replaces the inputs."""
+        hook: Callable[..., Any]
         if with_kwargs:
             hook = lambda m, a, kw: fn(m, a, kw) if self.active() else None  # noqa: E731
         else:

@@ -184,12 +184,12 @@ def embedded_model_path(name: str = _DEFAULT_NAME) -> Path:
                 work, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
             )
         except ImportError as e:
-            raise ModelLoadError(f"reading GGUF needs the `gguf` package: pip install 'ohd-guard[{m.extra}]' ({e})")
+            raise ModelLoadError(f"reading GGUF needs the `gguf` package: pip install 'ohd-guard[{m.extra}]' ({e})") from e
         # The GGUF loader marks the model as quantized; the weights are plain tensors by now.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.to(_CACHE_DTYPE).save_pretrained(work)
+        model.to(_CACHE_DTYPE).save_pretrained(work)  # type: ignore[arg-type]  # transformers' decorated .to
         tok.save_pretrained(work)
         gguf.unlink()
         shutil.rmtree(target, ignore_errors=True)
@@ -261,7 +261,7 @@ def load_model(ref: Any = None, device: str | torch.device = "auto", dtype: str 
         processor = AutoProcessor.from_pretrained(path, **kw) if multimodal else AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load {ref!r}: {e}") from e
-    model = model.to(dev).eval()
+    model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to
     tok = getattr(processor, "tokenizer", processor)
     if embedded is not None and embedded.chat_template and not getattr(processor, "chat_template", None):
         processor.chat_template = embedded.chat_template

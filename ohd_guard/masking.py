@@ -17,7 +17,7 @@ one batched forward scores many heads at once (head search).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -91,7 +91,7 @@ def head_mask(
     if len(heads) and all(isinstance(h, HeadRef) for h in heads):
         rows = [tuple(heads)]  # type: ignore[arg-type]
     else:
-        rows = [tuple(r) for r in heads]  # type: ignore[union-attr]
+        rows = [tuple(r) for r in heads]  # type: ignore[union-attr, arg-type]
     for r in rows:
         for h in r:
             if not (0 <= h.layer < adapter.num_layers and 0 <= h.head < adapter.num_heads):

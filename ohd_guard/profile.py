@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, TypeAdapter, ValidationError
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ohd_guard.profile")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
+_P = TypeVar("_P", bound="Profile")  # Kind.load returns that kind
 
 # Config keys that change with the environment or the load call, not with the model.
 _VOLATILE_CONFIG_KEYS = {
@@ -55,7 +56,7 @@ def _stable_config(obj: Any) -> Any:
 
 
 def config_hash(model: torch.nn.Module) -> str:
-    return _sha(json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str))
+    return _sha(json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str))  # type: ignore[union-attr, operator]
 
 
 @torch.no_grad()
@@ -254,7 +255,7 @@ class Profile(BaseModel):
         return content_digest(self)
 
     @classmethod
-    def load(cls, path: str | Path, allow_edited: bool = False) -> "Profile":
+    def load(cls: type[_P], path: str | Path, allow_edited: bool = False) -> _P:
         """Read a profile written by :meth:`save` (any kind when called on :class:`Profile`, else that
         kind). Every failure is a :class:`ProfileFormatError`; a file edited after fitting is refused
         unless ``allow_edited=True`` (then loaded with a warning, still validated as a detector)."""
@@ -359,8 +360,8 @@ def _adapter() -> TypeAdapter[Any]:
     """One pydantic discriminated union over every kind defined (rebuilt when a kind is added)."""
     kinds = tuple(Profile.KINDS.values())
     if _ADAPTERS.get("kinds") != kinds:
-        union = kinds[0] if len(kinds) == 1 else Union[kinds]  # type: ignore[valid-type]
-        _ADAPTERS.update(kinds=kinds, adapter=TypeAdapter(Annotated[union, Field(discriminator="kind")]))
+        union = kinds[0] if len(kinds) == 1 else Union[kinds]  # type: ignore[valid-type]  # noqa: UP007 (built at run time)
+        _ADAPTERS.update(kinds=kinds, adapter=TypeAdapter(Annotated[union, Field(discriminator="kind")]))  # type: ignore[arg-type]
     return _ADAPTERS["adapter"]
 
 

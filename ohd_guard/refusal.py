@@ -118,7 +118,7 @@ class ForcedPrefixLogitsProcessor(LogitsProcessor):
         if 0 <= step < len(self.prefix_ids):
             forced = torch.full_like(scores, float("-inf"))
             forced[:, self.prefix_ids[step]] = 0.0
-            return forced
+            return forced  # type: ignore[return-value]
         return scores
 
 
@@ -132,7 +132,7 @@ class FirstSentenceCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
         tail = self.tokenizer.decode(input_ids[0, self.start :], skip_special_tokens=True)
         done = bool(_SENTENCE_END.search(tail.strip())) or "\n" in tail.strip() or "`" in tail
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 _SENTENCE_END = re.compile(r"\w[.!?](\s|$)")

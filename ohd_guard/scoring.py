@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
 from ohd_guard import hf_internals as hf
+from ohd_guard.adapters import ArchitectureAdapter, get_adapter, model_device
 from ohd_guard.errors import InvalidInputError, ScreeningError
 from ohd_guard.hooks import scoped_hooks
 from ohd_guard.masking import HeadRef, MaskSpec, head_mask
-
 
 
 def angle_degrees(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -44,7 +43,7 @@ def angle_degrees(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) ->
     b = torch.as_tensor(b).detach().to("cpu", torch.float64)
     a = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     b = b / b.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    rad = 2.0 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1))
+    rad = 2.0 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1))  # type: ignore[union-attr]  # tensors by now
     return np.degrees(rad.numpy())
 
 
@@ -321,7 +320,7 @@ class DeflectionScorer:
         chunks of at most ``max_tokens`` rows x positions (memory bound).
         """
         single = sites is None
-        sites = [self.score_layer] if single else [self._check_site(x) for x in sites]
+        sites = [self.score_layer] if sites is None else [self._check_site(x) for x in sites]
         top = max(sites)
         B = prefill.batch_size
         cols = [tuple(c) for c in columns]
@@ -462,7 +461,7 @@ class DeflectionScorer:
 def all_heads(adapter: ArchitectureAdapter, below_layer: int | None = None) -> list[HeadRef]:
     """Every head of the language model (optionally only layers below ``below_layer``)."""
     top = adapter.num_layers if below_layer is None else min(below_layer, adapter.num_layers)
-    return [HeadRef(layer=l, head=h) for l in range(top) for h in range(adapter.num_heads)]
+    return [HeadRef(layer=layer, head=h) for layer in range(top) for h in range(adapter.num_heads)]
 
 
 def naive_angles(

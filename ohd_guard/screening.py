@@ -79,7 +79,7 @@ class PrefillReads:
     angles: np.ndarray | None = None
 
 
-class PrefillDetector(ABC):
+class PrefillDetector(ABC):  # noqa: B024 (a protocol: a kind that cannot read a prefill leaves reads() unimplemented)
     """The screening protocol: what the guard runs. A bound detector reads the screening prefill and
     returns one score per row (higher = more unsafe); the guard flags ``score > threshold``.
 
@@ -288,7 +288,9 @@ class ConversationScreener:
         emit: Callable[[Any], None] = lambda verdict: None,
     ):
 
-        self.model, self.processor, self.detector = model, processor, detector
+        self.model, self.processor = model, processor
+        # None only for the fitting reader (it reads features and never scores, so never reaches self.detector).
+        self.detector: PrefillDetector = detector  # type: ignore[assignment]
         self.on_error, self.limits, self.fetcher, self.base_dir = on_error, limits or ConversationLimits(), fetcher, base_dir
         self.allow_local_files, self.max_batch_size, self.emit = allow_local_files, max_batch_size, emit
         self.screener = Screener(model)
@@ -438,8 +440,8 @@ def score_conversations(detectors: Sequence[PrefillDetector], items: Sequence[An
     """
     if not detectors:
         raise InvalidInputError("no detectors to score with")
-    d0 = detectors[0]
-    if any(d.model is not d0.model for d in detectors):
+    d0: Any = detectors[0]  # bound detectors carry model, processor (and _stage), not declared on the protocol
+    if any(d.model is not d0.model for d in detectors):  # type: ignore[attr-defined]
         raise InvalidInputError("joint scoring needs detectors bound to one model")
     stage = getattr(d0, "_stage", None) if len(detectors) == 1 else None
     if stage is None:

@@ -120,7 +120,7 @@ def _best_layer(per_layer: list[HeadScores], percentile: float, rank_by: RankBy)
         if best is None or top.auroc > best[2]:
             best = (sc, ranking, top.auroc)
     assert best is not None
-    return best[0], best[1], table
+    return best[0], best[1], table  # type: ignore[return-value]  # score layers are set once scored
 
 
 def search_heads(

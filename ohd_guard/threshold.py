@@ -222,10 +222,10 @@ class RiskCalibration(BaseModel):
             z = (f - mean) / sd
 
             def obj(p: np.ndarray) -> tuple[float, np.ndarray]:
-                m = sign * (p[0] * z + p[1])
+                m = sign * (p[0] * z + p[1])  # noqa: B023 (minimize runs inside this iteration)
                 g = -sign * w * expit(-m)  # d loss / d logit
                 return float(w @ np.logaddexp(0.0, -m) + 0.5 * l2 * p[0] ** 2), np.array(
-                    [g @ z + l2 * p[0], g.sum()]
+                    [g @ z + l2 * p[0], g.sum()]  # noqa: B023
                 )
 
             res = minimize(obj, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from ohd_guard.cli.common import METRIC_COLUMNS, describe, load_model, model_args, positive_int, shipped, table
 
@@ -57,7 +58,7 @@ def cmd_calibrate(args) -> int:
 
     model, processor = load_model(args)
     head = HeadRef(layer=args.head[0], head=args.head[1]) if args.head else None
-    threshold = "kde" if args.target_fpr is None else args.target_fpr
+    threshold: Any = "kde" if args.target_fpr is None else args.target_fpr
     profile = calibrate(
         model, processor, unsafe, safe,
         spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
@@ -85,13 +86,13 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
 
     import numpy as np
 
-    from ohd_guard.detectors.base import evaluate_scores
     from ohd_guard.detectors import Fused, HiddenDetect, OhdProfile, SAHs
+    from ohd_guard.detectors.base import evaluate_scores
 
     model, processor = load_model(args)
     bs = args.batch_size
     if args.detector == "sahs":
-        det = SAHs(top_k=args.heads, batch_size=bs)
+        det: SAHs | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs)
     elif args.detector == "hiddendetect":
         det = HiddenDetect(batch_size=bs)
     else:

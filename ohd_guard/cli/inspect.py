@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ohd_guard.cli.common import DEFAULT_PROFILE, METRIC_COLUMNS, describe_profile, table
 
@@ -10,7 +11,7 @@ from ohd_guard.cli.common import DEFAULT_PROFILE, METRIC_COLUMNS, describe_profi
 def cmd_inspect(args) -> int:
     from ohd_guard.detectors import load_profile
 
-    p = load_profile(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)
+    p: Any = load_profile(args.profile or DEFAULT_PROFILE, allow_edited=args.allow_edited)  # an OhdProfile past the kind check
     if args.json:
         print(p.model_dump_json(indent=2))
         return 0

@@ -89,7 +89,7 @@ _CALIBRATION_FILES = ("calibration_prompts.jsonl", "contrast_prompts.jsonl")
 def _read_calibration_rows() -> list[dict[str, Any]]:
     rows = []
     for name in _CALIBRATION_FILES:
-        text = resources.files("ohd_guard").joinpath("data", name).read_text(encoding="utf-8")
+        text = resources.files("ohd_guard").joinpath("data").joinpath(name).read_text(encoding="utf-8")
         rows += [row for _, row in parse_jsonl(text, f"ohd_guard/data/{name}")]
     return rows
 

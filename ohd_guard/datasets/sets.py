@@ -59,7 +59,7 @@ def figstep_images(folder: SetFolder, name: str) -> list[LabelledPrompt]:
         stem = PurePosixPath(rel).stem
         key = tuple(stem.split("_")[1:4])
         order = tuple(int(x) if x.isdigit() else 0 for x in key[1:])
-        entries.append((order, PurePosixPath(rel).name, rel, meta.get(key)))
+        entries.append((order, PurePosixPath(rel).name, rel, meta.get(key)))  # type: ignore[arg-type]  # 3 parts by the glob
     entries.sort(key=lambda e: (e[0], e[1]))
     out = []
     for _, _, rel, row in entries:

@@ -29,7 +29,12 @@ from ohd_guard.detectors.loading import GUARD_KINDS, AnyProfile, bind_detector, 
 from ohd_guard.detectors.ohd import LargestEffectHead, OneHeadDefense
 from ohd_guard.detectors.ohd_profile import OhdProfile, calibrate, mode_spec
 from ohd_guard.detectors.probes import (
-    REFUSAL_WORDS, HiddenDetect, HiddenDetectProfile, SAHs, SAHsProfile, refusal_token_ids,
+    REFUSAL_WORDS,
+    HiddenDetect,
+    HiddenDetectProfile,
+    SAHs,
+    SAHsProfile,
+    refusal_token_ids,
 )
 from ohd_guard.detectors.refusal import REFUSAL_MARKERS, SelfRefusal, SelfRefusalProfile, is_refusal
 

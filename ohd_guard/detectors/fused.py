@@ -12,7 +12,6 @@ import time
 from typing import Any, Literal, Sequence
 
 import numpy as np
-
 from pydantic import model_validator
 
 from ohd_guard.detectors.base import Detector, as_input, check_sets, data_hash, evaluate_scores, risk_or_none
@@ -160,7 +159,7 @@ class Fused(Detector):
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Fused log-odds; details carry every angle, the SAHs log-odds and its top heads."""
         sahs, sahs_details = self.sahs.score_reads(reads)
-        angles = reads.angles  # type: ignore[assignment]
+        angles: np.ndarray = reads.angles  # type: ignore[assignment]
         scores = self._probe.decision(_features(angles, sahs))  # type: ignore[union-attr]
         heads = self.profile.ohd_heads
         details = [

@@ -22,7 +22,8 @@ GUARD_KINDS = ("ohd", "sahs", "hiddendetect", "fused")
 """Detector kinds the guard can screen with (the self-refusal baseline answers first, so it cannot)."""
 
 AnyProfile = Annotated[
-    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, SelfRefusalProfile], Field(discriminator="kind")
+    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, SelfRefusalProfile],  # noqa: UP007 (public alias as is)
+    Field(discriminator="kind"),
 ]
 """A saved profile of any kind, told apart by its ``kind`` (what :func:`load_profile` validates against)."""
 

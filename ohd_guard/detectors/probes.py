@@ -14,11 +14,15 @@ import torch
 from pydantic import model_validator
 
 from ohd_guard.adapters import get_adapter
-from ohd_guard.detectors.base import (
-    Detector, check_sets, data_hash, evaluate_scores, kde_or_midpoint, risk_or_none,
-)
+from ohd_guard.detectors.base import Detector, check_sets, data_hash, evaluate_scores, kde_or_midpoint, risk_or_none
 from ohd_guard.detectors.features import (
-    Logistic, PrefillReader, balanced_accuracy, log_loss, out_of_fold, out_of_fold_many, stratified_folds,
+    Logistic,
+    PrefillReader,
+    balanced_accuracy,
+    log_loss,
+    out_of_fold,
+    out_of_fold_many,
+    stratified_folds,
 )
 from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.metrics import auroc
@@ -161,7 +165,7 @@ class SAHs(Detector):
         each score up most (their summed contribution ``w . z`` to the log-odds)."""
         heads = self.profile.heads
         X = np.concatenate([reads.heads[h].cpu().numpy().astype(np.float64) for h in heads], axis=1)
-        p = self._probe  # type: ignore[assignment]
+        p: Logistic = self._probe  # type: ignore[assignment]
         contrib = ((X - p.mean) / p.scale * p.coef).reshape(len(X), len(heads), -1).sum(-1)  # [B, K]
         scores = contrib.sum(1) + p.intercept
         details = []
@@ -298,7 +302,7 @@ class HiddenDetect(Detector):
                 if best is None or key[:2] > best[:2]:
                     best = key
         assert best is not None
-        return (best[2], best[3]), float(best[0]), [auroc(both[:, l], labels) for l in range(L)]
+        return (best[2], best[3]), float(best[0]), [auroc(both[:, i], labels) for i in range(L)]
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "HiddenDetect":
         check_sets(unsafe, safe)

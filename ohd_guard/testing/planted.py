@@ -133,7 +133,7 @@ def planted_vlm_model(
     text, tok, info = planted_head_model(trigger, layer=layer, head=head, seed=seed)
     cfg = LlavaConfig(
         vision_config=clip_vision(), text_config=text.config.to_dict(),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
+        image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,  # type: ignore[arg-type]
         vision_feature_select_strategy="default", vision_feature_layer=-2,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):

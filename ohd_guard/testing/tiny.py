@@ -200,8 +200,8 @@ def _qwen_vl(tok, v25: bool):
     else:
         vision = dict(depth=1, embed_dim=32, hidden_size=_H, mlp_ratio=2, num_heads=2, patch_size=8,
                       spatial_merge_size=2, temporal_patch_size=2)
-        cls, cfg_cls, proc_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig, tf.Qwen2VLProcessor
-    cfg = cfg_cls(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VL_TOKENS))
+        cls, cfg_cls, proc_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig, tf.Qwen2VLProcessor  # type: ignore[assignment]
+    cfg = cfg_cls(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VL_TOKENS))  # type: ignore[arg-type]
     ip = pil_class("Qwen2VLImageProcessor")(
         size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, patch_size=8, merge_size=2, temporal_patch_size=2
     )

@@ -17,17 +17,16 @@ from langchain_core.callbacks import (
 )
 from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.tools import BaseTool
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
+from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field, PrivateAttr
-
-from ohd_guard.generation import StopTrimmer, cut_at_stops
-from ohd_guard.types import response_payload
 
 from langchain_ohd_guard.convert import to_message_dicts
 from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict
 from langchain_ohd_guard.tools import parse_tool_calls, tool_schemas, with_tools
+from ohd_guard.generation import StopTrimmer, cut_at_stops
+from ohd_guard.types import response_payload
 
 __all__ = ["ChatOhdGuard"]
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, adispatch_custom_event, dispatch_custom_event
-from langchain_core.callbacks.manager import BaseRunManager
-from langchain_core.callbacks.manager import ahandle_event, handle_event
+from langchain_core.callbacks.manager import BaseRunManager, ahandle_event, handle_event
 from langchain_core.runnables import RunnableConfig
 
 EVENT_NAME = "ohd_guard.verdict"  # == ohd_guard.guard.EVENT_NAME (checked in the tests; no torch import here)

@@ -1,4 +1,4 @@
-"""Tool calling for ChatOhdGuard: LangChain tools in the core's text format (:mod:`ohd_guard.tools`,
+r"""Tool calling for ChatOhdGuard: LangChain tools in the core's text format (:mod:`ohd_guard.tools`,
 Qwen2.5's / Hermes' ``<tools>`` / ``<tool_call>``), and parsed calls as LangChain ``ToolCall``\ s.
 
 The definitions are written into the system message rather than handed to the chat template's own

@@ -29,10 +29,10 @@ _WHERE = {
 }  # fmt: skip
 
 if TYPE_CHECKING:
+    from llama_index.llms.ohd_guard.base import GuardedLLM, OhdGuardLLM
     from llama_index.llms.ohd_guard.callbacks import OhdGuardCallbackHandler
     from llama_index.llms.ohd_guard.convert import UnsupportedContentError, to_conversation
     from llama_index.llms.ohd_guard.events import OhdGuardVerdictEvent
-    from llama_index.llms.ohd_guard.base import GuardedLLM, OhdGuardLLM
 
 
 def __getattr__(name: str) -> Any:

@@ -6,6 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from llama_index.core.base.llms.generic_utils import (
+    achat_to_completion_decorator,
+    astream_chat_to_completion_decorator,
+    chat_to_completion_decorator,
+    stream_chat_to_completion_decorator,
+)
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -17,20 +23,14 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.base.llms.generic_utils import (
-    achat_to_completion_decorator,
-    astream_chat_to_completion_decorator,
-    chat_to_completion_decorator,
-    stream_chat_to_completion_decorator,
-)
 from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
-from ohd_guard.types import response_payload
 from pydantic import Field, PrivateAttr, SerializeAsAny
 
 from llama_index.llms.ohd_guard.convert import to_message_dicts
 from llama_index.llms.ohd_guard.events import adispatch_verdict, dispatch_verdict
+from ohd_guard.types import response_payload
 
 __all__ = ["GuardedLLM", "OhdGuardLLM"]
 
