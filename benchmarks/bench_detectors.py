@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ohd_guard.cli.common import describe
 from ohd_guard.attacks import make_attacks
 from ohd_guard.datasets import evenly, load_calibration_prompts, load_shared_set, stratified
 from ohd_guard.detectors import HiddenDetect, LargestEffectHead, OneHeadDefense, SAHs, SelfRefusal, shared_prefill
@@ -35,20 +36,6 @@ from ohd_guard.profile import Profile
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "ohd_guard" / "profiles" / "qwen2.5-coder-0.5b-instruct.json"
 KEEP = "<!-- Notes below this line are written by hand and kept when the benchmark rewrites the file. -->"
-
-
-def describe(det) -> str:
-    if hasattr(det, "profile") and det.profile is not None:
-        p = det.profile
-        return f"head {p.heads[0]}, {p.search}, threshold {p.threshold:.3g} deg ({p.threshold_method})"
-    s = det.profile
-    if s.kind == "sahs":
-        return (f"{len(s.heads)} heads (best {', '.join(map(str, s.heads[:4]))}, ...), L2 {s.l2:g}, "
-                f"CV AUROC {s.cv_auroc:.3f}, threshold p=0.5")
-    if s.kind == "hiddendetect":
-        return (f"band layers {s.band[0]}-{s.band[1]}, {len(s.refusal_token_ids)} refusal tokens, "
-                f"calibration AUROC {s.band_auroc:.3f}, threshold {s.threshold:.3g} ({s.threshold_method})")
-    return f"greedy {s.max_new_tokens} tokens, {len(s.markers)} refusal phrases"
 
 
 def main(argv: list[str] | None = None) -> int:
