@@ -141,3 +141,124 @@ def test_eval_cli_typed_errors_exit_cleanly(saved, tmp_path, capsys):
     assert main(["eval", "--model", saved["model"], str(safe_only), "--attacks", "--detectors", "sahs",
                  "--fit-data", saved["fit"]]) == 2
     assert "no text-only unsafe items" in capsys.readouterr().err
+
+
+CONTEXTS = ["bare", "tools", "rag", "history", "operator"]
+
+
+@pytest.fixture(scope="module")
+def long_model(saved):
+    """The same planted model (and a profile for it) with a 4096-token window: tool definitions and
+    RAG passages exceed 512."""
+    model, tok, _ = planted_head_model()
+    model.config.max_position_embeddings = 4096
+    path = saved["root"] / "model_long"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    fit = CLEAN[:6]
+    profile = calibrate(model, tok, trig(fit), fit, spec=MaskSpec(positions="last"), head=HeadRef(layer=1, head=2))
+    return {"model": str(path), "profile": str(profile.save(saved["root"] / "profile_long.json"))}
+
+
+def test_eval_cli_contexts_rows_labels_and_bare_unchanged(saved, long_model, tmp_path, capsys):
+    """--contexts: every set in every context (bare added first), labels kept, bare scored as without contexts."""
+    base = ["eval", "--model", long_model["model"], "--profile", long_model["profile"], saved["mixed"], saved["harmful"],
+            "--latency-prompts", "0", "--quiet"]
+    assert main([*base, "--json", str(tmp_path / "plain.json")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--contexts", "tools,rag", "--contexts", "history,operator,tools",
+                 "--json", str(tmp_path / "ctx.json")]) == 0
+    out = capsys.readouterr().out
+    plain = EvalReport.model_validate_json((tmp_path / "plain.json").read_text())
+    report = EvalReport.model_validate_json((tmp_path / "ctx.json").read_text())
+    sets = {"mixed.jsonl": 10, "harmful.jsonl": 6}
+    assert report.datasets == {f"{s} @ {k}": n for s, n in sets.items() for k in CONTEXTS}
+    for s in sets:
+        for k in CONTEXTS:  # labels preserved, item for item, in every context
+            assert report.labels[f"{s} @ {k}"] == plain.labels[s]
+        assert report.scores["OhD (fast)"][f"{s} @ bare"] == pytest.approx(plain.scores["OhD (fast)"][s])
+        # the contexts really changed what was screened
+        assert report.scores["OhD (fast)"][f"{s} @ rag"] != pytest.approx(plain.scores["OhD (fast)"][s])
+
+    assert "### In context: DR / FPR at the calibrated threshold, AUROC, and the change from bare" in out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| OhD (fast) | ") and " @ " not in line]
+    table = {(r[1], r[2]): r for r in rows if len(r) == 11}
+    assert set(table) == {(s, k) for s in sets for k in CONTEXTS}
+    bare = table[("mixed.jsonl", "bare")]
+    assert bare[3:8] == ["4", "6", "1.000", "0.000", "1.000"] and bare[8:] == ["-", "-", "- |"]
+    tools = table[("mixed.jsonl", "tools")]
+    assert float(tools[8]) == pytest.approx(float(tools[5]) - 1.0)  # delta DR vs bare
+    assert float(tools[9]) == pytest.approx(float(tools[6]) - 0.0)
+    harm = table[("harmful.jsonl", "rag")]
+    assert harm[3:5] == ["6", "0"] and harm[6] == "-"  # no safe items: no FPR
+    assert "tools/" in out and "rag/" in out and "history/" in out  # per-variant table
+
+
+def test_eval_cli_contexts_paired_within_the_context(saved, long_model, tmp_path):
+    """A one-class set's AUROC in a context ranks it against the other sets' opposite class in that context."""
+    from ohd_guard.evaluation_contexts import context_results, set_name
+
+    argv = ["eval", "--model", long_model["model"], "--profile", long_model["profile"], saved["mixed"], saved["harmful"],
+            "--contexts", "rag", "--latency-prompts", "0", "--quiet", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    report = EvalReport.model_validate_json((tmp_path / "r.json").read_text())
+    keys = [(s, k) for s in ("mixed.jsonl", "harmful.jsonl") for k in ("bare", "rag")]
+    rows = {(r.dataset, r.context): r for r in context_results(report, keys)}
+    from ohd_guard.metrics import auroc
+
+    s = report.scores["OhD (fast)"]
+    y_mixed = report.labels[set_name("mixed.jsonl", "rag")]
+    safe = [v for v, y in zip(s[set_name("mixed.jsonl", "rag")], y_mixed) if y == 0]
+    harm = s[set_name("harmful.jsonl", "rag")]
+    assert rows[("harmful.jsonl", "rag")].paired_with == "pooled safe (6)"
+    assert rows[("harmful.jsonl", "rag")].auroc == pytest.approx(auroc(harm + safe, [1] * len(harm) + [0] * len(safe)))
+    assert rows[("mixed.jsonl", "rag")].paired_with == "own"
+    assert rows[("mixed.jsonl", "bare")].d_auroc is None
+
+
+def test_eval_cli_context_over_the_window_is_a_skipped_row(saved, capsys):
+    """Tool definitions exceed the 512-token planted model: that context is reported skipped, with the reason."""
+    argv = ["eval", "--model", saved["model"], "--profile", saved["profile"], saved["mixed"],
+            "--contexts", "tools,operator", "--latency-prompts", "0", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| OhD (fast) | mixed.jsonl | tools | 4 | 6 | skipped: prompt too long:" in out
+    assert "| OhD (fast) | mixed.jsonl | operator | 4 | 6 | 1.000 | 0.000 | 1.000 | +0.000 | +0.000 | +0.000 |" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["x.jsonl", "--contexts", "tools,chat"], "unknown context(s) 'chat'"),
+        (["x.jsonl", "--contexts", ""], "unknown context(s) (none given)"),
+        (["x.jsonl", "--context-limit", "5"], "--context-limit needs --contexts"),
+    ],
+)
+def test_eval_cli_context_argument_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_context_sets_leave_out_images_and_fail_closed():
+    from PIL import Image
+
+    from ohd_guard.datasets import LabelledPrompt
+    from ohd_guard.errors import InvalidInputError
+    from ohd_guard.evaluation_contexts import context_sets
+
+    img = Image.new("RGB", (4, 4))
+    mixed = [LabelledPrompt(t, 1, "x") for t in trig(CLEAN[:3])] + [LabelledPrompt(CLEAN[3], 0, "y", image=img)]
+    placed, notes = context_sets({"m": mixed, "images": [LabelledPrompt("look", 0, image=img)]}, ["operator"])
+    assert list(placed) == [("m", "bare"), ("m", "operator")]
+    assert [x.label for x in placed[("m", "operator")]] == [1, 1, 1]
+    assert all(x.context == "operator" and x.messages[0]["role"] == "system" for x in placed[("m", "operator")])
+    assert notes == ["m: 1 of 4 items left out of the contexts (images or multi-turn conversations)",
+                     "images: 1 of 1 items left out of the contexts (images or multi-turn conversations)"]
+    assert context_sets({"m": mixed}, ["tools"], per_class=2)[0][("m", "tools")].__len__() == 2
+    assert context_sets({"m": mixed}, ["rag"])[0] == context_sets({"m": mixed}, ["rag"])[0]  # fixed seed
+    with pytest.raises(InvalidInputError, match="no set holds text-only prompts"):
+        context_sets({"images": [LabelledPrompt("look", 0, image=img)]}, ["tools"])
+    with pytest.raises(InvalidInputError, match="unknown context"):
+        context_sets({"m": mixed}, ["chat"])

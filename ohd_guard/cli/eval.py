@@ -39,6 +39,12 @@ def _attack_names(value: str) -> list[str]:
     return name_list(ATTACKS, "attack(s)")(value)
 
 
+def _context_names(value: str) -> list[str]:
+    from ohd_guard.contexts import CONTEXT_KINDS
+
+    return name_list(CONTEXT_KINDS, "context(s)")(value)
+
+
 def _round_robin(sets: list[list], n: int) -> list:
     out: list = []
     i = 0
@@ -91,6 +97,8 @@ def cmd_eval(args) -> int:
     if args.detectors is None and not args.detector_file and not args.shipped:
         names = ["ohd"]
     names = list(dict.fromkeys(names))
+    if args.context_limit is not None and not args.contexts:
+        parser.error("--context-limit needs --contexts")
     if not 0.0 < args.max_fpr < 1.0:
         parser.error(f"--max-fpr must be strictly between 0 and 1, got {args.max_fpr}")
     if args.roc:
@@ -140,6 +148,17 @@ def cmd_eval(args) -> int:
         if not seeds:
             raise InvalidInputError("--attacks: the sets hold no text-only unsafe items to build the attacks from")
         attacks = make_attacks(seeds, attacks=args.attack_names or ATTACKS)
+    placed: dict = {}
+    if args.contexts:  # each set's items in every context, bare first; attacks stay as built above
+        from ohd_guard.evaluation_contexts import context_sets, set_name
+
+        if args.project_heldout:  # a subset of the held-out split, which is placed whole
+            sets.pop("project look-alike pairs")
+        placed, context_notes = context_sets(sets, [k for group in args.contexts for k in group],
+                                             per_class=args.context_limit)
+        for n in context_notes:
+            say(f"[eval] {n}")
+        sets = {set_name(*k): v for k, v in placed.items()}
 
     from ohd_guard.detectors import (
         HiddenDetect, LargestEffectHead, OneHeadDefense, SAHs, SelfRefusal, load_detector, shared_prefill,
@@ -217,10 +236,16 @@ def cmd_eval(args) -> int:
     with redirect:
         report = evaluate(detectors, sets, attacks=attacks, max_fpr=args.max_fpr,
                           latency_prompts=args.latency_prompts, progress=not quiet)
+    if placed:
+        notes.extend(context_notes)
     if attacks:
         notes.append(f"attacks built from {len(seeds)} unsafe text items of the sets (round-robin over the sets)")
     report.notes.extend(notes)
     markdown = report.to_markdown()
+    if placed:  # the per-context tables first: they are what --contexts asks for
+        from ohd_guard.evaluation_contexts import context_markdown
+
+        markdown = context_markdown(report, placed) + "\n" + markdown
     print(markdown, end="")
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -276,6 +301,13 @@ def add_parser(sub) -> None:
                    help="unsafe items the attacks are built from (round-robin over the sets; default 10)")
     e.add_argument("--attack-names", type=_attack_names, default=None, metavar="NAMES",
                    help="comma-separated subset of the attacks (default: all)")
+    e.add_argument("--contexts", type=_context_names, action="append", default=None, metavar="NAMES",
+                   help="evaluate every set's text items placed in these contexts instead (comma-separated, from: "
+                        "bare, tools, rag, history, operator, jailbreak, padding; bare is always added) with "
+                        "held-out context material: DR/FPR/AUROC per context and the change from bare")
+    e.add_argument("--context-limit", type=positive_int, default=None, metavar="N",
+                   help="with --contexts: place at most N unsafe and N safe items of each set, evenly spread through it "
+                        "(also the project's held-out split, which --limit leaves whole)")
     e.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="at most N unsafe and N safe items per set, evenly spread through it")
     e.add_argument("--max-fpr", type=float, default=0.05, help="FPR budget of the TPR@FPR column (default 0.05)")
