@@ -375,7 +375,7 @@ def evaluate(
             sec, why = timing[(det.name, name)]
             got = report.scores[det.name].get(name)
             report.results.append(_metrics(report, det, name, kind, labels[name], None if got is None else np.asarray(got), sec, why))
-            if s is None:
+            if got is None:
                 continue
             cats: dict[tuple[str, int], list[int]] = {}
             for i, x in enumerate(items):
@@ -384,7 +384,7 @@ def evaluate(
             for (cat, lab), idx in sorted(cats.items()):
                 report.categories.append(CategoryResult(
                     detector=det.name, dataset=name, category=cat, label=lab, n=len(idx),
-                    flagged_rate=float(np.mean(np.asarray(s)[idx] > det.threshold))))
+                    flagged_rate=float(np.mean(np.asarray(got)[idx] > det.threshold))))
     if latency_prompts > 0:
         report.latency = _latency(detectors, [as_input(x) for x in _latency_prompts(datasets, latency_prompts)], progress)
     return report

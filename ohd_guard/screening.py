@@ -66,6 +66,12 @@ class Reads:
     """Heads whose output (their slice of the ``o_proj`` input) is read."""
     layers: tuple[int, ...] = ()
     """Decoder layers (0-based) whose output (the residual stream, before the final norm) is read."""
+    pooled: tuple[int, ...] = ()
+    """Decoder layers whose output is averaged over every prompt position (not only the last one):
+    what a pooled probe reads, at no extra forward cost. Not combinable with a masked branch."""
+    maxed: tuple[int, ...] = ()
+    """Decoder layers whose output is max-pooled (per dimension) over every prompt position: a signal
+    on one token survives a long context that an average would dilute."""
     masked: MaskedBranch | None = None
 
 
@@ -76,6 +82,10 @@ class PrefillReads:
 
     heads: dict[HeadRef, torch.Tensor] = field(default_factory=dict)
     layers: dict[int, torch.Tensor] = field(default_factory=dict)
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
+    """``pooled[i]`` is [B, hidden]: layer ``i``'s output averaged over each row's real (unpadded) positions."""
+    maxed: dict[int, torch.Tensor] = field(default_factory=dict)
+    """``maxed[i]`` is [B, hidden]: layer ``i``'s output, per dimension the maximum over real positions."""
     angles: np.ndarray | None = None
 
 
@@ -205,16 +215,19 @@ class Screener:
         for h in reads.heads:
             if not (0 <= h.layer < a.num_layers and 0 <= h.head < a.num_heads):
                 raise InvalidInputError(f"head {h} does not exist: the model has {a.num_layers} layers x {a.num_heads} heads")
-        for i in reads.layers:
+        for i in (*reads.layers, *reads.pooled, *reads.maxed):
             if not 0 <= i < a.num_layers:
                 raise InvalidInputError(f"layer {i} does not exist: the model has {a.num_layers} layers")
+        if (reads.pooled or reads.maxed) and reads.masked is not None:
+            raise InvalidInputError("pooled reads cannot share a prefill with a masked branch")
         if reads.masked is not None:
             self.scorer(reads.masked)  # validates the score layer
 
     @contextmanager
-    def _observe(self, reads: Reads, out: PrefillReads, pos: int) -> Iterator[None]:
-        """Copy the requested reads at sequence position ``pos`` (the last prompt token) during the
-        forward pass inside the block; the first write wins, so a replay could never overwrite it."""
+    def _observe(self, reads: Reads, out: PrefillReads, pos: int, mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Copy the requested reads at sequence position ``pos`` (the last prompt token), and the pooled
+        layers' means over the positions ``mask`` [B, T] marks, during the forward pass inside the
+        block; the first write wins, so a replay could never overwrite it."""
         a = self.adapter
         H, d = a.num_heads, a.head_dim
         by_layer: dict[int, list[HeadRef]] = {}
@@ -236,6 +249,18 @@ class Screener:
                     out.layers.setdefault(layer, x[:, pos].float().clone())
 
                 hooks.forward_hook(a.layers[layer], post)
+            for layer in dict.fromkeys((*reads.pooled, *reads.maxed)):
+
+                def pool(module, args, output, layer=layer) -> None:
+                    x = (output[0] if isinstance(output, (tuple, list)) else output).float()  # [B, T, D]
+                    m = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.to(x.device, x.dtype)
+                    m = m[:, -x.shape[1] :, None]  # [B, T, 1]: 1 on real tokens, 0 on left padding
+                    if layer in reads.pooled:
+                        out.pooled.setdefault(layer, (x * m).sum(1) / m.sum(1).clamp_min(1.0))
+                    if layer in reads.maxed:
+                        out.maxed.setdefault(layer, x.masked_fill(m == 0, float("-inf")).amax(1))
+
+                hooks.forward_hook(a.layers[layer], pool)
             yield
 
     @torch.no_grad()
@@ -244,7 +269,7 @@ class Screener:
         got = PrefillReads()
         branch = reads.masked
         if branch is None:
-            with self._observe(reads, got, -1):
+            with self._observe(reads, got, -1, inputs.get("attention_mask")):
                 out = self.model(**inputs, use_cache=keep_cache, logits_to_keep=1)
             B = inputs["input_ids"].shape[0]
             pre = Prefill(inputs, torch.empty(B, 0), cache=hf.output_cache(out) if keep_cache else None,
@@ -255,6 +280,8 @@ class Screener:
             )
             got.angles = angles
         missing = [str(h) for h in reads.heads if h not in got.heads] + [f"layer {i}" for i in reads.layers if i not in got.layers]
+        missing += [f"pooled layer {i}" for i in reads.pooled if i not in got.pooled]
+        missing += [f"max-pooled layer {i}" for i in reads.maxed if i not in got.maxed]
         if missing:
             raise ScreeningError(f"the prefill never reached {', '.join(missing)} (hooks did not fire)")
         return got, pre
@@ -267,7 +294,11 @@ def union(*requests: Reads) -> Reads:
         raise InvalidInputError("only one masked branch per prefill (the detectors mask different heads)")
     heads = tuple(dict.fromkeys(h for r in requests for h in r.heads))
     layers = tuple(dict.fromkeys(i for r in requests for i in r.layers))
-    return Reads(heads=heads, layers=layers, masked=branches[0] if branches else None)
+    pooled = tuple(dict.fromkeys(i for r in requests for i in r.pooled))
+    maxed = tuple(dict.fromkeys(i for r in requests for i in r.maxed))
+    if (pooled or maxed) and branches:
+        raise InvalidInputError("pooled reads cannot share a prefill with a masked branch (it splits the prompt pass)")
+    return Reads(heads=heads, layers=layers, pooled=pooled, maxed=maxed, masked=branches[0] if branches else None)
 
 
 # ------------------------------------------------------------------------- screening conversations

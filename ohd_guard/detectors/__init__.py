@@ -37,11 +37,12 @@ from ohd_guard.detectors.probes import (
     refusal_token_ids,
 )
 from ohd_guard.detectors.refusal import REFUSAL_MARKERS, SelfRefusal, SelfRefusalProfile, is_refusal
+from ohd_guard.detectors.residual import ResidualProbe, ResidualProfile
 
 __all__ = [
     "GUARD_KINDS", "REFUSAL_MARKERS", "REFUSAL_WORDS", "AnyProfile", "Detector", "Fused", "FusedProfile",
     "HiddenDetect", "HiddenDetectProfile", "LargestEffectHead", "LastToken", "Logistic", "OhdProfile",
-    "OneHeadDefense", "PrefillReader", "SAHs", "SAHsProfile", "SelfRefusal", "SelfRefusalProfile", "as_input",
+    "OneHeadDefense", "PrefillReader", "ResidualProbe", "ResidualProfile", "SAHs", "SAHsProfile", "SelfRefusal", "SelfRefusalProfile", "as_input",
     "bind_detector", "calibrate", "is_refusal", "load_detector", "load_profile", "mode_spec", "parse_profile",
     "refusal_token_ids", "shared_prefill",
 ]

@@ -56,6 +56,8 @@ class LastToken:
 
     heads: np.ndarray  # [N, L, H, d] each head's output (the input of o_proj, per head)
     layers: np.ndarray  # [N, L, D] each decoder layer's output (residual stream, before the final norm)
+    pooled: np.ndarray  # [N, L, D] each decoder layer's output averaged over the prompt's positions
+    maxed: np.ndarray  # [N, L, D] each decoder layer's output, per dimension its maximum over the prompt
 
 
 class PrefillReader:
@@ -70,16 +72,18 @@ class PrefillReader:
         self.adapter = adapter or self.stage.screener.adapter
         L, H = self.adapter.num_layers, self.adapter.num_heads
         self._reads = Reads(heads=tuple(HeadRef(layer=i, head=h) for i in range(L) for h in range(H)),
-                            layers=tuple(range(L)))  # fmt: skip
+                            layers=tuple(range(L)), pooled=tuple(range(L)), maxed=tuple(range(L)))  # fmt: skip
 
     @torch.no_grad()
-    def _forward(self, convs: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _forward(self, convs: list[Any]) -> list[tuple[np.ndarray, ...]]:
         L, H = self.adapter.num_layers, self.adapter.num_heads
         got, _, _ = self.stage.prefill([self.stage.convert(c) for c in convs], self._reads, keep_cache=False)
         hs = torch.stack([torch.stack([got.heads[HeadRef(layer=i, head=h)] for h in range(H)], 1) for i in range(L)], 1)
         ls = torch.stack([got.layers[i] for i in range(L)], 1)
-        hs_np, ls_np = hs.cpu().numpy(), ls.cpu().numpy()  # [B, L, H, d], [B, L, D]
-        return [(hs_np[b], ls_np[b]) for b in range(len(convs))]
+        ps = torch.stack([got.pooled[i] for i in range(L)], 1)
+        ms = torch.stack([got.maxed[i] for i in range(L)], 1)
+        arrays = [t.cpu().numpy() for t in (hs, ls, ps, ms)]  # [B, L, H, d], then [B, L, D] x3
+        return [tuple(a[b] for a in arrays) for b in range(len(convs))]
 
     def read(self, items: Sequence[Any], batch_size: int = 8) -> LastToken:
         """Last-token reads of ``items`` (memoised inside :func:`shared_prefill`)."""
@@ -93,7 +97,7 @@ class PrefillReader:
             cache[k] = row
         return _stack([cache[k] for k in keys])
 
-    def _read(self, convs: list[Any], batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _read(self, convs: list[Any], batch_size: int) -> list[tuple[np.ndarray, ...]]:
         rows: list = [None] * len(convs)
         order = length_order(convs)
         for s in range(0, len(order), batch_size):
@@ -103,10 +107,10 @@ class PrefillReader:
         return rows
 
 
-def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> LastToken:
+def _stack(rows: list[tuple[np.ndarray, ...]]) -> LastToken:
     if not rows:
         raise InvalidInputError("no conversations to read")
-    return LastToken(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
+    return LastToken(*(np.stack([r[k] for r in rows]) for k in range(4)))
 
 
 # -- logistic regression ------------------------------------------------------------------------

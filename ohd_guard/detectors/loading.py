@@ -12,17 +12,18 @@ from ohd_guard.detectors.fused import FusedProfile
 from ohd_guard.detectors.ohd_profile import OhdProfile
 from ohd_guard.detectors.probes import HiddenDetectProfile, SAHsProfile
 from ohd_guard.detectors.refusal import SelfRefusalProfile
+from ohd_guard.detectors.residual import ResidualProfile
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.profile import Profile, parse_profile
 from ohd_guard.screening import PrefillDetector
 
 __all__ = ["GUARD_KINDS", "AnyProfile", "bind_detector", "load_profile", "parse_profile"]
 
-GUARD_KINDS = ("ohd", "sahs", "hiddendetect", "fused")
+GUARD_KINDS = ("ohd", "sahs", "hiddendetect", "fused", "residual")
 """Detector kinds the guard can screen with (the self-refusal baseline answers first, so it cannot)."""
 
 AnyProfile = Annotated[
-    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, SelfRefusalProfile],  # noqa: UP007 (public alias as is)
+    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, ResidualProfile, SelfRefusalProfile],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 """A saved profile of any kind, told apart by its ``kind`` (what :func:`load_profile` validates against)."""
