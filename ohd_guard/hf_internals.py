@@ -4,7 +4,7 @@ The guard reads and replays a model's own prefill, so it touches a few things tr
 promise to keep: the keyword a decoder layer takes its KV cache under, cache layers and their
 cropping, ``GenerationMixin._prefill``, ``config._attn_implementation``, custom 4D masks and
 Qwen-VL's rotary offsets kept on the model. Each one has a function here and a contract test
-(``tests/test_hf_internals.py``) whose failure message names the transformers version and the
+(``tests/unit/test_hf_internals.py``) whose failure message names the transformers version and the
 internal that moved. Where an internal is missing, callers get ``None``/``False`` and take a
 correct slower path instead (a second prefill, a two-pass screen).
 

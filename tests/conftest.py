@@ -1,4 +1,5 @@
-"""Shared fixtures. The real embedded model is loaded once per session (slow tests only)."""
+"""Shared by every tier (unit, integration, acceptance): the planted models and guards come from the
+ohd_guard.testing.fixtures plugin; the real embedded model is loaded once per session (slow tests only)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+pytest_plugins = ["ohd_guard.testing.fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from chat, streams, and the verdict events with their span ids. No test download
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,21 +13,7 @@ from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # 
 from llama_index.core.llms import ChatMessage  # noqa: E402
 
 from llama_index.llms.ohd_guard import OhdGuardLLM, OhdGuardVerdictEvent  # noqa: E402
-
-TRIGGER = ["tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house"]
-CLEAN = ["tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house"]
-
-
-@functools.lru_cache(maxsize=None)
-def planted_guard():
-    from ohd_guard.detectors import calibrate
-    from ohd_guard.guard import OhdGuard
-    from ohd_guard.masking import HeadRef
-    from ohd_guard.testing import planted_head_model
-
-    model, tok, _ = planted_head_model()
-    return OhdGuard(model, tok, calibrate(model, tok, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2)))
-
+from ohd_guard.testing.fixtures import make_planted_guard  # noqa: E402
 
 class Collect(BaseEventHandler):
     events: list = []
@@ -46,7 +31,7 @@ def test_chat_completion_and_streams_answer_or_refuse() -> None:
     h = Collect(events=[])
     get_dispatcher().add_event_handler(h)
     try:
-        llm = OhdGuardLLM(planted_guard(), max_new_tokens=4)
+        llm = OhdGuardLLM(make_planted_guard(), max_new_tokens=4)
         assert llm.chat([ChatMessage(role="user", content="zorblax now")]).message.content.startswith("I cannot")
         comp = llm.complete("tell me about cats")
         assert comp.additional_kwargs["ohd_guard"]["refused"] is False and comp.text

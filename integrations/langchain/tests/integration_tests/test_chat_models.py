@@ -3,7 +3,7 @@
 The tiny random model cannot decide to call a tool, so the tests that need a model to choose
 tool calls or JSON by itself are off; ChatOhdGuard's tool path (definitions in the screened
 prompt, ``<tool_call>`` parsing, create_agent, with_structured_output) is tested on forced
-decoding in the root suite's tests/test_langchain.py. The URL/PDF/audio/image-download tests need
+decoding in this package's tests/test_langchain.py. The URL/PDF/audio/image-download tests need
 the web; image inputs are tested with a tiny LLaVA there too.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_ohd_guard import ChatOhdGuard
-from tests.conftest import planted_guard
+from ohd_guard.testing.fixtures import make_planted_guard
 
 
 class TestChatOhdGuardIntegration(ChatModelIntegrationTests):
@@ -22,7 +22,7 @@ class TestChatOhdGuardIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"guard": planted_guard(), "model": "planted-llama", "max_tokens": 8}
+        return {"guard": make_planted_guard(), "model": "planted-llama", "max_tokens": 8}
 
     @property
     def has_tool_calling(self) -> bool:

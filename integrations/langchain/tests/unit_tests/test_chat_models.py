@@ -5,7 +5,7 @@ from __future__ import annotations
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_ohd_guard import ChatOhdGuard
-from tests.conftest import planted_guard
+from ohd_guard.testing.fixtures import make_planted_guard
 
 
 class TestChatOhdGuardUnit(ChatModelUnitTests):
@@ -15,7 +15,7 @@ class TestChatOhdGuardUnit(ChatModelUnitTests):
 
     @property
     def chat_model_params(self) -> dict:
-        return {"guard": planted_guard(), "model": "planted-llama"}
+        return {"guard": make_planted_guard(), "model": "planted-llama"}
 
     @property
     def supports_image_inputs(self) -> bool:

@@ -274,7 +274,7 @@ def test_declared_range_matches_the_tested_versions():
 
     from packaging.specifiers import SpecifierSet
 
-    deps = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
     spec = SpecifierSet(next(d for d in deps if d.startswith("transformers"))[len("transformers"):])
     low, high = hf.TESTED_TRANSFORMERS
     assert low in spec and high in spec

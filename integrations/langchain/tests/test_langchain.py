@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import io
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from PIL import Image
 
 import langchain_ohd_guard
 from ohd_guard.errors import GuardViolation, InvalidInputError
+from ohd_guard.testing.fixtures import make_planted_guard, make_planted_vlm_guard
 from langchain_ohd_guard import (
     EVENT_NAME,
     ChatOhdGuard,
@@ -38,44 +38,12 @@ from langchain_ohd_guard import (
     to_conversation,
 )
 
-TRIGGER = ["tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house"]
-CLEAN = ["tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house"]
-
-
 # ------------------------------------------------------------------------------------------ fixtures
-@functools.lru_cache(maxsize=None)
-def _planted():
-    from ohd_guard.detectors import calibrate
-    from ohd_guard.masking import HeadRef
-    from ohd_guard.testing import planted_head_model
-
-    model, tok, _ = planted_head_model()
-    return model, tok, calibrate(model, tok, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2))
-
-
-@functools.lru_cache(maxsize=None)
-def planted_guard(**options: Any):
-    from ohd_guard.guard import OhdGuard
-
-    model, tok, profile = _planted()
-    return OhdGuard(model, tok, profile, **options)
-
-
-@functools.lru_cache(maxsize=None)
-def planted_vlm_guard():
-    """The same planted head inside a tiny LLaVA (ohd_guard.testing.planted_vlm_model): images really flow."""
-    from ohd_guard.detectors import calibrate
-    from ohd_guard.guard import OhdGuard
-    from ohd_guard.masking import HeadRef
-    from ohd_guard.testing import planted_vlm_model
-
-    model, proc, _ = planted_vlm_model()
-    return OhdGuard(model, proc, calibrate(model, proc, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2)))
-
-
+# The planted guards (ohd_guard.testing.fixtures, registered in conftest.py): make_planted_guard(**options)
+# on the tiny Llama, make_planted_vlm_guard() on the same head inside a tiny LLaVA (images really flow).
 @pytest.fixture(scope="module")
-def guard():
-    return planted_guard()
+def guard(planted_guard):
+    return planted_guard
 
 
 def _png(color: str = "red", size=(12, 10)) -> bytes:
@@ -287,7 +255,7 @@ def test_guarded_dict_input_needs_a_prompt_or_input_key(guard):
 
 
 def test_guarded_uses_the_guards_static_refusal_policy():
-    g = guarded(spy("x"), planted_guard(refusal="static"))
+    g = guarded(spy("x"), make_planted_guard(refusal="static"))
     out = g.invoke("zorblax")
     assert out.content == "I cannot help with that request."
     assert out.response_metadata["ohd_guard"]["refusal_kind"] == "static"
@@ -541,7 +509,7 @@ def test_chat_model_events_and_raise_policy(guard):
     ChatOhdGuard(guard=guard, max_tokens=4).invoke("zorblax", config={"callbacks": [cb]})
     assert cb.events and cb.events[0][0] == EVENT_NAME and cb.events[0][1]["flagged"]
     with pytest.raises(GuardViolation):
-        ChatOhdGuard(guard=planted_guard(refusal="raise"), max_tokens=4).invoke("zorblax")
+        ChatOhdGuard(guard=make_planted_guard(refusal="raise"), max_tokens=4).invoke("zorblax")
     with pytest.raises(NotImplementedError, match="guarded"):
         ChatOhdGuard(guard=guard).invoke("hi", functions=[{"name": "f"}])
     with pytest.raises(InvalidInputError, match="no guard"):
@@ -551,7 +519,7 @@ def test_chat_model_events_and_raise_policy(guard):
 
 
 def test_chat_model_sees_images_with_a_vision_language_model():
-    vlm = planted_vlm_guard()
+    vlm = make_planted_vlm_guard()
     chat = ChatOhdGuard.from_guard(vlm, max_tokens=4)
     img = {"type": "image", "base64": B64, "mime_type": "image/png"}
     safe = chat.invoke([HumanMessage(content=[img, {"type": "text", "text": "what is in this picture"}])])
@@ -563,7 +531,7 @@ def test_chat_model_sees_images_with_a_vision_language_model():
     digests = {m.response_metadata["ohd_guard"]["verdict"]["conversation_digest"] for m in (safe, other)}
     assert len(digests) == 2, "the screened conversation must contain the image pixels"
     with pytest.raises(InvalidInputError, match="text-only"):  # text-only guard: images are refused, not dropped
-        planted_guard(on_error="raise").screen(to_conversation([HumanMessage(content=[img, "hi"])]))
+        make_planted_guard(on_error="raise").screen(to_conversation([HumanMessage(content=[img, "hi"])]))
 
 
 def test_middleware_screens_the_system_prompt_and_what_other_middleware_added(guard):

@@ -32,7 +32,7 @@ from ohd_guard.profile import ModelFingerprint
 from ohd_guard.refusal import DEFAULT_TEMPLATES, RefusalTemplate, anchor, template_for
 from ohd_guard.rendering import is_multimodal
 from ohd_guard.scoring import DeflectionScorer
-from ohd_guard.testing import TINY_ARCHS, ForwardCounter, planted_head_model, tiny_model
+from ohd_guard.testing import TINY_ARCHS, ForwardCounter, tiny_model
 from ohd_guard.threshold import RiskCalibration, ThresholdFit
 
 _WORDS = "the a cat dog sun moon story poem water fire light house city river song game tree bird".split()
@@ -134,8 +134,8 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def planted():
-    model, tok, info = planted_head_model()
+def planted(planted_model):
+    model, tok, info = planted_model
     head = HeadRef(layer=info["layer"], head=info["head"])
     profiles = {pos: calibrate(model, tok, UNSAFE, SAFE, head=head, spec=MaskSpec(positions=pos)) for pos in ("last", "all")}
     return model, tok, profiles

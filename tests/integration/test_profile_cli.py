@@ -21,8 +21,8 @@ TRIGGER = [t.replace(" ", " zorblax ", 1) for t in CLEAN]
 
 
 @pytest.fixture(scope="module")
-def planted():
-    model, tok, _ = planted_head_model()
+def planted(planted_model):
+    model, tok, _ = planted_model
     profile = calibrate(model, tok, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2))
     return model, tok, profile
 

@@ -30,16 +30,10 @@ IMAGE = Image.new("RGB", (40, 30), (200, 30, 30))
 trig = with_trigger
 
 
-@pytest.fixture(scope="module")
-def planted():
-    model, tok, info = planted_head_model(layer=1, head=2)
-    return model, tok, info
-
-
 # -- planted signals ----------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_one_head_defense_finds_planted_head_and_separates(planted, mode, tmp_path):
-    model, tok, _ = planted
+def test_one_head_defense_finds_planted_head_and_separates(planted_model, mode, tmp_path):
+    model, tok, _ = planted_model
     det = OneHeadDefense(mode, top_k=4).fit(model, tok, trig(TRAIN), TRAIN)
     assert det.profile.heads == (HeadRef(layer=1, head=2),)
     assert det.profile.mask.positions == ("all" if mode == "exact" else "last")
@@ -51,8 +45,8 @@ def test_one_head_defense_finds_planted_head_and_separates(planted, mode, tmp_pa
     np.testing.assert_allclose(same.score(trig(TEST) + TEST), s)
 
 
-def test_largest_effect_finds_planted_head(planted, tmp_path):
-    model, tok, _ = planted
+def test_largest_effect_finds_planted_head(planted_model, tmp_path):
+    model, tok, _ = planted_model
     det = LargestEffectHead("exact", top_k=3).fit(model, tok, trig(TRAIN), TRAIN)
     assert det.profile.heads == (HeadRef(layer=1, head=2),)
     assert det.profile.search.startswith("largest-effect")
@@ -75,8 +69,8 @@ def test_selectivity_rule_rejects_a_loud_surface_head_that_largest_effect_picks(
     assert auroc(le.score(trig(TEST) + TEST), Y_TEST) < 0.9
 
 
-def test_sahs_ranks_planted_head_first_and_separates(planted, tmp_path):
-    model, tok, _ = planted
+def test_sahs_ranks_planted_head_first_and_separates(planted_model, tmp_path):
+    model, tok, _ = planted_model
     det = SAHs(top_k=3, folds=4).fit(model, tok, trig(TRAIN), TRAIN)
     assert det.profile.heads[0] == HeadRef(layer=1, head=2)
     assert len(det.profile.coef) == 3 * 16 and det.threshold == 0.0
@@ -110,8 +104,8 @@ def other():
     return tiny_model("llama")
 
 
-def test_self_refusal_reads_the_models_own_answer(planted, other, tmp_path):
-    model, tok, _ = planted
+def test_self_refusal_reads_the_models_own_answer(planted_model, other, tmp_path):
+    model, tok, _ = planted_model
     sorry = tok.encode("sorry", add_special_tokens=False)[0]
     head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
     with torch.no_grad():
@@ -159,8 +153,8 @@ def test_prefill_detectors_fit_score_and_round_trip_on_tiny_models(arch, tmp_pat
         np.testing.assert_allclose(same.score(probe), s, rtol=1e-5, atol=1e-6)
 
 
-def test_fingerprint_mismatch_is_refused(planted, other, tmp_path):
-    model, tok, _ = planted
+def test_fingerprint_mismatch_is_refused(planted_model, other, tmp_path):
+    model, tok, _ = planted_model
     other, other_tok = other
     for det in (OneHeadDefense("fast"), SAHs(top_k=2, folds=2), HiddenDetect(), SelfRefusal(max_new_tokens=2)):
         path = det.fit(model, tok, trig(TRAIN[:4]), TRAIN[:4]).save(tmp_path / "d.json")
@@ -170,8 +164,8 @@ def test_fingerprint_mismatch_is_refused(planted, other, tmp_path):
             type(det).load(path, other, other_tok)
 
 
-def test_bad_files_and_unfitted_use(tmp_path, planted):
-    model, tok, _ = planted
+def test_bad_files_and_unfitted_use(tmp_path, planted_model):
+    model, tok, _ = planted_model
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(ProfileFormatError):
         load_detector(tmp_path / "x.json", model, tok)
@@ -193,8 +187,8 @@ def test_bad_files_and_unfitted_use(tmp_path, planted):
 
 
 # -- shared pieces ------------------------------------------------------------------------------
-def test_one_prefill_serves_every_read_inside_shared_prefill(planted):
-    model, tok, _ = planted
+def test_one_prefill_serves_every_read_inside_shared_prefill(planted_model):
+    model, tok, _ = planted_model
     calls = []
     handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
@@ -215,8 +209,8 @@ def test_one_prefill_serves_every_read_inside_shared_prefill(planted):
     np.testing.assert_allclose(second.layers[::-1], first.layers)
 
 
-def test_batched_reads_equal_single_reads(planted):
-    model, tok, _ = planted
+def test_batched_reads_equal_single_reads(planted_model):
+    model, tok, _ = planted_model
     reader = PrefillReader(model, tok)
     texts = TEST + ["a much longer prompt about the sea and the river and the mountain"]
     batch = reader.read(texts, batch_size=5)

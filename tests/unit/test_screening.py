@@ -17,7 +17,7 @@ from ohd_guard.errors import InvalidInputError, ProfileFormatError, ProfileMisma
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.metrics import auroc
 from ohd_guard.screening import MaskedBranch, Reads, Screener
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, tiny_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, tiny_model, with_trigger
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)
 TRAIN, TEST = CLEAN[:8], CLEAN[8:]
@@ -30,15 +30,9 @@ def _hooks(model) -> int:
 
 
 @pytest.fixture(scope="module")
-def planted():
-    model, tok, _ = planted_head_model(layer=PLANTED.layer, head=PLANTED.head)
-    return model, tok
-
-
-@pytest.fixture(scope="module")
-def fitted(planted):
+def fitted(planted_model):
     """One fitted detector of every kind the guard runs, all on the same planted model and prompts."""
-    model, tok = planted
+    model, tok, _ = planted_model
     unsafe, safe = with_trigger(TRAIN), TRAIN
     ohd = OneHeadDefense("fast").fit(model, tok, unsafe, safe)
     return {
@@ -50,8 +44,8 @@ def fitted(planted):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_detector_screens_through_the_guard_and_recovers_the_planted_signal(planted, fitted, kind):
-    model, tok = planted
+def test_every_detector_screens_through_the_guard_and_recovers_the_planted_signal(planted_model, fitted, kind):
+    model, tok, _ = planted_model
     det = fitted[kind]
     hooks = _hooks(model)
     guard = OhdGuard(model, tok, det.profile)
@@ -79,8 +73,8 @@ def test_every_detector_screens_through_the_guard_and_recovers_the_planted_signa
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_batch_equals_single(planted, fitted, kind):
-    model, tok = planted
+def test_batch_equals_single(planted_model, fitted, kind):
+    model, tok, _ = planted_model
     guard = OhdGuard(model, tok, fitted[kind])
     texts = [TEST[0], with_trigger(TEST)[1], "a much longer prompt about the sea and the river and the mountain"]
     batch = [v.score for v in guard.screen_batch(texts)]
@@ -89,10 +83,10 @@ def test_batch_equals_single(planted, fitted, kind):
 
 
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_screener_reads_equal_an_independent_prefill_read(planted, positions):
+def test_screener_reads_equal_an_independent_prefill_read(planted_model, positions):
     """Head outputs and layer states read beside the masked branch (one-pass: the masked copy sits after
     the last token; replay: the masked layers run again) are the unmasked prefill's, not the masked ones."""
-    model, tok = planted
+    model, tok, _ = planted_model
     reads = Reads(heads=(PLANTED, HeadRef(layer=3, head=0)), layers=(0, 2),
                   masked=MaskedBranch(((PLANTED,),), MaskSpec(positions=positions), 4))  # fmt: skip
     texts = with_trigger(TEST[:2]) + TEST[:2]
@@ -110,8 +104,8 @@ def test_screener_reads_equal_an_independent_prefill_read(planted, positions):
 
 
 @pytest.mark.parametrize("kind", ["sahs", "fused"])
-def test_a_safe_answer_from_the_screening_prefill_equals_plain_generation(planted, fitted, kind):
-    model, tok = planted
+def test_a_safe_answer_from_the_screening_prefill_equals_plain_generation(planted_model, fitted, kind):
+    model, tok, _ = planted_model
     guard = OhdGuard(model, tok, fitted[kind])
     from ohd_guard.rendering import encode_conversations
 
@@ -126,8 +120,8 @@ def test_a_safe_answer_from_the_screening_prefill_equals_plain_generation(plante
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_profile_of_every_kind_round_trips_and_refuses_another_model(planted, fitted, kind, tmp_path):
-    model, tok = planted
+def test_profile_of_every_kind_round_trips_and_refuses_another_model(planted_model, fitted, kind, tmp_path):
+    model, tok, _ = planted_model
     det = fitted[kind]
     path = det.save(tmp_path / f"{kind}.json")
     prof = load_profile(path)
@@ -146,8 +140,8 @@ def test_profile_of_every_kind_round_trips_and_refuses_another_model(planted, fi
     assert OhdGuard(model, tok, load_profile(path, allow_edited=True)).detector.kind == kind
 
 
-def test_guard_rejects_what_it_cannot_screen_with(planted, fitted, tmp_path):
-    model, tok = planted
+def test_guard_rejects_what_it_cannot_screen_with(planted_model, fitted, tmp_path):
+    model, tok, _ = planted_model
     with pytest.raises(InvalidInputError, match="kinds"):
         OhdGuard(model, tok, {"kind": "sahs"})
     with pytest.raises(InvalidInputError, match="not fitted"):
@@ -163,8 +157,8 @@ def test_guard_rejects_what_it_cannot_screen_with(planted, fitted, tmp_path):
         Screener(model).check(Reads(heads=(HeadRef(layer=9, head=0),)))
 
 
-def test_a_failing_read_leaves_no_hook_and_fails_closed(planted, fitted, monkeypatch):
-    model, tok = planted
+def test_a_failing_read_leaves_no_hook_and_fails_closed(planted_model, fitted, monkeypatch):
+    model, tok, _ = planted_model
     guard = OhdGuard(model, tok, fitted["sahs"])
     hooks = _hooks(model)
 
@@ -177,11 +171,11 @@ def test_a_failing_read_leaves_no_hook_and_fails_closed(planted, fitted, monkeyp
     assert _hooks(model) == hooks
 
 
-def test_screening_result_is_answered_and_refused_without_converting_or_prefilling_again(planted, fitted, monkeypatch):
+def test_screening_result_is_answered_and_refused_without_converting_or_prefilling_again(planted_model, fitted, monkeypatch):
     from ohd_guard.testing import ForwardCounter
     from ohd_guard.verdict import Screened
 
-    model, tok = planted
+    model, tok, _ = planted_model
     guard = OhdGuard(model, tok, fitted["sahs"])
     conversions = []
     real = guard.screening_stage.convert

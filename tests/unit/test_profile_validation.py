@@ -13,14 +13,14 @@ import pytest
 from ohd_guard.detectors import Fused, HiddenDetect, OneHeadDefense, SAHs, load_profile
 from ohd_guard.errors import InvalidInputError, ProfileFormatError
 from ohd_guard.guard import OhdGuard
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, tiny_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, tiny_model, with_trigger
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)[:8]
 
 
 @pytest.fixture(scope="module")
-def fitted():
-    model, tok, _ = planted_head_model(layer=1, head=2)
+def fitted(planted_model):
+    model, tok, _ = planted_model
     unsafe, safe = with_trigger(CLEAN), CLEAN
     ohd = OneHeadDefense("fast").fit(model, tok, unsafe, safe)
     dets = {

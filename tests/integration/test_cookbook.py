@@ -1,5 +1,8 @@
 """The cookbook notebooks run end to end on the tiny models (OHD_COOKBOOK_TINY=1, nbclient and a
-real Jupyter kernel), so they cannot rot; the committed notebooks carry no outputs."""
+real Jupyter kernel), so they cannot rot; the committed notebooks carry no outputs. Slow tier: each
+notebook starts a kernel and imports the whole stack. A notebook whose output file a test checks
+writes it under the test's ``tmp_path`` (the kernel's TMPDIR), so no file left by an earlier run can
+satisfy the test."""
 
 from __future__ import annotations
 
@@ -9,19 +12,32 @@ from pathlib import Path
 import nbformat
 import pytest
 
-COOKBOOK = Path(__file__).resolve().parents[1] / "cookbook"
+COOKBOOK = Path(__file__).resolve().parents[2] / "cookbook"
+pytestmark = pytest.mark.slow
+
 NAMES = ["agent_chain", "async_multimodal_rag", "calibrate_your_model"]
 
 
-def _run(name: str, tmp_path: Path) -> nbformat.NotebookNode:
+def _run(name: str, tmp_path: Path, tmpdir: Path | None = None) -> nbformat.NotebookNode:
+    """Execute notebook ``name`` in ``tmp_path``; with ``tmpdir``, the kernel's temporary files go there.
+
+    Only a test that reads a notebook's file back passes ``tmpdir``: the RAG notebook puts its temporary
+    folder's path into the prompts, and the planted tiny model's scores move with the prompt length."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(COOKBOOK / f"{name}.ipynb", as_version=4)
-    os.environ["OHD_COOKBOOK_TINY"] = "1"  # the kernel inherits it
+    saved = {k: os.environ.get(k) for k in ("OHD_COOKBOOK_TINY", "TMPDIR")}
+    os.environ["OHD_COOKBOOK_TINY"] = "1"  # the kernel inherits it (and TMPDIR)
+    if tmpdir is not None:
+        os.environ["TMPDIR"] = str(tmpdir)
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     finally:
-        os.environ.pop("OHD_COOKBOOK_TINY", None)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return nb
 
 
@@ -58,9 +74,9 @@ def test_async_multimodal_rag_notebook(tmp_path):
 
 
 def test_calibrate_your_model_notebook_draws_its_plots(tmp_path):
-    nb = _run("calibrate_your_model", tmp_path)
+    nb = _run("calibrate_your_model", tmp_path, tmpdir=tmp_path)
     assert "HeadRef(layer=1, head=2)" in _text(nb), "the search must recover the planted head"
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 2, "the distribution and ROC figures are shown"
-    pngs = list(Path("/").glob("tmp/ohd-calibration-*/distributions.png"))
-    assert pngs and pngs[-1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pngs = list(tmp_path.glob("ohd-calibration-*/distributions.png"))  # this run's, never a leftover
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from ohd_guard.rendering import encode_conversations
 from ohd_guard.shipped import DEFAULT_DETECTOR, KINDS, PROFILES_DIR, models_with_profiles, shipped_profiles
 from ohd_guard.testing import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_embedded_model_is_an_extra_listing_exactly_its_packages():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import io
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from PIL import Image
 
 import llama_index.llms.ohd_guard
 from ohd_guard.errors import GuardViolation, InvalidInputError
+from ohd_guard.testing.fixtures import make_planted_vlm_guard
 from llama_index.llms.ohd_guard import (
     GuardedLLM,
     OhdGuardCallbackHandler,
@@ -42,31 +42,10 @@ from llama_index.llms.ohd_guard import (
     to_conversation,
 )
 
-TRIGGER = ["tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house"]
-CLEAN = ["tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house"]
-
-
-@functools.lru_cache(maxsize=None)
-def _planted_vlm():
-    from ohd_guard.detectors import calibrate
-    from ohd_guard.masking import HeadRef
-    from ohd_guard.testing import planted_vlm_model
-
-    model, proc, _ = planted_vlm_model()
-    return model, proc, calibrate(model, proc, TRIGGER, CLEAN, head=HeadRef(layer=1, head=2))
-
-
-@functools.lru_cache(maxsize=None)
-def vlm_guard(**options: Any):
-    from ohd_guard.guard import OhdGuard
-
-    model, proc, profile = _planted_vlm()
-    return OhdGuard(model, proc, profile, **options)
-
-
+# The planted guards come from ohd_guard.testing.fixtures (registered in conftest.py).
 @pytest.fixture(scope="module")
-def guard():
-    return vlm_guard()
+def guard(planted_vlm_guard):
+    return planted_vlm_guard
 
 
 def _png(color: str = "red", size=(40, 30)) -> bytes:
@@ -223,7 +202,7 @@ def test_local_llm_streams_completes_and_runs_async(guard):
 
 def test_local_llm_raise_policy():
     with pytest.raises(GuardViolation) as e:
-        OhdGuardLLM(vlm_guard(refusal="raise"), max_new_tokens=4).chat(user("zorblax"))
+        OhdGuardLLM(make_planted_vlm_guard(refusal="raise"), max_new_tokens=4).chat(user("zorblax"))
     assert e.value.verdict.flagged
     with pytest.raises(InvalidInputError, match="no guard"):
         OhdGuardLLM().chat(user("hi"))
@@ -371,7 +350,7 @@ def test_callback_handler_aborts_flagged_llm_calls(guard, index, events):
 # ------------------------------------------- streams report what one-shot calls report; span ids
 @pytest.mark.parametrize("policy", ["anchored", "static"])
 def test_streamed_responses_report_the_same_refusal_as_one_shot(policy, events):
-    llm = OhdGuardLLM(vlm_guard(refusal=policy), max_new_tokens=4)
+    llm = OhdGuardLLM(make_planted_vlm_guard(refusal=policy), max_new_tokens=4)
     one = llm.chat(user("zorblax here")).additional_kwargs["ohd_guard"]
     chunks = list(llm.stream_chat(user("zorblax here")))
     assert {(c.additional_kwargs["ohd_guard"]["refused"], c.additional_kwargs["ohd_guard"]["refusal_kind"])

@@ -10,7 +10,7 @@ from ohd_guard.datasets import TYPOGRAPHIC_INSTRUCTION, LabelledPrompt
 from ohd_guard.detectors import HiddenDetect, OneHeadDefense, SAHs, SelfRefusal
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.evaluation import EvalReport, evaluate
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, with_trigger
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)
 
@@ -46,8 +46,8 @@ def test_make_attacks_keeps_request_and_label():
 
 
 @pytest.fixture(scope="module")
-def fitted():
-    model, tok, _ = planted_head_model()
+def fitted(planted_model):
+    model, tok, _ = planted_model
     train = CLEAN[:8]
     dets = [OneHeadDefense("fast", top_k=4), SAHs(top_k=2, folds=4), HiddenDetect(), SelfRefusal(max_new_tokens=2)]
     return [d.fit(model, tok, trig(train), train) for d in dets]

@@ -18,7 +18,7 @@ from ohd_guard.guard import OhdGuard
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.profile import Profile
 from ohd_guard.refusal import ForcedPrefixLogitsProcessor
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, ForwardCounter, planted_head_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, ForwardCounter, with_trigger
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)
 TRIGGER = with_trigger(CLEAN)
@@ -26,8 +26,8 @@ LONG = dict(max_new_tokens=400, min_new_tokens=400, do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def planted():
-    model, tok, info = planted_head_model()
+def planted(planted_model):
+    model, tok, info = planted_model
     head = HeadRef(layer=info["layer"], head=info["head"])
     profile = calibrate(model, tok, TRIGGER, CLEAN, head=head, spec=MaskSpec(positions="last"))
     return model, tok, profile
