@@ -1,7 +1,8 @@
 """The FastAPI app: an OpenAI-compatible chat-completions API for one guarded model.
 
 Routes: ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, ``POST /v1/screen`` (verdicts
-only) and ``GET /health``. Every request goes through the guard's async API (``agenerate``,
+only), ``POST /v1/moderations`` (OpenAI's moderation shape, :mod:`ohd_guard.serve.moderations`) and
+``GET /health``. Every request goes through the guard's async API (``agenerate``,
 ``astream``, ``ascreen``), so concurrent requests share its micro-batching worker. A stream is
 decided before its first byte: the server waits for the verdict (and the first chunk) and only then
 starts the SSE response, so a refusal policy of ``"raise"`` or bad input still gets a plain 4xx.
@@ -30,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from ohd_guard.serve.errors import APIError, from_guard_error
 from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.serve.generation import Generation, TokenCounter, generation_for
+from ohd_guard.serve.moderations import add_moderations
 from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
     ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
@@ -193,6 +195,9 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         return JSONResponse({"object": "ohd_guard.screen", "model": settings.model_name,
                              "results": [guard_payload(v, refused=v.flagged, refusal_kind=None) for v in verdicts]},
                             headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()})
+
+    add_moderations(app, guard=guard, settings=settings, gate=requests, authorize=authorize,
+                    read_json=lambda r: _read_json(r, settings.max_body_bytes, settings.max_json_depth))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
