@@ -4,8 +4,10 @@ Tool definitions (OpenAI function schemas) are written into the system message, 
 ``<tools>...</tools>``, and the model answers calls as ``<tool_call>{"name": ..., "arguments":
 ...}</tool_call>``. They are part of the conversation rather than an argument of the chat
 template, so the guard screens exactly the prompt the model answers from, tool definitions
-included: an injection hidden in a tool description is screened like any other text. Used by the
-server (``ohd_guard.serve``) and the LangChain chat model; no framework types here.
+included: an injection hidden in a tool description is screened like any other text. Answers are
+parsed in the forms real models emit (tagged, a bare JSON object or list, fenced), and only tools
+actually bound count as calls. Used by the server (``ohd_guard.serve``) and the LangChain chat
+model; no framework types here.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,10 @@ from ohd_guard.errors import InvalidInputError
 __all__ = ["ParsedCall", "InvalidCall", "check_schemas", "parse_tool_calls", "tools_text", "with_tools"]
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.S)
+_JSON_START = re.compile(r"(?:^|\n)[ \t]*([\[{])")
+_DECODER = json.JSONDecoder()
+_CALL_KEYS = {"name", "arguments", "parameters", "id", "type"}
 
 
 @dataclass(frozen=True)
@@ -83,23 +89,119 @@ def with_tools(raw: Any, schemas: Sequence[dict[str, Any]], tool_choice: Any = N
     return msgs
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ParsedCall], list[InvalidCall]]:
-    """(text before the first call, tool calls, unparseable calls) of a generated answer."""
-    start = text.find("<tool_call>")
-    if start < 0:
-        return text, [], []
+def _arguments(data: Mapping[str, Any]) -> Any:
+    """The call's arguments (``arguments`` or ``parameters``; a JSON string decoded)."""
+    args = data.get("arguments", data.get("parameters", {}))
+    return json.loads(args) if isinstance(args, str) else args
+
+
+def _unwrap(data: Any) -> Any:
+    """An OpenAI-shaped call (``{"type": "function", "function": {...}}``) as its inner object."""
+    if isinstance(data, Mapping) and isinstance(data.get("function"), Mapping) and "name" not in data:
+        return data["function"]
+    return data
+
+
+def _cid() -> str:
+    return f"call_{uuid.uuid4().hex[:12]}"
+
+
+def _bare_calls(data: Any, names: Collection[str] | None) -> tuple[list[ParsedCall], list[InvalidCall]] | None:
+    """The calls a bare JSON value makes (an object or a list of objects, each with a ``name`` and
+    ``arguments``/``parameters``); ``None`` when the value is not a call (then it stays text)."""
+    items = [_unwrap(x) for x in (data if isinstance(data, list) else [data])]
+    if not items or not all(isinstance(x, Mapping) and isinstance(x.get("name"), str)
+                            and ("arguments" in x or "parameters" in x)
+                            and set(x) <= _CALL_KEYS for x in items):
+        return None
+    if names is not None and not all(x["name"] in names for x in items):
+        return None  # JSON that names no bound tool is an answer, not a call
+    calls: list[ParsedCall] = []
+    invalid: list[InvalidCall] = []
+    for x in items:
+        i = _cid()
+        try:
+            args = _arguments(x)
+            if not isinstance(args, dict):
+                raise ValueError("arguments must be an object")
+            calls.append(ParsedCall(x["name"], args, i))
+        except ValueError as e:
+            invalid.append(InvalidCall(json.dumps(x, ensure_ascii=False), f"{type(e).__name__}: {e}", i))
+    return calls, invalid
+
+
+def _tagged(text: str, start: int, names: Collection[str] | None) -> tuple[list[ParsedCall], list[InvalidCall]]:
     calls: list[ParsedCall] = []
     invalid: list[InvalidCall] = []
     for m in _CALL.finditer(text, start):
-        body, cid = m.group(1), f"call_{uuid.uuid4().hex[:12]}"
+        body, i = m.group(1), _cid()
         try:
-            data = json.loads(body)
-            name, args = data["name"], data.get("arguments", data.get("parameters", {}))
-            if isinstance(args, str):
-                args = json.loads(args)
+            data = _unwrap(json.loads(body))
+            name, args = data["name"], _arguments(data)
             if not isinstance(name, str) or not isinstance(args, dict):
                 raise ValueError("name must be a string and arguments an object")
-            calls.append(ParsedCall(name, args, cid))
+            if names is not None and name not in names:
+                raise ValueError(f"no tool named {name!r} is bound (tools: {sorted(names)})")
+            calls.append(ParsedCall(name, args, i))
         except (ValueError, KeyError, TypeError) as e:
-            invalid.append(InvalidCall(body, f"{type(e).__name__}: {e}", cid))
-    return text[:start].rstrip(), calls, invalid
+            invalid.append(InvalidCall(body, f"{type(e).__name__}: {e}", i))
+    return calls, invalid
+
+
+def parse_tool_calls(text: str, names: Collection[str] | None = None) -> tuple[str, list[ParsedCall], list[InvalidCall]]:
+    """(text that is not a call, tool calls, unparseable calls) of a generated answer.
+
+    Reads the forms real models emit: ``<tool_call>{...}</tool_call>`` (Qwen2.5 / Hermes; the
+    text before the first tag is the content), a bare JSON object ``{"name": ..., "arguments":
+    {...}}`` (or ``"parameters"``; arguments given as a JSON string are decoded) or a JSON list of
+    them, either as the whole answer, at the end of the answer from a line start, or inside
+    ```` ```json ```` fences (prose outside the fences is the content). ``names``: the bound tools;
+    bare or fenced JSON that names another tool (or is not call-shaped) stays text, a tagged call
+    naming another tool is an :class:`InvalidCall`. ``names=None`` accepts any name.
+    """
+    start = text.find("<tool_call>")
+    if start >= 0:
+        calls, invalid = _tagged(text, start, names)
+        return text[:start].rstrip(), calls, invalid
+    fenced = _fenced(text, names)
+    if fenced is not None:
+        return fenced
+    stripped = text.rstrip()
+    for m in _JSON_START.finditer(stripped):  # a call from a line start to the end of the answer
+        try:
+            data, end = _DECODER.raw_decode(stripped, m.start(1))
+        except ValueError:
+            continue
+        if end != len(stripped):
+            continue
+        bare = _bare_calls(data, names)
+        if bare is not None:
+            return stripped[:m.start(1)].rstrip(), bare[0], bare[1]
+        break
+    return text, [], []
+
+
+def _fenced(text: str, names: Collection[str] | None) -> tuple[str, list[ParsedCall], list[InvalidCall]] | None:
+    """The calls in ```` ```json ```` fences (the prose and other fences kept as text), or ``None``."""
+    calls: list[ParsedCall] = []
+    invalid: list[InvalidCall] = []
+    rest: list[str] = []
+    pos = 0
+    for m in _FENCE.finditer(text):
+        found = _bare_calls(_loads(m.group(1)), names)
+        if found is not None:
+            rest.append(text[pos:m.start()])
+            pos = m.end()
+            calls += found[0]
+            invalid += found[1]
+    if not calls and not invalid:
+        return None
+    rest.append(text[pos:])
+    return "\n".join(r.strip() for r in rest if r.strip()), calls, invalid
+
+
+def _loads(body: str) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None

@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from langchain_ohd_guard.convert import to_message_dicts
 from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict
-from langchain_ohd_guard.tools import parse_tool_calls, tool_schemas, with_tools
+from langchain_ohd_guard.tools import parse_tool_calls, tool_names, tool_schemas, with_tools
 from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.types import response_payload
 
@@ -37,6 +37,11 @@ _CALL_KEYS = _GEN_KEYS | {"max_tokens", "max_new_tokens", "temperature", "timeou
 
 def _has_tools(kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
+
+
+def _bound(kwargs: dict[str, Any]) -> list[str] | None:
+    """The names of the tools a call may make (``None`` without tools: then nothing is parsed)."""
+    return tool_names(kwargs["tools"]) if _has_tools(kwargs) else None
 
 
 def _as_chunk(result: ChatResult) -> ChatGenerationChunk:
@@ -109,7 +114,8 @@ class ChatOhdGuard(BaseChatModel):
     Tools (:meth:`bind_tools`, ``tool_choice``, ``ToolMessage`` results, and so
     ``with_structured_output`` and ``create_agent``) go through the text format of
     :mod:`langchain_ohd_guard.tools`: the definitions are part of the screened system prompt and
-    ``<tool_call>{...}</tool_call>`` in the answer becomes ``AIMessage.tool_calls``. With tools
+    a call to a bound tool in the answer (``<tool_call>{...}</tool_call>``, bare or fenced JSON,
+    see :func:`ohd_guard.tools.parse_tool_calls`) becomes ``AIMessage.tool_calls``. With tools
     bound a stream sends the answer in one chunk (calls cannot be told from text before the end).
     A refusal never carries tool calls.
 
@@ -237,11 +243,11 @@ class ChatOhdGuard(BaseChatModel):
         return {"model_name": self.model_name, "model_provider": "ohd_guard",
                 "ohd_guard": response_payload(verdict, refused, kind)}
 
-    def _result(self, resp: Any, stop: list[str] | None, tools: bool = False) -> ChatResult:
+    def _result(self, resp: Any, stop: list[str] | None, tools: list[str] | None = None) -> ChatResult:
         text = _cut(resp.text, stop)
         meta = self._metadata(resp.verdict, resp.refused, resp.refusal_kind)
         if tools and not resp.refused:
-            text, calls, invalid = parse_tool_calls(text)
+            text, calls, invalid = parse_tool_calls(text, tools)
             msg = AIMessage(content=text, tool_calls=calls, invalid_tool_calls=invalid, response_metadata=meta)
         else:
             msg = AIMessage(content=text, response_metadata=meta)
@@ -266,7 +272,7 @@ class ChatOhdGuard(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         raw, gen, stop = self._request(messages, stop, kwargs)
-        tools = _has_tools(kwargs)
+        tools = _bound(kwargs)
         try:
             resp = self.guard.generate(raw, **gen)
         except Exception as e:
@@ -281,7 +287,7 @@ class ChatOhdGuard(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         raw, gen, stop = self._request(messages, stop, kwargs)
-        tools = _has_tools(kwargs)
+        tools = _bound(kwargs)
         try:
             resp = await self.guard.agenerate(raw, **gen)
         except Exception as e:

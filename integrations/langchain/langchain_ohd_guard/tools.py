@@ -8,7 +8,7 @@ screens exactly the prompt the model answers from, tool definitions included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from langchain_core.messages import InvalidToolCall, ToolCall
@@ -17,7 +17,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from ohd_guard import tools as core
 from ohd_guard.tools import tools_text
 
-__all__ = ["parse_tool_calls", "tool_schemas", "tools_text", "with_tools"]
+__all__ = ["parse_tool_calls", "tool_names", "tool_schemas", "tools_text", "with_tools"]
 
 
 def tool_schemas(tools: Sequence[Any]) -> list[dict[str, Any]]:
@@ -30,9 +30,15 @@ def with_tools(raw: Any, tools: Sequence[Any], tool_choice: Any = None) -> Any:
     return core.with_tools(raw, tool_schemas(tools) if tools else [], tool_choice)
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    """(text before the first call, tool calls, unparseable calls) of a generated answer."""
-    content, calls, invalid = core.parse_tool_calls(text)
+def tool_names(tools: Sequence[Any]) -> list[str]:
+    """The names the model may call (of tools as :func:`tool_schemas` reads them)."""
+    return [s["function"]["name"] for s in tool_schemas(tools)]
+
+
+def parse_tool_calls(text: str, names: Collection[str] | None = None) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+    """(text that is not a call, tool calls, unparseable calls) of a generated answer, in every form
+    :func:`ohd_guard.tools.parse_tool_calls` reads; ``names``: the bound tools (others stay text)."""
+    content, calls, invalid = core.parse_tool_calls(text, names)
     return (content,
             [ToolCall(name=c.name, args=c.arguments, id=c.id, type="tool_call") for c in calls],
             [InvalidToolCall(name=None, args=c.body, id=c.id, error=c.error, type="invalid_tool_call") for c in invalid])
