@@ -209,6 +209,7 @@ class _State:
         self.limits, self.fetcher, self.allow_local_files = limits, fetcher, allow_local_files
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
         self.n_images = self.n_chars = self.n_pixels = self.n_parts = 0
+        self.n_input_turns = 0  # user/tool turns with non-blank text or an image
 
     def parts(self, n: int, mi: int) -> None:
         """Count ``n`` more parts of message ``mi`` against the limits, before converting them."""
@@ -532,6 +533,11 @@ def _message(raw: Any, st: _State, mi: int) -> Message:
     st.parts(len(items) + (len(calls) if isinstance(calls, list) else 0), mi)  # each call is a part
     parts = [_part(x, st, mi, j) for j, x in enumerate(items)]
     parts += [st.text(t, mi, None) for t in _tool_calls_text(calls)]
+    if r in ("user", "tool"):
+        if any(isinstance(p, ImagePart) or p.text.strip() for p in parts):
+            st.n_input_turns += 1
+        elif r == "user":  # an assistant turn may be empty, a tool may return nothing; a user turn may not
+            _fail("empty or blank user message: it has no text and no image to screen", mi)
     if r == "tool":
         # Tool output is where indirect prompt injection arrives (a web page, a file, an API reply),
         # so it is screened as user-visible input rather than dropped or trusted.
@@ -559,6 +565,9 @@ def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
     ``http(s)`` URLs only through ``fetcher``: the library never downloads on its own.
     Roles ``human``/``ai``/``developer`` map to user/assistant/system; ``tool``/``function``
     results become user turns prefixed ``[tool result]`` so they are screened too.
+    Empty or blank input is :class:`InvalidInputError`: a user message without non-whitespace text
+    or an image, or a conversation none of whose user/tool messages carries any (an assistant turn
+    may be empty, a tool may return nothing, a system prompt may be absent).
     """
     st = _State(limits, fetcher, Path(base_dir) if base_dir is not None else None, allow_local_files)
     if isinstance(obj, Conversation):
@@ -579,4 +588,6 @@ def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
     msgs = [_message(m, st, i) for i, m in enumerate(items)]
     if not any(m.role == "user" for m in msgs):
         _fail("conversation has no user turn: there is no input to screen")
+    if not st.n_input_turns:
+        _fail("no user or tool message carries text or an image: the input is empty or blank")
     return Conversation(messages=msgs)

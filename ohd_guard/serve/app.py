@@ -192,6 +192,11 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                 verdicts = await asyncio.gather(*(guard.ascreen(c) for c in items))
             except Exception as e:
                 raise from_guard_error(e) from e
+        for i, v in enumerate(verdicts):  # bad input (blank text, an undecodable image) is the client's 400
+            if is_bad_input(v):
+                raise APIError(400, "invalid_input", f"conversations[{i}]: the input cannot be screened: {v.error}",
+                               param=f"conversations[{i}]", extra={FIELD: guard_payload(v, refused=True,
+                                                                                        refusal_kind=None)})
         return JSONResponse({"object": "ohd_guard.screen", "model": settings.model_name,
                              "results": [guard_payload(v, refused=v.flagged, refusal_kind=None) for v in verdicts]},
                             headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()})

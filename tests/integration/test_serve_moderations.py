@@ -1,4 +1,4 @@
-"""``POST /v1/moderations`` (issue 25) against a real uvicorn on 127.0.0.1 with the real ``openai``
+"""``POST /v1/moderations`` and blank input on every route (issue 25) against a real uvicorn on 127.0.0.1 with the real ``openai``
 client and LangChain's ``OpenAIModerationMiddleware``; the planted guard flags its trigger prompts."""
 
 from __future__ import annotations
@@ -85,3 +85,16 @@ def test_langchain_moderation_middleware(client):
     raising = mw_mod.OpenAIModerationMiddleware(client=client, check_output=False, exit_behavior="error")
     with pytest.raises(mw_mod.OpenAIModerationError):
         raising.before_model({"messages": [HumanMessage(GUARD_TRIGGER_PROMPTS[3])]}, None)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}], "max_tokens": 2}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "be kind"},
+                                           {"role": "user", "content": [{"type": "text", "text": ""}]}]}, "messages"),
+    ("/v1/screen", {"conversations": ["hello there", "\n"]}, "conversations[1]"),
+])
+def test_blank_content_is_400_invalid_input_on_every_route(server, path, body, param):
+    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_input" and err["param"] == param and "blank" in err["message"]

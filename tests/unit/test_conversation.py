@@ -249,7 +249,7 @@ def test_digest_stability():
     assert mk((1, 2, 3)).digest() == mk((1, 2, 3)).digest()
     assert mk((1, 2, 3)).digest() != mk((1, 2, 4)).digest()
     assert to_conversation("a").digest() != to_conversation([{"role": "system", "content": "a"},
-                                                             {"role": "user", "content": ""}]).digest()
+                                                             {"role": "user", "content": "a"}]).digest()
     # part boundaries matter: "ab" is not "a" + "b"
     assert to_conversation("ab").digest() != to_conversation(user("a", "b")).digest()
     assert len(mk((0, 0, 0)).digest()) == 64
@@ -263,6 +263,26 @@ def test_empty_conversation():
 
 def test_no_user_turn():
     raises("no user turn", [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}])
+
+
+@pytest.mark.parametrize("content", ["", "   \n\t", [], [{"type": "text", "text": " "}], None])
+def test_blank_user_message_is_invalid_input(content):
+    e = raises("empty or blank user message", [{"role": "system", "content": "be kind"},
+                                                {"role": "user", "content": "hi"},
+                                                {"role": "user", "content": content}])
+    assert e.message_index == 2
+    raises("empty or blank user message", content if isinstance(content, str) else user(*(content or [])))
+
+
+def test_blank_tool_result_only_conversation_is_invalid_input():
+    raises("no user or tool message carries text", [{"role": "tool", "content": "  ", "name": "ls"}])
+
+
+def test_empty_assistant_tool_and_absent_system_are_fine():
+    c = to_conversation([{"role": "user", "content": "list files"}, {"role": "assistant", "content": ""},
+                         {"role": "tool", "content": "", "name": "ls"}, {"role": "user", "content": "and?"}])
+    assert [m.role for m in c.messages] == ["user", "assistant", "user", "user"]
+    assert to_conversation(user({"type": "image", "image": png_bytes()})).num_images == 1  # an image alone is input
 
 
 def test_unknown_role_names_location():
@@ -413,3 +433,11 @@ def test_limits_are_frozen_and_validated():
         lim.max_images = 3
     with pytest.raises(InvalidInputError):
         ConversationLimits(max_messages=0)
+
+
+def test_guard_refuses_blank_input_as_invalid_input(planted_guard):
+    """Library level: screening blank text never reaches the model; the verdict names the problem and
+    generation answers with the refusal, never with a completion of nothing."""
+    v = planted_guard.screen("   ")
+    assert v.flagged and v.error.startswith("InvalidInputError") and "blank" in v.error
+    assert planted_guard.generate([{"role": "user", "content": ""}], max_new_tokens=2).refused
