@@ -21,7 +21,8 @@ from typing import Any
 
 from ohd_guard.errors import InvalidInputError
 
-__all__ = ["ParsedCall", "InvalidCall", "check_schemas", "parse_tool_calls", "tools_text", "with_tools"]
+__all__ = ["ParsedCall", "InvalidCall", "check_schemas", "parse_tool_calls", "template_tool_format", "tool_turns",
+           "tools_text", "with_tools"]
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.S)
@@ -146,6 +147,86 @@ def _tagged(text: str, start: int, names: Collection[str] | None) -> tuple[list[
         except (ValueError, KeyError, TypeError) as e:
             invalid.append(InvalidCall(body, f"{type(e).__name__}: {e}", i))
     return calls, invalid
+
+
+# -- earlier calls and tool results in the chat template's own format ---------------------------------
+def template_tool_format(chat_template: Any) -> str | None:
+    """``"hermes"`` when the chat template renders assistant ``tool_calls`` as ``<tool_call>`` and
+    ``tool`` messages as ``<tool_response>`` (Qwen2.5, Hermes); ``None`` for any other template
+    (no tool branch, or one this module does not reproduce: the core text format is used)."""
+    if isinstance(chat_template, dict):  # named templates: the default one renders chats
+        chat_template = chat_template.get("default")
+    if not isinstance(chat_template, str):
+        return None
+    if all(k in chat_template for k in ("tool_calls", "<tool_call>", "<tool_response>", '"tool"')):
+        return "hermes"
+    return None
+
+
+def _text_of(content: Any) -> str | None:
+    """A message content as one string, or ``None`` when it holds anything but text parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = [p.get("text") if isinstance(p, Mapping) and p.get("type") == "text" else p for p in content]
+    return "\n".join(t for t in texts if isinstance(t, str)) if all(isinstance(t, str) for t in texts) else None
+
+
+def _hermes_call(call: Any) -> str:
+    """One call exactly as Qwen2.5's template writes it (``tojson`` = ``json.dumps``, unsorted)."""
+    f = call.get("function", call) if isinstance(call, Mapping) else {}
+    args = f.get("arguments", f.get("args", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            pass
+    return f'\n<tool_call>\n{{"name": "{f.get("name")}", "arguments": {json.dumps(args, ensure_ascii=False)}}}\n</tool_call>'
+
+
+def tool_turns(messages: Sequence[Mapping[str, Any]], chat_template: Any) -> list[dict[str, Any]]:
+    """OpenAI-style message dicts whose assistant ``tool_calls`` and ``tool`` results are written
+    the way ``chat_template`` itself writes them, as plain turns the core renders to the same text.
+
+    For a Hermes-style template (:func:`template_tool_format`) an assistant's calls become
+    ``<tool_call>`` blocks after its text, and each run of tool results one user turn of
+    ``<tool_response>`` blocks, as Qwen2.5's template renders them; the guard screens exactly that
+    prefill and the model answers from it. For any other template the messages are returned
+    unchanged: the core then shows calls as ``[tool call] name(args)`` and results as
+    ``[tool result: name]`` user turns.
+    """
+    msgs = [dict(m) for m in messages]
+    if template_tool_format(chat_template) != "hermes":
+        return msgs
+    out: list[dict[str, Any]] = []
+    results: list[Any] | None = None  # the parts of the tool-result turn being gathered
+    for m in msgs:
+        if m.get("role") in ("tool", "function"):
+            if results is None:
+                results = []
+                out.append({"role": "user", "content": results})
+            text = _text_of(m.get("content"))
+            results += ([{"type": "text", "text": f"\n<tool_response>\n{text}\n</tool_response>"}] if text is not None
+                        else [{"type": "text", "text": "\n<tool_response>\n"}, *m["content"],
+                              {"type": "text", "text": "\n</tool_response>"}])
+            continue
+        results = None
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = "".join(_hermes_call(c) for c in m.pop("tool_calls"))
+            text = _text_of(m.get("content"))
+            if text is None:
+                m["content"] = [*m["content"], {"type": "text", "text": calls}]
+            else:
+                m["content"] = text + calls if text else calls[1:]
+        out.append(m)
+    for m in out:  # each tool-result turn: one string when it is all text, its leading newline dropped
+        if m["role"] == "user" and isinstance(m["content"], list) and m["content"] \
+                and isinstance(m["content"][0], dict) and m["content"][0].get("text", "").startswith("\n<tool_response>"):
+            parts = m["content"]
+            parts[0] = {**parts[0], "text": parts[0]["text"][1:]}
+            text = _text_of(parts)
+            if text is not None:
+                m["content"] = "".join(p["text"] for p in parts)
+    return out
 
 
 def parse_tool_calls(text: str, names: Collection[str] | None = None) -> tuple[str, list[ParsedCall], list[InvalidCall]]:

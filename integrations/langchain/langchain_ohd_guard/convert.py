@@ -131,12 +131,18 @@ def _block_parts(block: Any, role: str, mi: int, bi: int, forwarded: bool = Fals
     raise UnsupportedContentError(f"unknown content block of type {kind!r}: refusing to drop it unscreened", mi, bi)
 
 
-def _message_dict(msg: BaseMessage, mi: int, forwarded: bool = False) -> dict[str, Any]:
+def _message_dict(msg: BaseMessage, mi: int, forwarded: bool = False, tool_calls: bool = False) -> dict[str, Any]:
     role = _role(msg)
     parts: list[dict[str, Any]] = []
+    calls = list(getattr(msg, "tool_calls", None) or []) if tool_calls and role == "assistant" else []
     for bi, block in enumerate(msg.content_blocks):
+        if calls and isinstance(block, Mapping) and block.get("type") == "tool_call":
+            continue  # passed on as the message's tool_calls below
         parts.extend(_block_parts(block, role, mi, bi, forwarded))
     out: dict[str, Any] = {"role": role, "content": parts}
+    if calls:
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function",
+                              "function": {"name": c["name"], "arguments": c.get("args", {})}} for c in calls]
     name = getattr(msg, "name", None) or None
     if role == "tool":
         out["name"] = name
@@ -165,15 +171,17 @@ def _as_messages(obj: Any) -> list[BaseMessage] | None:
     return None
 
 
-def to_message_dicts(obj: Any, *, forwarded: bool = False) -> list[dict[str, Any]]:
+def to_message_dicts(obj: Any, *, forwarded: bool = False, tool_calls: bool = False) -> list[dict[str, Any]]:
     """LangChain input -> the core's OpenAI/HF-style message dicts (images still undecoded); with
-    ``forwarded``, message names and reasoning text too (see the module docstring)."""
+    ``forwarded``, message names and reasoning text too (see the module docstring); with
+    ``tool_calls``, an AI message's calls as OpenAI ``tool_calls`` (for
+    :func:`ohd_guard.tools.tool_turns`) instead of ``[tool call] name(args)`` text."""
     msgs = _as_messages(obj)
     if msgs is None:
         if isinstance(obj, str):
             return [{"role": "user", "content": obj}]
         raise InvalidInputError(f"cannot read {type(obj).__name__} as LangChain messages")
-    return [_message_dict(m, i, forwarded) for i, m in enumerate(msgs)]
+    return [_message_dict(m, i, forwarded, tool_calls) for i, m in enumerate(msgs)]
 
 
 def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,

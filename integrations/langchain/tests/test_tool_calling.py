@@ -43,3 +43,58 @@ def test_json_naming_an_unbound_tool_stays_text(guard):
     out = scripted(guard, answer).bind_tools([add]).invoke("what is 17 + 25?")
     assert out.tool_calls == [] and out.content == answer
     assert scripted(guard, answer).invoke("hi").content == answer  # no tools bound: nothing is parsed
+
+
+# ------------------------------------------------------------ earlier calls in the template's own format
+@pytest.fixture(scope="module")
+def qwen_guard():
+    """The planted head over a copy of its tokenizer that carries Qwen2.5's chat template (tool
+    branch), calibrated on that template (a profile is bound to the template it was fitted on)."""
+    import copy
+
+    from ohd_guard.detectors import calibrate
+    from ohd_guard.guard import OhdGuard
+    from ohd_guard.masking import HeadRef
+    from ohd_guard.testing.fixtures import GUARD_CLEAN_PROMPTS, GUARD_TRIGGER_PROMPTS, planted_text_calibrated
+    from ohd_guard.testing.templates import QWEN25_CHAT_TEMPLATE
+
+    model, tok, _ = planted_text_calibrated()
+    tok = copy.deepcopy(tok)
+    tok.chat_template = QWEN25_CHAT_TEMPLATE
+    profile = calibrate(model, tok, list(GUARD_TRIGGER_PROMPTS), list(GUARD_CLEAN_PROMPTS), head=HeadRef(layer=1, head=2))
+    return OhdGuard(model, tok, profile)
+
+
+def _history(result: str):
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    return [HumanMessage("what is 17 + 25?"),
+            AIMessage("", tool_calls=[{"name": "add", "args": {"a": 17, "b": 25}, "id": "c1"}]),
+            ToolMessage(result, tool_call_id="c1", name="add")]
+
+
+def test_calls_and_results_are_shown_in_the_templates_tool_format(qwen_guard):
+    chat = scripted(qwen_guard, "The sum is 42.")
+    out = chat.invoke(_history("42"))
+    assert out.content == "The sum is 42." and out.response_metadata["ohd_guard"]["refused"] is False
+    tok = qwen_guard.tokenizer
+    native = [{"role": "user", "content": "what is 17 + 25?"},
+              {"role": "assistant", "content": "", "tool_calls": [
+                  {"type": "function", "function": {"name": "add", "arguments": {"a": 17, "b": 25}}}]},
+              {"role": "tool", "content": "42"}]
+    want = tok.apply_chat_template(native, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    prompt = chat.generation_kwargs["logits_processor"][0].prompts[0]
+    assert prompt[-len(want):] == list(want), tok.decode(prompt)  # the model answered from the template's rendering
+    assert "<tool_response>\n42\n</tool_response>" in tok.decode(prompt) and "[tool" not in tok.decode(prompt)
+
+
+def test_a_flagged_tool_result_is_screened_in_the_same_rendering(qwen_guard):
+    out = scripted(qwen_guard, "never said").invoke(_history("the zorblax page"))
+    assert out.response_metadata["ohd_guard"]["refused"] and out.content != "never said"
+
+
+def test_templates_without_a_tool_branch_keep_the_text_format(guard):
+    chat = scripted(guard, "The sum is 42.")
+    chat.invoke(_history("42"))
+    prompt = guard.tokenizer.decode(chat.generation_kwargs["logits_processor"][0].prompts[0])
+    assert "[tool call] add(" in prompt and "[tool result: add] 42" in prompt and "<tool_response>" not in prompt
