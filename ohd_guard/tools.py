@@ -22,7 +22,7 @@ from typing import Any
 from ohd_guard.errors import InvalidInputError
 
 __all__ = ["ParsedCall", "InvalidCall", "check_schemas", "parse_tool_calls", "template_tool_format", "tool_turns",
-           "tools_text", "with_tools"]
+           "tools_text", "with_system_section", "with_tools"]
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.S)
@@ -79,7 +79,12 @@ def with_tools(raw: Any, schemas: Sequence[dict[str, Any]], tool_choice: Any = N
     when there is none); ``raw`` unchanged without tools."""
     if not schemas:
         return raw
-    section = tools_text(schemas, tool_choice)
+    return with_system_section(raw, tools_text(schemas, tool_choice))
+
+
+def with_system_section(raw: Any, section: str) -> list[Any]:
+    """Message dicts with ``section`` appended to the system message (one is added first when
+    there is none): instructions the guard screens with the rest of the prompt."""
     msgs = [{"role": "user", "content": raw}] if isinstance(raw, str) else list(raw)
     if msgs and msgs[0].get("role") in ("system", "developer"):
         content = msgs[0]["content"]

@@ -22,6 +22,7 @@ __all__ = [
     "EVENT_NAME",
     "AnswerCheck",
     "ChatOhdGuard",
+    "GuardRefusedError",
     "GuardedRunnable",
     "OhdGuardMiddleware",
     "OhdGuardRunnable",
@@ -36,7 +37,7 @@ __all__ = [
 _WHERE = {
     "EVENT_NAME": "events", "adispatch_verdict": "events", "dispatch_verdict": "events",
     "AnswerCheck": "answers", "calibrate_answers": "answers",
-    "ChatOhdGuard": "chat_model", "GuardedRunnable": "runnable", "OhdGuardRunnable": "runnable",
+    "ChatOhdGuard": "chat_model", "GuardRefusedError": "structured", "GuardedRunnable": "runnable", "OhdGuardRunnable": "runnable",
     "guarded": "runnable", "OhdGuardMiddleware": "middleware", "UnsupportedContentError": "convert",
     "to_conversation": "convert",
 }  # fmt: skip
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from langchain_ohd_guard.chat_model import ChatOhdGuard
     from langchain_ohd_guard.convert import UnsupportedContentError, to_conversation
     from langchain_ohd_guard.events import EVENT_NAME, adispatch_verdict, dispatch_verdict
+    from langchain_ohd_guard.structured import GuardRefusedError
     from langchain_ohd_guard.middleware import OhdGuardMiddleware
     from langchain_ohd_guard.runnable import GuardedRunnable, OhdGuardRunnable, guarded
 

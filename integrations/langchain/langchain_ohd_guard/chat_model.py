@@ -24,9 +24,10 @@ from pydantic import ConfigDict, Field, PrivateAttr
 
 from langchain_ohd_guard.convert import to_message_dicts
 from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict
+from langchain_ohd_guard.structured import response_instruction, structured
 from langchain_ohd_guard.tools import parse_tool_calls, tool_names, tool_schemas, with_tools
 from ohd_guard.generation import StopTrimmer, cut_at_stops
-from ohd_guard.tools import template_tool_format, tool_turns
+from ohd_guard.tools import template_tool_format, tool_turns, with_system_section
 from ohd_guard.types import response_payload
 
 __all__ = ["ChatOhdGuard"]
@@ -112,8 +113,8 @@ class ChatOhdGuard(BaseChatModel):
     in ``response_metadata["ohd_guard"]`` of every response (safe ones too; in a stream, on the
     last chunk) and is sent as the custom event ``"ohd_guard.verdict"``.
 
-    Tools (:meth:`bind_tools`, ``tool_choice``, ``ToolMessage`` results, and so
-    ``with_structured_output`` and ``create_agent``) go through the text format of
+    Tools (:meth:`bind_tools`, ``tool_choice``, ``ToolMessage`` results, and so ``create_agent``)
+    go through the text format of
     :mod:`langchain_ohd_guard.tools`: the definitions are part of the screened system prompt and
     a call to a bound tool in the answer (``<tool_call>{...}</tool_call>``, bare or fenced JSON,
     see :func:`ohd_guard.tools.parse_tool_calls`) becomes ``AIMessage.tool_calls``. With tools
@@ -121,7 +122,8 @@ class ChatOhdGuard(BaseChatModel):
     Earlier calls and ``ToolMessage`` results are written in the chat template's own tool format
     where it has one this package reproduces (Qwen2.5's ``<tool_call>`` / ``<tool_response>``, see
     :func:`ohd_guard.tools.tool_turns`), else as ``[tool call] name(args)`` / ``[tool result]`` text.
-    A refusal never carries tool calls.
+    A refusal never carries tool calls. :meth:`with_structured_output` returns the parsed object,
+    or raises :class:`~langchain_ohd_guard.structured.GuardRefusedError` when the guard refused.
 
     Build it with ``ChatOhdGuard(guard=...)``, :meth:`from_guard` or :meth:`from_profile`.
     """
@@ -218,7 +220,13 @@ class ChatOhdGuard(BaseChatModel):
         tools, tool_choice = kwargs.get("tools") or [], kwargs.get("tool_choice")
         if tool_choice == "none":
             tools = []
-        kw = {k: v for k, v in kwargs.items() if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice")}
+        response_format = kwargs.get("response_format")
+        if response_format is not None and not (isinstance(response_format, dict)
+                                                and response_format.get("type") in ("json_object", "json_schema")):
+            raise InvalidInputError("ChatOhdGuard: response_format must be {'type': 'json_object'} or "
+                                    "{'type': 'json_schema', 'json_schema': {'schema': ...}}")
+        kw = {k: v for k, v in kwargs.items()
+              if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice", "response_format")}
         gen: dict[str, Any] = dict(self.generation_kwargs)
         max_tokens, max_new_tokens = kw.pop("max_tokens", None), kw.pop("max_new_tokens", None)
         gen["max_new_tokens"] = max_tokens or max_new_tokens or self.max_tokens or 256
@@ -244,7 +252,10 @@ class ChatOhdGuard(BaseChatModel):
         template = getattr(self.guard.processor, "chat_template", None) or getattr(self.guard.tokenizer,
                                                                                     "chat_template", None)
         msgs = to_message_dicts(messages, tool_calls=template_tool_format(template) is not None)
-        return with_tools(tool_turns(msgs, template), tools, tool_choice), gen, stop
+        msgs = with_tools(tool_turns(msgs, template), tools, tool_choice)
+        if response_format is not None:
+            msgs = with_system_section(msgs, response_instruction(response_format))
+        return msgs, gen, stop
 
     def _metadata(self, verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": "ohd_guard",
@@ -274,6 +285,18 @@ class ChatOhdGuard(BaseChatModel):
         elif tool_choice is False:
             tool_choice = None
         return super().bind(tools=schemas, tool_choice=tool_choice, **kwargs)
+
+    def with_structured_output(self, schema: Any = None, *, method: str = "function_calling",
+                               include_raw: bool = False, strict: bool | None = None,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+        """The answer parsed into ``schema`` (a pydantic model gives an instance; a TypedDict, JSON
+        schema or tool dict a dict) by ``method`` ``"function_calling"`` (default), ``"json_schema"``
+        or ``"json_mode"``; a refused conversation raises
+        :class:`~langchain_ohd_guard.structured.GuardRefusedError` (with its verdict); ``include_raw``
+        gives ``{"raw", "parsed", "parsing_error"}``. See :mod:`langchain_ohd_guard.structured`."""
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        return structured(self, schema, method, include_raw, strict)
 
     # -- calls --------------------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,

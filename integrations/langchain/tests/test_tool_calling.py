@@ -5,7 +5,10 @@ results in the chat template's own tool format, ``with_structured_output`` for e
 from __future__ import annotations
 
 import pytest
+from langchain_core.exceptions import OutputParserException
 from langchain_core.tools import tool
+from pydantic import BaseModel
+from typing_extensions import TypedDict
 
 from langchain_ohd_guard import ChatOhdGuard
 from ohd_guard.testing.scripted import Scripted
@@ -98,3 +101,77 @@ def test_templates_without_a_tool_branch_keep_the_text_format(guard):
     chat.invoke(_history("42"))
     prompt = guard.tokenizer.decode(chat.generation_kwargs["logits_processor"][0].prompts[0])
     assert "[tool call] add(" in prompt and "[tool result: add] 42" in prompt and "<tool_response>" not in prompt
+
+
+# ---------------------------------------------------------------------------- with_structured_output
+class Person(BaseModel):
+    """A person."""
+
+    name: str
+    born: int
+
+
+class PersonDict(TypedDict):
+    """A person."""
+
+    name: str
+    born: int
+
+
+ADA = {"name": "Ada", "born": 1815}
+
+
+@pytest.mark.parametrize(("method", "answer"), [
+    (None, '{"name": "NAME", "arguments": {"name": "Ada", "born": 1815}}'),
+    ("function_calling", '<tool_call>{"name": "NAME", "arguments": {"name": "Ada", "born": 1815}}</tool_call>'),
+    ("function_calling", '{"name": "Ada", "born": 1815}'),  # the bare arguments: read too
+    ("json_schema", '```json\n{"name": "Ada", "born": 1815}\n```'),
+    ("json_mode", '{"name": "Ada", "born": 1815}'),
+])
+@pytest.mark.parametrize("schema", [Person, PersonDict, Person.model_json_schema()], ids=["pydantic", "typeddict", "json"])
+def test_structured_output_returns_the_parsed_object(guard, method, answer, schema):
+    kw = {} if method is None else {"method": method}
+    answer = answer.replace("NAME", "PersonDict" if schema is PersonDict else "Person")  # the tool's name
+    out = scripted(guard, answer).with_structured_output(schema, **kw).invoke("who wrote the first program?")
+    assert out == (Person(**ADA) if schema is Person else ADA)
+
+
+def test_the_format_instructions_are_in_the_screened_prompt(guard):
+    chat = scripted(guard, '{"name": "Ada", "born": 1815}')
+    chat.with_structured_output(Person, method="json_schema").invoke("who?")
+    prompt = guard.tokenizer.decode(chat.generation_kwargs["logits_processor"][0].prompts[0])
+    assert "Answer with one JSON object" in prompt and '"born"' in prompt
+    chat = scripted(guard, '{"name": "Ada", "born": 1815}')
+    assert chat.with_structured_output(None, method="json_mode").invoke("who?") == ADA
+    with pytest.raises(ValueError, match="needs a schema"):
+        chat.with_structured_output(None)
+    with pytest.raises(ValueError, match="method must be"):
+        chat.with_structured_output(Person, method="xml")
+
+
+def test_a_refusal_raises_with_its_verdict_and_include_raw_shows_it(guard):
+    from langchain_ohd_guard import GuardRefusedError
+    from ohd_guard.errors import GuardViolation
+
+    for method in ("function_calling", "json_schema", "json_mode"):
+        chat = scripted(guard, '{"name": "Ada", "born": 1815}').with_structured_output(Person, method=method)
+        with pytest.raises(GuardRefusedError) as e:
+            chat.invoke("zorblax the records of Ada")
+        assert isinstance(e.value, GuardViolation) and e.value.verdict["flagged"] is True
+        assert e.value.response.response_metadata["ohd_guard"]["refused"]
+    raw = scripted(guard, "x").with_structured_output(Person, include_raw=True).invoke("zorblax the records")
+    assert raw["parsed"] is None and isinstance(raw["parsing_error"], GuardRefusedError)
+    assert raw["raw"].response_metadata["ohd_guard"]["refused"]
+
+
+def test_include_raw_returns_the_message_the_object_and_a_parsing_error(guard):
+    answer = '{"name": "Ada", "born": 1815}'
+    raw = scripted(guard, answer).with_structured_output(Person, method="json_mode", include_raw=True).invoke("who?")
+    assert raw["parsed"] == Person(**ADA) and raw["parsing_error"] is None and raw["raw"].content == answer
+    raw = scripted(guard, "not json").with_structured_output(Person, method="json_mode", include_raw=True).invoke("who?")
+    assert raw["parsed"] is None and isinstance(raw["parsing_error"], OutputParserException)
+    raw = scripted(guard, '{"name": "Ada"}').with_structured_output(Person, method="json_schema",
+                                                                    include_raw=True).invoke("who?")
+    assert raw["parsed"] is None and "does not follow Person" in str(raw["parsing_error"])
+    with pytest.raises(OutputParserException):
+        scripted(guard, "not json").with_structured_output(Person, method="json_schema").invoke("who?")

@@ -4,7 +4,7 @@ import sys
 import langchain_ohd_guard
 
 EXPECTED_ALL = [
-    "EVENT_NAME", "AnswerCheck", "ChatOhdGuard", "GuardedRunnable", "OhdGuardMiddleware", "OhdGuardRunnable",
+    "EVENT_NAME", "AnswerCheck", "ChatOhdGuard", "GuardRefusedError", "GuardedRunnable", "OhdGuardMiddleware", "OhdGuardRunnable",
     "UnsupportedContentError", "adispatch_verdict", "calibrate_answers", "dispatch_verdict", "guarded",
     "to_conversation",
 ]  # fmt: skip
