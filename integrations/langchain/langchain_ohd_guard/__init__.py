@@ -47,9 +47,9 @@ if TYPE_CHECKING:
     from langchain_ohd_guard.chat_model import ChatOhdGuard
     from langchain_ohd_guard.convert import UnsupportedContentError, to_conversation
     from langchain_ohd_guard.events import EVENT_NAME, adispatch_verdict, dispatch_verdict
-    from langchain_ohd_guard.structured import GuardRefusedError
     from langchain_ohd_guard.middleware import OhdGuardMiddleware
     from langchain_ohd_guard.runnable import GuardedRunnable, OhdGuardRunnable, guarded
+    from langchain_ohd_guard.structured import GuardRefusedError
 
 
 def __getattr__(name: str) -> Any:
