@@ -6,7 +6,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ohd_guard.cli.common import METRIC_COLUMNS, describe, load_model, model_args, positive_int, shipped, table
+from ohd_guard.cli.common import (
+    METRIC_COLUMNS,
+    describe,
+    load_model,
+    model_args,
+    non_negative_int,
+    positive_int,
+    shipped,
+    table,
+)
+from ohd_guard.shipped import DEFAULT_DETECTOR
+
+CV_SPLIT = "calibration (out-of-fold)"
+"""The metrics row every kind prints: scores of prompts the fit did not see."""
 
 
 def _layer_range(value: str | None, model) -> list[int] | None:
@@ -47,6 +60,48 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
     return items, heldout_items, sources
 
 
+def _warn_surface(processor, unsafe: list, safe: list) -> None:
+    """Say on stderr (not only in the log) when prompt length or a trailing "?" alone separates the
+    classes: any kind may learn that instead of the content, and fail where it goes the other way."""
+    from ohd_guard.detectors.ohd_profile import SURFACE_FEATURES, surface_aurocs, warn_surface
+
+    surface = surface_aurocs(processor, unsafe, safe)
+    warn_surface(surface)
+    for name, value in surface.items():
+        if abs(value - 0.5) > 0.15:
+            print(f"warning: {SURFACE_FEATURES[name]} alone separates unsafe from safe in the calibration data "
+                  f"(AUROC {value:.2f}); the detector may learn it and fail where it goes the other way: balance "
+                  "the sets on it", file=sys.stderr, flush=True)
+
+
+def _cross_validate(args, fit, unsafe: list, safe: list) -> Any:
+    """Out-of-fold calibration metrics for a kind whose fit has none: ``fit(u, s)`` on K-1 stratified
+    folds (seeded), the held-out fold scored as its margin over that fold's threshold, so the rates
+    are each fold's own decisions and the AUROC pools comparable margins. None when K < 2."""
+    import numpy as np
+
+    from ohd_guard.detectors.base import evaluate_scores
+
+    k = min(args.cv_folds, len(unsafe), len(safe))
+    if k < 2:
+        if args.cv_folds:
+            print(f"note: no out-of-fold metrics: {k} fold(s) possible", file=sys.stderr)
+        return None
+    rng = np.random.default_rng(0)
+    folds = [np.arange(len(x))[rng.permutation(len(x))] % k for x in (unsafe, safe)]
+    margins: list[list[float]] = [[], []]
+    for f in range(k):
+        if not args.quiet:
+            print(f"[calibrate] cross-validation fold {f + 1}/{k}", file=sys.stderr, flush=True)
+        train = [[x for x, g in zip(xs, fs) if g != f] for xs, fs in zip((unsafe, safe), folds)]
+        test = [[x for x, g in zip(xs, fs) if g == f] for xs, fs in zip((unsafe, safe), folds)]
+        det = fit(*train)
+        scores = np.asarray(det.score(test[0] + test[1]), dtype=float) - float(det.threshold)
+        margins[0] += scores[: len(test[0])].tolist()
+        margins[1] += scores[len(test[0]):].tolist()
+    return evaluate_scores(CV_SPLIT, np.asarray(margins[0]), np.asarray(margins[1]), 0.0)
+
+
 def cmd_calibrate(args) -> int:
     items, heldout_items, sources = _fit_items(args)
     unsafe = [p for p in items if p.label == 1]
@@ -57,18 +112,31 @@ def cmd_calibrate(args) -> int:
     from ohd_guard.masking import HeadRef, MaskSpec
 
     model, processor = load_model(args)
+    _warn_surface(processor, unsafe, safe)
     head = HeadRef(layer=args.head[0], head=args.head[1]) if args.head else None
     threshold: Any = "kde" if args.target_fpr is None else args.target_fpr
-    profile = calibrate(
-        model, processor, unsafe, safe,
-        spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
-        score_layer=args.score_layer, score_layers=_layer_range(args.score_layers, model), head=head, strategy=args.strategy, top_k=args.top_k,
-        percentile=args.percentile, rank_by=args.rank_by, threshold=threshold, batch_size=args.batch_size, progress=not args.quiet,
-        heldout=(
-            [p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0]
-        ) if heldout_items else None,
-        sources=sources,
-    )
+
+    def fit(u: list, s: list, heldout: Any = None, progress: bool = False) -> Any:
+        return calibrate(
+            model, processor, u, s,
+            spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
+            score_layer=args.score_layer, score_layers=_layer_range(args.score_layers, model), head=head,
+            strategy=args.strategy, top_k=args.top_k, percentile=args.percentile, rank_by=args.rank_by,
+            threshold=threshold, batch_size=args.batch_size, progress=progress, heldout=heldout, sources=sources,
+        )
+
+    def bound(u: list, s: list) -> Any:
+        from ohd_guard.detectors import OneHeadDefense
+
+        det = OneHeadDefense.from_profile(fit(u, s), model, processor)
+        det.batch_size = args.batch_size
+        return det
+
+    profile = fit(unsafe, safe, progress=not args.quiet, heldout=(
+        [p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0]
+    ) if heldout_items else None)
+    if cv := _cross_validate(args, bound, unsafe, safe):
+        profile = profile.model_copy(update={"metrics": [*profile.metrics, cv]})
     profile.save(args.output)
     print(f"head {profile.heads[0]}  score layer {profile.score_layer}  "
           f"threshold {profile.threshold:.4f} deg ({profile.threshold_method})  "
@@ -90,6 +158,7 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
     from ohd_guard.detectors.base import evaluate_scores
 
     model, processor = load_model(args)
+    _warn_surface(processor, unsafe, safe)
     bs = args.batch_size
     if args.detector == "sahs":
         det: SAHs | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs)
@@ -103,6 +172,9 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
         print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
     det.fit(model, processor, unsafe, safe)
     state = det.profile.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
+    if args.detector == "hiddendetect" and (cv := _cross_validate(
+            args, lambda u, s: HiddenDetect(batch_size=bs).fit(model, processor, u, s), unsafe, safe)):
+        state = state.model_copy(update={"metrics": [*state.metrics, cv]})
     if heldout_items:
         u = [p for p in heldout_items if p.label == 1]
         s = [p for p in heldout_items if p.label == 0]
@@ -117,11 +189,15 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
 
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("calibrate", help="fit a detector (One-head Defense: search the head) and write its profile")
+    c = sub.add_parser("calibrate", help="fit a detector (default: the guard's default kind) and write its profile")
     model_args(c)
-    c.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect", "fused"], default="ohd",
-                   help="ohd (One-head Defense, default), sahs (probe on the top heads), hiddendetect (logit-lens "
-                        "refusal cosine) or fused (logistic on OhD angles and the SAHs log-odds)")
+    c.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect", "fused"], default=DEFAULT_DETECTOR,
+                   help=f"sahs (probe on the top heads), ohd (One-head Defense), hiddendetect (logit-lens refusal "
+                        f"cosine) or fused (logistic on OhD angles and the SAHs log-odds); default: {DEFAULT_DETECTOR}, "
+                        "the kind the guard loads by default")
+    c.add_argument("--cv-folds", type=non_negative_int, default=5, metavar="K",
+                   help="ohd/hiddendetect: refit on K-1 folds and score the held-out fold, for out-of-fold calibration "
+                        "metrics (K times the fit; 0 skips). sahs/fused are cross-validated by their own fit")
     c.add_argument("--data", type=Path, help="labelled CSV/JSONL (default: the project's calibration prompts)")
     c.add_argument("--fit-shared", action="append", default=[], metavar="NAME[:N]",
                    help="also fit on N items (all without :N), evenly spread, of a shared set (repeatable)")

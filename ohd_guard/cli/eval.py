@@ -9,6 +9,7 @@ from pathlib import Path
 from ohd_guard.cli.common import (
     OHD_PROFILE, describe, load_model, model_args, name_list, non_negative_int, positive_int, shipped,
 )
+from ohd_guard.shipped import DEFAULT_DETECTOR
 
 
 EVAL_DETECTORS: dict[str, str] = {
@@ -94,8 +95,19 @@ def cmd_eval(args) -> int:
     if not args.files and not shared and not args.project_heldout:
         parser.error("no sets to evaluate: give labelled CSV/JSONL files and/or --shared NAMES")
     names = [n for group in (args.detectors or []) for n in group]
+    default_file = None  # nothing named: the --profile given (any kind), else the shipped default kind's
     if args.detectors is None and not args.detector_file and not args.shipped:
-        names = ["ohd"]
+        if args.profile is not None:
+            from ohd_guard.detectors import load_profile
+
+            if load_profile(args.profile, allow_edited=args.allow_edited).kind == "ohd":
+                names = ["ohd"]
+            else:
+                default_file = args.profile
+        else:
+            default_file = shipped(args).get(DEFAULT_DETECTOR)
+            if default_file is None:
+                names = [DEFAULT_DETECTOR]
     names = list(dict.fromkeys(names))
     if args.context_limit is not None and not args.contexts:
         parser.error("--context-limit needs --contexts")
@@ -194,6 +206,18 @@ def cmd_eval(args) -> int:
     detector_files = list(args.detector_file)
     if args.shipped:
         detector_files += [p for k, p in shipped(args).items() if not (k == "ohd" and "ohd" in names)]
+    if default_file is not None:
+        from ohd_guard.errors import ProfileMismatchError
+
+        try:
+            det = load_detector(default_file, model, processor, allow_edited=args.allow_edited)
+            detector_files.append(default_file)
+        except ProfileMismatchError as e:
+            if default_file == args.profile:
+                raise
+            say(f"[eval] the shipped {DEFAULT_DETECTOR} profile is for another model ({e}): "
+                f"fitting {DEFAULT_DETECTOR} on the fit data instead")
+            names = [DEFAULT_DETECTOR]
     for path in detector_files:
         det = load_detector(path, model, processor, allow_edited=args.allow_edited)
         if hasattr(det, "batch_size"):
@@ -283,8 +307,9 @@ def add_parser(sub) -> None:
                    help="profile for 'ohd' (and the head of ohd-fast/ohd-exact); default: the shipped one")
     e.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     e.add_argument("--detectors", type=_detector_list, action="append", default=None, metavar="NAMES",
-                   help="comma-separated, from: " + ", ".join(EVAL_DETECTORS) + " (default: ohd; "
-                        "none when --detector-file is given)")
+                   help="comma-separated, from: " + ", ".join(EVAL_DETECTORS) + " (default: the --profile given, "
+                        f"else the shipped {DEFAULT_DETECTOR} profile of --model, the guard's default kind, fitted "
+                        "on the fit data when the model has none; none when --detector-file is given)")
     e.add_argument("--detector-file", type=Path, action="append", default=[], metavar="PATH",
                    help="a saved detector (profile or detector state JSON) to evaluate as well (repeatable)")
     e.add_argument("--fit-data", type=Path, default=None,

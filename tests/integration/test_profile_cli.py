@@ -108,7 +108,7 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
     model_dir, data = _saved_planted(tmp_path)
     out = tmp_path / "profile.json"
     assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(out), "--quiet",
-                 "--top-k", "3"]) == 0
+                 "--detector", "ohd", "--top-k", "3"]) == 0
     assert "L1.H2" in capsys.readouterr().out
     assert Profile.load(out).heads == (HeadRef(layer=1, head=2),)
 
@@ -117,11 +117,11 @@ def test_cli_calibrate_inspect_screen_eval(tmp_path, capsys):
 
     joint = tmp_path / "joint.json"
     assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(joint), "--quiet",
-                 "--score-layers", "2-3", "--strategy", "fast"]) == 0
+                 "--detector", "ohd", "--score-layers", "2-3", "--strategy", "fast"]) == 0
     assert Profile.load(joint).heads == (HeadRef(layer=1, head=2),) and Profile.load(joint).score_layer in (2, 3)
     capsys.readouterr()
     assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(joint), "--quiet",
-                 "--score-layers", "two-3"]) == 2
+                 "--detector", "ohd", "--score-layers", "two-3"]) == 2
 
     assert main(["screen", "--model", str(model_dir), "--profile", str(out), "what zorblax is rain"]) == 0
     flagged = json.loads(capsys.readouterr().out)
@@ -150,7 +150,7 @@ def test_cli_calibrate_screen_inspect_eval_for_every_detector_kind(tmp_path, cap
     if detector == "fused":
         ohd = tmp_path / "ohd.json"
         assert main(["calibrate", "--model", str(model_dir), "--data", str(data), "-o", str(ohd), "--quiet",
-                     "--strategy", "fast"]) == 0
+                     "--detector", "ohd", "--strategy", "fast"]) == 0
         extra = ["--ohd-profile", str(ohd)]
     out = tmp_path / f"{detector}.json"
     capsys.readouterr()

@@ -1,0 +1,111 @@
+"""The CLI's defaults and batch screening (issue 25) on the planted model saved to disk: ``calibrate``
+and ``eval`` use the guard's default detector kind, every kind prints out-of-fold calibration
+metrics and a surface-feature warning, ``screen`` reads many prompts with one model load."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from ohd_guard.cli import main
+from ohd_guard.detectors import load_profile
+from ohd_guard.shipped import DEFAULT_DETECTOR
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
+
+CLEAN = list(PLANTED_CLEAN_PROMPTS)[:8]
+TRIGGER = with_trigger(CLEAN)
+
+
+def _csv(path, unsafe, safe):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows([(t, "unsafe") for t in unsafe] + [(t, "safe") for t in safe])
+    return path
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clidefaults")
+    model, tok, _ = planted_head_model()
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    return {"root": root, "model": str(root / "model"), "data": str(_csv(root / "calib.csv", TRIGGER, CLEAN)),
+            "question": str(_csv(root / "question.csv", TRIGGER, [t.rstrip("?. ") + "?" for t in CLEAN]))}
+
+
+@pytest.fixture(scope="module")
+def default_profile(saved):
+    out = saved["root"] / "default.json"
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
+                 "--heads", "2"]) == 0
+    return out
+
+
+def test_calibrate_defaults_to_the_guards_default_kind(default_profile):
+    assert DEFAULT_DETECTOR != "ohd" and load_profile(default_profile).kind == DEFAULT_DETECTOR
+
+
+@pytest.mark.parametrize("detector", ["ohd", "sahs", "hiddendetect"])
+def test_calibrate_prints_out_of_fold_metrics_for_every_kind(saved, tmp_path, capsys, detector):
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
+                 "--detector", detector, "--heads", "2", "--cv-folds", "2", "--strategy", "fast"]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| calibration (out-of-fold) |"))
+    assert row.split(" | ")[1:3] == ["8", "8"]  # every calibration prompt scored once, by a fit that did not see it
+    assert any(m.split == "calibration (out-of-fold)" for m in load_profile(out).metrics)
+
+
+def test_calibrate_warns_when_a_trailing_question_mark_separates_the_classes(saved, tmp_path, capsys):
+    out = tmp_path / "q.json"
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["question"], "-o", str(out), "--quiet",
+                 "--heads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: ending the request with a question mark alone separates" in err and "AUROC 0.00" in err
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
+                 "--heads", "2"]) == 0
+    assert "question mark" not in capsys.readouterr().err  # balanced: no warning
+
+
+def test_eval_defaults_to_the_default_kind(saved, default_profile, capsys):
+    """No --detectors: the --profile given (of any kind), else the shipped default kind, which for a
+    model it was not made for is fitted on the fit data (said on stderr)."""
+    assert main(["eval", "--model", saved["model"], "--profile", str(default_profile), saved["data"],
+                 "--latency-prompts", "0"]) == 0
+    assert "| set | n | SAHs |" in capsys.readouterr().out
+    assert main(["eval", "--model", saved["model"], saved["data"], "--fit-data", saved["data"],
+                 "--latency-prompts", "0"]) == 0
+    cap = capsys.readouterr()
+    assert f"the shipped {DEFAULT_DETECTOR} profile is for another model" in cap.err
+    assert "| set | n | SAHs |" in cap.out and "OhD" not in cap.out
+
+
+def test_screen_many_prompts_one_load_jsonl_and_fail_on_flag(saved, default_profile, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"text": TRIGGER[1]}) + "\n\n" + json.dumps(
+        {"messages": [{"role": "user", "content": CLEAN[2]}]}) + "\n" + CLEAN[3] + "\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(TRIGGER[4]) + "\n"))
+    base = ["screen", "--model", saved["model"], "--profile", str(default_profile)]
+    assert main([*base, CLEAN[0], TRIGGER[0], "-", "--file", str(prompts)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["flagged"] for x in lines] == [False, True, True, True, False, False]
+    assert main([*base, "--fail-on-flag", CLEAN[0], TRIGGER[0]]) == 1
+    capsys.readouterr()
+    assert main([*base, "--fail-on-flag", CLEAN[0], CLEAN[1]]) == 0
+    capsys.readouterr()
+
+
+def test_screen_blank_prompt_is_invalid_input(saved, default_profile, capsys):
+    assert main(["screen", "--model", saved["model"], "--profile", str(default_profile), CLEAN[0], "  "]) == 2
+    ok, blank = (json.loads(x) for x in capsys.readouterr().out.splitlines())
+    assert "error" not in ok and blank["error"].startswith("InvalidInputError") and "blank" in blank["error"]
+
+
+def test_screen_without_prompts_is_a_usage_error(saved, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["screen", "--model", saved["model"]])
+    assert e.value.code == 2 and "nothing to screen" in capsys.readouterr().err
