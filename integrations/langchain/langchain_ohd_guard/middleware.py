@@ -7,6 +7,7 @@ Needs the ``langchain`` package (``pip install 'langchain-ohd-guard[agents]'``);
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict, verd
 from langchain_ohd_guard.runnable import arefusal, refusal, refusal_metadata, screen_input
 from langchain_ohd_guard.tools import with_tools
 
-__all__ = ["DEFAULT_VIOLATION_MESSAGE", "OhdGuardMiddleware"]
+__all__ = ["DEFAULT_VIOLATION_MESSAGE", "INPUT_REPLACEMENTS", "OhdGuardMiddleware"]
 
 Stage = Literal["input", "output", "tool"]
 ExitBehavior = Literal["error", "end", "replace"]
@@ -35,6 +36,12 @@ an input flagged under ``exit_behavior="end"`` gets the guard's own refusal inst
 ``violation_message`` is given."""
 
 _STAGE_TEXT = {"input": "request", "output": "answer", "tool": "tool result"}
+
+INPUT_REPLACEMENTS = ("[This message was removed.]", "Hello.")
+"""What a flagged human turn becomes under ``exit_behavior="replace"`` (after ``violation_message``
+when one is given): the first the guard does not flag when the request is screened again. A
+refusal sentence is not among them: written as the user's turn it reads as one, and the shipped
+detector flags it (the old default replacement scored +0.79 over the threshold)."""
 
 
 def _last(messages: list[BaseMessage], cls: type) -> int | None:
@@ -106,8 +113,11 @@ class OhdGuardMiddleware(AgentMiddleware):
     (``.stage`` is ``"input"``, ``"tool"`` or ``"output"``); ``"end"`` ends the run with an
     ``AIMessage`` of the violation (for the input the model is not called: the guard's refusal, or
     ``violation_message``); ``"replace"`` replaces the offending content with ``violation_message``
-    and goes on: the flagged last human turn of the request (re-screened; still flagged: the run
-    ends), the tool result, or the answer (its tool calls dropped, so nothing flagged is executed).
+    and goes on: the flagged last human turn of the request (by ``violation_message``, else or if
+    that is flagged too by the first of :data:`INPUT_REPLACEMENTS` the guard passes when the request
+    is screened again; none passes: the run ends), in the agent state too, so a checkpointed thread
+    goes on without it; the tool result; or the answer (its tool calls dropped, so nothing flagged
+    is executed).
     A flagged answer never reaches the state or a stream: ``"end"`` replaces it too (the
     replacement has no tool calls, so the agent ends after it under both).
 
@@ -164,15 +174,41 @@ class OhdGuardMiddleware(AgentMiddleware):
         return AIMessage(content=self._text(stage, verdict), response_metadata=meta, **kw)
 
     # -- input: wrap_model_call -------------------------------------------------------------------
-    def _replaced_request(self, request: Any, verdict: Any) -> Any | None:
+    def _replacements(self, request: Any, verdict: Any) -> Iterator[tuple[Any, BaseMessage]]:
+        """(the request with its last human turn replaced, the replaced turn) per candidate text:
+        ``violation_message`` when given, then :data:`INPUT_REPLACEMENTS`."""
         from langchain_core.messages import HumanMessage
 
         msgs = list(request.messages)
         i = _last(msgs, HumanMessage)
         if i is None:
-            return None
-        msgs[i] = msgs[i].model_copy(update={"content": self._text("input", verdict)})
-        return request.override(messages=msgs)
+            return
+        texts = ([self._text("input", verdict)] if self.violation_message is not None else []) + list(INPUT_REPLACEMENTS)
+        meta = {**(msgs[i].response_metadata or {}), "ohd_guard": {"replaced": True, "verdict": verdict_payload(verdict)}}
+        for text in dict.fromkeys(texts):
+            msgs[i] = msgs[i].model_copy(update={"content": text, "response_metadata": meta})
+            yield request.override(messages=list(msgs)), msgs[i]
+
+    @staticmethod
+    def _in_state(response: Any, turn: BaseMessage) -> Any:
+        """``response`` with a state update that puts the replaced ``turn`` where the flagged one was
+        (same id: ``add_messages`` replaces it), so a checkpointed thread never holds the flagged turn."""
+        from langchain.agents.middleware.types import ExtendedModelResponse, ModelResponse
+        from langgraph.types import Command
+
+        if turn.id is None:  # not from the state: nothing there to replace
+            return response
+        if isinstance(response, ExtendedModelResponse):
+            command = response.command
+            update = dict(command.update) if command is not None and isinstance(command.update, dict) else {}
+            if command is not None and not isinstance(command.update, dict):
+                return response  # another middleware's command we cannot merge into: keep it as it is
+            update["messages"] = [*(update.get("messages") or []), turn]
+            response.command = Command(update=update) if command is None else dataclasses.replace(command, update=update)
+            return response
+        if not isinstance(response, ModelResponse):
+            response = ModelResponse(result=[response])
+        return ExtendedModelResponse(model_response=response, command=Command(update={"messages": [turn]}))
 
     def _answered(self, response: Any, verdict: Any) -> Any:
         """The model's response with the input verdict on its AI message(s)."""
@@ -217,12 +253,13 @@ class OhdGuardMiddleware(AgentMiddleware):
             return self._answered(self._call(request, handler), verdict)
         if self.exit_behavior == "error":
             self._raise("input", verdict)
-        if self.exit_behavior == "replace" and (req := self._replaced_request(request, verdict)) is not None:
-            again = self.guard.screen(self._received(req))
-            dispatch_verdict(again)
-            if not again.flagged:
-                return self._answered(self._call(req, handler), again)
-            verdict = again
+        if self.exit_behavior == "replace":
+            for req, turn in self._replacements(request, verdict):
+                again = self.guard.screen(self._received(req))
+                dispatch_verdict(again)
+                if not again.flagged:
+                    return self._in_state(self._answered(self._call(req, handler), again), turn)
+                verdict = again
         if self.violation_message is not None:
             return self._violation_message("input", verdict)
         resp = refusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
@@ -239,12 +276,13 @@ class OhdGuardMiddleware(AgentMiddleware):
             return self._answered(await self._acall(request, handler), verdict)
         if self.exit_behavior == "error":
             self._raise("input", verdict)
-        if self.exit_behavior == "replace" and (req := self._replaced_request(request, verdict)) is not None:
-            again = await self.guard.ascreen(self._received(req))
-            await adispatch_verdict(again)
-            if not again.flagged:
-                return self._answered(await self._acall(req, handler), again)
-            verdict = again
+        if self.exit_behavior == "replace":
+            for req, turn in self._replacements(request, verdict):
+                again = await self.guard.ascreen(self._received(req))
+                await adispatch_verdict(again)
+                if not again.flagged:
+                    return self._in_state(self._answered(await self._acall(req, handler), again), turn)
+                verdict = again
         if self.violation_message is not None:
             return self._violation_message("input", verdict)
         resp = await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
