@@ -175,3 +175,30 @@ def test_include_raw_returns_the_message_the_object_and_a_parsing_error(guard):
     assert raw["parsed"] is None and "does not follow Person" in str(raw["parsing_error"])
     with pytest.raises(OutputParserException):
         scripted(guard, "not json").with_structured_output(Person, method="json_schema").invoke("who?")
+
+
+# ---------------------------------------------------------------------------- a two-step agent
+@pytest.mark.parametrize("which", ["text format", "qwen template"])
+def test_a_two_step_agent_calls_the_tool_reads_the_result_and_answers(request, which):
+    from langchain.agents import create_agent
+
+    from langchain_ohd_guard import OhdGuardMiddleware
+
+    g = request.getfixturevalue("guard" if which == "text format" else "qwen_guard")
+    seen = []
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        seen.append((a, b))
+        return a + b
+
+    chat = scripted(g, '{"name": "add", "arguments": {"a": 17, "b": 25}}', "17 + 25 = 42.")
+    agent = create_agent(chat, tools=[add], middleware=[OhdGuardMiddleware(g)])
+    out = agent.invoke({"messages": [("human", "what is 17 + 25?")]})["messages"]
+    assert seen == [(17, 25)]
+    assert [type(m).__name__ for m in out] == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert out[1].tool_calls[0]["args"] == {"a": 17, "b": 25} and out[2].content == "42"
+    assert out[-1].content == "17 + 25 = 42." and out[-1].response_metadata["ohd_guard"]["refused"] is False
+    second = g.tokenizer.decode(chat.generation_kwargs["logits_processor"][0].prompts[1])
+    assert ("<tool_response>\n42\n</tool_response>" if which == "qwen template" else "[tool result: add] 42") in second
