@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from ohd_guard.serve.errors import APIError, from_guard_error
 from ohd_guard.generation import StopTrimmer, cut_at_stops
-from ohd_guard.serve.generation import Generation, TokenCounter, generation_for
+from ohd_guard.serve.generation import Generation, TokenCounter, generation_for, sampling_defaults
 from ohd_guard.serve.moderations import add_moderations
 from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
@@ -131,6 +131,16 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+def _max_model_len(guard: Any) -> int | None:
+    """The model's context window in tokens (``max_position_embeddings``, as vLLM's ``max_model_len``);
+    None when the model does not say."""
+    try:
+        ctx = guard.screening_stage.screener.adapter.text_config.max_position_embeddings
+    except AttributeError:
+        return None
+    return int(ctx) if ctx else None
+
+
 def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     """The app serving ``guard`` (an :class:`~ohd_guard.guard.OhdGuard`) under ``settings``."""
     settings = settings or ServeSettings()
@@ -142,6 +152,8 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     app = FastAPI(title="ohd-guard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.guard, app.state.settings, app.state.gates = guard, settings, (requests, streams)
     tokenizer = guard.tokenizer
+    sampling = sampling_defaults(getattr(getattr(guard, "model", None), "generation_config", None))
+    max_model_len = _max_model_len(guard)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -179,7 +191,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "ohd-guard"}]}
+                                            "owned_by": "ohd-guard", "max_model_len": max_model_len}]}
 
     @app.post("/v1/screen")
     async def screen(request: Request) -> JSONResponse:
@@ -213,7 +225,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         messages = check_messages(req.messages, settings)
         schemas, choice = tool_setup(req)
         messages = with_tools(messages, schemas, choice)  # screened with the tool definitions in them
-        gen = generation_for(req, settings)
+        gen = generation_for(req, settings, sampling)
         if req.stream:
             return await _stream(request, req, messages, gen, tools=bool(schemas))
         kwargs, counter = gen.guard_kwargs(tokenizer)

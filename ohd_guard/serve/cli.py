@@ -5,9 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ohd_guard.serve.settings import API_KEY_ENV, GuardSpec, ServeSettings
+from ohd_guard.serve.settings import API_KEY_ENV, ENV_PREFIX, GuardSpec, ServeSettings
 
 _DEFAULTS = ServeSettings()
+_SETTING_FLAGS: dict[str, type] = {
+    "max_body_bytes": int, "max_image_bytes": int, "max_image_pixels": int, "max_concurrent_requests": int,
+    "max_concurrent_streams": int, "default_max_tokens": int, "max_tokens_limit": int, "max_json_depth": int,
+    "max_screen_batch": int, "disconnect_poll_s": float,
+}
+"""The limits with a flag each (``--max-body-bytes``...); every one also reads ``OHD_GUARD_<NAME>``."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,14 +33,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     h = s.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 to expose it)")
     h.add_argument("--port", type=int, default=8000)
-    h.add_argument("--model-name", default=_DEFAULTS.model_name, help="the model id clients send (default %(default)s)")
+    h.add_argument("--model-name", default=None, help=f"the model id clients send (default {_DEFAULTS.model_name})")
     h.add_argument("--api-key", default=None, help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV} if set)")
-    h.add_argument("--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes)
-    h.add_argument("--max-image-bytes", type=int, default=_DEFAULTS.max_image_bytes)
-    h.add_argument("--max-image-pixels", type=int, default=_DEFAULTS.max_image_pixels)
-    h.add_argument("--max-concurrent-requests", type=int, default=_DEFAULTS.max_concurrent_requests)
-    h.add_argument("--max-concurrent-streams", type=int, default=_DEFAULTS.max_concurrent_streams)
-    h.add_argument("--max-tokens-limit", type=int, default=_DEFAULTS.max_tokens_limit)
+    for name, kind in _SETTING_FLAGS.items():
+        h.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name,
+                       help=f"default {getattr(_DEFAULTS, name)}; or ${ENV_PREFIX}{name.upper()}")
+    g.add_argument("--max-batch-size", type=int, default=16, help="conversations per batched prefill (default 16)")
+    g.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the micro-batcher waits for more requests (default 5 ms)")
     h.add_argument("--log-level", default="info")
     r = s.add_argument_group("Ray Serve")
     r.add_argument("--ray", action="store_true", help="serve on Ray Serve, one guarded model per replica")
@@ -49,15 +55,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> ServeSettings:
-    return ServeSettings(model_name=args.model_name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                         max_concurrent_requests=args.max_concurrent_requests,
-                         max_concurrent_streams=args.max_concurrent_streams, max_tokens_limit=args.max_tokens_limit)
+    """Flags given on the command line over ``OHD_GUARD_*`` environment variables over the defaults."""
+    names = ["model_name", "api_key", *_SETTING_FLAGS]
+    return ServeSettings.from_env(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
 
 def _spec(args: argparse.Namespace) -> GuardSpec:
     return GuardSpec(model=args.model, profile=args.profile, factory=args.factory, refusal=args.refusal,
-                     on_error=args.on_error, device=args.device, dtype=args.dtype, allow_edited=args.allow_edited)
+                     on_error=args.on_error, device=args.device, dtype=args.dtype, allow_edited=args.allow_edited,
+                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""From an OpenAI request to the guard's generation arguments: token budget, sampling, and ``stop``
-sequences (generation stops at one; like OpenAI, the returned text ends before it)."""
+"""From an OpenAI request to the guard's generation arguments: token budget, sampling (a request
+without ``temperature`` gets the model's ``generation_config``), and ``stop`` sequences (generation
+stops at one; like OpenAI, the returned text ends before it)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,32 @@ class Generation:
         return "length" if not stopped and counter.n >= self.max_tokens else "stop"
 
 
-def generation_for(req: ChatCompletionRequest, settings: ServeSettings) -> Generation:
+GREEDY: dict[str, Any] = {"do_sample": False}
+
+
+def sampling_defaults(generation_config: Any) -> dict[str, Any]:
+    """What a request that omits ``temperature`` gets: the model's own ``generation_config`` sampling
+    (``do_sample``, ``temperature``, ``top_p``, ``top_k``), which is what the library uses too, and
+    greedy when it says ``do_sample=False``, has a temperature of 0, or there is none. Not OpenAI's
+    temperature 1: a model whose authors ship greedy decoding is not sampled behind their back."""
+    if generation_config is None or not getattr(generation_config, "do_sample", False):
+        return dict(GREEDY)
+    t = getattr(generation_config, "temperature", None)
+    t = 1.0 if t is None else float(t)
+    if t <= 0:
+        return dict(GREEDY)
+    out: dict[str, Any] = {"do_sample": True, "temperature": t}
+    if getattr(generation_config, "top_p", None) is not None:
+        out["top_p"] = float(generation_config.top_p)
+    if getattr(generation_config, "top_k", None) is not None:
+        out["top_k"] = int(generation_config.top_k)
+    return out
+
+
+def generation_for(req: ChatCompletionRequest, settings: ServeSettings,
+                   defaults: dict[str, Any] | None = None) -> Generation:
+    """The request's budget, stops and sampling; ``defaults`` (:func:`sampling_defaults`, greedy when
+    None) decide when the request sends no ``temperature``."""
     n = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens
     if n > settings.max_tokens_limit:
         raise APIError(400, "invalid_parameter", f"max_tokens: at most {settings.max_tokens_limit}", param="max_tokens")
@@ -78,8 +104,12 @@ def generation_for(req: ChatCompletionRequest, settings: ServeSettings) -> Gener
     if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
         raise APIError(400, "invalid_parameter", "stop: at most 4 non-empty sequences of up to 256 characters",
                        param="stop")
-    t = 1.0 if req.temperature is None else req.temperature  # OpenAI's default temperature is 1
-    kwargs: dict[str, Any] = {"do_sample": False}
-    if t > 0:
-        kwargs = {"do_sample": True, "temperature": t, "top_p": req.top_p or 1.0, "top_k": 0}
+    if req.temperature is None:  # the model's generation_config, not OpenAI's temperature 1
+        kwargs = dict(defaults or GREEDY)
+        if kwargs.get("do_sample") and req.top_p is not None:
+            kwargs["top_p"] = req.top_p
+    elif req.temperature > 0:
+        kwargs = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p or 1.0, "top_k": 0}
+    else:
+        kwargs = dict(GREEDY)
     return Generation(max_tokens=n, stops=stops, kwargs=kwargs)

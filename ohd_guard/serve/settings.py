@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+ENV_PREFIX = "OHD_GUARD_"
+"""Every :class:`ServeSettings` field can come from ``OHD_GUARD_<FIELD>`` (:meth:`ServeSettings.from_env`)."""
 API_KEY_ENV = "OHD_GUARD_API_KEY"
 """Environment variable holding the bearer token when ``--api-key`` is not given."""
 
@@ -48,6 +51,8 @@ class ServeSettings(BaseModel):
     def _clamp_default_max_tokens(cls, data: Any) -> Any:
         """``--max-tokens-limit 64`` alone must not make every request without ``max_tokens`` a 400."""
         limit = data.get("max_tokens_limit") if isinstance(data, dict) else None
+        if isinstance(limit, str) and limit.strip().isdigit():  # from an OHD_GUARD_* variable
+            limit = int(limit)
         if isinstance(limit, int) and "default_max_tokens" not in data:
             default = cls.model_fields["default_max_tokens"].default
             data = {**data, "default_max_tokens": max(1, min(default, limit))}
@@ -59,6 +64,23 @@ class ServeSettings(BaseModel):
             raise ValueError(f"default_max_tokens={self.default_max_tokens} is over max_tokens_limit="
                              f"{self.max_tokens_limit}: every request without max_tokens would be refused")
         return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServeSettings:
+        """Settings from ``OHD_GUARD_<FIELD>`` environment variables (``OHD_GUARD_MAX_TOKENS_LIMIT=512``,
+        ``OHD_GUARD_MODEL_NAME=...``), then ``overrides`` (the flags a user gave) on top. Values are
+        validated as flags are: a bad one is a ValueError naming the variable. Other ``OHD_GUARD_*``
+        variables (``OHD_GUARD_CACHE``, ...) belong to other parts and are left alone.
+        (pydantic-settings would do this; it is not a dependency.)"""
+        env = os.environ if environ is None else environ
+        known = {ENV_PREFIX + name.upper(): name for name in cls.model_fields}
+        data: dict[str, Any] = {known[k]: v for k, v in env.items() if k in known and v != ""}
+        try:
+            return cls(**{**data, **overrides})
+        except ValidationError as e:
+            loc = str(e.errors()[0]["loc"][0]) if e.errors() and e.errors()[0]["loc"] else ""
+            where = f"{ENV_PREFIX}{loc.upper()} or --{loc.replace('_', '-')}" if loc else "settings"
+            raise ValueError(f"{where}: {e.errors()[0]['msg']}") from None
 
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get(API_KEY_ENV) or None
