@@ -18,6 +18,8 @@ from ohd_guard.errors import InvalidInputError
 __all__ = [
     "DetectionRates",
     "auroc",
+    "average_precision",
+    "f1_at_threshold",
     "bootstrap_auroc_ci",
     "rates_at_threshold",
     "roc_curve",
@@ -101,6 +103,30 @@ def rates_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -
     tpr = float(np.mean(pos > threshold))
     fpr = float(np.mean(neg > threshold))
     return DetectionRates(tpr, fpr, 1.0 - ((1.0 - tpr) + fpr) / 2.0, int(pos.size), int(neg.size))
+
+
+def f1_at_threshold(scores: ArrayLike, labels: ArrayLike, threshold: float) -> float:
+    """F1 of ``score > threshold`` with unsafe as the positive class, at the set's own class ratio
+    (the number guard-model papers report; unlike AUROC it moves with the ratio and the threshold)."""
+    pos, neg = _split(scores, labels)
+    tp, fp = float(np.sum(pos > threshold)), float(np.sum(neg > threshold))
+    fn = pos.size - tp
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def average_precision(scores: ArrayLike, labels: ArrayLike) -> float:
+    """Area under the precision-recall curve (average precision, step-wise, ties counted together):
+    threshold-free like AUROC, but it reflects how rare unsafe items are in the set."""
+    pos, neg = _split(scores, labels)
+    s = np.r_[pos, neg]
+    y = np.r_[np.ones(pos.size), np.zeros(neg.size)]
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]  # the last index of each group of tied scores
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall_gain = np.diff(np.r_[0.0, tp]) / pos.size
+    return float(np.sum(precision * recall_gain))
 
 
 def bootstrap_auroc_ci(

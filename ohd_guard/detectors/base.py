@@ -21,14 +21,15 @@ import numpy as np
 from ohd_guard.datasets import LabelledPrompt
 from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.metrics import auroc, rates_at_threshold
-from ohd_guard.profile import CalibrationMetrics, Profile
+from ohd_guard.profile import CalibrationMetrics, ModelFingerprint, Profile, library_version
 from ohd_guard.screening import PrefillDetector, as_input, batched, length_order, score_conversations
 from ohd_guard.threshold import RiskCalibration, kde_threshold
 
 D = TypeVar("D", bound="Detector")
 
 __all__ = ["Detector", "as_input", "batched", "check_sets", "data_hash", "evaluate_scores", "kde_or_midpoint",
-           "length_order", "midpoint_of_medians", "risk_of", "risk_or_none"]
+           "length_order", "midpoint_of_medians", "probe_fields", "probe_threshold", "risk_of", "risk_or_none",
+           "target_fpr_threshold"]
 
 
 # -- what every fit needs ----------------------------------------------------------------------
@@ -77,6 +78,43 @@ def kde_or_midpoint(unsafe: np.ndarray, safe: np.ndarray) -> tuple[float, str]:
         return float(fit.value), fit.method
     except (CalibrationError, InvalidInputError):
         return midpoint_of_medians(unsafe, safe), "median_midpoint"
+
+
+def target_fpr_threshold(safe_scores: np.ndarray, fpr: float) -> float:
+    """The smallest threshold flagging at most ``fpr`` of ``safe_scores`` (flag iff score > threshold)."""
+    if not 0.0 < fpr < 1.0:
+        raise InvalidInputError(f"a target false-positive rate is in (0, 1), got {fpr}")
+    s = np.sort(np.asarray(safe_scores, dtype=float))[::-1]
+    k = int(np.floor(fpr * len(s) + 1e-9))  # this many safe scores may lie above the threshold
+    return float(s[min(k, len(s) - 1)])
+
+
+def probe_threshold(rule: str | float, oof: np.ndarray, y: np.ndarray) -> tuple[float, str]:
+    """A probe's threshold from its out-of-fold calibration scores: ``"prob"`` (log-odds 0, probability
+    0.5 under equal priors), ``"kde"`` (crossing of the two score densities) or a target false-positive
+    rate on the safe calibration prompts (a number in (0, 1), e.g. ``0.01``)."""
+    if rule == "prob":
+        return 0.0, "probability_0.5"
+    if rule == "kde":
+        return kde_or_midpoint(oof[y == 1], oof[y == 0])
+    if isinstance(rule, str):
+        raise InvalidInputError(f"threshold must be 'prob', 'kde' or a target false-positive rate, not {rule!r}")
+    return target_fpr_threshold(oof[y == 0], float(rule)), f"target_fpr_{float(rule):g}"
+
+
+def probe_fields(model: Any, processor: Any, probe: Any, l2: float, oof: np.ndarray, y: np.ndarray,
+                 rule: str | float, seconds: float, items: Sequence[Any]) -> dict[str, Any]:
+    """The profile fields every probe kind fills the same way from its fit (weights, threshold, risk curve,
+    out-of-fold metrics, provenance)."""
+    threshold, method = probe_threshold(rule, oof, y)
+    return dict(
+        library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
+        threshold_method=method, n_unsafe=int((y == 1).sum()), n_safe=int((y == 0).sum()),
+        seconds=round(seconds, 2), l2=l2, mean=probe.mean.tolist(), scale=probe.scale.tolist(),
+        coef=probe.coef.tolist(), intercept=probe.intercept, cv_auroc=auroc(oof, y),
+        risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(items)),
+        metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
+    )
 
 
 def risk_or_none(unsafe: np.ndarray, safe: np.ndarray) -> RiskCalibration | None:

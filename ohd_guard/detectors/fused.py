@@ -17,10 +17,10 @@ from pydantic import model_validator
 from ohd_guard.detectors.base import Detector, as_input, check_sets, data_hash, evaluate_scores, risk_or_none
 from ohd_guard.detectors.features import Logistic, log_loss, out_of_fold, stratified_folds
 from ohd_guard.detectors.ohd import OhdProfile, calibrate, mode_spec
-from ohd_guard.detectors.probes import SAHs, SAHsProfile, check_probe
+from ohd_guard.detectors.probes import ProbeProfile, SAHs, SAHsProfile
 from ohd_guard.errors import CalibrationError
 from ohd_guard.metrics import auroc
-from ohd_guard.profile import ModelFingerprint, Profile, library_version
+from ohd_guard.profile import ModelFingerprint, library_version
 from ohd_guard.scoring import DeflectionScorer
 from ohd_guard.screening import MaskedBranch, PrefillReads, Reads, union
 from ohd_guard.types import HeadRef, MaskSpec
@@ -28,7 +28,7 @@ from ohd_guard.types import HeadRef, MaskSpec
 ANGLE_EPS = 1e-3
 
 
-class FusedProfile(Profile):
+class FusedProfile(ProbeProfile):
     """The fused detector: its SAHs probe, the masked heads whose angles it reads, and the combination."""
 
     kind: Literal["fused"] = "fused"
@@ -38,13 +38,6 @@ class FusedProfile(Profile):
     mask: MaskSpec
     score_layer: int
     features: list[str]
-    l2: float
-    mean: list[float]
-    scale: list[float]
-    coef: list[float]
-    intercept: float
-    cv_auroc: float
-    """AUROC of the out-of-fold fused scores on the calibration prompts."""
 
     @model_validator(mode="after")
     def _is_a_detector(self) -> "FusedProfile":
@@ -57,7 +50,7 @@ class FusedProfile(Profile):
         self.check_heads(self.ohd_heads, "masked head")
         if any(h.layer >= self.score_layer for h in self.ohd_heads):
             raise ValueError(f"a masked head is at or above score_layer {self.score_layer}: its angle is always 0")
-        check_probe(self, len(self.ohd_heads) + 1)
+        self.check_probe(len(self.ohd_heads) + 1)
         self.check_detector()
         return self
 
@@ -139,7 +132,7 @@ class Fused(Detector):
     def _bind(self, model, processor, profile) -> None:
         super()._bind(model, processor, profile)
         self.sahs = SAHs.from_profile(profile.sahs, model, processor, verify=False)  # same model: checked above
-        self._probe = Logistic(np.array(profile.mean), np.array(profile.scale), np.array(profile.coef), profile.intercept)
+        self._probe = profile.logistic()
 
     @classmethod
     def _configured(cls, profile: FusedProfile) -> "Fused":  # type: ignore[override]

@@ -14,7 +14,15 @@ import torch
 from pydantic import model_validator
 
 from ohd_guard.adapters import get_adapter
-from ohd_guard.detectors.base import Detector, check_sets, data_hash, evaluate_scores, kde_or_midpoint, risk_or_none
+from ohd_guard.detectors.base import (
+    Detector,
+    check_sets,
+    data_hash,
+    evaluate_scores,
+    kde_or_midpoint,
+    probe_fields,
+    risk_or_none,
+)
 from ohd_guard.detectors.features import (
     Logistic,
     PrefillReader,
@@ -32,29 +40,10 @@ from ohd_guard.screening import PrefillReads, Reads
 from ohd_guard.types import HeadRef
 
 
-def check_probe(profile: Any, n_features: int) -> None:
-    """A linear probe's weights must fit its features and be able to move the score."""
-    sizes = {len(profile.mean), len(profile.scale), len(profile.coef)}
-    if sizes != {n_features}:
-        raise ValueError(f"probe weights have sizes {sorted(sizes)}, its features {n_features}")
-    if not np.all(np.isfinite(profile.mean)) or not np.all(np.isfinite(profile.coef)):
-        raise ValueError("probe weights are not finite")
-    scale = np.asarray(profile.scale, dtype=float)
-    if not np.all(np.isfinite(scale)) or np.any(scale <= 0) or np.any(scale > 1e6):
-        raise ValueError("probe scales must be positive and finite (a huge scale silences its feature)")
-    if not np.any(np.asarray(profile.coef) != 0):
-        raise ValueError("probe weights are all zero: the score would never depend on the conversation")
+class ProbeProfile(Profile):
+    """What every linear-probe kind saves: ``log-odds = coef . (x - mean) / scale + intercept`` over its
+    features, the L2 strength chosen by cross-validation, and the out-of-fold AUROC of the fit."""
 
-
-# -- SAHs ---------------------------------------------------------------------------------------
-class SAHsProfile(Profile):
-    """The SAHs probe: which heads, their standardisation and logistic weights."""
-
-    kind: Literal["sahs"] = "sahs"
-    heads: list[HeadRef]
-    head_cv_accuracy: list[float]
-    """Cross-validated balanced accuracy of each chosen head's own probe (the ranking criterion)."""
-    head_dim: int
     l2: float
     mean: list[float]
     scale: list[float]
@@ -63,10 +52,38 @@ class SAHsProfile(Profile):
     cv_auroc: float
     """AUROC of the out-of-fold decision values of the final probe on the calibration prompts."""
 
+    def check_probe(self, n_features: int) -> None:
+        """The weights must fit the features and be able to move the score (raises ``ValueError``)."""
+        sizes = {len(self.mean), len(self.scale), len(self.coef)}
+        if sizes != {n_features}:
+            raise ValueError(f"probe weights have sizes {sorted(sizes)}, its features {n_features}")
+        if not np.all(np.isfinite(self.mean)) or not np.all(np.isfinite(self.coef)):
+            raise ValueError("probe weights are not finite")
+        scale = np.asarray(self.scale, dtype=float)
+        if not np.all(np.isfinite(scale)) or np.any(scale <= 0) or np.any(scale > 1e6):
+            raise ValueError("probe scales must be positive and finite (a huge scale silences its feature)")
+        if not np.any(np.asarray(self.coef) != 0):
+            raise ValueError("probe weights are all zero: the score would never depend on the conversation")
+
+    def logistic(self) -> Logistic:
+        """The probe as a :class:`~ohd_guard.detectors.features.Logistic`."""
+        return Logistic(np.array(self.mean), np.array(self.scale), np.array(self.coef), self.intercept)
+
+
+# -- SAHs ---------------------------------------------------------------------------------------
+class SAHsProfile(ProbeProfile):
+    """The SAHs probe: which heads, their standardisation and logistic weights."""
+
+    kind: Literal["sahs"] = "sahs"
+    heads: list[HeadRef]
+    head_cv_accuracy: list[float]
+    """Cross-validated balanced accuracy of each chosen head's own probe (the ranking criterion)."""
+    head_dim: int
+
     @model_validator(mode="after")
     def _is_a_detector(self) -> "SAHsProfile":
         self.check_heads(self.heads)
-        check_probe(self, len(self.heads) * self.head_dim)
+        self.check_probe(len(self.heads) * self.head_dim)
         self.check_detector()
         return self
 
@@ -84,8 +101,9 @@ class SAHs(Detector):
     unmasked prefill. Heads are ranked by the cross-validated balanced accuracy of a logistic probe
     on that head alone (ties: lower log-loss); the ``top_k`` heads' outputs are concatenated and a
     logistic regression on them is the detector, its L2 strength chosen by cross-validated
-    log-loss. Score = the probe's log-odds; threshold 0 (probability 0.5 under equal priors) or the
-    KDE crossing of the out-of-fold scores.
+    log-loss. Score = the probe's log-odds; threshold 0 (probability 0.5 under equal priors), the
+    KDE crossing of the out-of-fold scores, or a target false-positive rate on the safe calibration
+    prompts (``threshold=0.01``).
     """
 
     Profile = SAHsProfile
@@ -94,7 +112,7 @@ class SAHs(Detector):
 
     def __init__(
         self, top_k: int = 16, folds: int = 5, head_l2: float = 0.1, l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
-        threshold: Literal["prob", "kde"] = "prob", batch_size: int = 8, seed: int = 0,
+        threshold: Literal["prob", "kde"] | float = "prob", batch_size: int = 8, seed: int = 0,
     ):
         super().__init__()
         if top_k < 1 or folds < 2:
@@ -126,18 +144,10 @@ class SAHs(Detector):
         l2 = min(self.l2_grid, key=lambda v: (log_loss(cv[v], y), -v))
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
-        if self.threshold_rule == "kde":
-            threshold, method = kde_or_midpoint(oof[y == 1], oof[y == 0])
-        else:
-            threshold, method = 0.0, "probability_0.5"
         profile = SAHsProfile(
-            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
-            threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), heads=heads,
-            head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]), l2=l2,
-            mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
-            cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
-            risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
-            metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
+            heads=heads, head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]),
+            **probe_fields(model, processor, probe, l2, oof, y, self.threshold_rule, time.perf_counter() - t0,
+                           list(unsafe) + list(safe)),
         )
         self._bind(model, processor, profile)
         self.oof_ = oof
@@ -149,7 +159,7 @@ class SAHs(Detector):
 
     def _bind(self, model, processor, profile) -> None:
         super()._bind(model, processor, profile)
-        self._probe = Logistic(np.array(profile.mean), np.array(profile.scale), np.array(profile.coef), profile.intercept)
+        self._probe = profile.logistic()
 
     # -- the guard's side: the probe's log-odds from the screening prefill --------------------------
     def reads(self) -> Reads:

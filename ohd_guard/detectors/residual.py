@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
-from ohd_guard.detectors.base import Detector, check_sets, data_hash, evaluate_scores, kde_or_midpoint, risk_or_none
+from ohd_guard.detectors.base import Detector, check_sets, probe_fields
 from ohd_guard.detectors.features import (
     Logistic,
     PrefillReader,
@@ -29,16 +29,14 @@ from ohd_guard.detectors.features import (
     out_of_fold_many,
     stratified_folds,
 )
-from ohd_guard.detectors.probes import check_probe
+from ohd_guard.detectors.probes import ProbeProfile
 from ohd_guard.errors import CalibrationError, InvalidInputError
-from ohd_guard.metrics import auroc
-from ohd_guard.profile import ModelFingerprint, Profile, library_version
 from ohd_guard.screening import PrefillReads, Reads
 
 Pool = Literal["last", "mean", "max"]
 
 
-class ResidualProfile(Profile):
+class ResidualProfile(ProbeProfile):
     """A residual-stream probe: which layers, how their states are pooled, the probe's weights."""
 
     kind: Literal["residual"] = "residual"
@@ -47,19 +45,12 @@ class ResidualProfile(Profile):
     hidden: int = Field(ge=1)
     layer_cv_log_loss: list[float]
     """Cross-validated log-loss of a one-layer probe on each chosen layer (the ranking criterion)."""
-    l2: float
-    mean: list[float]
-    scale: list[float]
-    coef: list[float]
-    intercept: float
-    cv_auroc: float
-    """AUROC of the out-of-fold decision values of the final probe on the calibration prompts."""
 
     @model_validator(mode="after")
     def _is_a_detector(self) -> ResidualProfile:
         if any(not 0 <= i < self.model.num_layers for i in self.layers) or len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers {self.layers} are not distinct layers of the model's {self.model.num_layers}")
-        check_probe(self, len(self.layers) * self.hidden)
+        self.check_probe(len(self.layers) * self.hidden)
         self.check_detector()
         return self
 
@@ -68,13 +59,6 @@ class ResidualProfile(Profile):
             **options: Any) -> ResidualProfile:
         """Fit a residual probe (options: :class:`ResidualProbe`'s) and return its profile."""
         return ResidualProbe(**options).fit(model, processor, unsafe, safe).profile
-
-
-def target_fpr_threshold(safe_scores: np.ndarray, fpr: float) -> float:
-    """The smallest threshold flagging at most ``fpr`` of ``safe_scores`` (flag iff score > threshold)."""
-    if not 0.0 < fpr < 1.0:
-        raise InvalidInputError(f"a target false-positive rate is in (0, 1), got {fpr}")
-    return float(np.quantile(np.asarray(safe_scores, dtype=float), 1.0 - fpr, method="higher"))
 
 
 class ResidualProbe(Detector):
@@ -129,21 +113,11 @@ class ResidualProbe(Detector):
         l2 = min(self.l2_grid, key=lambda v: (log_loss(cv[v], y), -v))
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
-        if self.threshold_rule == "kde":
-            threshold, method = kde_or_midpoint(oof[y == 1], oof[y == 0])
-        elif self.threshold_rule == "prob":
-            threshold, method = 0.0, "probability_0.5"
-        else:
-            threshold = target_fpr_threshold(oof[y == 0], float(self.threshold_rule))
-            method = f"target_fpr_{float(self.threshold_rule):g}"
         profile = ResidualProfile(
-            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
-            threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), layers=ranked, pool=self.pool,
-            hidden=int(states.shape[-1]), layer_cv_log_loss=[log_loss(per_layer[i], y) for i in ranked], l2=l2,
-            mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
-            cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
-            risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
-            metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
+            layers=ranked, pool=self.pool, hidden=int(states.shape[-1]),
+            layer_cv_log_loss=[log_loss(per_layer[i], y) for i in ranked],
+            **probe_fields(model, processor, probe, l2, oof, y, self.threshold_rule, time.perf_counter() - t0,
+                           list(unsafe) + list(safe)),
         )
         self._bind(model, processor, profile)
         self.oof_ = oof
@@ -151,7 +125,7 @@ class ResidualProbe(Detector):
 
     def _bind(self, model: Any, processor: Any, profile: Any) -> None:
         super()._bind(model, processor, profile)
-        self._probe = Logistic(np.array(profile.mean), np.array(profile.scale), np.array(profile.coef), profile.intercept)
+        self._probe = profile.logistic()
 
     @classmethod
     def _configured(cls, profile: ResidualProfile) -> ResidualProbe:  # type: ignore[override]

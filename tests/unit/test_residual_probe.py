@@ -109,3 +109,20 @@ def test_pooled_reads_cannot_share_a_prefill_with_a_masked_branch():
     branch = MaskedBranch(((HeadRef(layer=1, head=2),),), MaskSpec(positions="last"), 4)
     with pytest.raises(InvalidInputError, match="pooled"):
         Screener(model).check(Reads(pooled=(1,), masked=branch))
+
+
+def test_every_probe_kind_takes_a_target_false_positive_rate():
+    from ohd_guard.detectors import SAHs
+    from ohd_guard.detectors.base import probe_threshold
+
+    model, tok, _ = planted_head_model()
+    det = SAHs(top_k=2, folds=4, threshold=0.125).fit(model, tok, with_trigger(CLEAN[:8]), CLEAN[:8])
+    assert det.profile.threshold_method == "target_fpr_0.125" and (det.oof_[8:] > det.threshold).mean() <= 0.125
+    y = np.r_[np.ones(4), np.zeros(4)]
+    oof = np.array([3.0, 2.0, 1.0, 0.5, -1.0, 0.0, 0.2, 1.5])
+    assert probe_threshold("prob", oof, y) == (0.0, "probability_0.5")
+    assert probe_threshold(0.25, oof, y)[0] == 0.2  # flags 1.5 only: 1 of 4 safe
+    with pytest.raises(InvalidInputError):
+        probe_threshold(1.5, oof, y)
+    with pytest.raises(InvalidInputError):
+        probe_threshold("median", oof, y)

@@ -1,0 +1,155 @@
+"""Fit detector candidates on prompts placed in the contexts users run, and compare them in context.
+
+Issue #22: a probe fitted on bare single-turn prompts reads their surface form, so tools bound, RAG
+templates, chat history and operator prompts move its scores. This script fits every candidate on
+ONE set of reads (one prefill per item, shared by all of them):
+
+* fit data: the shipped fit prompts (the project's calibration split and parts of public sets) and
+  real user traffic (ToxicChat train, a WildGuardMix/Aegis training sample; their dev splits held
+  back, EXCLUDE_rows dropped), each once bare and once placed in a context drawn from the *fit*
+  half of the context material (tools, rag, history, operator, jailbreak, padding);
+* candidates: SAHs (last-token heads, today's default kind) and residual-stream probes read at the
+  last token, averaged over the prompt or max-pooled; each also as "bare-fitted" (today's data only)
+  for the comparison;
+* evaluation, threshold fixed at fit time: the project's held-out split bare and in the held-out
+  half of the context material (tools, rag, history, operator), and ToxicChat's dev split at its
+  real class ratio (F1, AUPRC beside AUROC), deduplicated against the fit data.
+
+    python benchmarks/fit_in_context.py                        # prints the table, writes nothing
+    python benchmarks/fit_in_context.py --write residual       # also writes the chosen kind's profile
+    python benchmarks/fit_in_context.py --per-class 150 --traffic 120 --eval-per-class 30   # the sizes used
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONTEXTS = ("tools", "rag", "history", "operator", "jailbreak", "padding")
+EVAL_CONTEXTS = ("bare", "tools", "rag", "history", "operator")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default)")
+    ap.add_argument("--per-class", type=int, default=150, help="shipped fit prompts per class")
+    ap.add_argument("--traffic", type=int, default=120, help="real-traffic fit prompts per class")
+    ap.add_argument("--eval-per-class", type=int, default=30, help="held-out prompts per class, per context")
+    ap.add_argument("--toxicchat-dev", type=int, default=150, help="ToxicChat dev prompts (at their real ratio)")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR on the benign fit items")
+    ap.add_argument("--write", default=None, help="write this candidate's profile into ohd_guard/profiles")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
+    args = ap.parse_args(argv)
+
+    from ohd_guard.contexts import in_contexts, place
+    from ohd_guard.datasets import (
+        dedupe_against,
+        load_calibration_prompts,
+        load_shared_set,
+        shipped_fit_items,
+        split_dev,
+        stratified,
+    )
+    from ohd_guard.detectors import ResidualProbe, SAHs, shared_prefill
+    from ohd_guard.evaluation import joint_scores
+    from ohd_guard.loading import embedded_model, load_model
+    from ohd_guard.metrics import auroc, average_precision, f1_at_threshold, tpr_at_fpr
+
+    def say(msg: str) -> None:
+        print(f"[fit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    embedded = embedded_model(args.model)
+    if embedded is None:
+        ap.error(f"--model: not an embedded model: {args.model!r}")
+    model, tok = load_model(args.model)
+
+    # -- data ----------------------------------------------------------------------------------
+    items, sources = shipped_fit_items()
+    bare = stratified([p for p in items if p.label == 1], args.per_class, seed=0)
+    bare += stratified([p for p in items if p.label == 0], args.per_class, seed=0)
+    tc_fit, tc_dev = split_dev(load_shared_set("toxicchat_train_human"), 0.25, seed=0)
+    gr_fit, _ = split_dev(load_shared_set("guardreasonertrain_prompts_5k"), 0.25, seed=0)
+    traffic = []
+    for src in (tc_fit, gr_fit):
+        for label in (1, 0):
+            traffic += stratified([p for p in src if p.label == label], args.traffic // 2, seed=0)
+    fit_bare = bare + traffic
+    rng = random.Random(0)
+    fit_ctx = [place(p, rng.choice(CONTEXTS), random.Random(f"fit:{i}"), split="fit") for i, p in enumerate(fit_bare)]
+    fit_all = [*fit_bare, *fit_ctx]
+    y_all = np.array([x.label for x in fit_all])
+    sources = [*sources, "toxicchat_train_human (fit split)", "guardreasonertrain_prompts_5k (fit split)",
+               "each once in a context of ohd_guard.contexts (fit material)"]
+    held = dedupe_against(load_calibration_prompts("heldout"), fit_bare)
+    hu = stratified([p for p in held if p.label == 1], args.eval_per_class, seed=1)
+    hs = stratified([p for p in held if p.label == 0], args.eval_per_class, seed=1)
+    evals = {c: in_contexts(hu + hs, kinds=(c,), seed=1, split="heldout") for c in EVAL_CONTEXTS}
+    tc = dedupe_against(tc_dev, fit_bare)
+    if len(tc) > args.toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
+        tc = random.Random(2).sample(tc, args.toxicchat_dev)
+    say(f"fit: {len(fit_bare)} bare ({int(y_all[:len(fit_bare)].sum())} unsafe) + {len(fit_ctx)} in context; "
+        f"eval: {len(hu)}+{len(hs)} held-out x {len(EVAL_CONTEXTS)} contexts, ToxicChat dev {len(tc)} "
+        f"({sum(p.label for p in tc)} toxic)")
+
+    # -- candidates, fitted on one set of reads --------------------------------------------------
+    bs = args.batch_size
+    rule = args.target_fpr if args.target_fpr is not None else "prob"
+    makers = {
+        "sahs": lambda: SAHs(top_k=16, batch_size=bs),
+        "residual-last": lambda: ResidualProbe(pool="last", top_k=2, batch_size=bs, threshold=rule),
+        "residual-mean": lambda: ResidualProbe(pool="mean", top_k=2, batch_size=bs, threshold=rule),
+        "residual-max": lambda: ResidualProbe(pool="max", top_k=2, batch_size=bs, threshold=rule),
+    }
+    fitted = {}
+    t0 = time.perf_counter()
+    with shared_prefill():
+        for name, make in makers.items():
+            u = [x for x in fit_all if x.label == 1]
+            s_ = [x for x in fit_all if x.label == 0]
+            fitted[f"{name} (in context)"] = make().fit(model, tok, u, s_)
+            fitted[f"{name} (bare)"] = make().fit(model, tok, [x for x in fit_bare if x.label == 1],
+                                                  [x for x in fit_bare if x.label == 0])
+            say(f"{name}: fitted ({time.perf_counter() - t0:.0f} s so far)")
+
+    # -- evaluation ------------------------------------------------------------------------------
+    dets = list(fitted.values())
+    names = list(fitted)
+    rows = []
+    for c, conv in evals.items():
+        y = np.array([x.label for x in conv])
+        sc = joint_scores(dets, conv, bs)
+        for k, n in enumerate(names):
+            s_, t = sc[:, k], dets[k].threshold
+            rows.append(dict(detector=n, set=f"held-out @ {c}", n=len(y), dr=float(np.mean(s_[y == 1] > t)),
+                             fpr=float(np.mean(s_[y == 0] > t)), auroc=auroc(s_, y), tpr1=tpr_at_fpr(s_, y, 0.01)))
+        say(f"scored {c}")
+    if tc:
+        y = np.array([p.label for p in tc])
+        sc = joint_scores(dets, tc, bs)
+        for k, n in enumerate(names):
+            s_, t = sc[:, k], dets[k].threshold
+            rows.append(dict(detector=n, set=f"ToxicChat dev ({int(y.sum())}/{len(y)} toxic)", n=len(y),
+                             dr=float(np.mean(s_[y == 1] > t)), fpr=float(np.mean(s_[y == 0] > t)),
+                             auroc=auroc(s_, y), f1=f1_at_threshold(s_, y, t), auprc=average_precision(s_, y)))
+    print("| detector | set | n | DR | FPR | AUROC | TPR@1%FPR | F1 | AUPRC |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+        print(f"| {r['detector']} | {r['set']} | {r['n']} | {f('dr')} | {f('fpr')} | {f('auroc')} | {f('tpr1')} | "
+              f"{f('f1')} | {f('auprc')} |")
+    if args.write:
+        det = fitted[f"{args.write} (in context)"]
+        kind = det.profile.kind
+        path = det.profile.model_copy(update={"sources": sources}).save(args.out / f"{embedded.name}.{kind}.json")
+        say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
