@@ -27,6 +27,7 @@ from PIL import Image
 import langchain_ohd_guard
 from ohd_guard.errors import GuardViolation, InvalidInputError
 from ohd_guard.testing.fixtures import make_planted_guard, make_planted_vlm_guard
+from ohd_guard.testing.scripted import Scripted
 from langchain_ohd_guard import (
     EVENT_NAME,
     ChatOhdGuard,
@@ -757,30 +758,8 @@ def test_output_check_holds_the_stream_until_the_answer_passed(guard, exit_behav
 
 
 # ---------------------------------------------------------------------- ChatOhdGuard tool calling
-class Forced:
-    """Makes the tiny model write ``texts[k]`` on its k-th generation (a logits processor handed to
-    ``model.generate``): the real model decodes, only its choice of tokens is scripted, because a
-    random tiny model cannot decide to call a tool by itself."""
-
-    def __init__(self, tok, *texts: str):
-        self.texts = [tok.encode(t, add_special_tokens=False) + [tok.eos_token_id] for t in texts]
-        self.k, self.start, self.last = -1, 0, -1
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        n = input_ids.shape[1]
-        if n != self.last + 1:  # a new generation
-            self.k, self.start = self.k + 1, n
-        self.last = n
-        ids = self.texts[min(self.k, len(self.texts) - 1)]
-        out = torch.full_like(scores, -float("inf"))
-        out[:, ids[min(n - self.start, len(ids) - 1)]] = 0.0
-        return out
-
-
 def _forced_chat(guard, *texts: str, **kw):
-    return ChatOhdGuard(guard=guard, max_tokens=60, generation_kwargs={"logits_processor": [Forced(guard.tokenizer, *texts)]},
+    return ChatOhdGuard(guard=guard, max_tokens=60, generation_kwargs={"logits_processor": [Scripted(guard.tokenizer, *texts)]},
                         **kw)
 
 

@@ -202,3 +202,12 @@ def test_a_two_step_agent_calls_the_tool_reads_the_result_and_answers(request, w
     assert out[-1].content == "17 + 25 = 42." and out[-1].response_metadata["ohd_guard"]["refused"] is False
     second = g.tokenizer.decode(chat.generation_kwargs["logits_processor"][0].prompts[1])
     assert ("<tool_response>\n42\n</tool_response>" if which == "qwen template" else "[tool result: add] 42") in second
+
+
+def test_structured_output_async_and_batched(guard):
+    import asyncio
+
+    chat = scripted(guard, '{"name": "Ada", "born": 1815}')
+    runnable = chat.with_structured_output(Person, method="json_mode")
+    assert asyncio.run(runnable.ainvoke("who?")) == Person(**ADA)
+    assert runnable.batch(["who?", "who again?"], {"max_concurrency": 1}) == [Person(**ADA)] * 2  # one script
