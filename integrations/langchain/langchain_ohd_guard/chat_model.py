@@ -286,11 +286,11 @@ class ChatOhdGuard(BaseChatModel):
             tool_choice = None
         return super().bind(tools=schemas, tool_choice=tool_choice, **kwargs)
 
-    def with_structured_output(self, schema: Any = None, *, method: str = "function_calling",
+    def with_structured_output(self, schema: Any = None, *, method: str = "json_schema",
                                include_raw: bool = False, strict: bool | None = None,
                                **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """The answer parsed into ``schema`` (a pydantic model gives an instance; a TypedDict, JSON
-        schema or tool dict a dict) by ``method`` ``"function_calling"`` (default), ``"json_schema"``
+        schema or tool dict a dict) by ``method`` ``"json_schema"`` (default), ``"function_calling"``
         or ``"json_mode"``; a refused conversation raises
         :class:`~langchain_ohd_guard.structured.GuardRefusedError` (with its verdict); ``include_raw``
         gives ``{"raw", "parsed", "parsing_error"}``. See :mod:`langchain_ohd_guard.structured`."""

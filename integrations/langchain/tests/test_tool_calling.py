@@ -140,7 +140,7 @@ def test_the_format_instructions_are_in_the_screened_prompt(guard):
     chat = scripted(guard, '{"name": "Ada", "born": 1815}')
     chat.with_structured_output(Person, method="json_schema").invoke("who?")
     prompt = guard.tokenizer.decode(chat.generation_kwargs["logits_processor"][0].prompts[0])
-    assert "Answer with one JSON object" in prompt and '"born"' in prompt
+    assert "Respond only with valid JSON, following this JSON schema" in prompt and '"born"' in prompt
     chat = scripted(guard, '{"name": "Ada", "born": 1815}')
     assert chat.with_structured_output(None, method="json_mode").invoke("who?") == ADA
     with pytest.raises(ValueError, match="needs a schema"):
