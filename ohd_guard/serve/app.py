@@ -32,7 +32,7 @@ from ohd_guard.serve.errors import APIError, from_guard_error
 from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.serve.generation import Generation, TokenCounter, generation_for, sampling_defaults
 from ohd_guard.serve.moderations import add_moderations
-from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
+from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input, screen_all
 from ohd_guard.serve.schema import (
     ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
 )
@@ -200,15 +200,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         check_model(req.model, settings)
         items = screen_items(req, settings)
         with requests.slot():
-            try:
-                verdicts = await asyncio.gather(*(guard.ascreen(c) for c in items))
-            except Exception as e:
-                raise from_guard_error(e) from e
-        for i, v in enumerate(verdicts):  # bad input (blank text, an undecodable image) is the client's 400
-            if is_bad_input(v):
-                raise APIError(400, "invalid_input", f"conversations[{i}]: the input cannot be screened: {v.error}",
-                               param=f"conversations[{i}]", extra={FIELD: guard_payload(v, refused=True,
-                                                                                        refusal_kind=None)})
+            verdicts = await screen_all(guard, items, lambda i: f"conversations[{i}]")
         return JSONResponse({"object": "ohd_guard.screen", "model": settings.model_name,
                              "results": [guard_payload(v, refused=v.flagged, refusal_kind=None) for v in verdicts]},
                             headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()})

@@ -15,7 +15,6 @@ screened concurrently through ``guard.ascreen``, so they share the guard's micro
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,8 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ohd_guard.serve.errors import APIError, from_guard_error
-from ohd_guard.serve.payload import FIELD, guard_payload, is_bad_input
+from ohd_guard.serve.errors import APIError
+from ohd_guard.serve.payload import FIELD, guard_payload, screen_all
 from ohd_guard.serve.schema import check_messages, parse
 from ohd_guard.serve.settings import ServeSettings
 
@@ -99,15 +98,7 @@ def add_moderations(app: FastAPI, *, guard: Any, settings: ServeSettings, gate: 
         req = parse(ModerationRequest, await read_json(request))
         items = _items(req, settings)
         with gate.slot():
-            try:
-                verdicts = await asyncio.gather(*(guard.ascreen(c) for c in items))
-            except Exception as e:
-                raise from_guard_error(e) from e
-        for i, v in enumerate(verdicts):
-            if is_bad_input(v):
-                where = "input" if len(verdicts) == 1 else f"input[{i}]"
-                raise APIError(400, "invalid_input", f"{where}: the input cannot be screened: {v.error}", param=where,
-                               extra={FIELD: guard_payload(v, refused=True, refusal_kind=None)})
+            verdicts = await screen_all(guard, items, lambda i: "input" if len(items) == 1 else f"input[{i}]")
         return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": req.model or settings.model_name,
                              "results": [moderation_result(v) for v in verdicts]},
                             headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()})
