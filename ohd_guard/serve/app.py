@@ -28,11 +28,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ohd_guard.serve.errors import APIError, from_guard_error
+from ohd_guard.serve.errors import APIError, from_guard_error, screen_all
 from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.serve.generation import Generation, TokenCounter, generation_for, sampling_defaults
 from ohd_guard.serve.moderations import add_moderations
-from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input, screen_all
+from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
     ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
 )

@@ -3,7 +3,9 @@ the guard's own errors map onto them. Nothing here ever carries an unguarded ans
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ohd_guard.errors import GuardViolation, InvalidInputError, OhdGuardError, ScreeningError
@@ -49,3 +51,20 @@ def from_guard_error(exc: BaseException, verdict_payload: dict[str, Any] | None 
         return APIError(500, "guard_error", f"{type(exc).__name__}: {exc}", extra=extra)
     log.error("internal error while serving", exc_info=exc)
     return APIError(500, "internal_error", "internal error; nothing was generated")
+
+
+async def screen_all(guard: Any, items: list[Any], where: Callable[[int], str]) -> list[Any]:
+    """Screen ``items`` concurrently on the guard's worker (micro-batched) and return their verdicts; an
+    item the guard could not screen because of the input itself (blank text, an undecodable image) is
+    the client's 400 ``invalid_input`` naming ``where(i)``, any other failure a typed 5xx."""
+    from ohd_guard.serve.payload import FIELD, guard_payload, is_bad_input
+
+    try:
+        verdicts = await asyncio.gather(*(guard.ascreen(c) for c in items))
+    except Exception as e:
+        raise from_guard_error(e) from e
+    for i, v in enumerate(verdicts):
+        if is_bad_input(v):
+            raise APIError(400, "invalid_input", f"{where(i)}: the input cannot be screened: {v.error}", param=where(i),
+                           extra={FIELD: guard_payload(v, refused=True, refusal_kind=None)})
+    return list(verdicts)

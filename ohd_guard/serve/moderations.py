@@ -23,8 +23,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ohd_guard.serve.errors import APIError
-from ohd_guard.serve.payload import FIELD, guard_payload, screen_all
+from ohd_guard.serve.errors import APIError, screen_all
+from ohd_guard.serve.payload import FIELD, guard_payload
 from ohd_guard.serve.schema import check_messages, parse
 from ohd_guard.serve.settings import ServeSettings
 

@@ -3,8 +3,6 @@ first SSE chunk, and the ``X-OHD-Guard-*`` headers."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
 FIELD = "ohd_guard"
@@ -31,19 +29,3 @@ def is_bad_input(verdict: Any) -> bool:
     the server answers it 400 invalid_input, whatever the refusal policy (it is refused either way)."""
     return bool(verdict.error) and verdict.error.startswith("InvalidInputError")
 
-
-async def screen_all(guard: Any, items: list[Any], where: Callable[[int], str]) -> list[Any]:
-    """Screen ``items`` concurrently on the guard's worker (micro-batched) and return their verdicts; an
-    item the guard could not screen because of the input itself (blank text, an undecodable image) is
-    the client's 400 ``invalid_input`` naming ``where(i)``, any other failure a typed 5xx."""
-    from ohd_guard.serve.errors import APIError, from_guard_error
-
-    try:
-        verdicts = await asyncio.gather(*(guard.ascreen(c) for c in items))
-    except Exception as e:
-        raise from_guard_error(e) from e
-    for i, v in enumerate(verdicts):
-        if is_bad_input(v):
-            raise APIError(400, "invalid_input", f"{where(i)}: the input cannot be screened: {v.error}", param=where(i),
-                           extra={FIELD: guard_payload(v, refused=True, refusal_kind=None)})
-    return list(verdicts)
