@@ -77,6 +77,14 @@ def make_planted_vlm_guard(**options: Any) -> OhdGuard:
     return OhdGuard(model, proc, profile, **options)
 
 
+def save_planted_model(folder: Any) -> tuple[Any, Any]:
+    """A planted model and its tokenizer written to ``folder`` (what the CLI tests load by path)."""
+    model, tok, _ = planted_head_model()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
+
+
 @pytest.fixture(scope="module")
 def planted_model() -> tuple[Any, Any, dict[str, Any]]:
     """``planted_head_model()``: ``(model, tokenizer, info)``, head L1.H2 fires on "zorblax"."""

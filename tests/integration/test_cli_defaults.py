@@ -13,7 +13,8 @@ import pytest
 from ohd_guard.cli import main
 from ohd_guard.detectors import load_profile
 from ohd_guard.shipped import DEFAULT_DETECTOR
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, with_trigger
+from ohd_guard.testing.fixtures import save_planted_model
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)[:8]
 TRIGGER = with_trigger(CLEAN)
@@ -30,9 +31,7 @@ def _csv(path, unsafe, safe):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("clidefaults")
-    model, tok, _ = planted_head_model()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    model, tok = save_planted_model(root / "model")
     return {"root": root, "model": str(root / "model"), "data": str(_csv(root / "calib.csv", TRIGGER, CLEAN)),
             "question": str(_csv(root / "question.csv", TRIGGER, [t.rstrip("?. ") + "?" for t in CLEAN]))}
 

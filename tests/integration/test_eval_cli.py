@@ -7,11 +7,12 @@ import sys
 
 import pytest
 
-from ohd_guard.detectors import calibrate
 from ohd_guard.cli import main
+from ohd_guard.detectors import calibrate
 from ohd_guard.evaluation import EvalReport
 from ohd_guard.masking import HeadRef, MaskSpec
 from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
+from ohd_guard.testing.fixtures import save_planted_model
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)
 
@@ -28,9 +29,7 @@ def write_jsonl(path, rows):
 def saved(tmp_path_factory):
     """The planted model and tokenizer in a folder, a profile for its head, and three labelled files."""
     root = tmp_path_factory.mktemp("evalcli")
-    model, tok, _ = planted_head_model()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    model, tok = save_planted_model(root / "model")
     fit = CLEAN[:6]
     profile = calibrate(model, tok, trig(fit), fit, spec=MaskSpec(positions="last"), head=HeadRef(layer=1, head=2))
     profile.save(root / "profile.json")
