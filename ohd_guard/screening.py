@@ -490,4 +490,4 @@ def score_conversations(detectors: Sequence[PrefillDetector], items: Sequence[An
             raise typed_error(e) from e
         return np.stack(cols, axis=1)
 
-    return batched(batch, [as_input(x) for x in items], batch_size)
+    return batched(batch, list(items), batch_size)  # batched renders each item with as_input
