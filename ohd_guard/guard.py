@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,7 @@ class OhdGuard:
             s = self.screening_stage.screen_many([conversation], [t0])[0]
         return self.screening_stage.settle(s)
 
-    def screening(self, conversation: Any) -> Screened:
+    def screen_for_answer(self, conversation: Any) -> Screened:
         """Screen one conversation and keep what screening built: the verdict, the converted
         conversation and its prefill. :meth:`answer` and :meth:`refuse` take the result without
         converting, fetching or decoding anything again (and a safe answer starts from the prefill)."""
@@ -210,6 +211,11 @@ class OhdGuard:
             s = self.screening_stage.screen_many([conversation], [t0], keep_cache=self.answering.reuse_prefill)[0]
         self.screening_stage.settle(s)
         return s
+
+    def screening(self, conversation: Any) -> Screened:
+        """Deprecated name of :meth:`screen_for_answer`."""
+        warnings.warn("OhdGuard.screening() is now screen_for_answer()", DeprecationWarning, stacklevel=2)
+        return self.screen_for_answer(conversation)
 
     def screen_batch(self, conversations: list[Any]) -> list[Verdict]:
         """Screen many conversations in batched prefills; with ``on_error='raise'`` the first error is
@@ -234,10 +240,10 @@ class OhdGuard:
             return self._respond(conversation, t0, {"max_new_tokens": max_new_tokens, **generation_kwargs})
 
     def answer(self, screened: Screened, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
-        """Answer a conversation :meth:`screening` returned: from its prefill when it passed, with the
+        """Answer a conversation :meth:`screen_for_answer` returned: from its prefill when it passed, with the
         refusal policy when it was flagged. Nothing is screened, converted or decoded again."""
         if not isinstance(screened, Screened):
-            raise InvalidInputError(f"answer() takes what screening() returned, not {type(screened).__name__}")
+            raise InvalidInputError(f"answer() takes what screen_for_answer() returned, not {type(screened).__name__}")
         kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
         with self._lock:
             return self.answering.respond(screened, screened.verdict, kw)
@@ -246,7 +252,7 @@ class OhdGuard:
         self, conversation: Any, verdict: Verdict | None = None, max_new_tokens: int = 256, **generation_kwargs: Any
     ) -> GuardedResponse:
         """The guard's refusal for a conversation already screened, **without screening it again**: no
-        second prefill and no second verdict event. ``conversation`` is what :meth:`screening`
+        second prefill and no second verdict event. ``conversation`` is what :meth:`screen_for_answer`
         returned (then ``verdict`` defaults to its verdict and nothing is converted again), or the raw
         conversation with the ``verdict`` from :meth:`screen`/:meth:`ascreen`.
 
@@ -306,7 +312,7 @@ class OhdGuard:
         if verdict is None and isinstance(conversation, Screened):
             return conversation.verdict
         if verdict is None:
-            raise InvalidInputError("refuse() needs the Verdict screening returned (or what screening() returned)")
+            raise InvalidInputError("refuse() needs the Verdict screening returned (or what screen_for_answer() returned)")
         return verdict
 
     def _respond(

@@ -180,7 +180,7 @@ def test_screening_result_is_answered_and_refused_without_converting_or_prefilli
     conversions = []
     real = guard.screening_stage.convert
     monkeypatch.setattr(guard.screening_stage, "convert", lambda raw: conversions.append(1) or real(raw))
-    safe = guard.screening(TEST[0])
+    safe = guard.screen_for_answer(TEST[0])
     assert isinstance(safe, Screened) and not safe.verdict.flagged and safe.prefill is not None
     expected = OhdGuard(model, tok, fitted["sahs"]).generate(TEST[0], max_new_tokens=6, do_sample=False).text
     counter = ForwardCounter(model)
@@ -192,7 +192,7 @@ def test_screening_result_is_answered_and_refused_without_converting_or_prefilli
     assert max(counter.lengths) == 1  # decoding steps only: the answer started from the screening prefill
     assert safe.prefill is None  # used once; a second answer re-runs the prompt
     assert guard.answer(safe, max_new_tokens=6, do_sample=False).text == expected
-    flagged = guard.screening(with_trigger(TEST)[0])
+    flagged = guard.screen_for_answer(with_trigger(TEST)[0])
     assert flagged.verdict.flagged
     assert guard.answer(flagged, max_new_tokens=6).refused  # never an answer to a flagged conversation
     r = guard.refuse(flagged, max_new_tokens=6)
@@ -200,3 +200,10 @@ def test_screening_result_is_answered_and_refused_without_converting_or_prefilli
     assert len(conversions) == 2  # one per screening: answering and refusing converted nothing again
     with pytest.raises(InvalidInputError):
         guard.answer(flagged.verdict)
+
+
+def test_screening_is_a_deprecated_alias_of_screen_for_answer(planted_guard):
+    with pytest.warns(DeprecationWarning, match="screen_for_answer"):
+        s = planted_guard.screening("hello there")
+    assert s.verdict == planted_guard.screen_for_answer("hello there").verdict.model_copy(
+        update={"latency_ms": s.verdict.latency_ms})
