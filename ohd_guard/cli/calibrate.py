@@ -60,6 +60,27 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
     return items, heldout_items, sources
 
 
+def _fpr(value: str) -> float:
+    """``--target-fpr``: a false-positive rate in [0, 1)."""
+    import argparse
+
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {value!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a rate in [0, 1), got {value!r}")
+    return f
+
+
+def _note_resolution(args, n_safe: int) -> None:
+    """With N benign prompts a rate moves in steps of 1/N: say when the target is finer than that."""
+    if args.target_fpr and args.target_fpr * n_safe < 1:
+        print(f"note: --target-fpr {args.target_fpr:g} on {n_safe} benign prompts allows none above the threshold "
+              f"(steps of {1 / n_safe:.3g}): it is the highest benign score; add benign prompts for a finer "
+              "target", file=sys.stderr, flush=True)
+
+
 def _warn_surface(processor, unsafe: list, safe: list) -> None:
     """Say on stderr (not only in the log) when prompt length or a trailing "?" alone separates the
     classes: any kind may learn that instead of the content, and fail where it goes the other way."""
@@ -113,6 +134,7 @@ def cmd_calibrate(args) -> int:
 
     model, processor = load_model(args)
     _warn_surface(processor, unsafe, safe)
+    _note_resolution(args, len(safe))
     head = HeadRef(layer=args.head[0], head=args.head[1]) if args.head else None
     threshold: Any = "kde" if args.target_fpr is None else args.target_fpr
 
@@ -159,21 +181,23 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
 
     model, processor = load_model(args)
     _warn_surface(processor, unsafe, safe)
+    _note_resolution(args, len(safe))
     bs = args.batch_size
+    rule: Any = {} if args.target_fpr is None else {"threshold": args.target_fpr}  # else the kind's default rule
     if args.detector == "sahs":
-        det: SAHs | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs)
+        det: SAHs | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs, **rule)
     elif args.detector == "hiddendetect":
-        det = HiddenDetect(batch_size=bs)
+        det = HiddenDetect(batch_size=bs, **rule)
     else:
         ohd = OhdProfile.load(args.ohd_profile or shipped(args)["ohd"], allow_edited=args.allow_edited)
-        det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs)
+        det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs, **rule)
     t0 = time.perf_counter()
     if not args.quiet:
         print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
     det.fit(model, processor, unsafe, safe)
     state = det.profile.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
     if args.detector == "hiddendetect" and (cv := _cross_validate(
-            args, lambda u, s: HiddenDetect(batch_size=bs).fit(model, processor, u, s), unsafe, safe)):
+            args, lambda u, s: HiddenDetect(batch_size=bs, **rule).fit(model, processor, u, s), unsafe, safe)):
         state = state.model_copy(update={"metrics": [*state.metrics, cv]})
     if heldout_items:
         u = [p for p in heldout_items if p.label == 1]
@@ -182,7 +206,10 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
         state = state.model_copy(update={"metrics": [*state.metrics, evaluate_scores(
             "heldout", np.asarray(scores[: len(u)]), np.asarray(scores[len(u):]), state.threshold)]})  # fmt: skip
     state.save(args.output)
-    print(f"{det.name}: {describe(det)}  in {state.seconds:.0f} s")
+    line = describe(det)
+    if "threshold" not in line:
+        line += f", threshold {state.threshold:.4g} ({state.threshold_method})"
+    print(f"{det.name}: {line}  in {state.seconds:.0f} s")
     print(table([m.model_dump() for m in state.metrics], METRIC_COLUMNS))
     print(f"profile written to {args.output}")
     return 0
@@ -224,7 +251,10 @@ def add_parser(sub) -> None:
                    help="ohd selectivity rule: keep heads whose safe angle is below this percentile over all heads")
     c.add_argument("--rank-by", choices=["gap", "auroc"], default="auroc",
                    help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)")
-    c.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR instead of the KDE crossing")
+    c.add_argument("--target-fpr", type=_fpr, default=None, metavar="F",
+                   help="every kind: the threshold that flags at most this share of the benign calibration prompts "
+                        "(out-of-fold scores for the probes) instead of the kind's default rule (KDE crossing or "
+                        "probability 0.5); recorded as threshold_method 'target_fpr=F on N benign prompts'")
     c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts, spread evenly over categories")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=cmd_calibrate)

@@ -29,7 +29,7 @@ D = TypeVar("D", bound="Detector")
 
 __all__ = ["Detector", "as_input", "batched", "check_sets", "data_hash", "evaluate_scores", "kde_or_midpoint",
            "length_order", "midpoint_of_medians", "probe_fields", "probe_threshold", "risk_of", "risk_or_none",
-           "target_fpr_threshold"]
+           "target_fpr_method", "target_fpr_threshold"]
 
 
 # -- what every fit needs ----------------------------------------------------------------------
@@ -81,25 +81,34 @@ def kde_or_midpoint(unsafe: np.ndarray, safe: np.ndarray) -> tuple[float, str]:
 
 
 def target_fpr_threshold(safe_scores: np.ndarray, fpr: float) -> float:
-    """The smallest threshold flagging at most ``fpr`` of ``safe_scores`` (flag iff score > threshold)."""
-    if not 0.0 < fpr < 1.0:
-        raise InvalidInputError(f"a target false-positive rate is in (0, 1), got {fpr}")
+    """The smallest threshold flagging at most ``fpr`` of ``safe_scores`` (flag iff score > threshold);
+    ``fpr=0`` is the highest safe score."""
+    if not 0.0 <= fpr < 1.0:
+        raise InvalidInputError(f"a target false-positive rate is in [0, 1), got {fpr}")
     s = np.sort(np.asarray(safe_scores, dtype=float))[::-1]
     k = int(np.floor(fpr * len(s) + 1e-9))  # this many safe scores may lie above the threshold
     return float(s[min(k, len(s) - 1)])
 
 
-def probe_threshold(rule: str | float, oof: np.ndarray, y: np.ndarray) -> tuple[float, str]:
-    """A probe's threshold from its out-of-fold calibration scores: ``"prob"`` (log-odds 0, probability
-    0.5 under equal priors), ``"kde"`` (crossing of the two score densities) or a target false-positive
-    rate on the safe calibration prompts (a number in (0, 1), e.g. ``0.01``)."""
+def target_fpr_method(fpr: float, n_safe: int, scored: str = "") -> str:
+    """The ``threshold_method`` every kind records for a target false-positive rate: the target and how
+    many benign prompts it was met on (``"target_fpr=0.05 on 400 benign prompts (out-of-fold)"``)."""
+    return f"target_fpr={fpr:g} on {n_safe} benign prompts" + (f" ({scored})" if scored else "")
+
+
+def probe_threshold(rule: str | float, oof: np.ndarray, y: np.ndarray,
+                    scored: str = "out-of-fold") -> tuple[float, str]:
+    """A probe's threshold from its calibration scores (out-of-fold for a fitted probe): ``"prob"``
+    (log-odds 0, probability 0.5 under equal priors), ``"kde"`` (crossing of the two score densities)
+    or a target false-positive rate on the safe calibration prompts (a number in (0, 1), e.g. ``0.01``)."""
     if rule == "prob":
         return 0.0, "probability_0.5"
     if rule == "kde":
         return kde_or_midpoint(oof[y == 1], oof[y == 0])
     if isinstance(rule, str):
         raise InvalidInputError(f"threshold must be 'prob', 'kde' or a target false-positive rate, not {rule!r}")
-    return target_fpr_threshold(oof[y == 0], float(rule)), f"target_fpr_{float(rule):g}"
+    fpr = float(rule)
+    return target_fpr_threshold(oof[y == 0], fpr), target_fpr_method(fpr, int((y == 0).sum()), scored)
 
 
 def probe_fields(model: Any, processor: Any, probe: Any, l2: float, oof: np.ndarray, y: np.ndarray,

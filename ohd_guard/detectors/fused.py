@@ -14,7 +14,15 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import model_validator
 
-from ohd_guard.detectors.base import Detector, as_input, check_sets, data_hash, evaluate_scores, risk_or_none
+from ohd_guard.detectors.base import (
+    Detector,
+    as_input,
+    check_sets,
+    data_hash,
+    evaluate_scores,
+    probe_threshold,
+    risk_or_none,
+)
 from ohd_guard.detectors.features import Logistic, log_loss, out_of_fold, stratified_folds
 from ohd_guard.detectors.ohd import OhdProfile, calibrate, mode_spec
 from ohd_guard.detectors.probes import ProbeProfile, SAHs, SAHsProfile
@@ -76,6 +84,8 @@ class Fused(Detector):
             (``top_heads``, eligible first) give the angles; without one, the chosen heads of a fast
             calibration run on the same prompts.
         sahs: an SAHs detector to fit (its options), default ``SAHs()``.
+        threshold: ``"prob"`` (probability 0.5, default), ``"kde"`` or a target false-positive rate on
+            the safe calibration prompts' out-of-fold scores (``0.05``).
     """
 
     Profile = FusedProfile
@@ -83,10 +93,12 @@ class Fused(Detector):
     kind = "fused"
 
     def __init__(self, ohd_profile: OhdProfile | None = None, n_angles: int = 1, sahs: SAHs | None = None,
-                 l2_grid: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0), folds: int = 5, batch_size: int = 8, seed: int = 0):
+                 l2_grid: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0), folds: int = 5, batch_size: int = 8, seed: int = 0,
+                 threshold: Literal["prob", "kde"] | float = "prob"):
         super().__init__()
         self.ohd_profile, self.n_angles, self.sahs = ohd_profile, n_angles, sahs or SAHs(batch_size=batch_size)
         self.l2_grid, self.folds, self.batch_size, self.seed = tuple(l2_grid), folds, batch_size, seed
+        self.threshold_rule = threshold
         self._probe: Logistic | None = None
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any],
@@ -116,15 +128,16 @@ class Fused(Detector):
         l2 = min(self.l2_grid, key=lambda v: (log_loss(cv[v], y), -v))
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
+        threshold, method = probe_threshold(self.threshold_rule, oof, y)
         names = [f"log_angle {h}" for h in heads] + ["sahs_log_odds"]
         fused = FusedProfile(
-            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=0.0,
-            threshold_method="probability_0.5", n_unsafe=len(unsafe), n_safe=len(safe), sahs=self.sahs.profile,
+            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
+            threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), sahs=self.sahs.profile,
             ohd_heads=heads, mask=profile.mask, score_layer=profile.score_layer, features=names, l2=l2,
             mean=probe.mean.tolist(), scale=probe.scale.tolist(), coef=probe.coef.tolist(), intercept=probe.intercept,
             cv_auroc=auroc(oof, y), seconds=round(time.perf_counter() - t0, 2),
             risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(unsafe) + list(safe)),
-            metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], 0.0)],
+            metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
         )  # fmt: skip
         self._bind(model, processor, fused)
         return self

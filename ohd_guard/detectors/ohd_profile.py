@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ohd_guard.conversation import to_conversation
-from ohd_guard.detectors.base import as_input, data_hash, evaluate_scores, midpoint_of_medians
+from ohd_guard.detectors.base import as_input, data_hash, evaluate_scores, midpoint_of_medians, target_fpr_method
 from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.metrics import auroc
 from ohd_guard.profile import HeadStats, ModelFingerprint, Profile, library_version
@@ -69,7 +69,8 @@ class OhdProfile(Profile):
         if not self.mask.alpha < 1.0:
             raise ValueError("mask.alpha must be below 1 (1.0 leaves the head unmasked: every angle is 0)")
         t = self.threshold_fit
-        if (self.threshold, self.threshold_method) != (t.value, t.method):
+        method = "target_fpr" if self.threshold_method.startswith("target_fpr=") else self.threshold_method
+        if (self.threshold, method) != (t.value, t.method):
             raise ValueError(f"threshold {self.threshold} ({self.threshold_method}) differs from the fitted "
                              f"{t.value} ({t.method})")
         if not 0.0 < t.value <= 180.0:
@@ -135,6 +136,11 @@ def warn_surface(surface: dict[str, float]) -> None:
                         "where it goes the other way; balance the sets on it", SURFACE_FEATURES[name], value)
 
 
+def _method(fit: ThresholdFit, rule: Literal["kde"] | float, n_safe: int) -> str:
+    """``threshold_method``: the fit's method, naming the target and the benign prompts for a target FPR."""
+    return target_fpr_method(float(rule), n_safe) if fit.method == "target_fpr" else fit.method
+
+
 def calibrate(
     model, processor, unsafe: Sequence[Any], safe: Sequence[Any], *,
     spec: MaskSpec = MaskSpec(), score_layer: int | None = None, score_layers: Sequence[int] | None = None,
@@ -185,7 +191,8 @@ def calibrate(
         metrics.append(evaluate_scores("heldout", hu, hs, fit.value))
     return OhdProfile(
         library_version=library_version(), model=ModelFingerprint.of(model, processor), heads=(head,), mask=spec,
-        score_layer=scorer.score_layer, threshold=fit.value, threshold_method=fit.method, threshold_fit=fit,
+        score_layer=scorer.score_layer, threshold=fit.value, threshold_method=_method(fit, threshold, len(s_angles)),
+        threshold_fit=fit,
         risk=RiskCalibration.fit(u_angles, s_angles), n_unsafe=len(unsafe), n_safe=len(safe),
         data_hash=data_hash(list(unsafe) + list(safe)), sources=list(sources), search=how,
         seconds=round(time.perf_counter() - t0, 2), length_auroc=round(surface["length"], 4),
@@ -212,7 +219,8 @@ def profile_from_angles(
         risk = RiskCalibration(slope=0.0, intercept=0.0)
     return OhdProfile(
         library_version=library_version(), model=ModelFingerprint.of(model, processor), heads=(head,), mask=spec,
-        score_layer=score_layer, threshold=fit.value, threshold_method=fit.method, threshold_fit=fit, risk=risk,
+        score_layer=score_layer, threshold=fit.value, threshold_method=_method(fit, threshold, len(s)),
+        threshold_fit=fit, risk=risk,
         n_unsafe=len(u), n_safe=len(s), data_hash=data_hash(list(calibration)), search=search,
         seconds=round(seconds, 2), metrics=[evaluate_scores("calibration", u, s, fit.value)], top_heads=top_heads,
     )

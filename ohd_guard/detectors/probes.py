@@ -19,8 +19,8 @@ from ohd_guard.detectors.base import (
     check_sets,
     data_hash,
     evaluate_scores,
-    kde_or_midpoint,
     probe_fields,
+    probe_threshold,
     risk_or_none,
 )
 from ohd_guard.detectors.features import (
@@ -252,7 +252,8 @@ class HiddenDetect(Detector):
     norm and the LM head (logit lens); its cosine with a multi-hot vector over refusal words' first
     tokens says how much that layer already "wants" to refuse. The score sums the cosines over a
     contiguous band of layers, the band with the highest calibration AUROC (at least ``min_band``
-    layers). Threshold: the KDE crossing of the calibration scores.
+    layers). Threshold: the KDE crossing of the calibration scores, or a target false-positive rate
+    on the safe calibration prompts (``threshold=0.05``; the score has no fitted weights, so in-sample).
     """
 
     Profile = HiddenDetectProfile
@@ -260,11 +261,12 @@ class HiddenDetect(Detector):
     kind = "hiddendetect"
 
     def __init__(self, words: Sequence[str] = REFUSAL_WORDS, min_band: int = 1, batch_size: int = 8,
-                 chunk_rows: int = 64):
+                 chunk_rows: int = 64, threshold: Literal["kde"] | float = "kde"):
         super().__init__()
         if min_band < 1:
             raise InvalidInputError(f"min_band must be >= 1, got {min_band}")
         self.words, self.min_band, self.batch_size, self.chunk_rows = list(words), min_band, batch_size, chunk_rows
+        self.threshold_rule = threshold
         self._ids: list[int] | None = None
 
     @torch.no_grad()
@@ -322,7 +324,8 @@ class HiddenDetect(Detector):
         cu, cs = self.layer_cosines(list(unsafe)), self.layer_cosines(list(safe))
         band, area, per_layer = self.best_band(cu, cs, self.min_band)
         su, ss = cu[:, band[0] : band[1] + 1].sum(1), cs[:, band[0] : band[1] + 1].sum(1)
-        threshold, method = kde_or_midpoint(su, ss)
+        threshold, method = probe_threshold(self.threshold_rule, np.r_[su, ss],
+                                            np.r_[np.ones(len(su), int), np.zeros(len(ss), int)], scored="")
         profile = HiddenDetectProfile(
             library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
             threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), refusal_words=self.words,

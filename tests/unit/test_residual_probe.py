@@ -84,7 +84,7 @@ def test_residual_probe_recovers_the_planted_signal_round_trips_and_scores_alike
 def test_a_target_false_positive_rate_threshold(tmp_path):
     model, tok, _ = planted_head_model()
     det = ResidualProbe(pool="last", top_k=1, folds=4, threshold=0.125).fit(model, tok, with_trigger(CLEAN[:8]), CLEAN[:8])
-    assert det.profile.threshold_method == "target_fpr_0.125"
+    assert det.profile.threshold_method == "target_fpr=0.125 on 8 benign prompts (out-of-fold)"
     assert (det.oof_[8:] > det.threshold).mean() <= 0.125
 
 
@@ -117,7 +117,7 @@ def test_every_probe_kind_takes_a_target_false_positive_rate():
 
     model, tok, _ = planted_head_model()
     det = SAHs(top_k=2, folds=4, threshold=0.125).fit(model, tok, with_trigger(CLEAN[:8]), CLEAN[:8])
-    assert det.profile.threshold_method == "target_fpr_0.125" and (det.oof_[8:] > det.threshold).mean() <= 0.125
+    assert det.profile.threshold_method == "target_fpr=0.125 on 8 benign prompts (out-of-fold)" and (det.oof_[8:] > det.threshold).mean() <= 0.125
     y = np.r_[np.ones(4), np.zeros(4)]
     oof = np.array([3.0, 2.0, 1.0, 0.5, -1.0, 0.0, 0.2, 1.5])
     assert probe_threshold("prob", oof, y) == (0.0, "probability_0.5")
