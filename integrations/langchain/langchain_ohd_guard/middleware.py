@@ -102,8 +102,9 @@ class OhdGuardMiddleware(AgentMiddleware):
       model call's input check screens it again, in context.
     * ``check_output`` (``wrap_model_call``, around the model call): the messages the model received
       with its answer (text and tool calls) read at the answer's last token by an
-      :class:`~langchain_ohd_guard.answers.AnswerCheck` (pass ``answer_profile``, calibrated with
-      :func:`~langchain_ohd_guard.answers.calibrate_answers`). The answer is checked *before* it
+      :class:`~ohd_guard.output_check.AnswerCheck` (the core's output check; ``answer_profile``
+      defaults to the one shipped for the guard's model, or pass one calibrated with
+      :func:`~ohd_guard.output_check.calibrate_answers`). The answer is checked *before* it
       leaves the model node, and the model call runs with LangGraph's ``nostream`` tag, so no
       stream mode (``messages``, ``updates``, ``values``, ...) carries an unchecked token: the
       checked answer (or its replacement) is streamed whole once it passed. The cost: nothing of
@@ -140,7 +141,7 @@ class OhdGuardMiddleware(AgentMiddleware):
         self.refusal_max_new_tokens = refusal_max_new_tokens
         self.answer_check = None
         if check_output:
-            from langchain_ohd_guard.answers import AnswerCheck
+            from ohd_guard.output_check import AnswerCheck
 
             self.answer_check = AnswerCheck(guard, answer_profile)
         self.tools = []
@@ -227,7 +228,7 @@ class OhdGuardMiddleware(AgentMiddleware):
         found = self._answer_raw(request, response)
         if found is None:
             return response
-        verdict = self.answer_check.screen(found[1])
+        verdict = self.answer_check.check(*found[1])
         dispatch_verdict(verdict)
         return self._on_output(response, found[0], verdict)
 
@@ -239,7 +240,7 @@ class OhdGuardMiddleware(AgentMiddleware):
         found = self._answer_raw(request, response)
         if found is None:
             return response
-        verdict = await self.answer_check.ascreen(found[1])
+        verdict = await self.answer_check.acheck(*found[1])
         await adispatch_verdict(verdict)
         return self._on_output(response, found[0], verdict)
 
@@ -337,13 +338,14 @@ class OhdGuardMiddleware(AgentMiddleware):
         return {"messages": [msgs[i] for i in arrived]} if changed else None
 
     # -- output: inside wrap_model_call ------------------------------------------------------------
-    def _answer_raw(self, request: Any, response: Any) -> tuple[AIMessage, Any] | None:
-        """(the answer, what the output check reads: the messages the model received, then the answer)."""
+    def _answer_raw(self, request: Any, response: Any) -> tuple[AIMessage, tuple[Any, Any]] | None:
+        """(the answer, what the output check reads: (the messages the model received, the answer))."""
         _, msgs = _ai_messages(response)
         answer = next((m for m in reversed(msgs) if isinstance(m, AIMessage)), None)
-        if answer is None or (not answer.text and not answer.tool_calls):
-            return None
-        return answer, screen_input([*request.messages, answer])
+        if answer is None or (not answer.text.strip() and not answer.tool_calls):
+            return None  # nothing to check (the core check calls a blank answer invalid input)
+        raw = screen_input([*request.messages, answer])
+        return answer, (raw[:-1], raw[-1])
 
     def _on_output(self, response: Any, answer: AIMessage, verdict: Any) -> Any:
         """``response`` with the output verdict on the answer, or with the answer replaced (nothing

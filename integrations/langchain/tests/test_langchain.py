@@ -659,6 +659,24 @@ def test_output_check_reads_the_answer(guard, exit_behavior):
     assert safe[-1].response_metadata["ohd_guard"]["input_verdict"]["flagged"] is False
 
 
+def test_output_check_is_the_cores(guard):
+    """#25.5: the middleware runs the core's output check (ohd_guard.output_check), whose verdicts
+    say they are output verdicts; a blank answer is not checked (there is nothing to read)."""
+    from ohd_guard.output_check import AnswerCheck
+
+    mw = OhdGuardMiddleware(guard, check_output=True)
+    assert type(mw.answer_check) is AnswerCheck
+    from langchain.agents import create_agent
+
+    out = create_agent(spy("the cats are here"), tools=[], middleware=[mw]).invoke(
+        {"messages": [("human", "tell me about cats")]})["messages"]
+    meta = out[-1].response_metadata["ohd_guard"]
+    assert meta["output_verdict"]["details"]["stage"] == "output" and "stage" not in meta["input_verdict"]["details"]
+    blank = create_agent(spy("  "), tools=[], middleware=[OhdGuardMiddleware(guard, check_output=True)]).invoke(
+        {"messages": [("human", "tell me about cats")]})["messages"]
+    assert "output_verdict" not in blank[-1].response_metadata.get("ohd_guard", {})
+
+
 def test_output_check_error_and_async(guard):
     with pytest.raises(GuardViolation) as e:
         _agent(spy("zorblax"), guard, check_output=True, exit_behavior="error").invoke({"messages": [("human", "hi")]})
