@@ -11,8 +11,8 @@ collaborators, each with its own state:
   from that very prefill's KV cache (no second prefill), a flagged one gets a refusal (anchored,
   static or an exception);
 * the async worker (:class:`~ohd_guard.worker.GuardWorker`): one thread owns the model for async
-  calls, micro-batches concurrent ``ascreen`` requests into one batched prefill and runs
-  generations one at a time.
+  calls, micro-batches concurrent screenings into one batched prefill, and decodes concurrent
+  answers together, one batched forward per token (:class:`~ohd_guard.batching.DecodeBatch`).
 
 Sync calls share one lock with the worker. Whatever goes wrong while screening ends in a refusal or
 a typed error, never in an unguarded answer, unless the caller opts in. Every verdict is sent to
@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 
 from ohd_guard.answering import Answerer
+from ohd_guard.batching import DecodeBatch
 from ohd_guard.conversation import ConversationLimits
 from ohd_guard.detectors import bind_detector, load_profile
 from ohd_guard.errors import InvalidInputError
@@ -46,7 +47,7 @@ from ohd_guard.screening import ConversationScreener, PrefillDetector, Screener
 from ohd_guard.shipped import default_profile
 from ohd_guard.types import EVENT_NAME, GuardedResponse, GuardStats, HeadRef, Verdict
 from ohd_guard.verdict import Screened, VerdictEvents
-from ohd_guard.worker import GuardWorker
+from ohd_guard.worker import GenerateRequest, GuardWorker, Job, deliver
 
 __all__ = [
     "EVENT_NAME", "AsyncGuardedStream", "GuardStats", "GuardedResponse", "GuardedStream", "OhdGuard", "Screened",
@@ -86,8 +87,10 @@ class OhdGuard:
             files (paths, ``file://``) are refused unless ``allow_local_files=True``: a remote user
             could otherwise make the model read server-side files.
         max_prompt_tokens: longest rendered prompt screened (default: the context window).
-        max_batch_size, max_wait_ms: micro-batching of concurrent ``ascreen`` calls (and the chunk
-            size of :meth:`screen_batch`).
+        max_batch_size, max_wait_ms: micro-batching of concurrent screenings (``ascreen``, and the
+            prefills of ``agenerate``/``astream``; also the chunk size of :meth:`screen_batch`).
+        max_decode_batch: async answers decoding together at most (one batched forward per token);
+            more wait, screened when a row frees. Bounds the KV-cache memory of concurrent answers.
         reuse_prefill: answer safe prompts from the screening prefill (KV cache and first-token logits),
             so the answer costs only the decoding steps of plain generation.
     """
@@ -108,6 +111,7 @@ class OhdGuard:
         max_prompt_tokens: int | None = None,
         max_batch_size: int = 16,
         max_wait_ms: float = 5.0,
+        max_decode_batch: int = 16,
         reuse_prefill: bool = True,
         verify: bool = True,
     ):
@@ -115,8 +119,8 @@ class OhdGuard:
             raise InvalidInputError(f"refusal must be 'anchored', 'static' or 'raise', not {refusal!r}")
         if on_error not in ("refuse", "raise", "allow"):
             raise InvalidInputError(f"on_error must be 'refuse', 'raise' or 'allow', not {on_error!r}")
-        if max_batch_size < 1 or max_wait_ms < 0:
-            raise InvalidInputError("max_batch_size must be >= 1 and max_wait_ms >= 0")
+        if max_batch_size < 1 or max_wait_ms < 0 or max_decode_batch < 1:
+            raise InvalidInputError("max_batch_size and max_decode_batch must be >= 1 and max_wait_ms >= 0")
         self.detector: PrefillDetector = bind_detector(profile, model, processor, verify=verify)
         self.model, self.processor = model.eval(), processor
         self.profile: Profile | None = getattr(self.detector, "profile", None)
@@ -141,7 +145,8 @@ class OhdGuard:
                                   reuse_prefill=reuse_prefill)  # fmt: skip
         self._lock = threading.RLock()
         self.worker = GuardWorker(self._lock, self.screening_stage.screen_many, self.screening_stage.settle,
-                                  max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)  # fmt: skip
+                                  max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, begin=self._begin,
+                                  batch=DecodeBatch(model, self.tokenizer, max_decode_batch))  # fmt: skip
 
     @classmethod
     def load(
@@ -277,10 +282,10 @@ class OhdGuard:
         return await self.worker.submit("screen", raw=conversation)
 
     async def agenerate(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
-        t0 = time.perf_counter()
+        """:meth:`generate` on the worker thread: screened in a micro-batch, answered in the decode batch."""
         kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
-        cancel = threading.Event()  # set when the caller cancels or times out: decoding stops within a token
-        return await self.worker.submit("call", fn=lambda: self._respond(conversation, t0, kw, cancel=cancel), cancel=cancel)
+        cancel = threading.Event()  # set when the caller cancels or times out: the row leaves within a step
+        return await self.worker.submit("generate", raw=conversation, cancel=cancel, gen=GenerateRequest(kw, cancel))
 
     async def arefuse(
         self, conversation: Any, verdict: Verdict | None = None, max_new_tokens: int = 256, **generation_kwargs: Any
@@ -314,6 +319,27 @@ class OhdGuard:
         if verdict is None:
             raise InvalidInputError("refuse() needs the Verdict screening returned (or what screen_for_answer() returned)")
         return verdict
+
+    def _begin(self, job: Job, s: Screened, batch: DecodeBatch) -> None:
+        """On the worker: settle one screened ``generate`` job, then answer or refuse it (in the decode
+        batch where it can); the job's future is resolved exactly once, also on errors."""
+        g: GenerateRequest = job.gen  # type: ignore[assignment]
+
+        def done(response: GuardedResponse | None, exc: BaseException | None) -> None:
+            try:
+                if g.on_finish is not None:
+                    g.on_finish(response, exc)
+            finally:
+                deliver(job, response, exc)
+
+        try:
+            verdict = self.screening_stage.settle(s)
+            if g.on_verdict is not None:
+                g.on_verdict(verdict)
+        except Exception as e:
+            done(None, e)
+            return
+        self.answering.start(s, verdict, g.kwargs, g.on_chunk, g.cancel, batch, done)
 
     def _respond(
         self, raw: Any, t0: float, gen_kwargs: dict[str, Any], on_chunk: Callable[[str], None] | None = None,
@@ -428,7 +454,16 @@ class AsyncGuardedStream(_StreamBase):
                 except RuntimeError:  # loop closed: the consumer is gone
                     state.cancel.set()
 
-            self._job = guard.worker.submit("call", fn=lambda: state.produce(guard, push), cancel=state.cancel)
+            def finish(response: GuardedResponse | None, exc: BaseException | None) -> None:
+                state.response = response
+                push(_END if exc is None else _Failure(exc))
+
+            def on_verdict(v: Verdict) -> None:
+                state.verdict = v
+
+            gen = GenerateRequest(state.gen_kwargs, state.cancel, on_chunk=push, on_verdict=on_verdict, on_finish=finish)
+            self._job = guard.worker.submit("generate", raw=state.raw, cancel=state.cancel, gen=gen)
+            self._job.add_done_callback(lambda f: f.cancelled() or f.exception())  # errors reach the consumer as chunks
         try:
             return self._item(await self._q.get())
         except StopIteration:

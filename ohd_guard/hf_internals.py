@@ -180,6 +180,36 @@ def select_rows(cache: Any, layer: int, rows: torch.Tensor) -> None:
     _layers(cache)[layer].batch_select_indices(rows)
 
 
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the keys and values [B, H, T, D] a cache holds (``CacheLayer.keys``/``.values``)."""
+    out = []
+    for layer in _layers(cache):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise InternalChanged(moved("CacheLayer.keys/values", f"{type(layer).__name__} holds no key/value tensors"))
+        out.append((k, v))
+    return out
+
+
+def plain_cache(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain full-attention ``DynamicLayer`` (no sliding window,
+    no recurrent state): the only kind a batched decode can pad and merge."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return isinstance(layers, list) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def cache_from_tensors(model: nn.Module, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A ``DynamicCache`` holding ``kv`` (per layer keys and values), filled through ``Cache.update``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module attributes are dynamic
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
 # -- generation ----------------------------------------------------------------------------------
 PREFILL_METHOD = "_prefill"
 _PREFILL_ARGS = ("input_ids", "generation_config", "model_kwargs")

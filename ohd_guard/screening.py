@@ -429,10 +429,9 @@ class ConversationScreener:
                     out[chunk[0]] = self.failed(e, t0s[chunk[0]], convs[chunk[0]])
                 continue
             self._count_batch(len(chunk))
-            for j, i in enumerate(chunk):
-                single = len(chunk) == 1  # a batched prefill cannot be continued for one row
+            for j, i in enumerate(chunk):  # every row keeps the batch's prefill (KV cache) and its row in it
                 out[i] = Screened(self.verdict(float(scores[j]), details[j], t0s[i], convs[i], len(chunk)), convs[i],
-                                  inputs if single else None, pre if single else None)  # fmt: skip
+                                  inputs, pre if keep_cache else None, row=j)  # fmt: skip
         return out
 
     def settle(self, s: Screened) -> Verdict:

@@ -26,7 +26,7 @@ class Screened:
     conversation, its rendered inputs and the prefill), so answering or refusing it never converts,
     fetches or decodes images again and a safe answer starts from the screening prefill.
 
-    Returned by :meth:`OhdGuard.screening <ohd_guard.guard.OhdGuard.screening>`; pass it to
+    Returned by :meth:`OhdGuard.screen_for_answer <ohd_guard.guard.OhdGuard.screen_for_answer>`; pass it to
     :meth:`~ohd_guard.guard.OhdGuard.answer` or :meth:`~ohd_guard.guard.OhdGuard.refuse`. The
     prefill (a KV cache) is used at most once: a second answer re-runs the prompt unscreened by
     nothing, since the verdict already covers this exact conversation.
@@ -38,6 +38,8 @@ class Screened:
     prefill: Prefill | None = None
     exc: BaseException | None = None
     """Why screening failed (the verdict then follows ``on_error``)."""
+    row: int = 0
+    """This conversation's row in ``inputs``/``prefill`` (a micro-batch screened together)."""
 
     def take_prefill(self) -> Prefill | None:
         """The prefill, once: generation extends its KV cache, so it cannot serve twice."""
