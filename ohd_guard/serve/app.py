@@ -32,6 +32,7 @@ from ohd_guard.serve.errors import APIError, from_guard_error, screen_all
 from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.serve.generation import Generation, TokenCounter, generation_for, sampling_defaults
 from ohd_guard.serve.moderations import add_moderations
+from ohd_guard.serve.output import OutputGate, Reviewed
 from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
     ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
@@ -154,6 +155,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     tokenizer = guard.tokenizer
     sampling = sampling_defaults(getattr(getattr(guard, "model", None), "generation_config", None))
     max_model_len = _max_model_len(guard)
+    output = OutputGate(guard, settings.answer_profile) if settings.check_output else None
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -221,14 +223,19 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         if req.stream:
             return await _stream(request, req, messages, gen, tools=bool(schemas))
         kwargs, counter = gen.guard_kwargs(tokenizer)
+        poll = settings.disconnect_poll_s
         with requests.slot():
             try:
-                r = await _until_disconnect(request, guard.agenerate(messages, **kwargs), settings.disconnect_poll_s)
+                r = await _until_disconnect(request, guard.agenerate(messages, **kwargs), poll)
+                reviewed = None
+                if output is not None and not r.refused and not is_bad_input(r.verdict):
+                    message = _answer(_text(r, gen)[0], False, bool(schemas))[0]
+                    reviewed = await _until_disconnect(request, output.review(messages, message, gen.max_tokens), poll)
             except _ClientGone:
                 return JSONResponse({}, status_code=499)
             except Exception as e:
                 raise from_guard_error(e) from e
-        return _completion(r, gen, counter, tools=bool(schemas))
+        return _completion(r, gen, counter, tools=bool(schemas), reviewed=reviewed)
 
     # --------------------------------------------------------------------------------- answers
     def _meta() -> dict[str, Any]:
@@ -251,20 +258,28 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
             for c in calls]}, True
 
-    def _completion(r: Any, gen: Generation, counter: TokenCounter, tools: bool = False) -> JSONResponse:
+    def _text(r: Any, gen: Generation) -> tuple[str, bool]:
+        """The answer's text as sent (cut before a stop sequence) and whether a stop sequence ended it."""
+        return (r.text, False) if r.refused else cut_at_stops(r.text, gen.stops)
+
+    def _completion(r: Any, gen: Generation, counter: TokenCounter, tools: bool = False,
+                    reviewed: Reviewed | None = None) -> JSONResponse:
         v = r.verdict
         if is_bad_input(v):
             raise _bad_input(v)
         if v.flagged and not r.refused:  # the guard never does this; the server would not send it if it did
             raise APIError(500, "internal_error", "a flagged conversation was not refused; nothing was sent")
-        text, stopped = (r.text, False) if r.refused else cut_at_stops(r.text, gen.stops)
+        text, stopped = _text(r, gen)
         message, calls = _answer(text, r.refused, tools)
+        refused, kind, finish = r.refused, r.refusal_kind, "tool_calls" if calls else gen.finish(r.refused, stopped, counter)
+        if reviewed is not None and reviewed.flagged:  # the answer is never sent: the refusal is
+            message, refused, kind, finish = ({"role": "assistant", "content": reviewed.refusal.text}, True,
+                                              reviewed.refusal.refusal_kind, "content_filter")
         body = {**_meta(), "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": "tool_calls" if calls else gen.finish(r.refused, stopped, counter)}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "usage": counter.usage(),
-                FIELD: guard_payload(v, refused=r.refused, refusal_kind=r.refusal_kind)}
-        return JSONResponse(body, headers=guard_headers(v, refused=r.refused))
+                FIELD: {**guard_payload(v, refused=refused, refusal_kind=kind), **(reviewed.payload() if reviewed else {})}}
+        return JSONResponse(body, headers={**guard_headers(v, refused=refused), **(reviewed.headers() if reviewed else {})})
 
     async def _stream(request: Request, req: ChatCompletionRequest, messages: list[Any], gen: Generation,
                       tools: bool = False) -> Any:
@@ -293,9 +308,10 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                 raise
             raise from_guard_error(e) from e
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        body = _events(stream, first, v, gen, counter, include_usage, tools)
+        body = _events(stream, first, v, gen, counter, include_usage, tools, messages)
+        held = {"X-OHD-Guard-Output-Check": "held"} if output is not None else {}
         return StreamingResponse(body, media_type="text/event-stream",
-                                 headers={**guard_headers(v, refused=v.flagged), "Cache-Control": "no-cache",
+                                 headers={**guard_headers(v, refused=v.flagged), **held, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
     async def _first(stream: Any) -> str | None:
@@ -305,7 +321,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             return None
 
     async def _events(stream: Any, first: str | None, v: Any, gen: Generation, counter: TokenCounter,
-                      include_usage: bool, tools: bool = False) -> AsyncIterator[str]:
+                      include_usage: bool, tools: bool = False, messages: Any = None) -> AsyncIterator[str]:
         meta, refused = _meta(), bool(v.flagged)
         chunk = lambda delta, finish=None: {**meta, "object": "chat.completion.chunk",  # noqa: E731
                                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -314,8 +330,8 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             yield _sse({**chunk({"role": "assistant", "content": ""}),
                         FIELD: guard_payload(v, refused=refused, refusal_kind=None)})
             pieces = [] if first is None else [first]
-            held: list[str] = []  # with tools the answer is sent whole: a call is only known at its end
-            buffering = tools and not refused
+            held: list[str] = []  # sent whole with tools (a call is only known at its end) or once checked
+            buffering = (tools or output is not None) and not refused
             while True:
                 for piece in pieces:
                     if out := trimmer.feed(piece):
@@ -334,17 +350,29 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                     held.append(out)
                 else:
                     yield _sse(chunk({"content": out}))
-            calls = False
+            calls, reviewed = False, None
             if held:
                 message, calls = _answer("".join(held), refused, tools)
+                if output is not None:
+                    reviewed = await output.review(messages, message, gen.max_tokens)
+                    if reviewed.flagged:  # the answer is never sent: the refusal is
+                        message, calls = {"role": "assistant", "content": reviewed.refusal.text}, False
                 delta = {"content": message["content"]} if not calls else {
                     "content": message["content"],
                     "tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
                 yield _sse(chunk(delta))
             r = stream.response
-            final = chunk({}, "tool_calls" if calls else gen.finish(refused, trimmer.stopped, counter))
+            finish = gen.finish(refused, trimmer.stopped, counter)
+            if reviewed is not None and reviewed.flagged:
+                finish = "content_filter"
+            final = chunk({}, "tool_calls" if calls else finish)
             if r is not None:
-                final[FIELD] = guard_payload(r.verdict, refused=r.refused, refusal_kind=r.refusal_kind)
+                refused_now, kind = r.refused, r.refusal_kind
+                if reviewed is not None and reviewed.flagged:
+                    refused_now, kind = True, reviewed.refusal.refusal_kind
+                final[FIELD] = guard_payload(r.verdict, refused=refused_now, refusal_kind=kind)
+                if reviewed is not None:
+                    final[FIELD].update(reviewed.payload())
             yield _sse(final)
             if include_usage:
                 yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],

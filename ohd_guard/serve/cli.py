@@ -38,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     for name, kind in _SETTING_FLAGS.items():
         h.add_argument("--" + name.replace("_", "-"), type=kind, default=None, dest=name,
                        help=f"default {getattr(_DEFAULTS, name)}; or ${ENV_PREFIX}{name.upper()}")
+    g.add_argument("--check-output", action="store_const", const=True, default=None, dest="check_output",
+                   help="check every answer before it is sent; a flagged one is refused, streams are held back "
+                        f"until checked (or ${ENV_PREFIX}CHECK_OUTPUT=1)")
+    g.add_argument("--answer-profile", default=None, dest="answer_profile", metavar="PATH",
+                   help="the output check's profile (default: the one shipped for the model)")
     g.add_argument("--max-batch-size", type=int, default=16, help="conversations per batched prefill (default 16)")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the micro-batcher waits for more requests (default 5 ms)")
@@ -56,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> ServeSettings:
     """Flags given on the command line over ``OHD_GUARD_*`` environment variables over the defaults."""
-    names = ["model_name", "api_key", *_SETTING_FLAGS]
+    names = ["model_name", "api_key", "check_output", "answer_profile", *_SETTING_FLAGS]
     return ServeSettings.from_env(**{n: getattr(args, n) for n in names if getattr(args, n) is not None})
 
 

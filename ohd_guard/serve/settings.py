@@ -45,6 +45,11 @@ class ServeSettings(BaseModel):
     """Conversations per ``POST /v1/screen``."""
     disconnect_poll_s: float = Field(0.2, gt=0)
     """How often a non-streamed request checks that its client is still there."""
+    check_output: bool = False
+    """Check every answer before it is sent (:mod:`ohd_guard.serve.output`): a flagged one is replaced
+    by the refusal; streams are held back until the whole answer was checked."""
+    answer_profile: str | None = None
+    """The output check's profile (a path; default: the one shipped for the served model)."""
 
     @model_validator(mode="before")
     @classmethod
