@@ -45,7 +45,7 @@ from ohd_guard.refusal import RefusalTemplate, template_for
 from ohd_guard.rendering import tokenizer_of
 from ohd_guard.screening import ConversationScreener, PrefillDetector, Screener
 from ohd_guard.shipped import default_profile
-from ohd_guard.types import EVENT_NAME, GuardedResponse, GuardStats, HeadRef, Verdict
+from ohd_guard.types import EVENT_NAME, GuardedResponse, GuardStats, HeadRef, Scope, Verdict
 from ohd_guard.verdict import Screened, VerdictEvents
 from ohd_guard.worker import GenerateRequest, GuardWorker, Job, deliver
 
@@ -93,6 +93,9 @@ class OhdGuard:
             more wait, screened when a row frees. Bounds the KV-cache memory of concurrent answers.
         reuse_prefill: answer safe prompts from the screening prefill (KV cache and first-token logits),
             so the answer costs only the decoding steps of plain generation.
+        scope: ``"conversation"`` (default): an earlier user/tool message whose own read (where the model
+            answered it) is over the threshold still flags; ``"latest"``: only the final read decides, so
+            a thread recovers once it has moved on. Every message's score is in ``verdict.messages``.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class OhdGuard:
         max_decode_batch: int = 16,
         reuse_prefill: bool = True,
         verify: bool = True,
+        scope: Scope = "conversation",
     ):
         if refusal not in ("anchored", "static", "raise"):
             raise InvalidInputError(f"refusal must be 'anchored', 'static' or 'raise', not {refusal!r}")
@@ -139,7 +143,7 @@ class OhdGuard:
         self.screening_stage = ConversationScreener(
             model, processor, self.detector, on_error=on_error, limits=self.limits, fetcher=fetcher, base_dir=base_dir,
             allow_local_files=allow_local_files, max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size,
-            emit=self._events.emit,
+            emit=self._events.emit, scope=scope,
         )
         self.answering = Answerer(model, self.tokenizer, self.screening_stage, refusal=refusal, template=self.template,
                                   reuse_prefill=reuse_prefill)  # fmt: skip

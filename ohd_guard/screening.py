@@ -34,7 +34,7 @@ from ohd_guard.errors import InvalidInputError, ScreeningError
 from ohd_guard.hooks import scoped_hooks
 from ohd_guard.rendering import encode_conversations, is_multimodal
 from ohd_guard.scoring import DeflectionScorer, Prefill
-from ohd_guard.types import GuardStats, HeadRef, MaskSpec, Verdict
+from ohd_guard.types import GuardStats, HeadRef, MaskSpec, Scope, Verdict
 from ohd_guard.verdict import Screened, typed_error
 
 __all__ = [
@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("ohd_guard.guard")
+
+_MESSAGES = "_messages"
+"""Key under which :meth:`ConversationScreener.score` hands per-message scores to its verdict."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,10 @@ class PrefillReads:
     maxed: dict[int, torch.Tensor] = field(default_factory=dict)
     """``maxed[i]`` is [B, hidden]: layer ``i``'s output, per dimension the maximum over real positions."""
     angles: np.ndarray | None = None
+    at: PrefillReads | None = None
+    """The same reads at the extra positions ``Screener.run(at=...)`` asked for, rows flattened to
+    [B * P] (row ``b * P + k`` = row ``b``'s ``k``-th position; pooled reads over its positions up to
+    there), so a detector scores them with its own ``score_reads`` (turn-aware screening)."""
 
 
 class PrefillDetector(ABC):  # noqa: B024 (a protocol: a kind that cannot read a prefill leaves reads() unimplemented)
@@ -224,10 +231,15 @@ class Screener:
             self.scorer(reads.masked)  # validates the score layer
 
     @contextmanager
-    def _observe(self, reads: Reads, out: PrefillReads, pos: int, mask: torch.Tensor | None = None) -> Iterator[None]:
+    def _observe(self, reads: Reads, out: PrefillReads, pos: int, mask: torch.Tensor | None = None,
+                 at: torch.Tensor | None = None) -> Iterator[None]:
         """Copy the requested reads at sequence position ``pos`` (the last prompt token), and the pooled
         layers' means over the positions ``mask`` [B, T] marks, during the forward pass inside the
-        block; the first write wins, so a replay could never overwrite it."""
+        block; the first write wins, so a replay could never overwrite it. ``at`` [B, P]: also copy
+        them at these columns into ``out.at``."""
+        if at is not None:
+            out.at = PrefillReads()
+        extra = out.at
         a = self.adapter
         H, d = a.num_heads, a.head_dim
         by_layer: dict[int, list[HeadRef]] = {}
@@ -240,6 +252,10 @@ class Screener:
                     x = args[0][:, pos, : H * d].float().unflatten(-1, (H, d))
                     for h in heads:
                         out.heads.setdefault(h, x[:, h.head].clone())
+                    if extra is not None:
+                        y = _gather(args[0][..., : H * d], at).float().unflatten(-1, (H, d))  # [B*P, H, d]
+                        for h in heads:
+                            extra.heads.setdefault(h, y[:, h.head].clone())
 
                 hooks.forward_pre_hook(a.output_projection(layer), pre)
             for layer in reads.layers:
@@ -247,6 +263,8 @@ class Screener:
                 def post(module, args, output, layer=layer) -> None:
                     x = output[0] if isinstance(output, (tuple, list)) else output
                     out.layers.setdefault(layer, x[:, pos].float().clone())
+                    if extra is not None:
+                        extra.layers.setdefault(layer, _gather(x, at).float())
 
                 hooks.forward_hook(a.layers[layer], post)
             for layer in dict.fromkeys((*reads.pooled, *reads.maxed)):
@@ -259,17 +277,25 @@ class Screener:
                         out.pooled.setdefault(layer, (x * m).sum(1) / m.sum(1).clamp_min(1.0))
                     if layer in reads.maxed:
                         out.maxed.setdefault(layer, x.masked_fill(m == 0, float("-inf")).amax(1))
+                    if extra is not None and layer in reads.pooled:  # the mean over each prefix
+                        extra.pooled.setdefault(layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0))
+                    if extra is not None and layer in reads.maxed:
+                        extra.maxed.setdefault(layer, _gather(x.masked_fill(m == 0, float("-inf")).cummax(1).values, at))
 
                 hooks.forward_hook(a.layers[layer], pool)
             yield
 
     @torch.no_grad()
-    def run(self, inputs: dict[str, Any], reads: Reads, keep_cache: bool) -> tuple[PrefillReads, Prefill]:
-        """The reads of one batch and its unmasked prefill (KV cache when ``keep_cache``, next-token logits)."""
+    def run(self, inputs: dict[str, Any], reads: Reads, keep_cache: bool,
+            at: torch.Tensor | None = None) -> tuple[PrefillReads, Prefill]:
+        """The reads of one batch and its unmasked prefill (KV cache when ``keep_cache``, next-token logits);
+        ``at`` [B, P]: the reads at these extra columns too (``got.at``; not with a masked branch)."""
         got = PrefillReads()
         branch = reads.masked
+        if at is not None and branch is not None:
+            raise InvalidInputError("extra read positions cannot share a prefill with a masked branch")
         if branch is None:
-            with self._observe(reads, got, -1, inputs.get("attention_mask")):
+            with self._observe(reads, got, -1, inputs.get("attention_mask"), at):
                 out = self.model(**inputs, use_cache=keep_cache, logits_to_keep=1)
             B = inputs["input_ids"].shape[0]
             pre = Prefill(inputs, torch.empty(B, 0), cache=hf.output_cache(out) if keep_cache else None,
@@ -285,6 +311,14 @@ class Screener:
         if missing:
             raise ScreeningError(f"the prefill never reached {', '.join(missing)} (hooks did not fire)")
         return got, pre
+
+
+def _gather(x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+    """Rows of ``x`` [B, T, ...] at columns ``at`` [B, P], flattened to [B * P, ...]."""
+    assert at is not None  # only called when extra positions were asked for
+    idx = at.to(x.device)
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(idx)
+    return x[rows, idx].flatten(0, 1)
 
 
 def union(*requests: Reads) -> Reads:
@@ -316,8 +350,12 @@ class ConversationScreener:
         self, model: torch.nn.Module, processor: Any, detector: PrefillDetector | None, *, on_error: str = "raise",
         limits: ConversationLimits | None = None, fetcher: Any = None, base_dir: Any = None,
         allow_local_files: bool = False, max_prompt_tokens: int | None = None, max_batch_size: int = 8,
-        emit: Callable[[Any], None] = lambda verdict: None,
+        emit: Callable[[Any], None] = lambda verdict: None, scope: Scope = "conversation",
     ):
+        if scope not in ("conversation", "latest"):
+            raise InvalidInputError(f"scope must be 'conversation' or 'latest', not {scope!r}")
+        self.scope: Scope = scope
+        """Which reads decide (:data:`~ohd_guard.types.Scope`); every user/tool message is scored either way."""
 
         self.model, self.processor = model, processor
         # None only for the fitting reader (it reads features and never scores, so never reaches self.detector).
@@ -353,10 +391,19 @@ class ConversationScreener:
         return conv
 
     def score(self, convs: list[Any], keep_cache: bool) -> tuple[np.ndarray, list[dict], Prefill, dict[str, Any]]:
-        """Scores, per-row details, the prefill and the rendered inputs of one batch."""
-        reads, pre, inputs = self.prefill(convs, self.reads, keep_cache)
+        """Scores, per-row details, the prefill and the rendered inputs of one batch. Every user/tool
+        message is scored too (:mod:`~ohd_guard.turns`); its scores travel to :meth:`verdict` in the
+        row's details under ``_MESSAGES`` (popped there)."""
+        from ohd_guard import turns
+
+        inputs = self.encode(convs)
+        self._check_length(inputs)
+        plans, own, at = turns.prepare(self, convs, inputs)  # own prefills run first: the kept one runs last
+        reads, pre, inputs = self.prefill(convs, self.reads, keep_cache, inputs=inputs, at=at)
         scores, details = self.detector.score_reads(reads)
-        return self.finite(scores, len(convs), self.detector.kind), details, pre, inputs
+        scores = self.finite(scores, len(convs), self.detector.kind)
+        messages = turns.attach(self, convs, plans, own, reads.at, scores)
+        return scores, [{**d, _MESSAGES: m} for d, m in zip(details, messages)], pre, inputs
 
     @staticmethod
     def finite(scores: Any, n: int, kind: str) -> np.ndarray:
@@ -365,31 +412,44 @@ class ConversationScreener:
             raise ScreeningError(f"the {kind} score is not finite (NaN or infinite hidden states)")
         return scores
 
-    def prefill(self, convs: list[Any], reads: Reads, keep_cache: bool) -> tuple[PrefillReads, Prefill, dict[str, Any]]:
-        """The reads, the prefill and the rendered inputs of one batch of converted conversations."""
-        inputs = self.encode(convs)
+    def prefill(self, convs: list[Any], reads: Reads, keep_cache: bool, inputs: dict[str, Any] | None = None,
+                at: torch.Tensor | None = None) -> tuple[PrefillReads, Prefill, dict[str, Any]]:
+        """The reads, the prefill and the rendered inputs (``inputs`` when already rendered) of one batch
+        of converted conversations; ``at``: extra read columns (:meth:`Screener.run`)."""
+        inputs = inputs if inputs is not None else self.encode(convs)
+        self._check_length(inputs)
+        hf.reset_rope_state(self._rope_state)
+        got, pre = self.screener.run(inputs, reads, keep_cache=keep_cache, at=at)
+        return got, pre, inputs
+
+    def _check_length(self, inputs: dict[str, Any]) -> None:
         if self.max_prompt_tokens is not None:
             mask = inputs.get("attention_mask")
-            lengths = mask.sum(-1) if mask is not None else torch.full((len(convs),), inputs["input_ids"].shape[1])
+            ids = inputs["input_ids"]
+            lengths = mask.sum(-1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
             if int(lengths.max()) > self.max_prompt_tokens:
                 raise InvalidInputError(
                     f"prompt too long: {int(lengths.max())} tokens rendered, over the model's context window "
                     f"of {self.max_prompt_tokens} tokens (max_prompt_tokens)"
                 )
-        hf.reset_rope_state(self._rope_state)
-        got, pre = self.screener.run(inputs, reads, keep_cache=keep_cache)
-        return got, pre, inputs
 
     def verdict(self, score: float, detail: dict, t0: float, conv: Any, batch: int) -> Verdict:
+        from ohd_guard.turns import decide
+
+        detail = dict(detail)
+        messages = detail.pop(_MESSAGES, [])
+        score, by = decide(self.scope, score, messages)
         flagged = score > self.threshold
         risk = float(self.detector.risk(np.array([score]))[0])
         if self.mode is not None:
             detail = {**detail, "mode": self.mode}
+        reason = self.detector.explain(score, flagged, risk)
+        if by is not None:
+            reason += f" (read at message {by.index}, {by.role}, where the model answered it)"
         return Verdict(
             flagged=flagged, threshold=self.threshold, risk=risk, heads=self.heads,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
-            reason=self.detector.explain(score, flagged, risk), conversation_digest=conv.digest(), batch_size=batch,
-            detector=self.detector.kind, score=float(score), details=detail,
+            latency_ms=(time.perf_counter() - t0) * 1e3, reason=reason, conversation_digest=conv.digest(),
+            batch_size=batch, detector=self.detector.kind, score=float(score), details=detail, messages=messages,
         )
 
     def failed(self, exc: BaseException, t0: float, conv: Any) -> Screened:

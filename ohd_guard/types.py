@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-__all__ = ["EVENT_NAME", "GuardStats", "GuardedResponse", "HeadRef", "MaskSpec", "Verdict", "response_payload"]
+__all__ = ["EVENT_NAME", "GuardStats", "GuardedResponse", "HeadRef", "MaskSpec", "MessageScore", "Scope", "Verdict",
+           "response_payload"]
 
 EVENT_NAME = "ohd_guard.verdict"
 """Stable name of the event emitted for every verdict (logging, listeners, framework callbacks)."""
@@ -38,6 +39,31 @@ class MaskSpec(BaseModel):
     """``all``: every position (paper-exact). ``last``: the last prompt position only (fast)."""
     alpha: float = Field(default=1e-5, ge=0.0, le=1.0)
     """Scale factor; 1.0 is no mask, 0.0 a hard mask."""
+
+
+Scope = Literal["conversation", "latest"]
+"""Which reads decide a verdict: ``conversation`` (the whole conversation and every earlier user/tool
+message, each read where the model answered it) or ``latest`` (the final position only: the latest turn
+in its context, so an earlier flagged turn no longer flags once the conversation has moved on)."""
+
+
+class MessageScore(BaseModel):
+    """One user/tool message's score: the detector read where the model would start answering it (the
+    conversation up to that message, with the generation prompt), i.e. the message judged as it was
+    when it was the latest. Consecutive user/tool messages share the read after the last of them."""
+
+    model_config = ConfigDict(frozen=True)
+    index: int
+    """The message's index in the conversation (tool results count as user turns)."""
+    role: str
+    score: float | None
+    """None when it was not scored (``scope="latest"`` skips a prefix that needs its own prefill)."""
+    flagged: bool
+    """``score > threshold``."""
+    source: Literal["final", "prefill", "own_prefill", "skipped"]
+    """``final``: the conversation's own read (the latest messages); ``prefill``: an extra position of the
+    same prefill; ``own_prefill``: its prefix in a prefill of its own (a template that rewrites earlier
+    turns, or a masked detector); ``skipped``: not scored."""
 
 
 class Verdict(BaseModel):
@@ -68,6 +94,9 @@ class Verdict(BaseModel):
     conversation_digest: str | None = None
     batch_size: int = 1
     """How many conversations shared the prefill that screened this one (micro-batching)."""
+    messages: list[MessageScore] = []
+    """Every user/tool message's own score (empty when screening failed, and in payloads older than it).
+    Under ``scope="conversation"`` the verdict's ``score`` is the highest of these and the final read."""
 
     @computed_field  # type: ignore[prop-decorator]
     @property

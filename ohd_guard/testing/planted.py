@@ -37,7 +37,7 @@ def with_trigger(texts: Sequence[str], trigger: str = "zorblax") -> list[str]:
 
 
 def planted_head_model(
-    trigger: str = "zorblax", layer: int = 1, head: int = 2, seed: int = 0
+    trigger: str = "zorblax", layer: int = 1, head: int = 2, seed: int = 0, focus: float = 3.5
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast, dict[str, Any]]:
     """A tiny Llama whose head ``(layer, head)`` is a hand-wired trigger detector: ground truth for head search.
 
@@ -49,6 +49,10 @@ def planted_head_model(
     o_proj writes that value across the residual, so on trigger prompts the last token's final state
     turns by tens of degrees when this head's query is masked, and by almost nothing on other prompts
     (its value is ~0 there). Every other head and MLP is random but weak, so masking them moves little.
+
+    ``focus`` is the planted query's weight: the default makes attention to the trigger all but total at
+    any distance; a low one (0.5) lets later context dilute it, so the trigger's signal at the last
+    token fades after a long benign turn, as an earlier turn's does in a real model's long thread.
 
     Returns ``(model, tokenizer, info)`` with ``info`` keys ``trigger``, ``trigger_token_id`` (the
     mid-sentence form, ``" " + trigger``), ``trigger_token_ids`` (every single-token spelling: with/without
@@ -95,7 +99,7 @@ def planted_head_model(
                 for sib in range(head // group * group, (head // group + 1) * group):  # heads sharing that key
                     att.q_proj.weight[[sib * hd + slow, sib * hd + slow + hd // 2]] = 0.0  # ignore it
                 att.q_proj.weight[q] = rnd(hd, width, std=0.02)
-                att.q_proj.weight[q.start + slow, const] = 3.5
+                att.q_proj.weight[q.start + slow, const] = focus
                 att.k_proj.weight[kv] = rnd(hd, width, std=0.02)
                 att.k_proj.weight[kv.start + slow, feat] = 3.5
                 att.v_proj.weight[kv] = rnd(hd, width, std=0.02)

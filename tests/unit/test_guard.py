@@ -325,7 +325,8 @@ def test_benign_guarded_output_equals_unguarded_token_for_token(make_guard, plan
         assert not r.refused
         assert ids == _unguarded(model, tok, text, max_new_tokens=24, do_sample=False)
         assert r.text == tok.decode(ids, skip_special_tokens=True)
-        assert _answered_from_screening(lengths, len(ids))
+        own = isinstance(text, list)  # the earlier turn's prefix: its own prefill first (a masked detector)
+        assert _answered_from_screening(lengths[own:], len(ids))
         assert "_prefill" not in model.__dict__  # the resume shim is gone
 
 
