@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--answer-profile", default=None, dest="answer_profile", metavar="PATH",
                    help="the output check's profile (default: the one shipped for the model)")
     g.add_argument("--max-batch-size", type=int, default=16, help="conversations per batched prefill (default 16)")
+    g.add_argument("--max-decode-batch", type=int, default=16,
+                   help="answers decoding together, one batched forward per token (default 16); more wait, "
+                        "up to --max-concurrent-requests, then 429")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the micro-batcher waits for more requests (default 5 ms)")
     h.add_argument("--log-level", default="info")
@@ -68,7 +71,8 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
 def _spec(args: argparse.Namespace) -> GuardSpec:
     return GuardSpec(model=args.model, profile=args.profile, factory=args.factory, refusal=args.refusal,
                      on_error=args.on_error, device=args.device, dtype=args.dtype, allow_edited=args.allow_edited,
-                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+                     max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                     max_decode_batch=args.max_decode_batch)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

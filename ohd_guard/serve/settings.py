@@ -107,6 +107,9 @@ class GuardSpec(BaseModel):
     allow_edited: bool = False
     max_batch_size: int = Field(16, gt=0)
     max_wait_ms: float = Field(5.0, ge=0)
+    max_decode_batch: int = Field(16, gt=0)
+    """Answers decoding together (one batched forward per token); more requests wait in the guard's
+    queue, up to ``max_concurrent_requests`` in all, past which the server answers 429."""
     options: dict[str, Any] = {}
     """Extra keyword arguments for the factory."""
 
@@ -119,7 +122,7 @@ class GuardSpec(BaseModel):
         limits = ConversationLimits(max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
                                     max_total_pixels=max(settings.max_image_pixels, 2 * 4096 * 4096))
         opts = dict(refusal=self.refusal, on_error=self.on_error, limits=limits, max_batch_size=self.max_batch_size,
-                    max_wait_ms=self.max_wait_ms, allow_local_files=False)
+                    max_wait_ms=self.max_wait_ms, max_decode_batch=self.max_decode_batch, allow_local_files=False)
         if self.factory:
             mod, _, attr = self.factory.partition(":")
             if not mod or not attr:

@@ -172,3 +172,18 @@ def test_answers_leave_no_state_on_the_model(guard):
     asyncio.run(_all(guard, CLEAN + TRIGGER, **GREEDY))
     assert all(torch.equal(before[k], v) for k, v in guard.model.state_dict().items())
     assert not guard.model._forward_pre_hooks and not guard.model._forward_hooks
+
+
+def test_the_server_configures_the_decode_batch():
+    import argparse
+
+    from ohd_guard.serve.cli import _spec, add_parser
+    from ohd_guard.serve.settings import GuardSpec
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--factory", "ohd_guard.serve.demo:planted_guard", "--max-decode-batch", "3"])
+    assert _spec(args).max_decode_batch == 3
+    guard = GuardSpec(factory="ohd_guard.serve.demo:planted_guard", max_decode_batch=3).build()
+    assert guard.worker.batch.max_rows == 3
+    guard.close()
