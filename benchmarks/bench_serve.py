@@ -13,6 +13,16 @@ The real one (the embedded model; ~minutes)::
 
 ``--kill-replica`` kills one replica halfway through the 2-replica run (Ray restarts it; requests in
 flight on it are counted as lost).
+
+Scaling with concurrency (issue 24), benign prompts, greedy, ``--max-tokens`` each::
+
+    python benchmarks/bench_serve.py --model default --scaling 1,4,8,16,32 --max-tokens 32
+
+For each number of concurrent requests (all sent at once): output tokens/s, p50/p95 time to first
+token and total latency, for (a) the guarded server (uvicorn on loopback, streamed), (b) unguarded
+batched ``model.generate`` of the same requests (left-padded, one call: the ceiling on this
+machine), (c) one-at-a-time guarded generation (``guard.stream`` in turn: the old worker). Also the
+peak resident memory above the idle baseline during (a), and lost/unscreened answers (must be 0).
 """
 
 from __future__ import annotations
@@ -176,6 +186,187 @@ def row(name: str, r: Result) -> str:
             f"{q(50):.0f} | {q(95):.0f} |")
 
 
+# ------------------------------------------------------------------------------------------ scaling
+SCALING_PROMPTS = [*REAL_SAFE, "Give me three tips for a job interview.", "How does a heat pump work?",
+                   "Summarise the plot of Romeo and Juliet in two sentences.", "What are prime numbers?"]
+
+
+class _PeakRSS:
+    """Peak resident memory of this process while open, sampled every 5 ms (MiB above the start)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss() -> float:
+        with open("/proc/self/statm") as f:
+            import os
+
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> _PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def growth(self) -> float:
+        return self.peak - self.base
+
+
+def _q(xs: list[float], p: int) -> float:
+    if not xs:
+        return float("nan")
+    return statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else xs[0]
+
+
+def _scaling_row(c: int, name: str, ttft: list[float], total: list[float], tokens: int, wall: float,
+                 lost: int, unscreened: int, mem: float | None = None) -> str:
+    m = f"{mem:.0f}" if mem is not None else ""
+    return (f"| {c} | {name} | {tokens / wall:.1f} | {_q(ttft, 50) * 1e3:.0f} | {_q(ttft, 95) * 1e3:.0f} | "
+            f"{_q(total, 50) * 1e3:.0f} | {_q(total, 95) * 1e3:.0f} | {lost} | {unscreened} | {m} |")
+
+
+def scaling_server(url: str, prompts: list[str], n_tokens: int) -> tuple:
+    import httpx
+
+    async def main():
+        limits = httpx.Limits(max_connections=len(prompts), max_keepalive_connections=len(prompts))
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=httpx.Timeout(600.0)) as http:
+            t0 = time.perf_counter()
+
+            async def one(prompt: str):
+                body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "stream": True,
+                        "max_tokens": n_tokens, "temperature": 0, "stream_options": {"include_usage": True}}
+                ttft = usage = verdict = finish = None
+                async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        return None
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        ev = json.loads(line[6:])
+                        verdict = ev.get("ohd_guard", verdict)
+                        usage = ev.get("usage") or usage
+                        for ch in ev.get("choices", []):
+                            if ch["delta"].get("content") and ttft is None:
+                                ttft = time.perf_counter() - t0
+                            finish = ch.get("finish_reason") or finish
+                return ttft, time.perf_counter() - t0, usage, verdict, finish
+
+            got = await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+            return got, time.perf_counter() - t0
+
+    got, wall = asyncio.run(main())
+    ok = [g for g in got if isinstance(g, tuple) and g[2] is not None and g[4] is not None]
+    unscreened = sum(1 for g in ok if g[3] is None or (g[3]["flagged"] and g[4] != "content_filter"))
+    tokens = sum(g[2]["completion_tokens"] for g in ok)
+    return [g[0] for g in ok if g[0] is not None], [g[1] for g in ok], tokens, wall, len(prompts) - len(ok), unscreened
+
+
+def scaling_unguarded(model, processor, prompts: list[str], n_tokens: int) -> tuple:
+    """One left-padded batched ``generate`` of all requests: every row's first token comes with the
+    first step, every row is done when the last is."""
+    import torch
+    from transformers.generation import BaseStreamer
+
+    from ohd_guard.rendering import encode_conversations, tokenizer_of
+
+    class First(BaseStreamer):
+        def __init__(self) -> None:
+            self.calls, self.t = 0, None
+
+        def put(self, value) -> None:
+            self.calls += 1
+            if self.calls == 2 and self.t is None:
+                self.t = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    tok = tokenizer_of(processor)
+    t0 = time.perf_counter()
+    inputs = encode_conversations(processor, prompts)
+    streamer = First()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False, streamer=streamer)
+    wall = time.perf_counter() - t0
+    new = out[:, inputs["input_ids"].shape[1]:]
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    tokens = 0
+    for row in new.tolist():
+        for t in row:
+            tokens += 1
+            if t in eos or t == tok.pad_token_id:
+                break
+    return [streamer.t - t0] * len(prompts), [wall] * len(prompts), tokens, wall, 0, 0
+
+
+def scaling_one_at_a_time(guard, prompts: list[str], n_tokens: int) -> tuple:
+    """The requests arrive together and are answered in turn (the worker before continuous batching)."""
+    t0 = time.perf_counter()
+    ttft, total, tokens, unscreened = [], [], 0, 0
+    for p in prompts:
+        s = guard.stream(p, max_new_tokens=n_tokens, do_sample=False)
+        first = True
+        for _ in s:
+            if first:
+                ttft.append(time.perf_counter() - t0)
+                first = False
+        total.append(time.perf_counter() - t0)
+        r = s.response
+        unscreened += int(r.verdict is None or (r.verdict.flagged and not r.refused))
+        tokens += len(guard.tokenizer.encode(r.text, add_special_tokens=False)) + (0 if r.refused else 1)
+    return ttft, total, tokens, time.perf_counter() - t0, 0, unscreened
+
+
+def scaling(args, spec) -> None:
+    from ohd_guard.serve.app import create_app
+    from ohd_guard.serve.server import ServerThread
+
+    levels = [int(x) for x in args.scaling.split(",")]
+    top = max(levels)
+    settings = ServeSettings(model_name=MODEL_NAME, max_concurrent_requests=top, max_concurrent_streams=top,
+                             max_tokens_limit=max(args.max_tokens, 16))
+    guard = spec.model_copy(update={"max_decode_batch": top, "max_batch_size": top}).build(settings)
+    guard.generate(SCALING_PROMPTS[0], max_new_tokens=2, do_sample=False)  # warm-up
+    rows = []
+    with ServerThread(create_app(guard, settings)) as srv:
+        for c in levels:
+            prompts = [SCALING_PROMPTS[i % len(SCALING_PROMPTS)] for i in range(c)]
+            with _PeakRSS() as mem:
+                a = scaling_server(srv.url, prompts, args.max_tokens)
+            b = scaling_unguarded(guard.model, guard.processor, prompts, args.max_tokens)
+            one = scaling_one_at_a_time(guard, prompts, args.max_tokens)
+            rows += [_scaling_row(c, "guarded server (batched)", *a, mem=mem.growth),
+                     _scaling_row(c, "unguarded batched generate", *b),
+                     _scaling_row(c, "guarded, one at a time", *one)]
+            ratio_one = (a[2] / a[3]) / (one[2] / one[3])
+            ratio_ceiling = (a[2] / a[3]) / (b[2] / b[3])
+            rows.append(f"| {c} | ratios: server/one-at-a-time {ratio_one:.2f}x, server/unguarded batched "
+                        f"{ratio_ceiling:.2f}x | | | | | | | | |")
+            print(rows[-4], rows[-3], rows[-2], rows[-1], sep="\n", file=sys.stderr, flush=True)
+    guard.close()
+    print(f"\nmodel: {args.model}; benign prompts, greedy, {args.max_tokens} tokens at most; torch threads "
+          f"{__import__('torch').get_num_threads()}\n")
+    print("| concurrent | how | output tok/s | TTFT p50 ms | TTFT p95 ms | total p50 ms | total p95 ms | lost | "
+          "unscreened | peak RSS +MiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny (planted demo, default), default (the embedded model) or a ref")
@@ -185,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--targets", default="inproc,uvicorn,ray1,ray2")
     p.add_argument("--kill-replica", action="store_true", help="kill one replica halfway through the ray2 run")
+    p.add_argument("--scaling", default=None, help="concurrency levels, e.g. 1,4,8,16,32: the scaling table only")
     args = p.parse_args(argv)
+    if args.scaling:
+        scaling(args, spec_for(args.model))
+        return 0
     args.duration = min(args.duration, 120.0)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     items, truth_known = prompts(args.model), args.model == "tiny"

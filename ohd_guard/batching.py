@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,10 +170,11 @@ class DecodeBatch:
     @staticmethod
     def supports(model: Any, prefill: Prefill | None) -> bool:
         """Whether answers of ``model`` can continue from ``prefill`` in a batch: a plain full-attention
-        KV cache of a text model (sliding windows and multimodal rotary offsets are decoded one at a time)."""
+        KV cache and ordinary positions (sliding windows and Qwen-VL's multimodal rotary offsets are
+        decoded one at a time). Images are in the cache already: decoding feeds text tokens only."""
         if prefill is None or prefill.cache is None or prefill.next_token_logits is None:
             return False
-        if getattr(model.config, "vision_config", None) is not None:
+        if _has_rope_state(model):  # Qwen-VL's multimodal rotary offsets live on the model, per batch
             return False
         return hf.plain_cache(prefill.cache)
 
@@ -301,6 +303,15 @@ class DecodeBatch:
                              use_cache=True, logits_to_keep=1, **{hf.model_cache_keyword(self.model): self._cache})  # fmt: skip
         self._cache, self._mask, self._pos = hf.output_cache(out), mask, self._pos + 1
         return out.logits[:, -1].float()
+
+
+_ROPE_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _has_rope_state(model: Any) -> bool:
+    if model not in _ROPE_STATE:
+        _ROPE_STATE[model] = bool(hf.rope_state_modules(model))
+    return _ROPE_STATE[model]
 
 
 def _left_pad(x: torch.Tensor, n: int) -> torch.Tensor:

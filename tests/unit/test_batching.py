@@ -187,3 +187,25 @@ def test_the_server_configures_the_decode_batch():
     guard = GuardSpec(factory="ohd_guard.serve.demo:planted_guard", max_decode_batch=3).build()
     assert guard.worker.batch.max_rows == 3
     guard.close()
+
+
+def test_a_vision_language_model_decodes_images_and_text_together():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ohd_guard.testing.fixtures import make_planted_vlm_guard
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    image_turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                               {"type": "text", "text": "what is in this picture"}]}]  # fmt: skip
+    vlm = make_planted_vlm_guard()
+    convs = [image_turn, CLEAN[0], CLEAN[1]]
+    expected = [vlm.generate(c, **GREEDY).text for c in convs]
+    with Forwards(vlm.model) as f:
+        got = asyncio.run(_all(vlm, convs, **GREEDY))
+    assert [r.text for r in got] == expected
+    assert max(f.steps) == 3
