@@ -9,9 +9,14 @@ deployment is made, and a missing package fails with a one-line install hint.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ohd_guard.serve.settings import GuardSpec, ServeSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from ohd_guard.guard import OhdGuard
 
 __all__ = ["GuardSpec", "ServeSettings", "create_app", "require"]
 
@@ -27,7 +32,7 @@ def require(module: str) -> Any:
         raise ImportError(f"ohd-guard serving needs {module.split('.')[0]!r}: pip install 'ohd-guard[{extra}]'") from e
 
 
-def create_app(guard: Any, settings: ServeSettings | None = None) -> Any:
+def create_app(guard: OhdGuard, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``guard`` (see :func:`ohd_guard.serve.app.create_app`)."""
     require("fastapi")
     from ohd_guard.serve.app import create_app as _create

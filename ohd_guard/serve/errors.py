@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ohd_guard.errors import GuardViolation, InvalidInputError, OhdGuardError, ScreeningError
+
+if TYPE_CHECKING:
+    from ohd_guard.guard import OhdGuard
+    from ohd_guard.types import Verdict
 
 log = logging.getLogger("ohd_guard.serve")
 
@@ -53,7 +57,7 @@ def from_guard_error(exc: BaseException, verdict_payload: dict[str, Any] | None 
     return APIError(500, "internal_error", "internal error; nothing was generated")
 
 
-async def screen_all(guard: Any, items: list[Any], where: Callable[[int], str]) -> list[Any]:
+async def screen_all(guard: OhdGuard, items: list[Any], where: Callable[[int], str]) -> list[Verdict]:
     """Screen ``items`` concurrently on the guard's worker (micro-batched) and return their verdicts; an
     item the guard could not screen because of the input itself (blank text, an undecodable image) is
     the client's 400 ``invalid_input`` naming ``where(i)``, any other failure a typed 5xx."""

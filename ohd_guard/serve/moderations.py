@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -27,6 +27,10 @@ from ohd_guard.serve.errors import APIError, screen_all
 from ohd_guard.serve.payload import FIELD, guard_payload
 from ohd_guard.serve.schema import check_messages, parse
 from ohd_guard.serve.settings import ServeSettings
+from ohd_guard.types import Verdict
+
+if TYPE_CHECKING:
+    from ohd_guard.guard import OhdGuard
 
 CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
               "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
@@ -77,7 +81,7 @@ def _items(req: ModerationRequest, settings: ServeSettings) -> list[Any]:
     return list(req.input)
 
 
-def moderation_result(verdict: Any) -> dict[str, Any]:
+def moderation_result(verdict: Verdict) -> dict[str, Any]:
     """One ``results`` entry for a verdict (see the module docstring for the category mapping)."""
     flagged = bool(verdict.flagged)
     risk = verdict.risk if verdict.risk is not None else (1.0 if flagged else 0.0)
@@ -88,7 +92,7 @@ def moderation_result(verdict: Any) -> dict[str, Any]:
             FIELD: guard_payload(verdict, refused=flagged, refusal_kind=None)}
 
 
-def add_moderations(app: FastAPI, *, guard: Any, settings: ServeSettings, gate: Any,
+def add_moderations(app: FastAPI, *, guard: OhdGuard, settings: ServeSettings, gate: Any,
                     authorize: Callable[[Request], None], read_json: Callable[[Request], Awaitable[Any]]) -> None:
     """Add the route to ``app``, under the same auth, body limits and request gate as the others."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain_core.callbacks import (
@@ -29,6 +29,16 @@ from langchain_ohd_guard.tools import parse_tool_calls, tool_names, tool_schemas
 from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.tools import template_tool_format, tool_turns, with_system_section
 from ohd_guard.types import response_payload
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ohd_guard.guard import AsyncGuardedStream, GuardedStream, OhdGuard
+    from ohd_guard.types import GuardedResponse, Verdict
+
+    GuardField: TypeAlias = OhdGuard
+else:
+    GuardField = Any  # the guard is held unvalidated, as before; the type checker sees OhdGuard
 
 __all__ = ["ChatOhdGuard"]
 
@@ -149,9 +159,9 @@ class ChatOhdGuard(BaseChatModel):
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra ``model.generate`` arguments for every call (``repetition_penalty``, ...)."""
 
-    _guard: Any = PrivateAttr(default=None)
+    _guard: GuardField | None = PrivateAttr(default=None)
 
-    def __init__(self, *, guard: Any = None, **kwargs: Any):
+    def __init__(self, *, guard: OhdGuard | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self._guard = guard
         if guard is not None and not self.model_name:
@@ -160,7 +170,7 @@ class ChatOhdGuard(BaseChatModel):
 
     # -- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_guard(cls, guard: Any, **kwargs: Any) -> ChatOhdGuard:
+    def from_guard(cls, guard: OhdGuard, **kwargs: Any) -> ChatOhdGuard:
         """Chat with the model an existing :class:`~ohd_guard.guard.OhdGuard` already holds."""
         return cls(guard=guard, **kwargs)
 
@@ -176,7 +186,7 @@ class ChatOhdGuard(BaseChatModel):
         return cls(guard=guard, **kwargs)
 
     @property
-    def guard(self) -> Any:
+    def guard(self) -> OhdGuard:
         """The :class:`~ohd_guard.guard.OhdGuard` screening every call."""
         if self._guard is None:
             from ohd_guard.errors import InvalidInputError
@@ -257,11 +267,11 @@ class ChatOhdGuard(BaseChatModel):
             msgs = with_system_section(msgs, response_instruction(response_format))
         return msgs, gen, stop
 
-    def _metadata(self, verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
+    def _metadata(self, verdict: Verdict, refused: bool, kind: str | None) -> dict[str, Any]:
         return {"model_name": self.model_name, "model_provider": "ohd_guard",
                 "ohd_guard": response_payload(verdict, refused, kind)}
 
-    def _result(self, resp: Any, stop: list[str] | None, tools: list[str] | None = None) -> ChatResult:
+    def _result(self, resp: GuardedResponse, stop: list[str] | None, tools: list[str] | None = None) -> ChatResult:
         text = _cut(resp.text, stop)
         meta = self._metadata(resp.verdict, resp.refused, resp.refusal_kind)
         if tools and not resp.refused:
@@ -394,7 +404,7 @@ class ChatOhdGuard(BaseChatModel):
         finally:
             await chunks.aclose()
 
-    def _final_chunk(self, stream: Any) -> ChatGenerationChunk:
+    def _final_chunk(self, stream: GuardedStream | AsyncGuardedStream) -> ChatGenerationChunk:
         resp, verdict = stream.response, stream.verdict
         refused = resp.refused if resp is not None else bool(verdict and verdict.flagged)
         kind = resp.refusal_kind if resp is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -15,6 +15,18 @@ from pydantic import ConfigDict, Field
 
 from langchain_ohd_guard.convert import to_message_dicts
 from langchain_ohd_guard.events import adispatch_verdict, dispatch_verdict, verdict_payload
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from ohd_guard.guard import OhdGuard
+    from ohd_guard.types import GuardedResponse, Verdict
+
+    GuardField: TypeAlias = OhdGuard
+else:
+    # The pydantic fields below hold the guard unvalidated, as before: the type checker sees OhdGuard,
+    # pydantic sees Any (a runtime OhdGuard annotation would make pydantic resolve the core's classes).
+    GuardField = Any
 
 __all__ = ["GuardedRunnable", "OhdGuardRunnable", "guarded"]
 
@@ -34,22 +46,22 @@ def screen_input(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------- refusals
-def refusal(guard: Any, raw: Any, verdict: Any, max_new_tokens: int) -> Any:
+def refusal(guard: OhdGuard, raw: Any, verdict: Verdict, max_new_tokens: int) -> GuardedResponse:
     """The guard's refusal (anchored, static, or GuardViolation per ``guard.refusal``) for an input
     it has just screened as ``verdict``; ``OhdGuard.refuse`` does not screen it a second time."""
     return guard.refuse(raw, verdict, max_new_tokens=max_new_tokens)
 
 
-async def arefusal(guard: Any, raw: Any, verdict: Any, max_new_tokens: int) -> Any:
+async def arefusal(guard: OhdGuard, raw: Any, verdict: Verdict, max_new_tokens: int) -> GuardedResponse:
     return await guard.arefuse(raw, verdict, max_new_tokens=max_new_tokens)
 
 
-def refusal_metadata(verdict: Any, kind: str | None) -> dict[str, Any]:
+def refusal_metadata(verdict: Verdict, kind: str | None) -> dict[str, Any]:
     """``response_metadata["ohd_guard"]`` of a refusal message."""
     return {"refused": True, "refusal_kind": kind, "verdict": verdict_payload(verdict)}
 
 
-def passed(out: Any, verdict: Any) -> Any:
+def passed(out: Any, verdict: Verdict) -> Any:
     """A safe answer with its verdict in ``response_metadata["ohd_guard"]`` (messages only: a
     ``str`` or other output cannot carry it; the custom event still does)."""
     if not isinstance(out, (AIMessage, AIMessageChunk)):
@@ -72,38 +84,39 @@ class OhdGuardRunnable(RunnableSerializable[Any, Any]):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
-    guard: Any = Field(exclude=True)
+    guard: GuardField = Field(exclude=True)
     """The :class:`~ohd_guard.guard.OhdGuard` that screens."""
 
-    def __init__(self, guard: Any = None, /, **kwargs: Any):
+    def __init__(self, guard: OhdGuard | None = None, /, **kwargs: Any):
         if guard is not None:
             kwargs["guard"] = guard
         super().__init__(**kwargs)
 
     @property
-    def OutputType(self) -> Any:  # noqa: N802 - LangChain's name
-        from ohd_guard.guard import Verdict
+    def OutputType(self) -> type[Verdict]:  # noqa: N802 - LangChain's name
+        from ohd_guard.types import Verdict
 
         return Verdict
 
-    def _screen(self, input: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Any:
+    def _screen(self, input: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig) -> Verdict:
         verdict = self.guard.screen(screen_input(input))
         dispatch_verdict(verdict, run_manager=run_manager)
         return verdict
 
-    async def _ascreen(self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig) -> Any:
+    async def _ascreen(self, input: Any, run_manager: AsyncCallbackManagerForChainRun,
+                       config: RunnableConfig) -> Verdict:
         verdict = await self.guard.ascreen(screen_input(input))
         await adispatch_verdict(verdict, run_manager=run_manager)
         return verdict
 
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Verdict:
         return self._call_with_config(self._screen, input, config, run_type="chain")
 
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Verdict:
         return await self._acall_with_config(self._ascreen, input, config, run_type="chain")
 
     def _screen_many(self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun],
-                     config: list[RunnableConfig]) -> list[Any]:
+                     config: list[RunnableConfig]) -> list[Verdict | Exception]:
         out: list[Any] = [None] * len(inputs)
         raws, idx = [], []
         for i, x in enumerate(inputs):
@@ -147,7 +160,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     bound: Runnable = Field(exclude=True)
     """The chain or chat model that answers safe inputs, unchanged."""
-    guard: Any = Field(exclude=True)
+    guard: GuardField = Field(exclude=True)
     """The :class:`~ohd_guard.guard.OhdGuard` that screens every input first."""
     on_flag: Literal["refuse", "raise"] = "refuse"
     """``"refuse"``: return the guard's refusal in the chain's output type; ``"raise"``: raise
@@ -195,7 +208,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         ot = self.bound.OutputType
         return "str" if ot is str else "message"
 
-    def _refusal_output(self, text: str, verdict: Any, kind: str | None) -> Any:
+    def _refusal_output(self, text: str, verdict: Verdict, kind: str | None) -> Any:
         k = self._kind()
         if callable(k):
             return k(text, verdict)
@@ -203,7 +216,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             return text
         return AIMessage(content=text, response_metadata={"ohd_guard": refusal_metadata(verdict, kind)})
 
-    def _chunk(self, text: str, verdict: Any, kind: str | None, last: bool) -> Any:
+    def _chunk(self, text: str, verdict: Verdict, kind: str | None, last: bool) -> Any:
         k = self._kind()
         if callable(k):
             return k(text, verdict)
@@ -212,7 +225,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         meta = {"ohd_guard": refusal_metadata(verdict, kind)} if last else {}
         return AIMessageChunk(content=text, response_metadata=meta, chunk_position="last" if last else None)
 
-    def _violation(self, verdict: Any) -> Exception:
+    def _violation(self, verdict: Verdict) -> Exception:
         from ohd_guard.errors import GuardViolation
 
         return GuardViolation(verdict)
@@ -333,7 +346,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             yield chunk
 
 
-def guarded(chain_or_chat_model: Runnable, guard: Any, on_flag: Literal["refuse", "raise"] = "refuse",
+def guarded(chain_or_chat_model: Runnable, guard: OhdGuard, on_flag: Literal["refuse", "raise"] = "refuse",
             **options: Any) -> GuardedRunnable:
     """Put ``guard`` in front of an existing chain or chat model.
 

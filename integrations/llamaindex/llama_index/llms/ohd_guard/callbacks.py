@@ -10,13 +10,17 @@ worker thread and answers with a refusal instead of an exception.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.callbacks.base_handler import BaseCallbackHandler
 from llama_index.core.callbacks.schema import CBEventType, EventPayload
 
 from llama_index.llms.ohd_guard.convert import to_message_dicts
 from llama_index.llms.ohd_guard.events import dispatch_verdict
+
+if TYPE_CHECKING:
+    from ohd_guard.guard import OhdGuard
+    from ohd_guard.types import Verdict
 
 __all__ = ["OhdGuardCallbackHandler"]
 
@@ -31,11 +35,11 @@ class OhdGuardCallbackHandler(BaseCallbackHandler):
     an engine's ``callback_manager``. ``verdicts`` keeps the latest verdict per event id (bounded).
     """
 
-    def __init__(self, guard: Any, max_kept: int = 256):
+    def __init__(self, guard: OhdGuard, max_kept: int = 256):
         super().__init__(event_starts_to_ignore=[], event_ends_to_ignore=[])
         self.guard = guard
         self.max_kept = max_kept
-        self.verdicts: dict[str, Any] = {}
+        self.verdicts: dict[str, Verdict] = {}
 
     def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
                        parent_id: str = "", **kwargs: Any) -> str:
