@@ -123,6 +123,38 @@ def test_model_outputs_carry_a_cache_with_layers_that_crop_and_select_rows(llama
     assert hf.output_cache(hf.causal_lm_output(out.logits, cache)) is cache
 
 
+def test_cache_tensors_round_trip_through_a_fresh_cache_that_a_forward_extends(llama):
+    """The decode batch reads a cache's keys/values, pads and merges them, and builds a new cache."""
+    model, tok = llama
+    inputs = _inputs(model, tok)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    cache = hf.output_cache(out)
+    kv = hf.cache_tensors(cache)
+    assert hf.plain_cache(cache), hf.moved("DynamicLayer", "a Llama cache is not made of plain DynamicLayers")
+    assert len(kv) == len(cache.layers) and kv[0][0].shape[:3] == (2, model.config.num_key_value_heads,
+                                                                   inputs["input_ids"].shape[1])  # fmt: skip
+    rebuilt = hf.cache_from_tensors(model, [(k.clone(), v.clone()) for k, v in kv])
+    T = inputs["input_ids"].shape[1]
+    nxt = torch.tensor([[5], [6]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    pos = torch.full((2, 1), T)
+    with torch.no_grad():
+        a = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                  **{hf.model_cache_keyword(model): cache}).logits
+        b = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True,
+                  **{hf.model_cache_keyword(model): rebuilt}).logits
+    assert torch.allclose(a, b, atol=1e-5) and rebuilt.get_seq_length() == T + 1, hf.moved(
+        "Cache.update / CacheLayer.keys", "a cache rebuilt from its tensors does not continue like the original")
+
+
+def test_sliding_window_caches_are_not_plain():
+    model, tok = tiny_model("gemma3_text")
+    with torch.no_grad():
+        out = model(**_inputs(model, tok, ["hello there"]), use_cache=True)
+    assert not hf.plain_cache(hf.output_cache(out))
+
+
 @pytest.mark.parametrize("arch", TEXT_ARCHS)
 def test_forward_continues_from_a_cache_passed_under_the_model_keyword(arch):
     model, tok = tiny_model(arch)
