@@ -219,9 +219,10 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         messages = check_messages(req.messages, settings)
         schemas, choice = tool_setup(req)
         messages = with_tools(messages, schemas, choice)  # screened with the tool definitions in them
+        names = [s["function"]["name"] for s in schemas]  # only these are parsed as calls
         gen = generation_for(req, settings, sampling)
         if req.stream:
-            return await _stream(request, req, messages, gen, tools=bool(schemas))
+            return await _stream(request, req, messages, gen, tools=names)
         kwargs, counter = gen.guard_kwargs(tokenizer)
         poll = settings.disconnect_poll_s
         with requests.slot():
@@ -229,13 +230,13 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                 r = await _until_disconnect(request, guard.agenerate(messages, **kwargs), poll)
                 reviewed = None
                 if output is not None and not r.refused and not is_bad_input(r.verdict):
-                    message = _answer(_text(r, gen)[0], False, bool(schemas))[0]
+                    message = _answer(_text(r, gen)[0], False, names)[0]
                     reviewed = await _until_disconnect(request, output.review(messages, message, gen.max_tokens), poll)
             except _ClientGone:
                 return JSONResponse({}, status_code=499)
             except Exception as e:
                 raise from_guard_error(e) from e
-        return _completion(r, gen, counter, tools=bool(schemas), reviewed=reviewed)
+        return _completion(r, gen, counter, tools=names, reviewed=reviewed)
 
     # --------------------------------------------------------------------------------- answers
     def _meta() -> dict[str, Any]:
@@ -245,11 +246,12 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         return APIError(400, "invalid_input", f"the input cannot be screened: {verdict.error}", param="messages",
                         extra={FIELD: guard_payload(verdict, refused=True, refusal_kind=None)})
 
-    def _answer(text: str, refused: bool, tools: bool) -> tuple[dict[str, Any], bool]:
-        """The assistant message of an answer, and whether it calls tools (``<tool_call>`` parsed)."""
+    def _answer(text: str, refused: bool, tools: list[str] | None) -> tuple[dict[str, Any], bool]:
+        """The assistant message of an answer, and whether it calls tools: calls to the request's
+        ``tools`` (their names) are parsed in every form the core reads; JSON naming another is text."""
         if not tools or refused:
             return {"role": "assistant", "content": text}, False
-        content, calls, invalid = parse_tool_calls(text)
+        content, calls, invalid = parse_tool_calls(text, tools)
         if not calls:
             return {"role": "assistant", "content": text}, False
         if invalid:
@@ -262,7 +264,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         """The answer's text as sent (cut before a stop sequence) and whether a stop sequence ended it."""
         return (r.text, False) if r.refused else cut_at_stops(r.text, gen.stops)
 
-    def _completion(r: Any, gen: Generation, counter: TokenCounter, tools: bool = False,
+    def _completion(r: Any, gen: Generation, counter: TokenCounter, tools: list[str] | None = None,
                     reviewed: Reviewed | None = None) -> JSONResponse:
         v = r.verdict
         if is_bad_input(v):
@@ -282,7 +284,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         return JSONResponse(body, headers={**guard_headers(v, refused=refused), **(reviewed.headers() if reviewed else {})})
 
     async def _stream(request: Request, req: ChatCompletionRequest, messages: list[Any], gen: Generation,
-                      tools: bool = False) -> Any:
+                      tools: list[str] | None = None) -> Any:
         requests.acquire()
         try:
             streams.acquire()
@@ -321,7 +323,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             return None
 
     async def _events(stream: Any, first: str | None, v: Any, gen: Generation, counter: TokenCounter,
-                      include_usage: bool, tools: bool = False, messages: Any = None) -> AsyncIterator[str]:
+                      include_usage: bool, tools: list[str] | None = None, messages: Any = None) -> AsyncIterator[str]:
         meta, refused = _meta(), bool(v.flagged)
         chunk = lambda delta, finish=None: {**meta, "object": "chat.completion.chunk",  # noqa: E731
                                             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}

@@ -12,10 +12,12 @@ Use from Python::
     from ohd_guard.serve.ray_app import guard_app, run
     run(guard_app(GuardSpec(), ServeSettings(), num_replicas=2), port=8000)
 
-or with Ray's own CLI: ``serve run ohd_guard.serve.ray_app:app_builder replicas=2``.
+or with Ray's own CLI: ``serve run ohd_guard.serve.ray_app:app_builder replicas=2`` (typed, strict
+arguments: :class:`~ohd_guard.serve.ray_args.AppArgs`).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: Ray reads app_builder's parameter annotation as a
+# class (``inspect.signature``) to validate its arguments, and a string annotation would skip that.
 
 import asyncio
 import logging
@@ -23,6 +25,7 @@ import time
 from typing import Any
 
 from ohd_guard.serve import require
+from ohd_guard.serve.ray_args import AppArgs
 from ohd_guard.serve.settings import GuardSpec, ServeSettings
 
 serve = require("ray.serve")
@@ -77,19 +80,16 @@ def guard_app(spec: GuardSpec, settings: ServeSettings, *, num_replicas: int = 1
     return serve.deployment(GuardReplica, **options).bind(spec.model_dump(), settings.model_dump())
 
 
-def app_builder(args: dict[str, str]) -> Any:
-    """For ``serve run ohd_guard.serve.ray_app:app_builder key=value ...``: the keys of
-    :class:`GuardSpec` and :class:`ServeSettings`, plus ``replicas``, ``min_replicas``/``max_replicas``
-    and ``num_gpus``."""
-    args = dict(args)
-    replicas = int(args.pop("replicas", 1))
-    lo, hi = args.pop("min_replicas", None), args.pop("max_replicas", None)
-    gpus = float(args.pop("num_gpus", 0))
-    spec = GuardSpec.model_validate({k: v for k, v in args.items() if k in GuardSpec.model_fields})
-    settings = ServeSettings.model_validate({k: v for k, v in args.items() if k in ServeSettings.model_fields})
-    auto = {"min_replicas": int(lo or 1), "max_replicas": int(hi or lo or 1)} if (lo or hi) else None
-    actor = {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
-    return guard_app(spec, settings, num_replicas=replicas, autoscaling=auto, ray_actor_options=actor)
+def app_builder(args: AppArgs) -> Any:
+    """For ``serve run ohd_guard.serve.ray_app:app_builder key=value ...``: Ray validates the
+    ``key=value`` pairs against :class:`~ohd_guard.serve.ray_args.AppArgs` (the keys of
+    :class:`GuardSpec` and :class:`ServeSettings`, plus ``replicas``, ``min_replicas``/``max_replicas``,
+    ``num_gpus``, ``num_cpus``; a wrong key or value is an error naming it). A plain dict is
+    validated the same way when called from Python."""
+    if not isinstance(args, AppArgs):
+        args = AppArgs.model_validate(args)
+    return guard_app(args.spec(), args.settings(), num_replicas=args.replicas, autoscaling=args.autoscaling(),
+                     ray_actor_options=args.actor_options())
 
 
 def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, blocking: bool = False) -> Any:

@@ -2,7 +2,8 @@
 guarded model is the planted tiny Llama (its head fires on "zorblax") with its answers scripted
 (:class:`ohd_guard.testing.scripted.Scripted`, the real model decoding): a clean question whose
 answer carries the trigger can only be caught by reading the answer. A flagged answer is never
-sent, whole or streamed: the refusal is."""
+sent, whole or streamed: the refusal is. (:class:`~ohd_guard.testing.scripted_guard.ScriptedGuard`
+scripts only the answer; screening, checking and refusing are the guard's own.)"""
 
 from __future__ import annotations
 
@@ -17,33 +18,17 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from ohd_guard.guard import OhdGuard  # noqa: E402
 from ohd_guard.serve.app import create_app  # noqa: E402
 from ohd_guard.serve.server import ServerThread  # noqa: E402
 from ohd_guard.serve.settings import ServeSettings  # noqa: E402
-from ohd_guard.testing.fixtures import planted_text_calibrated  # noqa: E402
-from ohd_guard.testing.scripted import Scripted  # noqa: E402
+from ohd_guard.testing.scripted_guard import ScriptedGuard, scripted_planted_guard  # noqa: E402
 
 BAD, GOOD = "the zorblax is here", "the cats are here"
 ASK = [{"role": "user", "content": "tell me about cats"}]
 
 
-class ScriptedGuard(OhdGuard):
-    """The guard whose model writes ``self.says`` (its decoding scripted; screening, checking and
-    refusing untouched): a tiny random model cannot choose to write the trigger by itself."""
-
-    says = GOOD
-
-    def agenerate(self, conversation: Any, max_new_tokens: int = 256, **kw: Any) -> Any:
-        return super().agenerate(conversation, max_new_tokens, logits_processor=[Scripted(self.tokenizer, self.says)], **kw)
-
-    def astream(self, conversation: Any, max_new_tokens: int = 256, **kw: Any) -> Any:
-        return super().astream(conversation, max_new_tokens, logits_processor=[Scripted(self.tokenizer, self.says)], **kw)
-
-
 def _guard(**options: Any) -> ScriptedGuard:
-    model, tok, profile = planted_text_calibrated()
-    return ScriptedGuard(model, tok, profile, **options)
+    return scripted_planted_guard(**options)
 
 
 @pytest.fixture(scope="module")
