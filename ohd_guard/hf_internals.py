@@ -26,7 +26,7 @@ from torch import nn
 from ohd_guard.errors import InternalChanged
 
 TRANSFORMERS_VERSION: str = transformers.__version__
-TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
+TESTED_TRANSFORMERS = ("5.23.0", "5.25.0")
 """The oldest and newest transformers releases the whole suite ran on."""
 
 # transformers <= 5.23 calls it ``past_key_values`` everywhere; 5.24 renamed it ``cache`` (decoder
