@@ -356,6 +356,9 @@ class ConversationScreener:
             raise InvalidInputError(f"scope must be 'conversation' or 'latest', not {scope!r}")
         self.scope: Scope = scope
         """Which reads decide (:data:`~ohd_guard.types.Scope`); every user/tool message is scored either way."""
+        from ohd_guard.turns import PrefixIds
+
+        self.prefix_ids = PrefixIds()
 
         self.model, self.processor = model, processor
         # None only for the fitting reader (it reads features and never scores, so never reaches self.detector).

@@ -7,8 +7,9 @@ the message (``add_generation_prompt=True``); causal attention makes the states 
 scoring the prefix alone. So reading the same features at that extra position of the one prefill
 scores the message as it was when it was the latest, at the cost of a few copies (no extra forward).
 
-The prefix property is checked per conversation by tokenising each prefix (a CPU render per assistant
-turn); where it fails (a template that rewrites earlier turns, e.g. one that strips reasoning or counts
+The prefix property is checked per conversation against each prefix's own rendering (rendered
+together for a batch, and remembered by digest: a thread's earlier prefixes were screened whole on its
+earlier turns, so there the check is a comparison of token ids); where it fails (a template that rewrites earlier turns, e.g. one that strips reasoning or counts
 messages) that prefix is scored in a prefill of its own, batched. A masked detector (One-head Defense,
 fused) measures its angle by a masked branch at the last position, so its prefixes always take their
 own prefill. Consecutive user/tool messages share the read after the last of them; messages after the
@@ -17,16 +18,20 @@ last assistant turn are scored by the conversation's final read.
 
 from __future__ import annotations
 
+import hashlib
+import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from ohd_guard.conversation import Conversation
+from ohd_guard.conversation import Conversation, TextPart
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.types import MessageScore, Scope
 
-__all__ = ["Group", "TurnPlan", "attach", "decide", "message_scores", "plan_turns", "prepare", "read_positions"]
+__all__ = ["Group", "PrefixIds", "TurnPlan", "attach", "decide", "message_scores", "plan_turns", "prepare", "read_positions"]
 
 
 @dataclass
@@ -75,23 +80,93 @@ def _groups(conv: Conversation) -> list[tuple[tuple[int, ...], int | None]]:
     return out
 
 
-def plan_turns(processor: Any, conv: Conversation, row_ids: Sequence[int], shared: bool = True) -> TurnPlan:
-    """Where each user/tool message of ``conv`` is read. ``row_ids``: the conversation's own rendered
-    tokens (no padding); ``shared=False`` sends every earlier prefix to its own prefill (masked detectors)."""
-    groups = []
-    ids = list(row_ids)
-    for msgs, end in _groups(conv):
-        if end is None:
-            groups.append(Group(msgs, final=True))
-            continue
-        prefix = Conversation(messages=list(conv.messages[:end]))
-        if shared:
-            own = encode_conversations(processor, [prefix])["input_ids"][0].tolist()
-            if len(own) < len(ids) and ids[: len(own)] == own:
-                groups.append(Group(msgs, pos=len(own) - 1))
+def _prefix_digests(conv: Conversation, ends: Sequence[int]) -> dict[int, str]:
+    """:meth:`Conversation.digest` of ``conv.messages[:j]`` for every ``j`` in ``ends``, in one pass (the
+    same length-prefixed byte stream, so a prefix's key is the digest it had when it was screened whole)."""
+    h = hashlib.sha256(b"ohd-guard/conversation/v1")
+    want, out = set(ends), {}
+
+    def put(tag: bytes, data: bytes) -> None:
+        h.update(tag + struct.pack(">Q", len(data)) + data)
+
+    for j, m in enumerate(conv.messages, start=1):
+        put(b"M", m.role.encode())
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                put(b"T", p.text.encode("utf-8", "surrogatepass"))
+            else:
+                put(b"I", f"{p.image.mode}:{p.image.width}x{p.image.height}".encode())
+                put(b"P", p.image.tobytes())
+        if j in want:
+            out[j] = h.hexdigest()
+    return out
+
+
+class PrefixIds:
+    """Rendered ids (generation prompt included) of recently screened conversations and prefixes, by
+    digest, least recently used dropped first. An agent thread's earlier prefixes were screened whole on
+    its earlier turns, so checking the prefix property there costs no rendering or tokenising."""
+
+    def __init__(self, size: int = 512):
+        self.size = size
+        self._ids: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def get(self, key: str) -> np.ndarray | None:
+        ids = self._ids.get(key)
+        if ids is not None:
+            self._ids.move_to_end(key)
+        return ids
+
+    def put(self, key: str, ids: np.ndarray) -> None:
+        self._ids[key] = np.asarray(ids, dtype=np.int32)  # a 512-entry cache of 8k-token threads: 16 MB
+        self._ids.move_to_end(key)
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+
+def _rows(inputs: dict[str, Any]) -> list[np.ndarray]:
+    """Each row's own token ids (left padding dropped)."""
+    ids = inputs["input_ids"].cpu().numpy()
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return list(ids)
+    real = mask.cpu().numpy().astype(bool)
+    return [row[m] for row, m in zip(ids, real)]
+
+
+def plan_turns(processor: Any, convs: Sequence[Conversation], rows: Sequence[np.ndarray], shared: bool = True,
+               cache: PrefixIds | None = None) -> list[TurnPlan]:
+    """Where each user/tool message of each conversation is read. ``rows``: the conversations' own
+    rendered tokens (no padding); ``shared=False`` sends every earlier prefix to its own prefill (masked
+    detectors). Prefixes not in ``cache`` are rendered together in one call."""
+    cache = cache if cache is not None else PrefixIds()
+    layout = [_groups(c) for c in convs]
+    keys = []
+    for c, row, groups in zip(convs, rows, layout):
+        ends = [end for _, end in groups if end is not None]
+        keys.append(_prefix_digests(c, [*ends, len(c.messages)]))
+        cache.put(keys[-1][len(c.messages)], row)  # the next turn's earlier prefix
+    if shared:
+        missing = {keys[b][end]: Conversation(messages=list(c.messages[:end]))
+                   for b, (c, groups) in enumerate(zip(convs, layout)) for _, end in groups
+                   if end is not None and cache.get(keys[b][end]) is None}
+        if missing:
+            for key, ids in zip(missing, _rows(encode_conversations(processor, list(missing.values())))):
+                cache.put(key, ids)
+    plans = []
+    for b, (c, row, groups) in enumerate(zip(convs, rows, layout)):
+        out = []
+        for msgs, end in groups:
+            if end is None:
+                out.append(Group(msgs, final=True))
                 continue
-        groups.append(Group(msgs, prefix=prefix))
-    return TurnPlan(groups)
+            own = cache.get(keys[b][end]) if shared else None
+            if own is not None and len(own) < len(row) and np.array_equal(row[: len(own)], own):
+                out.append(Group(msgs, pos=len(own) - 1))
+            else:
+                out.append(Group(msgs, prefix=Conversation(messages=list(c.messages[:end]))))
+        plans.append(TurnPlan(out))
+    return plans
 
 
 def read_positions(plans: Sequence[TurnPlan], attention_mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
@@ -133,11 +208,8 @@ def prepare(stage: Any, convs: Sequence[Conversation], inputs: dict[str, Any]
     the scores of the prefixes that need their own prefill (run here, before the screening prefill,
     whose model state generation continues from; None each under ``scope="latest"``, where they cannot
     change the verdict) and the extra columns to read in the screening prefill."""
-    mask = inputs.get("attention_mask")
-    real = mask.cpu().bool() if mask is not None else None  # left padding excluded
     shared = stage.reads.masked is None  # a masked branch is measured at the last position only
-    plans = [plan_turns(stage.processor, c, ids[real[b]] if real is not None else ids, shared)
-             for b, (c, ids) in enumerate(zip(convs, inputs["input_ids"].cpu()))]
+    plans = plan_turns(stage.processor, convs, _rows(inputs), shared, stage.prefix_ids)
     prefixes = [g.prefix for p in plans for g in p.own]
     own: list[float | None] = [None] * len(prefixes)
     if stage.scope == "conversation" and prefixes:
@@ -146,7 +218,7 @@ def prepare(stage: Any, convs: Sequence[Conversation], inputs: dict[str, Any]
             part = prefixes[k : k + stage.max_batch_size]
             got, _, _ = stage.prefill(part, stage.reads, keep_cache=False)
             own += stage.finite(stage.detector.score_reads(got)[0], len(part), stage.detector.kind).tolist()
-    return plans, own, read_positions(plans, mask, inputs["input_ids"].shape[1])
+    return plans, own, read_positions(plans, inputs.get("attention_mask"), inputs["input_ids"].shape[1])
 
 
 def attach(stage: Any, convs: Sequence[Conversation], plans: Sequence[TurnPlan], own: Sequence[float | None],

@@ -154,3 +154,12 @@ def test_scope_is_checked_and_old_verdicts_still_load(sahs):
     old = {"flagged": False, "detector": "sahs", "score": -1.0, "threshold": 0.0, "risk": 0.1, "latency_ms": 1.0,
            "reason": "passed"}
     assert Verdict.model_validate(old).messages == []
+
+
+def test_prefix_keys_are_the_digests_the_prefixes_had_when_screened_whole():
+    from ohd_guard.conversation import to_conversation
+    from ohd_guard.turns import _prefix_digests
+
+    conv = to_conversation(THREADS[2])
+    keys = _prefix_digests(conv, range(1, len(conv.messages) + 1))
+    assert keys == {j: to_conversation(THREADS[2][:j]).digest() for j in range(1, len(conv.messages) + 1)}
