@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ohd_guard.errors import InvalidInputError, ProfileMismatchError
-from ohd_guard.evaluation import EvalReport, evaluate
+from ohd_guard.evaluation import EvalReport, evaluate, round_robin
 from ohd_guard.shipped import DEFAULT_DETECTOR, shipped_profiles
 
 __all__ = ["EVAL_DETECTORS", "EvalPlan", "EvalSets", "build_detectors", "default_detectors", "load_sets"]
@@ -45,16 +45,6 @@ def _threshold(det: Any) -> str:
 
 
 # -------------------------------------------------------------------------------------------- sets
-def round_robin(sets: Sequence[Sequence[Any]], n: int) -> list[Any]:
-    """At most ``n`` items taken in turn from each of ``sets`` (deterministic)."""
-    out: list[Any] = []
-    i = 0
-    while len(out) < n and any(i < len(s) for s in sets):
-        out += [s[i] for s in sets if i < len(s)][: n - len(out)]
-        i += 1
-    return out
-
-
 @dataclass
 class EvalSets:
     """The labelled sets of a run (by report name), its attacks and the contexts they were placed in."""

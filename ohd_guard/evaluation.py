@@ -287,15 +287,19 @@ def _latency(detectors: Sequence[Detector], convs: list[Any], progress: bool) ->
     return out
 
 
-def _latency_prompts(datasets: Mapping[str, Sequence[Any]], n: int) -> list[Any]:
-    """``n`` text-only items taken round-robin over the sets (deterministic)."""
-    pools = [[x for x in items if getattr(x, "image", None) is None] for items in datasets.values()]
+def round_robin(pools: Sequence[Sequence[Any]], n: int) -> list[Any]:
+    """At most ``n`` items taken in turn from each of ``pools`` (deterministic)."""
     out: list[Any] = []
     i = 0
     while len(out) < n and any(i < len(p) for p in pools):
         out += [p[i] for p in pools if i < len(p)][: n - len(out)]
         i += 1
     return out
+
+
+def _latency_prompts(datasets: Mapping[str, Sequence[Any]], n: int) -> list[Any]:
+    """``n`` text-only items taken round-robin over the sets."""
+    return round_robin([[x for x in items if getattr(x, "image", None) is None] for items in datasets.values()], n)
 
 
 def evaluate(
