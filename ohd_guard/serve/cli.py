@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--refusal", choices=["anchored", "static", "raise"], default="anchored",
                    help="flagged requests: anchored/static refusal (HTTP 200, finish_reason content_filter) or raise (HTTP 403)")
     g.add_argument("--on-error", choices=["refuse", "raise", "allow"], default="refuse")
+    g.add_argument("--scope", choices=["conversation", "latest"], default="conversation",
+                   help="conversation (default): an earlier user/tool message read over the threshold still flags; "
+                        "latest: only the final read decides, so a thread recovers (docs/guard.md)")
     g.add_argument("--allow-edited", action="store_true", help="accept a profile edited after calibration")
     h = s.add_argument_group("HTTP")
     h.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 to expose it)")
@@ -70,7 +73,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
 
 def _spec(args: argparse.Namespace) -> GuardSpec:
     return GuardSpec(model=args.model, profile=args.profile, factory=args.factory, refusal=args.refusal,
-                     on_error=args.on_error, device=args.device, dtype=args.dtype, allow_edited=args.allow_edited,
+                     on_error=args.on_error, scope=args.scope, device=args.device, dtype=args.dtype, allow_edited=args.allow_edited,
                      max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                      max_decode_batch=args.max_decode_batch)
 

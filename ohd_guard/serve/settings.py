@@ -102,6 +102,8 @@ class GuardSpec(BaseModel):
     factory: str | None = None
     refusal: Literal["anchored", "static", "raise"] = "anchored"
     on_error: Literal["refuse", "raise", "allow"] = "refuse"
+    scope: Literal["conversation", "latest"] = "conversation"
+    """``OhdGuard(scope=...)``: whether an earlier flagged user/tool message still flags (docs/guard.md)."""
     device: str = "auto"
     dtype: str = "auto"
     allow_edited: bool = False
@@ -121,7 +123,8 @@ class GuardSpec(BaseModel):
         settings = settings or ServeSettings()
         limits = ConversationLimits(max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
                                     max_total_pixels=max(settings.max_image_pixels, 2 * 4096 * 4096))
-        opts = dict(refusal=self.refusal, on_error=self.on_error, limits=limits, max_batch_size=self.max_batch_size,
+        opts = dict(refusal=self.refusal, on_error=self.on_error, scope=self.scope, limits=limits,
+                    max_batch_size=self.max_batch_size,
                     max_wait_ms=self.max_wait_ms, max_decode_batch=self.max_decode_batch, allow_local_files=False)
         if self.factory:
             mod, _, attr = self.factory.partition(":")

@@ -163,3 +163,17 @@ def test_prefix_keys_are_the_digests_the_prefixes_had_when_screened_whole():
     conv = to_conversation(THREADS[2])
     keys = _prefix_digests(conv, range(1, len(conv.messages) + 1))
     assert keys == {j: to_conversation(THREADS[2][:j]).digest() for j in range(1, len(conv.messages) + 1)}
+
+
+def test_the_server_passes_scope_to_its_guard():
+    import argparse
+
+    from ohd_guard.serve.cli import _spec, add_parser
+
+    cli = argparse.ArgumentParser()
+    add_parser(cli.add_subparsers())
+    args = cli.parse_args(["serve", "--factory", "ohd_guard.serve.demo:planted_guard", "--scope", "latest"])
+    guard = _spec(args).build()
+    v = guard.screen([user("what zorblax is rain"), bot("I cannot help with that."), user("what is snow")])
+    assert guard.screening_stage.scope == "latest" and [m.source for m in v.messages] == ["skipped", "final"]
+    assert _spec(cli.parse_args(["serve"])).scope == "conversation"
