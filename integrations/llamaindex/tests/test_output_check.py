@@ -141,3 +141,31 @@ def test_a_flagged_tool_call_is_not_returned(guard):
     llm = local(guard, call, max_new_tokens=60)
     resp = llm.chat_with_tools([FunctionTool.from_defaults(search)], user_msg="search cats")
     assert resp.additional_kwargs["ohd_guard"]["refused"] and llm.get_tool_calls_from_response(resp, False) == []
+
+
+def test_a_flagged_call_of_the_wrapped_llm_is_not_returned_nor_run(guard):
+    """GuardedLLM(check_output=True) reads the wrapped LLM's tool call too: a call whose arguments carry
+    the trigger is replaced by the refusal, so a FunctionAgent never runs it."""
+    from llama_index.core.agent.workflow import FunctionAgent
+    from llama_index.core.base.llms.types import ToolCallBlock
+    from llama_index.core.tools import FunctionTool
+
+    ran: list = []
+
+    def search(q: str) -> str:
+        """Search the web."""
+        ran.append(q)
+        return "ok"
+
+    def gen(messages, **kw):
+        return ChatMessage(role="assistant", blocks=[ToolCallBlock(tool_call_id="c1", tool_name="search",
+                                                                   tool_kwargs={"q": "zorblax"})])
+
+    llm = GuardedLLM(MockFunctionCallingLLM(response_generator=gen, is_chat_model=True), guard, check_output=True,
+                     refusal_max_new_tokens=4)
+
+    async def run():
+        return await FunctionAgent(tools=[FunctionTool.from_defaults(search)], llm=llm).run("search cats")
+
+    out = asyncio.run(run())
+    assert ran == [] and out.tool_calls == [] and out.response.content.startswith("I cannot")
