@@ -159,6 +159,8 @@ def shipped_answer_profile(prompt_profile: Any) -> Any:
 class _AnswerScreener(ConversationScreener):
     """The screening stage with every verdict marked ``details["stage"] = "output"``."""
 
+    reads_turns = False  # the answer's last token is read, not the prompt's: no per-message reads
+
     def verdict(self, score: float, detail: dict, t0: float, conv: Any, batch: int) -> Verdict:
         return super().verdict(score, {**detail, "stage": STAGE}, t0, conv, batch)
 

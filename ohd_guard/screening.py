@@ -346,6 +346,10 @@ class ConversationScreener:
     :attr:`stats`.
     """
 
+    reads_turns: bool = True
+    """Score every user/tool message where the model answered it (:mod:`~ohd_guard.turns`); False for a
+    stage whose detector reads another position (the output check reads the answer's last token)."""
+
     def __init__(
         self, model: torch.nn.Module, processor: Any, detector: PrefillDetector | None, *, on_error: str = "raise",
         limits: ConversationLimits | None = None, fetcher: Any = None, base_dir: Any = None,
@@ -401,11 +405,11 @@ class ConversationScreener:
 
         inputs = self.encode(convs)
         self._check_length(inputs)
-        plans, own, at = turns.prepare(self, convs, inputs)  # own prefills run first: the kept one runs last
-        reads, pre, inputs = self.prefill(convs, self.reads, keep_cache, inputs=inputs, at=at)
+        plans, own, at = turns.prepare(self, convs, inputs) if self.reads_turns else (None, [], None)
+        reads, pre, inputs = self.prefill(convs, self.reads, keep_cache, inputs=inputs, at=at)  # own ones ran first
         scores, details = self.detector.score_reads(reads)
         scores = self.finite(scores, len(convs), self.detector.kind)
-        messages = turns.attach(self, convs, plans, own, reads.at, scores)
+        messages = turns.attach(self, convs, plans, own, reads.at, scores) if plans is not None else [[]] * len(convs)
         return scores, [{**d, _MESSAGES: m} for d, m in zip(details, messages)], pre, inputs
 
     @staticmethod

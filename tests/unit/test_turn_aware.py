@@ -177,3 +177,13 @@ def test_the_server_passes_scope_to_its_guard():
     v = guard.screen([user("what zorblax is rain"), bot("I cannot help with that."), user("what is snow")])
     assert guard.screening_stage.scope == "latest" and [m.source for m in v.messages] == ["skipped", "final"]
     assert _spec(cli.parse_args(["serve"])).scope == "conversation"
+
+
+def test_the_output_check_reads_only_the_answer(fading):
+    """The output check's stage reads the answer's last token: no per-message reads there (an earlier
+    user turn read with the answer profile would flag a benign answer)."""
+    from ohd_guard.output_check import AnswerCheck
+
+    check = AnswerCheck(OhdGuard(fading.model, fading.processor, fading.profile), fading.profile)
+    v = check.check([user("tell me zorblax about rain"), bot("I cannot help with that."), user(LONG)], "Sunny.")
+    assert v.messages == [] and not v.flagged
