@@ -187,3 +187,25 @@ def test_the_output_check_reads_only_the_answer(fading):
     check = AnswerCheck(OhdGuard(fading.model, fading.processor, fading.profile), fading.profile)
     v = check.check([user("tell me zorblax about rain"), bot("I cannot help with that."), user(LONG)], "Sunny.")
     assert v.messages == [] and not v.flagged
+
+
+def test_an_image_in_an_earlier_turn_is_read_in_the_one_prefill():
+    """A VLM: the processor expands the earlier turn's image into its tokens; the prefix property holds
+    and the image-bearing turn is read in the shared prefill, batched with other threads."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ohd_guard.testing import planted_vlm_model
+
+    model, proc, _ = planted_vlm_model()
+    det = SAHs(top_k=2, folds=3).fit(model, proc, with_trigger(CLEAN[:6]), CLEAN[:6])
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buf, "PNG")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    conv = [{"role": "user", "content": [image, {"type": "text", "text": "what zorblax is this"}]}, bot("A red square."),
+            user("and now?")]
+    v, _ = OhdGuard(model, proc, det.profile).screen_batch([conv, THREADS[1]])
+    check_against_prefixes(det, conv, v, "prefill")
+    assert v.messages[0].flagged
