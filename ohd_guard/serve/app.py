@@ -37,7 +37,7 @@ from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_
 from ohd_guard.serve.schema import (
     ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
 )
-from ohd_guard.tools import parse_tool_calls, with_tools
+from ohd_guard.tools import parse_tool_calls, tool_turns, with_tools
 from ohd_guard.serve.settings import ServeSettings
 
 log = logging.getLogger("ohd_guard.serve")
@@ -156,6 +156,7 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     sampling = sampling_defaults(getattr(getattr(guard, "model", None), "generation_config", None))
     max_model_len = _max_model_len(guard)
     output = OutputGate(guard, settings.answer_profile) if settings.check_output else None
+    template = getattr(guard.processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
@@ -218,7 +219,9 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         check_supported(req)
         messages = check_messages(req.messages, settings)
         schemas, choice = tool_setup(req)
-        messages = with_tools(messages, schemas, choice)  # screened with the tool definitions in them
+        # earlier calls and tool results in the chat template's own tool format where the core reproduces
+        # it (Qwen2.5's); the tool definitions in the system message: screened with the conversation
+        messages = with_tools(tool_turns(messages, template), schemas, choice)
         names = [s["function"]["name"] for s in schemas]  # only these are parsed as calls
         gen = generation_for(req, settings, sampling)
         if req.stream:

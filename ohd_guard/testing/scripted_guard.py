@@ -15,15 +15,21 @@ __all__ = ["ScriptedGuard", "scripted_planted_guard"]
 
 
 class ScriptedGuard(OhdGuard):
-    """An :class:`OhdGuard` whose model writes ``self.says`` on every answer (set it per request)."""
+    """An :class:`OhdGuard` whose model writes ``self.says`` on every answer (set it per request);
+    ``self.last`` is the last answer's :class:`Scripted` (its ``prompts``: what the model answered from)."""
 
     says = "the cats are here"
+    last: Scripted | None = None
+
+    def _script(self) -> list[Scripted]:
+        self.last = Scripted(self.tokenizer, self.says)
+        return [self.last]
 
     def agenerate(self, conversation: Any, max_new_tokens: int = 256, **kw: Any) -> Any:
-        return super().agenerate(conversation, max_new_tokens, logits_processor=[Scripted(self.tokenizer, self.says)], **kw)
+        return super().agenerate(conversation, max_new_tokens, logits_processor=self._script(), **kw)
 
     def astream(self, conversation: Any, max_new_tokens: int = 256, **kw: Any) -> Any:
-        return super().astream(conversation, max_new_tokens, logits_processor=[Scripted(self.tokenizer, self.says)], **kw)
+        return super().astream(conversation, max_new_tokens, logits_processor=self._script(), **kw)
 
 
 def scripted_planted_guard(**options: Any) -> ScriptedGuard:

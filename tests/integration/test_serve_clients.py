@@ -88,3 +88,33 @@ def test_chat_openai_include_response_headers_surfaces_the_verdict(server, guard
     assert refused_msg.response_metadata["headers"]["x-ohd-guard-refused"] == "true"
     first = next(iter(llm.stream("tell me about zorblax please")))
     assert first.response_metadata["headers"]["x-ohd-guard-flagged"] == "true"
+
+
+def test_earlier_calls_and_results_reach_the_model_in_the_templates_format():
+    """Under Qwen2.5's chat template an assistant's ``tool_calls`` and the ``tool`` result are written
+    as the template writes them (``<tool_call>`` / ``<tool_response>``), not as ``[tool call]`` text."""
+    import copy
+
+    from ohd_guard.detectors import calibrate
+    from ohd_guard.masking import HeadRef
+    from ohd_guard.testing.fixtures import GUARD_CLEAN_PROMPTS, GUARD_TRIGGER_PROMPTS, planted_text_calibrated
+    from ohd_guard.testing.scripted_guard import ScriptedGuard
+    from ohd_guard.testing.templates import QWEN25_CHAT_TEMPLATE
+
+    model, tok, _ = planted_text_calibrated()
+    tok = copy.deepcopy(tok)
+    tok.chat_template = QWEN25_CHAT_TEMPLATE
+    profile = calibrate(model, tok, list(GUARD_TRIGGER_PROMPTS), list(GUARD_CLEAN_PROMPTS), head=HeadRef(layer=1, head=2))
+    guard = ScriptedGuard(model, tok, profile)
+    guard.says = "The sum is 42."
+    turns = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 17, "b": 25}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    with ServerThread(create_app(guard, ServeSettings(model_name="q"))) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        r = client.chat.completions.create(model="q", messages=turns, tools=[ADD], max_tokens=20)
+    guard.close()
+    assert r.choices[0].message.content == "The sum is 42."
+    prompt = tok.decode(guard.last.prompts[0])
+    assert '<tool_call>\n{"name": "add", "arguments": {"a": 17, "b": 25}}\n</tool_call>' in prompt
+    assert "<tool_response>\n42\n</tool_response>" in prompt and "[tool call]" not in prompt
