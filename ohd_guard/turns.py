@@ -8,12 +8,17 @@ scoring the prefix alone. So reading the same features at that extra position of
 scores the message as it was when it was the latest, at the cost of a few copies (no extra forward).
 
 The prefix property is checked per conversation against each prefix's own rendering (rendered
-together for a batch, and remembered by digest: a thread's earlier prefixes were screened whole on its
-earlier turns, so there the check is a comparison of token ids); where it fails (a template that rewrites earlier turns, e.g. one that strips reasoning or counts
-messages) that prefix is scored in a prefill of its own, batched. A masked detector (One-head Defense,
-fused) measures its angle by a masked branch at the last position, so its prefixes always take their
-own prefill. Consecutive user/tool messages share the read after the last of them; messages after the
-last assistant turn are scored by the conversation's final read.
+together for a batch, and remembered by digest: a thread's earlier prefixes were screened whole on
+its earlier turns, so there the check is a comparison of token ids). Where it fails (a template that
+rewrites earlier turns, e.g. one that strips reasoning or counts messages) that prefix is scored in
+a prefill of its own, batched, before the screening prefill (the last forward leaves the model state
+generation continues from). A masked detector (One-head Defense, fused) measures its angle by a
+masked branch at the last position, so its prefixes always take their own prefill. Consecutive
+user/tool messages share the read after the last of them; messages after the last assistant turn are
+scored by the conversation's final read.
+
+Cost: the extra reads are copies of the detector's features at a few positions and one more
+``score_reads`` call; planning renders a batch's unseen prefixes once (O(turns x length) tokens, CPU).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from ohd_guard.conversation import Conversation, TextPart
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.types import MessageScore, Scope
 
-__all__ = ["Group", "PrefixIds", "TurnPlan", "attach", "decide", "message_scores", "plan_turns", "prepare", "read_positions"]
+__all__ = ["Group", "PrefixIds", "TurnPlan", "attach", "decide", "message_scores", "plan_turns", "prepare",
+           "read_positions"]
 
 
 @dataclass
@@ -146,12 +152,14 @@ def plan_turns(processor: Any, convs: Sequence[Conversation], rows: Sequence[np.
         ends = [end for _, end in groups if end is not None]
         keys.append(_prefix_digests(c, [*ends, len(c.messages)]))
         cache.put(keys[-1][len(c.messages)], row)  # the next turn's earlier prefix
+    fresh: dict[str, np.ndarray] = {}  # this batch's renderings, whatever the cache evicts meanwhile
     if shared:
         missing = {keys[b][end]: Conversation(messages=list(c.messages[:end]))
                    for b, (c, groups) in enumerate(zip(convs, layout)) for _, end in groups
                    if end is not None and cache.get(keys[b][end]) is None}
         if missing:
             for key, ids in zip(missing, _rows(encode_conversations(processor, list(missing.values())))):
+                fresh[key] = ids
                 cache.put(key, ids)
     plans = []
     for b, (c, row, groups) in enumerate(zip(convs, rows, layout)):
@@ -160,7 +168,8 @@ def plan_turns(processor: Any, convs: Sequence[Conversation], rows: Sequence[np.
             if end is None:
                 out.append(Group(msgs, final=True))
                 continue
-            own = cache.get(keys[b][end]) if shared else None
+            key = keys[b][end]
+            own = (fresh.get(key) if key in fresh else cache.get(key)) if shared else None
             if own is not None and len(own) < len(row) and np.array_equal(row[: len(own)], own):
                 out.append(Group(msgs, pos=len(own) - 1))
             else:
