@@ -148,6 +148,7 @@ class OhdGuard:
         self.answering = Answerer(model, self.tokenizer, self.screening_stage, refusal=refusal, template=self.template,
                                   reuse_prefill=reuse_prefill)  # fmt: skip
         self._lock = threading.RLock()
+        self._answers: Any = None  # the output check, built on first use
         self.worker = GuardWorker(self._lock, self.screening_stage.screen_many, self.screening_stage.settle,
                                   max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, begin=self._begin,
                                   batch=DecodeBatch(model, self.tokenizer, max_decode_batch))  # fmt: skip
@@ -241,6 +242,23 @@ class OhdGuard:
         if first_error is not None:
             raise first_error
         return verdicts
+
+    def check_answer(self, conversation: Any, answer: Any) -> Verdict:
+        """The output check's verdict on ``answer`` (text, or an assistant message with tool calls) to
+        ``conversation``: the answer read at its last token with the answer profile shipped for this
+        model (:class:`~ohd_guard.output_check.AnswerCheck`); an error flags it (fail closed)."""
+        return self._answer_check().check(conversation, answer)
+
+    async def acheck_answer(self, conversation: Any, answer: Any) -> Verdict:
+        """:meth:`check_answer` on the worker thread."""
+        return await self._answer_check().acheck(conversation, answer)
+
+    def _answer_check(self) -> Any:
+        if self._answers is None:
+            from ohd_guard.output_check import AnswerCheck
+
+            self._answers = AnswerCheck(self)
+        return self._answers
 
     def generate(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
         """Screen, then answer (safe) or refuse (flagged). ``generation_kwargs`` go to ``model.generate``."""

@@ -98,3 +98,12 @@ def test_the_shipped_answer_profile_is_found_by_the_models_fingerprint():
     found = shipped_answer_profile(prompt)
     assert found is not None and found == load_profile(answer_profile())
     assert shipped_answer_profile(make_planted_guard().profile) is None
+
+
+def test_the_guard_checks_answers_itself():
+    guard = make_planted_guard(max_wait_ms=4.0)
+    assert guard.check_answer(CONV, "the zorblax is here").flagged
+    assert not guard.check_answer(CONV, "the cats are here").flagged
+    assert guard._answer_check() is guard._answer_check()  # built once
+    v = asyncio.run(guard.acheck_answer(CONV, "the zorblax is here"))
+    assert v.flagged and v.details["stage"] == "output"
