@@ -126,7 +126,7 @@ class Answerer:
                 self._start_refusal(s, verdict, gen_kwargs, on_chunk, cancel, batch, done)
                 return
             s.take_prefill()
-            logits = prefill.next_token_logits[s.row]  # type: ignore[union-attr]
+            logits = prefill.next_token_logits[s.row]  # type: ignore[union-attr,index]
 
             def finished(text: str, n: int) -> None:
                 done(GuardedResponse(text=text, verdict=verdict, refused=False), None)
@@ -256,7 +256,9 @@ class Answerer:
                     sampling = sampling_for(self.model, self._continuation_kwargs(gen_kwargs, A + len(self.prefix_ids)))
                     if sampling is not None:
                         screened.take_prefill()
-                        batch, got, errors = DecodeBatch(self.model, self.tokenizer, 1), [], []
+                        batch = DecodeBatch(self.model, self.tokenizer, 1)
+                        got: list[str] = []
+                        errors: list[BaseException] = []
                         batch.add(cache, logits, DecodeRow(sampling, lambda t, n: got.append(t), errors.append, None,
                                                            cancel))  # fmt: skip
                         while len(batch):

@@ -257,7 +257,8 @@ class DecodeBatch:
         if row.cancel is not None and row.cancel.is_set():
             return -1, True
         s = row.sampling
-        scores = s.processors(row.ids, row.logits[None].to(row.ids.device))  # type: ignore[union-attr]
+        assert row.logits is not None  # set when the row joined, and after every step
+        scores = s.processors(row.ids, row.logits[None].to(row.ids.device))  # type: ignore[arg-type]
         if s.do_sample:
             token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[0, 0])
         else:

@@ -201,7 +201,7 @@ class GuardWorker:
                 jobs.extend(more)
             self._run_generate_jobs(jobs)
 
-    def run_once(self, job: Job, q: queue.Queue, held: deque) -> None:
+    def run_once(self, job: Job | None, q: queue.Queue, held: deque) -> None:
         """One turn of the worker loop for ``job`` (None: nothing new)."""
         if job is not None:
             if job.kind == "screen":
