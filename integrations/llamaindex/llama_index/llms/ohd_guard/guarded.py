@@ -5,32 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from llama_index.core.base.llms.types import (
-    ChatMessage,
-    ChatResponse,
-    ChatResponseAsyncGen,
-    ChatResponseGen,
-    CompletionResponse,
-    CompletionResponseAsyncGen,
-    CompletionResponseGen,
-    LLMMetadata,
-    MessageRole,
-)
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, MessageRole
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import LLM, ToolSelection
-from pydantic import Field, PrivateAttr, SerializeAsAny
+from pydantic import Field, SerializeAsAny
 
 from llama_index.llms.ohd_guard.events import adispatch_verdict, dispatch_verdict
 from llama_index.llms.ohd_guard.responses import (
-    OutputCheck,
+    GuardLLMBase,
     aonce,
     apassed_stream,
     areplay,
     chat,
     completion,
     info,
-    need,
     once,
     passed,
     passed_stream,
@@ -38,7 +27,14 @@ from llama_index.llms.ohd_guard.responses import (
 )
 from llama_index.llms.ohd_guard.tools import guard_input, messages_with, tool_choice_of, tool_schemas
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only
+    from llama_index.core.base.llms.types import (
+        ChatResponseAsyncGen,
+        ChatResponseGen,
+        CompletionResponseAsyncGen,
+        CompletionResponseGen,
+        LLMMetadata,
+    )
     from llama_index.core.tools.types import BaseTool
 
 __all__ = ["GuardedLLM"]
@@ -56,7 +52,7 @@ def _as_completion(r: ChatResponse) -> CompletionResponse:
     return CompletionResponse(text=r.message.content or "", delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs)
 
 
-class GuardedLLM(FunctionCallingLLM):
+class GuardedLLM(GuardLLMBase):
     """Screens every call with the local guard, then hands safe ones to ``llm`` (any LlamaIndex LLM,
     local or remote) unchanged; ``metadata`` is ``llm``'s, so engines treat it exactly like ``llm``.
 
@@ -80,13 +76,6 @@ class GuardedLLM(FunctionCallingLLM):
 
     llm: SerializeAsAny[LLM] = Field(description="The LLM that answers safe inputs.")
     on_flag: Literal["refuse", "raise"] = Field(default="refuse", description="Refuse or raise GuardViolation.")
-    refusal_max_new_tokens: int = Field(default=64, gt=0, description="Length cap of an anchored refusal.")
-    check_output: bool = Field(default=False, description="Check every answer too; a flagged one is refused.")
-    answer_profile: Any = Field(default=None, exclude=True,
-                                description="The output check's profile (path or object); default: the shipped one.")
-
-    _guard: Any = PrivateAttr(default=None)
-    _output: OutputCheck | None = PrivateAttr(default=None)
 
     def __init__(self, llm: LLM | None = None, guard: Any = None, **kwargs: Any):
         if llm is not None:
@@ -95,17 +84,11 @@ class GuardedLLM(FunctionCallingLLM):
         if kwargs["callback_manager"] is None:
             kwargs.pop("callback_manager")
         super().__init__(**kwargs)
-        self._guard = guard
-        if guard is not None and self.check_output:
-            self._output = OutputCheck(guard, SOURCE, self.answer_profile, self.refusal_max_new_tokens)
+        self._bind(guard)
 
     @classmethod
     def class_name(cls) -> str:
         return "GuardedLLM"
-
-    @property
-    def guard(self) -> Any:
-        return need(self._guard, "GuardedLLM")
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -211,63 +194,60 @@ class GuardedLLM(FunctionCallingLLM):
                                     "so it cannot call tools")
         return self.llm
 
-    def _tool_input(self, tools: Sequence[Any], user_msg: Any, chat_history: Any, tool_required: bool,
+    def _with_tools(self, name: str, tools: Sequence[Any], user_msg: Any, chat_history: Any, tool_required: bool,
                     kwargs: dict[str, Any]) -> Any:
+        """``name`` (a ``*_with_tools`` method): the call screened with the tools' schemas in the system
+        prompt, then refused, or made on the wrapped LLM and its answer checked (a stream held back)."""
+        stream = name.startswith("stream")
         choice = tool_choice_of(tool_required, kwargs.get("tool_choice"))
-        return guard_input(self.guard, messages_with(user_msg, chat_history), tool_schemas(tools), choice)
+        raw = guard_input(self.guard, messages_with(user_msg, chat_history), tool_schemas(tools), choice)
+        verdict = self._screen(raw)
+        if verdict.flagged:
+            text, meta = self._refusal(raw, verdict)
+            return once(chat(text, meta, delta=text)) if stream else chat(text, meta)
+        out = getattr(self._calling(), name)(tools, user_msg=user_msg, chat_history=chat_history,
+                                             tool_required=tool_required, **kwargs)
+        return self._held(raw, verdict, out) if stream else self._checked(raw, verdict, passed(out, verdict))
+
+    async def _awith_tools(self, name: str, tools: Sequence[Any], user_msg: Any, chat_history: Any,
+                           tool_required: bool, kwargs: dict[str, Any]) -> Any:
+        stream = name.startswith("astream")
+        choice = tool_choice_of(tool_required, kwargs.get("tool_choice"))
+        raw = guard_input(self.guard, messages_with(user_msg, chat_history), tool_schemas(tools), choice)
+        verdict = await self._ascreen(raw)
+        if not verdict.flagged:
+            out = await getattr(self._calling(), name)(tools, user_msg=user_msg, chat_history=chat_history,
+                                                       tool_required=tool_required, **kwargs)
+            return await (self._aheld(raw, verdict, out) if stream else self._achecked(raw, verdict, passed(out, verdict)))
+        text, meta = await self._arefusal(raw, verdict)
+        return aonce(chat(text, meta, delta=text)) if stream else chat(text, meta)
 
     def chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
                         chat_history: list[ChatMessage] | None = None, verbose: bool = False,
                         allow_parallel_tool_calls: bool = False, tool_required: bool = False, **kwargs: Any) -> ChatResponse:
-        raw = self._tool_input(tools, user_msg, chat_history, tool_required, kwargs)
-        verdict = self._screen(raw)
-        if verdict.flagged:
-            return chat(*self._refusal(raw, verdict))
-        resp = self._calling().chat_with_tools(tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
-                                               allow_parallel_tool_calls=allow_parallel_tool_calls,
-                                               tool_required=tool_required, **kwargs)
-        return self._checked(raw, verdict, passed(resp, verdict))
+        return self._with_tools("chat_with_tools", tools, user_msg, chat_history, tool_required,
+                                dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
     async def achat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
                                chat_history: list[ChatMessage] | None = None, verbose: bool = False,
                                allow_parallel_tool_calls: bool = False, tool_required: bool = False,
                                **kwargs: Any) -> ChatResponse:
-        raw = self._tool_input(tools, user_msg, chat_history, tool_required, kwargs)
-        verdict = await self._ascreen(raw)
-        if verdict.flagged:
-            return chat(*await self._arefusal(raw, verdict))
-        resp = await self._calling().achat_with_tools(
-            tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
-            allow_parallel_tool_calls=allow_parallel_tool_calls, tool_required=tool_required, **kwargs)
-        return await self._achecked(raw, verdict, passed(resp, verdict))
+        return await self._awith_tools("achat_with_tools", tools, user_msg, chat_history, tool_required,
+                                       dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
     def stream_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
                                chat_history: list[ChatMessage] | None = None, verbose: bool = False,
                                allow_parallel_tool_calls: bool = False, tool_required: bool = False,
                                **kwargs: Any) -> ChatResponseGen:
-        raw = self._tool_input(tools, user_msg, chat_history, tool_required, kwargs)
-        verdict = self._screen(raw)
-        if verdict.flagged:
-            text, meta = self._refusal(raw, verdict)
-            return once(chat(text, meta, delta=text))
-        gen = self._calling().stream_chat_with_tools(
-            tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
-            allow_parallel_tool_calls=allow_parallel_tool_calls, tool_required=tool_required, **kwargs)
-        return self._held(raw, verdict, gen)
+        return self._with_tools("stream_chat_with_tools", tools, user_msg, chat_history, tool_required,
+                                dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
     async def astream_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
                                       chat_history: list[ChatMessage] | None = None, verbose: bool = False,
                                       allow_parallel_tool_calls: bool = False, tool_required: bool = False,
                                       **kwargs: Any) -> ChatResponseAsyncGen:
-        raw = self._tool_input(tools, user_msg, chat_history, tool_required, kwargs)
-        verdict = await self._ascreen(raw)
-        if verdict.flagged:
-            text, meta = await self._arefusal(raw, verdict)
-            return aonce(chat(text, meta, delta=text))
-        gen = await self._calling().astream_chat_with_tools(
-            tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
-            allow_parallel_tool_calls=allow_parallel_tool_calls, tool_required=tool_required, **kwargs)
-        return await self._aheld(raw, verdict, gen)
+        return await self._awith_tools("astream_chat_with_tools", tools, user_msg, chat_history, tool_required,
+                                       dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
     def _prepare_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
                                  chat_history: list[ChatMessage] | None = None, verbose: bool = False,

@@ -25,12 +25,11 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from llama_index.llms.ohd_guard.events import adispatch_verdict, dispatch_verdict
-from llama_index.llms.ohd_guard.responses import OutputCheck, aonce, chat, info, need, once
+from llama_index.llms.ohd_guard.responses import GuardLLMBase, aonce, chat, info, once
 from llama_index.llms.ohd_guard.tools import (
     answer_message,
     guard_input,
@@ -48,7 +47,7 @@ __all__ = ["OhdGuardLLM"]
 SOURCE = "OhdGuardLLM"
 
 
-class OhdGuardLLM(FunctionCallingLLM):
+class OhdGuardLLM(GuardLLMBase):
     """The guarded local (vision-)language model as a LlamaIndex LLM, with function calling.
 
     ``chat`` takes ``ChatMessage`` with ``TextBlock``/``ImageBlock`` (bytes, path, url). Each call
@@ -77,25 +76,17 @@ class OhdGuardLLM(FunctionCallingLLM):
                                                                "(default: the guard's max_prompt_tokens).")
     generate_kwargs: dict[str, Any] = Field(default_factory=dict,
                                             description="Extra model.generate arguments for every call.")
-    check_output: bool = Field(default=False, description="Check every answer too; a flagged one is refused.")
-    answer_profile: Any = Field(default=None, exclude=True,
-                                description="The output check's profile (path or object); default: the shipped one.")
     refusal_max_new_tokens: int = Field(default=64, gt=0, description="Length cap of the refusal of a flagged answer.")
-
-    _guard: Any = PrivateAttr(default=None)
-    _output: OutputCheck | None = PrivateAttr(default=None)
 
     def __init__(self, guard: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self._guard = guard
+        self._bind(guard)
         if guard is not None:
             cfg = getattr(guard.model, "config", None)
             if not self.model_name:
                 self.model_name = str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or "local")
             if not self.context_window:
                 self.context_window = int(guard.max_prompt_tokens or 4096)
-            if self.check_output:
-                self._output = OutputCheck(guard, SOURCE, self.answer_profile, self.refusal_max_new_tokens)
 
     @classmethod
     def from_profile(cls, model_ref: Any = None, profile_path: str | Path | None = None, *, device: str = "auto",
@@ -108,11 +99,6 @@ class OhdGuardLLM(FunctionCallingLLM):
     @classmethod
     def class_name(cls) -> str:
         return "OhdGuardLLM"
-
-    @property
-    def guard(self) -> Any:
-        """The :class:`~ohd_guard.guard.OhdGuard` screening every call."""
-        return need(self._guard, "OhdGuardLLM")
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -213,55 +199,36 @@ class OhdGuardLLM(FunctionCallingLLM):
 
     # -- streaming: the verdict event goes out before the first piece; every piece carries the
     # refusal decision, the last one the final response's (as a one-shot call reports it) ------------
-    def _provisional(self, verdict: Any) -> dict[str, Any]:
-        kind = None
-        if verdict.flagged:
-            kind = "static" if verdict.error or self.guard.refusal == "static" else "anchored"
-        return info(verdict, bool(verdict.flagged), kind)
-
-    def _final(self, stream: Any) -> dict[str, Any]:
-        resp = stream.response
-        return info(resp.verdict, resp.refused, resp.refusal_kind) if resp is not None else self._provisional(stream.verdict)
-
     def _pieces(self, raw: Any, kwargs: dict[str, Any], span_id: str | None):
-        """Yield (accumulated text, delta, info) as the guard streams (one piece behind, so the last
-        one can carry the final response's info)."""
+        """Yield (accumulated text, delta, info) as the guard streams."""
         stream = self.guard.stream(raw, **self._gen(kwargs))
-        text, sent, held = "", False, None
+        behind = _OneBehind(stream, self.guard.refusal)
         try:
             for piece in stream:
-                if not sent:
+                if behind.event_due():
                     dispatch_verdict(stream.verdict, SOURCE, span_id)
-                    sent = True
-                if held is not None:
-                    text += held
-                    yield text, held, self._provisional(stream.verdict)
-                held = piece
+                yield from behind.push(piece)
         finally:
-            if not sent and stream.verdict is not None:
+            if behind.event_due(at_end=True):
                 dispatch_verdict(stream.verdict, SOURCE, span_id)
             stream.close()
-        if held is not None:
-            yield text + held, held, self._final(stream)
+        yield from behind.rest()
 
     async def _apieces(self, raw: Any, kwargs: dict[str, Any], span_id: str | None):
         stream = self.guard.astream(raw, **self._gen(kwargs))
-        text, sent, held = "", False, None
+        behind = _OneBehind(stream, self.guard.refusal)
         try:
             async for piece in stream:
-                if not sent:
+                if behind.event_due():
                     await adispatch_verdict(stream.verdict, SOURCE, span_id)
-                    sent = True
-                if held is not None:
-                    text += held
-                    yield text, held, self._provisional(stream.verdict)
-                held = piece
+                for item in behind.push(piece):
+                    yield item
         finally:
-            if not sent and stream.verdict is not None:
+            if behind.event_due(at_end=True):
                 await adispatch_verdict(stream.verdict, SOURCE, span_id)
             await stream.aclose()
-        if held is not None:
-            yield text + held, held, self._final(stream)
+        for item in behind.rest():
+            yield item
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
@@ -305,3 +272,42 @@ class OhdGuardLLM(FunctionCallingLLM):
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseAsyncGen:
         return await astream_chat_to_completion_decorator(self.astream_chat)(prompt, **kwargs)
+
+
+class _OneBehind:
+    """The guard's stream (sync or async) as (accumulated text, delta, info), one piece behind so the
+    last one can carry the final response's info; the others carry the refusal decision as the
+    verdict gives it. ``event_due`` says once when the verdict event is to go out: before the first
+    piece, or at the end of a stream that yielded none (when it has a verdict)."""
+
+    def __init__(self, stream: Any, refusal: str):
+        self.stream, self.refusal = stream, refusal
+        self.text, self.sent = "", False
+        self.held: str | None = None
+
+    def event_due(self, at_end: bool = False) -> bool:
+        if self.sent or (at_end and self.stream.verdict is None):
+            return False
+        self.sent = True
+        return True
+
+    def push(self, piece: str) -> list[tuple[str, str, dict[str, Any]]]:
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        if self.held is not None:
+            self.text += self.held
+            out.append((self.text, self.held, self._provisional(self.stream.verdict)))
+        self.held = piece
+        return out
+
+    def rest(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [] if self.held is None else [(self.text + self.held, self.held, self._final())]
+
+    def _provisional(self, verdict: Any) -> dict[str, Any]:
+        kind = None
+        if verdict.flagged:
+            kind = "static" if verdict.error or self.refusal == "static" else "anchored"
+        return info(verdict, bool(verdict.flagged), kind)
+
+    def _final(self) -> dict[str, Any]:
+        resp = self.stream.response
+        return info(resp.verdict, resp.refused, resp.refusal_kind) if resp is not None else self._provisional(self.stream.verdict)

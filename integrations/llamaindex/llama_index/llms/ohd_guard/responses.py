@@ -8,13 +8,15 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, MessageRole, TextBlock
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from pydantic import Field, PrivateAttr
 
 from llama_index.llms.ohd_guard.convert import to_message_dicts
 from llama_index.llms.ohd_guard.events import adispatch_verdict, dispatch_verdict
 from ohd_guard.types import response_payload
 
-__all__ = ["OutputCheck", "aonce", "apassed_stream", "areplay", "chat", "completion", "info", "need", "once", "passed",
-           "passed_stream", "raw_input", "replay"]
+__all__ = ["GuardLLMBase", "OutputCheck", "aonce", "apassed_stream", "areplay", "chat", "completion", "info", "need",
+           "once", "passed", "passed_stream", "raw_input", "replay"]
 
 
 def need(guard: Any, who: str) -> Any:
@@ -172,3 +174,28 @@ class OutputCheck:
         if v is not None and v.flagged:
             return [await self.arefusal(raw, input_verdict, v)]
         return [self._settle(p, v) for p in pieces]
+
+
+# ----------------------------------------------------------------------------- both LLMs' base
+class GuardLLMBase(FunctionCallingLLM):
+    """The guard both LLMs hold (``guard``: a typed error naming the class when none was given) and
+    their output check (``check_output``, ``answer_profile``, ``refusal_max_new_tokens``)."""
+
+    check_output: bool = Field(default=False, description="Check every answer too; a flagged one is refused.")
+    answer_profile: Any = Field(default=None, exclude=True,
+                                description="The output check's profile (path or object); default: the shipped one.")
+    refusal_max_new_tokens: int = Field(default=64, gt=0, description="Length cap of an anchored refusal.")
+
+    _guard: Any = PrivateAttr(default=None)
+    _output: OutputCheck | None = PrivateAttr(default=None)
+
+    def _bind(self, guard: Any) -> None:
+        """Hold ``guard`` (``None``: the ``guard`` property raises) and, under ``check_output``, its output check."""
+        self._guard = guard
+        if guard is not None and self.check_output:
+            self._output = OutputCheck(guard, self.class_name(), self.answer_profile, self.refusal_max_new_tokens)
+
+    @property
+    def guard(self) -> Any:
+        """The :class:`~ohd_guard.guard.OhdGuard` screening every call."""
+        return need(self._guard, self.class_name())
