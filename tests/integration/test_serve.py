@@ -42,23 +42,8 @@ def _image_turn(text: str, uri: str | None = None) -> list[dict]:
                                          {"type": "text", "text": text}]}]
 
 
-@pytest.fixture(scope="module")
-def guard():
-    g = planted_guard()
-    yield g
-    g.close()
-
-
-@pytest.fixture(scope="module")
-def server(guard):
-    with ServerThread(create_app(guard, ServeSettings(model_name=MODEL, max_body_bytes=2_000_000,
-                                                      max_image_bytes=500_000))) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+# conftest's guard, server and client
+GUARD, SETTINGS = planted_guard, ServeSettings(model_name=MODEL, max_body_bytes=2_000_000, max_image_bytes=500_000)
 
 
 def _post(server, body, **kw):

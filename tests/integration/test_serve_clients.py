@@ -23,24 +23,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}
 ASK = [{"role": "user", "content": "what is 17 + 25?"}]
-
-
-@pytest.fixture(scope="module")
-def guard():
-    g = scripted_planted_guard()
-    yield g
-    g.close()
-
-
-@pytest.fixture(scope="module")
-def server(guard):
-    with ServerThread(create_app(guard, ServeSettings(model_name="ohd-guard"))) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+GUARD, SETTINGS = scripted_planted_guard, ServeSettings(model_name="ohd-guard")  # conftest's guard, server, client
 
 
 @pytest.mark.parametrize("stream", [False, True])

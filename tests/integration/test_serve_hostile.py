@@ -21,19 +21,7 @@ from ohd_guard.serve.settings import ServeSettings  # noqa: E402
 
 MODEL = "planted"
 SAFE = "tell me about the weather today"
-
-
-@pytest.fixture(scope="module")
-def guard():
-    g = planted_guard()
-    yield g
-    g.close()
-
-
-@pytest.fixture(scope="module")
-def server(guard):
-    with ServerThread(create_app(guard, ServeSettings(model_name=MODEL, max_body_bytes=4_000_000))) as srv:
-        yield srv
+GUARD, SETTINGS = planted_guard, ServeSettings(model_name=MODEL, max_body_bytes=4_000_000)  # conftest's guard, server
 
 
 class Records(logging.Handler):

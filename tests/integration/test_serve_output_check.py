@@ -31,22 +31,7 @@ def _guard(**options: Any) -> ScriptedGuard:
     return scripted_planted_guard(**options)
 
 
-@pytest.fixture(scope="module")
-def guard():
-    g = _guard()
-    yield g
-    g.close()
-
-
-@pytest.fixture(scope="module")
-def server(guard):
-    with ServerThread(create_app(guard, ServeSettings(model_name="m", check_output=True))) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+GUARD, SETTINGS = _guard, ServeSettings(model_name="m", check_output=True)  # conftest's guard, server, client
 
 
 def _ask(client, guard, says: str, **kw: Any) -> Any:
