@@ -43,8 +43,10 @@ def default_profile(model: Any = None) -> Path:
 
 
 def answer_profile(model: Any = None) -> Path | None:
-    """The output-check profile shipped for an embedded model (its answers read at their last token,
-    ``langchain_ohd_guard.answers``), or ``None`` where none ships."""
+    """The output-check profile shipped for an embedded model (its answers read at their last token by
+    :class:`ohd_guard.output_check.AnswerCheck`, behind :meth:`OhdGuard.check_answer
+    <ohd_guard.guard.OhdGuard.check_answer>`; calibrated with ``python -m ohd_guard.output_check``),
+    or ``None`` where none ships."""
     path = PROFILES_DIR / f"{_name(model)}.answers.{DEFAULT_DETECTOR}.json"
     return path if path.is_file() else None
 
