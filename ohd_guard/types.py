@@ -79,7 +79,8 @@ class Verdict(BaseModel):
     detector: str
     """Which detector kind decided: ``ohd``, ``sahs``, ``hiddendetect`` or ``fused``."""
     score: float | None
-    """The detector's score (the angle for ``ohd``, log-odds for ``sahs``/``fused``); None when screening failed."""
+    """The detector's score (the angle for ``ohd``, log-odds for ``sahs``/``fused``); None when screening failed.
+    Under ``scope="conversation"`` the highest of the final read and every earlier message's read."""
     threshold: float
     risk: float | None
     """Graded risk in [0, 1] from the profile's risk calibration; None when screening failed."""
