@@ -191,6 +191,32 @@ def test_guarded_llm_screens_the_tool_schemas_and_refuses_without_calling(guard)
     assert llm.predict_and_call([tool], user_msg="look up cats").response.startswith("I cannot")
 
 
+@pytest.mark.parametrize("method", ["chat_with_tools", "achat_with_tools", "stream_chat_with_tools",
+                                    "astream_chat_with_tools"])
+def test_each_with_tools_method_screens_then_refuses_or_delegates(guard, method):
+    """The four ``*_with_tools`` of GuardedLLM share one path: a flagged call reaches nothing and gets the
+    refusal (a stream: that one piece), a safe one is the wrapped LLM's call with the verdict attached."""
+
+    async def call(llm, msg: str) -> Any:
+        out = getattr(llm, method)([make_add([])], user_msg=msg)
+        out = await out if method.startswith("a") else out
+        if "stream" not in method:
+            return out
+        pieces = [p async for p in out] if method.startswith("a") else list(out)
+        assert pieces and ("refused" not in msg or len(pieces) == 1)
+        return pieces[-1]
+
+    inner, got = scripted_fc(_call())
+    llm = GuardedLLM(inner, guard, refusal_max_new_tokens=4)
+    refused = asyncio.run(call(llm, "refused: what is zorblax 17 + 25?"))
+    assert refused.additional_kwargs["ohd_guard"]["refused"] and got == []
+    assert llm.get_tool_calls_from_response(refused) == []
+    resp = asyncio.run(call(llm, "what is 17 + 25?"))
+    assert not resp.additional_kwargs["ohd_guard"]["refused"] and resp.additional_kwargs["ohd_guard"]["verdict"]
+    assert len(got) == 1 and got[0][1][0].metadata.name == "add", "the wrapped LLM got the tools"
+    assert [c.tool_name for c in llm.get_tool_calls_from_response(resp)] == ["add"]
+
+
 def test_guarded_llm_over_a_plain_llm_cannot_call_tools(guard):
     from llama_index.core.llms import MockLLM
 
