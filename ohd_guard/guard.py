@@ -233,15 +233,7 @@ class OhdGuard:
         t0 = time.perf_counter()
         with self._lock:
             results = self.screening_stage.screen_many(list(conversations), [t0] * len(conversations))
-        verdicts, first_error = [], None
-        for s in results:
-            try:
-                verdicts.append(self.screening_stage.settle(s))
-            except Exception as e:
-                first_error = first_error or e
-        if first_error is not None:
-            raise first_error
-        return verdicts
+        return self.screening_stage.settle_all(results)
 
     def check_answer(self, conversation: Any, answer: Any) -> Verdict:
         """The output check's verdict on ``answer`` (text, or an assistant message with tool calls) to

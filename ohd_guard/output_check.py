@@ -246,16 +246,7 @@ class AnswerCheck:
             results[i] = s
         for i, exc in bad.items():
             results[i] = self.stage.failed(exc, t0, None)
-        verdicts: list[Verdict] = []
-        first: BaseException | None = None
-        for s in results:
-            try:
-                verdicts.append(self.stage.settle(s))
-            except Exception as e:
-                first = first or e
-        if first is not None:
-            raise first
-        return verdicts
+        return self.stage.settle_all(results)
 
     # compatibility with langchain_ohd_guard.answers.AnswerCheck: a raw conversation ending in the answer
     def screen(self, raw: Any) -> Verdict:

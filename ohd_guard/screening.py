@@ -512,6 +512,19 @@ class ConversationScreener:
             log.warning("screening failed and on_error='allow' lets the input through unscreened: %s", s.verdict.error)
         return s.verdict
 
+    def settle_all(self, results: list[Screened]) -> list[Verdict]:
+        """:meth:`settle` every result, so every verdict is published; then raise the first error."""
+        verdicts: list[Verdict] = []
+        first: BaseException | None = None
+        for s in results:
+            try:
+                verdicts.append(self.settle(s))
+            except Exception as e:
+                first = first or e
+        if first is not None:
+            raise first
+        return verdicts
+
     def text_flagged(self, text: str) -> bool:
         """Whether the detector flags ``text`` read as a user turn (an error counts as flagged)."""
         try:
