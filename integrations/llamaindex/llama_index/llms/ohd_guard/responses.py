@@ -1,6 +1,6 @@
 """What both LlamaIndex LLMs share: the guard's input, the response shapes with the verdict in
-``additional_kwargs["ohd_guard"]``, and the output check (:class:`OutputCheck`, over the core's
-:class:`~ohd_guard.output_check.AnswerCheck`)."""
+``additional_kwargs["ohd_guard"]``, the output check (:class:`OutputCheck`, over the core's
+:class:`~ohd_guard.output_check.AnswerCheck`) and their base holding both (:class:`GuardLLMBase`)."""
 
 from __future__ import annotations
 
