@@ -1,5 +1,5 @@
 """Prompt-safety detectors with one shape: One-head Defense, SAHs, HiddenDetect, a fused one, and
-the baselines they are compared with.
+the baselines they are compared with (the model's own refusal, the model asked as a judge).
 
 A detector kind is fitted into a frozen :class:`~ohd_guard.profile.Profile` (the artefact, saved as
 JSON with the model's fingerprint and a content digest) and bound to a model as the scorer the
@@ -25,6 +25,7 @@ from typing import Any
 from ohd_guard.detectors.base import Detector, as_input
 from ohd_guard.detectors.features import LastToken, Logistic, PrefillReader, shared_prefill
 from ohd_guard.detectors.fused import Fused, FusedProfile
+from ohd_guard.detectors.judge import JUDGE_TEMPLATE, Judge, JudgeProfile
 from ohd_guard.detectors.loading import GUARD_KINDS, AnyProfile, bind_detector, load_profile, parse_profile
 from ohd_guard.detectors.ohd import LargestEffectHead, OneHeadDefense
 from ohd_guard.detectors.ohd_profile import OhdProfile, calibrate, mode_spec
@@ -41,7 +42,8 @@ from ohd_guard.detectors.residual import ResidualProbe, ResidualProfile
 
 __all__ = [
     "GUARD_KINDS", "REFUSAL_MARKERS", "REFUSAL_WORDS", "AnyProfile", "Detector", "Fused", "FusedProfile",
-    "HiddenDetect", "HiddenDetectProfile", "LargestEffectHead", "LastToken", "Logistic", "OhdProfile",
+    "HiddenDetect", "HiddenDetectProfile", "JUDGE_TEMPLATE", "Judge", "JudgeProfile", "LargestEffectHead",
+    "LastToken", "Logistic", "OhdProfile",
     "OneHeadDefense", "PrefillReader", "ResidualProbe", "ResidualProfile", "SAHs", "SAHsProfile", "SelfRefusal", "SelfRefusalProfile", "as_input",
     "bind_detector", "calibrate", "is_refusal", "load_detector", "load_profile", "mode_spec", "parse_profile",
     "refusal_token_ids", "shared_prefill",

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field
 
 from ohd_guard.detectors.fused import FusedProfile
+from ohd_guard.detectors.judge import JudgeProfile
 from ohd_guard.detectors.ohd_profile import OhdProfile
 from ohd_guard.detectors.probes import HiddenDetectProfile, SAHsProfile
 from ohd_guard.detectors.refusal import SelfRefusalProfile
@@ -20,10 +21,12 @@ from ohd_guard.screening import PrefillDetector
 __all__ = ["GUARD_KINDS", "AnyProfile", "bind_detector", "load_profile", "parse_profile"]
 
 GUARD_KINDS = ("ohd", "sahs", "hiddendetect", "fused", "residual")
-"""Detector kinds the guard can screen with (the self-refusal baseline answers first, so it cannot)."""
+"""Detector kinds the guard can screen with (the self-refusal baseline answers first and the judge needs a
+prefill of its own, so neither can)."""
 
 AnyProfile = Annotated[
-    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, ResidualProfile, SelfRefusalProfile],  # noqa: UP007
+    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, ResidualProfile, SelfRefusalProfile,  # noqa: UP007
+          JudgeProfile],
     Field(discriminator="kind"),
 ]
 """A saved profile of any kind, told apart by its ``kind`` (what :func:`load_profile` validates against)."""
