@@ -10,7 +10,10 @@ ONE set of reads (one prefill per item, shared by all of them):
   half of the context material (tools, rag, history, operator, jailbreak, padding);
 * candidates: SAHs (last-token heads, today's default kind) and residual-stream probes read at the
   last token, averaged over the prompt or max-pooled; each also as "bare-fitted" (today's data only)
-  for the comparison;
+  for the comparison; with ``--judge``, also the baseline a user without a guard model would pick:
+  the same model asked as a judge (:class:`~ohd_guard.detectors.Judge`, one extra prefill of a
+  classification prompt; its threshold picked on a sample of the fit items), with its scoring time
+  per set as a ratio of the probes' (all candidates read from one prefill) on the same items;
 * evaluation, threshold fixed at fit time: the project's held-out split bare and in the held-out
   half of the context material (tools, rag, history, operator), and ToxicChat's dev split at its
   real class ratio (F1, AUPRC beside AUROC), deduplicated against the fit data.
@@ -18,6 +21,7 @@ ONE set of reads (one prefill per item, shared by all of them):
     python benchmarks/fit_in_context.py                        # prints the table, writes nothing
     python benchmarks/fit_in_context.py --write residual       # also writes the chosen kind's profile
     python benchmarks/fit_in_context.py --per-class 150 --traffic 120 --eval-per-class 30   # the sizes used
+    python benchmarks/fit_in_context.py --judge                # adds the model-as-judge baseline and its cost
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ EVAL_CONTEXTS = ("bare", "tools", "rag", "history", "operator")
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default)")
+    ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default); a local "
+                    "model folder also works, without --write")
     ap.add_argument("--per-class", type=int, default=150, help="shipped fit prompts per class")
     ap.add_argument("--traffic", type=int, default=120, help="real-traffic fit prompts per class")
     ap.add_argument("--eval-per-class", type=int, default=30, help="held-out prompts per class, per context")
@@ -44,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR on the benign fit items")
     ap.add_argument("--write", default=None, help="write this candidate's profile into ohd_guard/profiles")
+    ap.add_argument("--judge", action="store_true", help="also score the model asked as a judge, and its time")
+    ap.add_argument("--judge-fit-per-class", type=int, default=60,
+                    help="fit items per class (bare and in context) the judge's threshold is picked on")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
     args = ap.parse_args(argv)
 
@@ -56,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         split_dev,
         stratified,
     )
-    from ohd_guard.detectors import ResidualProbe, SAHs, shared_prefill
+    from ohd_guard.detectors import Judge, ResidualProbe, SAHs, shared_prefill
     from ohd_guard.evaluation import joint_scores
     from ohd_guard.loading import embedded_model, load_model
     from ohd_guard.metrics import auroc, average_precision, f1_at_threshold, tpr_at_fpr
@@ -65,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[fit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     embedded = embedded_model(args.model)
-    if embedded is None:
-        ap.error(f"--model: not an embedded model: {args.model!r}")
+    if embedded is None and (args.write or not Path(str(args.model)).is_dir()):
+        ap.error(f"--model: not an embedded model{' (--write needs one)' if args.write else ''}: {args.model!r}")
     model, tok = load_model(args.model)
 
     # -- data ----------------------------------------------------------------------------------
@@ -117,32 +125,54 @@ def main(argv: list[str] | None = None) -> int:
                                                   [x for x in fit_bare if x.label == 0])
             say(f"{name}: fitted ({time.perf_counter() - t0:.0f} s so far)")
 
+    judge = None
+    if args.judge:  # nothing learnt: only its threshold is picked, on a sample of the same fit items
+        rule_j = args.target_fpr if args.target_fpr is not None else "midpoint"
+        ju = stratified([x for x in fit_all if x.label == 1], args.judge_fit_per_class, seed=3)
+        js = stratified([x for x in fit_all if x.label == 0], args.judge_fit_per_class, seed=3)
+        judge = Judge(threshold=rule_j, batch_size=bs).fit(model, tok, ju, js)
+        say(f"judge: threshold {judge.threshold:+.3f} ({judge.profile.threshold_method}) on {len(ju)}+{len(js)} fit items")
+
     # -- evaluation ------------------------------------------------------------------------------
     dets = list(fitted.values())
     names = list(fitted)
-    rows = []
+    rows, costs = [], []
+
+    def scored(conv: list) -> list[tuple[str, np.ndarray, float]]:
+        """(name, scores, threshold) of every candidate on ``conv``; with the judge, its time over the probes'."""
+        t0 = time.perf_counter()
+        sc = joint_scores(dets, conv, bs)
+        out = [(n, sc[:, k], dets[k].threshold) for k, n in enumerate(names)]
+        if judge is not None:
+            t1 = time.perf_counter()
+            out.append(("judge (same model)", judge.score(conv), judge.threshold))
+            t2 = time.perf_counter()
+            costs.append((len(conv), t1 - t0, t2 - t1))
+        return out
+
     for c, conv in evals.items():
         y = np.array([x.label for x in conv])
-        sc = joint_scores(dets, conv, bs)
-        for k, n in enumerate(names):
-            s_, t = sc[:, k], dets[k].threshold
+        for n, s_, t in scored(conv):
             rows.append(dict(detector=n, set=f"held-out @ {c}", n=len(y), dr=float(np.mean(s_[y == 1] > t)),
                              fpr=float(np.mean(s_[y == 0] > t)), auroc=auroc(s_, y), tpr1=tpr_at_fpr(s_, y, 0.01)))
         say(f"scored {c}")
     if tc:
         y = np.array([p.label for p in tc])
-        sc = joint_scores(dets, tc, bs)
-        for k, n in enumerate(names):
-            s_, t = sc[:, k], dets[k].threshold
+        for n, s_, t in scored(tc):
             rows.append(dict(detector=n, set=f"ToxicChat dev ({int(y.sum())}/{len(y)} toxic)", n=len(y),
                              dr=float(np.mean(s_[y == 1] > t)), fpr=float(np.mean(s_[y == 0] > t)),
                              auroc=auroc(s_, y), f1=f1_at_threshold(s_, y, t), auprc=average_precision(s_, y)))
     print("| detector | set | n | DR | FPR | AUROC | TPR@1%FPR | F1 | AUPRC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+        f = lambda k, r=r: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         print(f"| {r['detector']} | {r['set']} | {r['n']} | {f('dr')} | {f('fpr')} | {f('auroc')} | {f('tpr1')} | "
               f"{f('f1')} | {f('auprc')} |")
+    if costs:
+        n_items, probes_s, judge_s = (sum(col) for col in zip(*costs))
+        print(f"\njudge cost: {judge_s:.1f} s for {n_items} items ({1000 * judge_s / n_items:.0f} ms each) vs "
+              f"{probes_s:.1f} s for every probe candidate from one prefill each: {judge_s / probes_s:.2f}x "
+              f"(per set: {', '.join(f'{j / p:.2f}x' for _, p, j in costs)})")
     if args.write:
         det = fitted[f"{args.write} (in context)"]
         kind = det.profile.kind

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from ohd_guard.adapters import model_device
+from ohd_guard.adapters import get_adapter, model_device
 from ohd_guard.conversation import ImagePart, to_conversation
 from ohd_guard.detectors.base import (
     Detector,
@@ -196,6 +196,11 @@ class Judge(Detector):
         prompts = [judge_prompt(c, self.profile.template) for c in convs]
         enc = encode_conversations(self.processor, prompts, device=model_device(self.model))
         mask = enc.get("attention_mask")
+        longest = int(mask.sum(-1).max()) if mask is not None else enc["input_ids"].shape[1]
+        window = getattr(get_adapter(self.model).text_config, "max_position_embeddings", None)
+        if window and longest > int(window):  # fail closed: past its window the model's answer means nothing
+            raise InvalidInputError(f"judge prompt too long: {longest} tokens rendered, over the model's context "
+                                    f"window of {window} tokens")
         if mask is not None and getattr(self.model.config, "vision_config", None) is None:  # VLMs place their own
             enc["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [B, V]

@@ -127,3 +127,8 @@ def test_profile_round_trip_and_typed_mismatches(fitted, judge_model, tmp_path):
     (tmp_path / "edited.json").write_text(json.dumps(raw))
     with pytest.raises(ProfileFormatError, match="placeholder"):  # a hand edit that judges nothing
         Profile.load(tmp_path / "edited.json", allow_edited=True)
+
+
+def test_a_judge_prompt_past_the_models_window_fails_closed(fitted):
+    with pytest.raises(InvalidInputError, match="too long"):  # the planted model's window is 512 tokens
+        fitted.score(["tell me about the weather " * 120])
