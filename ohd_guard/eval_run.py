@@ -29,6 +29,8 @@ EVAL_DETECTORS: dict[str, str] = {
     "sahs": "logistic probe on the last-token outputs of the top 16 heads, fitted",
     "hiddendetect": "logit-lens refusal-token cosine over the best band of layers, fitted",
     "self-refusal": "the model's own greedy answer opens with a refusal phrase",
+    "judge": "the model asked as a judge: log p(unsafe) - log p(safe) of its first answer (a second prefill), "
+             "threshold at the midpoint of the fit data's class medians",
 }
 """Detector names an evaluation run accepts (``ohd-guard eval --detectors``)."""
 
@@ -169,6 +171,7 @@ def build_detectors(model: Any, processor: Any, names: Sequence[str], *, profile
     from ohd_guard.datasets import load_calibration_prompts, load_labelled_file, stratified
     from ohd_guard.detectors import (
         HiddenDetect,
+        Judge,
         LargestEffectHead,
         OhdProfile,
         OneHeadDefense,
@@ -233,6 +236,7 @@ def build_detectors(model: Any, processor: Any, names: Sequence[str], *, profile
         "sahs": lambda: SAHs(top_k=16, batch_size=bs),
         "hiddendetect": lambda: HiddenDetect(batch_size=bs),
         "self-refusal": lambda: SelfRefusal(max_new_tokens=max_new_tokens, batch_size=bs),
+        "judge": lambda: Judge(batch_size=bs),
     }
     to_fit = [n for n in names if n in factories]
     if to_fit:

@@ -132,3 +132,19 @@ def test_profile_round_trip_and_typed_mismatches(fitted, judge_model, tmp_path):
 def test_a_judge_prompt_past_the_models_window_fails_closed(fitted):
     with pytest.raises(InvalidInputError, match="too long"):  # the planted model's window is 512 tokens
         fitted.score(["tell me about the weather " * 120])
+
+
+def test_evaluate_reports_the_judge_beside_a_probe_with_its_latency(fitted, judge_model):
+    from ohd_guard.datasets import LabelledPrompt
+    from ohd_guard.detectors import SAHs
+    from ohd_guard.eval_run import EVAL_DETECTORS
+    from ohd_guard.evaluation import evaluate
+
+    model, tok = judge_model
+    sahs = SAHs(top_k=2, folds=3).fit(model, tok, with_trigger(FIT), FIT)
+    mixed = [LabelledPrompt(t, 1) for t in with_trigger(TEST)] + [LabelledPrompt(t, 0) for t in TEST]
+    report = evaluate([sahs, fitted], {"mixed": mixed}, latency_prompts=2)
+    judge = report.result("Judge", "mixed")
+    assert (judge.detection_rate, judge.false_positive_rate, judge.auroc) == (1.0, 0.0, 1.0)
+    assert [r.detector for r in report.latency] == ["SAHs", "Judge"] and all(r.ratio > 0 for r in report.latency)
+    assert "judge" in EVAL_DETECTORS  # ohd-guard eval --detectors judge
