@@ -92,7 +92,7 @@ def transcript(conv: Any) -> str:
     """The conversation as ``User: ...`` / ``Assistant: ...`` lines (tool results are user turns
     prefixed ``[tool result]``, tool calls assistant text; the operator's system prompt is left
     out: the judge rates what users and tools put in). Images show as ``[image]``."""
-    c = to_conversation(conv, allow_local_files=True)  # items reach here already validated by their loaders
+    c = to_conversation(conv)  # the screening path's own checks: a local image path is not read
     lines = []
     for m in c.messages:
         if m.role == "system":
