@@ -23,8 +23,6 @@ Cost: the extra reads are copies of the detector's features at a few positions a
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ohd_guard.conversation import Conversation, TextPart
+from ohd_guard.conversation import Conversation
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.types import MessageScore, Scope
 
@@ -86,28 +84,6 @@ def _groups(conv: Conversation) -> list[tuple[tuple[int, ...], int | None]]:
     return out
 
 
-def _prefix_digests(conv: Conversation, ends: Sequence[int]) -> dict[int, str]:
-    """:meth:`Conversation.digest` of ``conv.messages[:j]`` for every ``j`` in ``ends``, in one pass (the
-    same length-prefixed byte stream, so a prefix's key is the digest it had when it was screened whole)."""
-    h = hashlib.sha256(b"ohd-guard/conversation/v1")
-    want, out = set(ends), {}
-
-    def put(tag: bytes, data: bytes) -> None:
-        h.update(tag + struct.pack(">Q", len(data)) + data)
-
-    for j, m in enumerate(conv.messages, start=1):
-        put(b"M", m.role.encode())
-        for p in m.parts:
-            if isinstance(p, TextPart):
-                put(b"T", p.text.encode("utf-8", "surrogatepass"))
-            else:
-                put(b"I", f"{p.image.mode}:{p.image.width}x{p.image.height}".encode())
-                put(b"P", p.image.tobytes())
-        if j in want:
-            out[j] = h.hexdigest()
-    return out
-
-
 class PrefixIds:
     """Rendered ids (generation prompt included) of recently screened conversations and prefixes, by
     digest, least recently used dropped first. An agent thread's earlier prefixes were screened whole on
@@ -150,7 +126,7 @@ def plan_turns(processor: Any, convs: Sequence[Conversation], rows: Sequence[np.
     keys = []
     for c, row, groups in zip(convs, rows, layout):
         ends = [end for _, end in groups if end is not None]
-        keys.append(_prefix_digests(c, [*ends, len(c.messages)]))
+        keys.append(c.prefix_digests([*ends, len(c.messages)]))
         cache.put(keys[-1][len(c.messages)], row)  # the next turn's earlier prefix
     fresh: dict[str, np.ndarray] = {}  # this batch's renderings, whatever the cache evicts meanwhile
     if shared:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, Union
 
 from PIL import Image
@@ -148,12 +149,19 @@ class Conversation(StrictModel):
     def digest(self) -> str:
         """Stable sha256 over roles, text and image pixels (length-prefixed, so no two different
         conversations share a byte stream); for caching verdicts and for logs."""
+        return self.prefix_digests([len(self.messages)])[len(self.messages)]
+
+    def prefix_digests(self, ends: Iterable[int]) -> dict[int, str]:
+        """:meth:`digest` of ``messages[:j]`` for every ``j`` in ``ends``, in one pass over the same
+        byte stream, so a prefix's digest is the one it had when it was a whole conversation."""
         h = hashlib.sha256(b"ohd-guard/conversation/v1")
+        want = set(ends)
+        out = {0: h.hexdigest()} if 0 in want else {}
 
         def put(tag: bytes, data: bytes) -> None:
             h.update(tag + struct.pack(">Q", len(data)) + data)
 
-        for m in self.messages:
+        for j, m in enumerate(self.messages, start=1):
             put(b"M", m.role.encode())
             for p in m.parts:
                 if isinstance(p, TextPart):
@@ -161,4 +169,6 @@ class Conversation(StrictModel):
                 else:
                     put(b"I", f"{p.image.mode}:{p.image.width}x{p.image.height}".encode())
                     put(b"P", p.image.tobytes())
-        return h.hexdigest()
+            if j in want:
+                out[j] = h.hexdigest()
+        return out

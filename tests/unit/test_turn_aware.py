@@ -158,10 +158,9 @@ def test_scope_is_checked_and_old_verdicts_still_load(sahs):
 
 def test_prefix_keys_are_the_digests_the_prefixes_had_when_screened_whole():
     from ohd_guard.conversation import to_conversation
-    from ohd_guard.turns import _prefix_digests
 
     conv = to_conversation(THREADS[2])
-    keys = _prefix_digests(conv, range(1, len(conv.messages) + 1))
+    keys = conv.prefix_digests(range(1, len(conv.messages) + 1))
     assert keys == {j: to_conversation(THREADS[2][:j]).digest() for j in range(1, len(conv.messages) + 1)}
 
 
