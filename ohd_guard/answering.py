@@ -51,29 +51,14 @@ Done = Callable[[GuardedResponse | None, BaseException | None], None]
 class Answerer:
     """Generates answers and refusals for screened conversations on one model."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        screening: ConversationScreener,
-        *,
-        refusal: str,
-        template: RefusalTemplate,
-        reuse_prefill: bool,
-    ):
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, screening: ConversationScreener, *, refusal: str,
+                 template: RefusalTemplate, reuse_prefill: bool):
         self.model, self.tokenizer, self.screening = model, tokenizer, screening
         self.refusal, self.template, self.reuse_prefill = refusal, template, reuse_prefill
         self.prefix_ids = tokenizer.encode(template.forced_prefix, add_special_tokens=False)
 
-    def generate(
-        self,
-        inputs: dict[str, Any],
-        prefill: Prefill | None,
-        gen_kwargs: dict[str, Any],
-        on_chunk: Chunk,
-        cancel: threading.Event | None,
-        processors: list | None = None,
-    ) -> str:
+    def generate(self, inputs: dict[str, Any], prefill: Prefill | None, gen_kwargs: dict[str, Any], on_chunk: Chunk,
+                 cancel: threading.Event | None, processors: list | None = None) -> str:
         """``model.generate`` on ``inputs``, continuing from ``prefill`` when it can; the decoded answer."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -108,14 +93,8 @@ class Answerer:
         seq = out.sequences if hasattr(out, "sequences") else out
         return self.tokenizer.decode(seq[0, T:], skip_special_tokens=True)
 
-    def respond(
-        self,
-        s: Screened,
-        verdict: Verdict,
-        gen_kwargs: dict[str, Any],
-        on_chunk: Chunk = None,
-        cancel: threading.Event | None = None,
-    ) -> GuardedResponse:
+    def respond(self, s: Screened, verdict: Verdict, gen_kwargs: dict[str, Any], on_chunk: Chunk = None,
+                cancel: threading.Event | None = None) -> GuardedResponse:
         """Answer a screened conversation that passed, refuse one that did not (one at a time)."""
         if verdict.flagged:
             return self.refuse(verdict, s.conversation, gen_kwargs, on_chunk, cancel, screened=s)
@@ -131,16 +110,8 @@ class Answerer:
                 text = self.generate(self.screening.encode([s.conversation]), None, gen_kwargs, on_chunk, cancel)
         return GuardedResponse(text=text, verdict=verdict, refused=False)
 
-    def start(
-        self,
-        s: Screened,
-        verdict: Verdict,
-        gen_kwargs: dict[str, Any],
-        on_chunk: Chunk,
-        cancel: threading.Event | None,
-        batch: DecodeBatch,
-        done: Done,
-    ) -> None:
+    def start(self, s: Screened, verdict: Verdict, gen_kwargs: dict[str, Any], on_chunk: Chunk,
+              cancel: threading.Event | None, batch: DecodeBatch, done: Done) -> None:
         """Answer or refuse ``s`` through the worker's decode batch where it can (the row continues
         from its screening prefill and ``done`` is called when it leaves the batch), else at once, one
         at a time. ``done(response, error)`` is called exactly once."""
@@ -160,11 +131,8 @@ class Answerer:
             def finished(text: str, n: int) -> None:
                 done(GuardedResponse(text=text, verdict=verdict, refused=False), None)
 
-            batch.add(
-                row_from_prefill(prefill, s.row),  # type: ignore[arg-type]
-                logits,
-                DecodeRow(sampling, finished, lambda e: done(None, e), on_chunk, cancel),
-            )
+            batch.add(row_from_prefill(prefill, s.row), logits,  # type: ignore[arg-type]
+                      DecodeRow(sampling, finished, lambda e: done(None, e), on_chunk, cancel))
         except Exception as e:
             done(None, e)
 
@@ -194,7 +162,7 @@ class Answerer:
                                                                        device=ids.device),
                              position_ids=torch.arange(start, start + tail.shape[1], device=ids.device)[None],
                              use_cache=True, logits_to_keep=1, **{hf.model_cache_keyword(self.model): cache})  # fmt: skip
-        full = torch.cat([anchored, tail[:, A - lcp :]], dim=1)
+        full = torch.cat([anchored, tail[:, A - lcp:]], dim=1)
         return (hf.cache_tensors(hf.output_cache(out)), full, start + tail.shape[1]), out.logits[0, -1], A
 
     def anchored_prompt(self, conv: Conversation) -> Conversation:
@@ -211,16 +179,8 @@ class Answerer:
         return checked_refusal(f"{self.template.forced_prefix}{continuation}", self.template,
                                self.screening.text_flagged)  # fmt: skip
 
-    def _start_refusal(
-        self,
-        s: Screened,
-        verdict: Verdict,
-        gen_kwargs: dict[str, Any],
-        on_chunk: Chunk,
-        cancel: threading.Event | None,
-        batch: DecodeBatch,
-        done: Done,
-    ) -> None:
+    def _start_refusal(self, s: Screened, verdict: Verdict, gen_kwargs: dict[str, Any], on_chunk: Chunk,
+                       cancel: threading.Event | None, batch: DecodeBatch, done: Done) -> None:
         """The refusal policy for the batched path: the anchored continuation decodes in the batch."""
         if self.refusal != "anchored" or verdict.error is not None or self.template.max_continuation_tokens == 0:
             done(self.refuse(verdict, s.conversation, gen_kwargs, on_chunk, cancel, screened=s), None)
@@ -246,11 +206,8 @@ class Answerer:
             done(self._refusal_response(verdict, self._checked(continuation), on_chunk), None)
 
         def failed(exc: BaseException) -> None:  # the forced sentence is out: end it with the closing
-            log.warning(
-                "anchored refusal continuation failed (%s: %s); closing it with the fixed sentence",
-                type(exc).__name__,
-                exc,
-            )
+            log.warning("anchored refusal continuation failed (%s: %s); closing it with the fixed sentence",
+                        type(exc).__name__, exc)
             done(self._refusal_response(verdict, f"{prefix} {self.template.closing}".strip(), on_chunk), None)
 
         s.take_prefill()
@@ -260,7 +217,7 @@ class Answerer:
         """The anchored refusal whose forced sentence was already sent: send the rest."""
         prefix = self.template.forced_prefix
         if on_chunk is not None and len(text) > len(prefix):
-            on_chunk(text[len(prefix) :])
+            on_chunk(text[len(prefix):])
         return GuardedResponse(text=text, verdict=verdict, refused=True, refusal_kind="anchored")
 
     def _anchored_text(self, conv: Conversation | None, gen_kwargs: dict[str, Any], cancel) -> str:
@@ -282,9 +239,8 @@ class Answerer:
             log.warning("anchored refusal failed (%s: %s); closing it with the fixed sentence", type(e).__name__, e)
             return f"{prefix} {self.template.closing}".strip()
 
-    def anchored(
-        self, conv: Conversation, gen_kwargs: dict[str, Any], on_chunk: Chunk, cancel, screened: Screened | None = None
-    ) -> str:
+    def anchored(self, conv: Conversation, gen_kwargs: dict[str, Any], on_chunk: Chunk, cancel,
+                 screened: Screened | None = None) -> str:
         """The forced refusal sentence (sent at once) plus at most one checked sentence of the model's
         own (see :func:`~ohd_guard.refusal.checked_refusal`), decoded from ``screened``'s prefill when
         there is one; the continuation is sent as one chunk once checked, never streamed raw."""
@@ -311,30 +267,17 @@ class Answerer:
                             raise errors[0]
                         text = self._checked(got[0])
             except Exception as e:
-                log.warning(
-                    "anchored refusal from the prefill failed (%s: %s); generating it one at a time",
-                    type(e).__name__,
-                    e,
-                )
+                log.warning("anchored refusal from the prefill failed (%s: %s); generating it one at a time",
+                            type(e).__name__, e)
         if text is None:
-            text = (
-                self._anchored_text(conv, gen_kwargs, cancel)
-                if self.template.max_continuation_tokens > 0
+            text = self._anchored_text(conv, gen_kwargs, cancel) if self.template.max_continuation_tokens > 0 \
                 else f"{prefix} {self.template.closing}".strip()
-            )
         if on_chunk is not None and len(text) > len(prefix):
-            on_chunk(text[len(prefix) :])
+            on_chunk(text[len(prefix):])
         return text
 
-    def refuse(
-        self,
-        verdict: Verdict,
-        conv: Conversation | None,
-        gen_kwargs: dict[str, Any],
-        on_chunk: Chunk = None,
-        cancel: threading.Event | None = None,
-        screened: Screened | None = None,
-    ) -> GuardedResponse:
+    def refuse(self, verdict: Verdict, conv: Conversation | None, gen_kwargs: dict[str, Any], on_chunk: Chunk = None,
+               cancel: threading.Event | None = None, screened: Screened | None = None) -> GuardedResponse:
         """The refusal policy, the one place it lives: ``GuardViolation``, the anchored refusal generated
         from ``conv`` (from ``screened``'s prefill when given), or the static message."""
         if self.refusal == "raise":
@@ -358,9 +301,8 @@ class Answerer:
             on_chunk(self.template.static_message)
         return GuardedResponse(text=self.template.static_message, verdict=verdict, refused=True, refusal_kind="static")
 
-    def refuse_screened(
-        self, raw: Any, verdict: Verdict, gen_kwargs: dict[str, Any], cancel: threading.Event | None = None
-    ) -> GuardedResponse:
+    def refuse_screened(self, raw: Any, verdict: Verdict, gen_kwargs: dict[str, Any],
+                        cancel: threading.Event | None = None) -> GuardedResponse:
         """Refuse a conversation screened earlier. ``raw`` is a :class:`Screened` (its conversation is
         reused: nothing is converted or decoded again) or the raw conversation (converted, never screened)."""
         if not isinstance(verdict, Verdict):
@@ -372,9 +314,6 @@ class Answerer:
             try:
                 conv = self.screening.convert(raw)
             except Exception as e:  # fail closed: the static message
-                log.warning(
-                    "cannot build the anchored refusal (%s: %s); answering with the static refusal instead",
-                    type(e).__name__,
-                    e,
-                )
+                log.warning("cannot build the anchored refusal (%s: %s); answering with the static refusal instead",
+                            type(e).__name__, e)
         return self.refuse(verdict, conv, gen_kwargs, cancel=cancel)

@@ -51,30 +51,11 @@ __all__ = ["DecodeBatch", "DecodeRow", "Sampling", "row_from_prefill", "sampling
 log = logging.getLogger("ohd_guard.guard")
 
 # generate() keyword arguments a batched row reproduces exactly; anything else: one at a time
-_ROW_KWARGS = {
-    "max_new_tokens",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repetition_penalty",
-    "logits_processor",
-    "stopping_criteria",
-    "eos_token_id",
-    "pad_token_id",
-    "generation_config",
-}
+_ROW_KWARGS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+               "logits_processor", "stopping_criteria", "eos_token_id", "pad_token_id", "generation_config"}
 # generation_config fields that may differ from their defaults (the rest must be defaults)
-_CONFIG_FIELDS = _ROW_KWARGS | {
-    "bos_token_id",
-    "max_length",
-    "transformers_version",
-    "_from_model_config",
-    "use_cache",
-    "return_dict_in_generate",
-    "cache_implementation",
-}
+_CONFIG_FIELDS = _ROW_KWARGS | {"bos_token_id", "max_length", "transformers_version", "_from_model_config",
+                                "use_cache", "return_dict_in_generate", "cache_implementation"}
 
 
 @dataclass
@@ -95,13 +76,8 @@ def sampling_for(model: Any, gen_kwargs: dict[str, Any]) -> Sampling | None:
         return None
     base = gen_kwargs.get("generation_config") or getattr(model, "generation_config", None) or GenerationConfig()
     config = copy.deepcopy(base)
-    config.update(
-        **{
-            k: v
-            for k, v in gen_kwargs.items()
-            if k not in ("generation_config", "logits_processor", "stopping_criteria")
-        }
-    )
+    config.update(**{k: v for k, v in gen_kwargs.items() if k not in ("generation_config", "logits_processor",
+                                                                        "stopping_criteria")})
     if any(v not in (None, False) for k, v in config.to_diff_dict().items() if k not in _CONFIG_FIELDS):
         return None
     processors = LogitsProcessorList()

@@ -144,13 +144,7 @@ class ContextMaterial:
 
 @cache
 def _raw() -> dict[str, Any]:
-    text = (
-        resources.files("ohd_guard")
-        .joinpath("data")
-        .joinpath("contexts")
-        .joinpath("material.json")
-        .read_text(encoding="utf-8")
-    )
+    text = resources.files("ohd_guard").joinpath("data").joinpath("contexts").joinpath("material.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 
@@ -208,13 +202,8 @@ def _call_round(rng: random.Random, name: str, arguments: dict[str, Any], result
     """An OpenAI assistant tool call and its result (``to_conversation`` screens both)."""
     cid = f"call_{rng.randrange(16**8):08x}"
     return [
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {"id": cid, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
-            ],
-        },
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": cid, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]},
         {"role": "tool", "tool_call_id": cid, "name": name, "content": result},
     ]
 
@@ -245,21 +234,15 @@ def _tools(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, list
         schemas = _schemas(m, rng, tool)
         name = tool["schema"]["function"]["name"]
         if variant == "round":  # a finished benign tool round, then the request
-            msgs += [
-                _user(call["ask"]),
-                *_call_round(rng, name, call["arguments"], call["result"]),
-                {"role": "assistant", "content": call["answer"]},
-                _user(text),
-            ]
+            msgs += [_user(call["ask"]), *_call_round(rng, name, call["arguments"], call["result"]),
+                     {"role": "assistant", "content": call["answer"]}, _user(text)]
         else:  # the request, the model's tool call and a benign result: the agent's second model call
             msgs += [_user(text), *_call_round(rng, name, call["arguments"], call["result"])]
     else:  # the request arrives inside a tool result (indirect injection when it is harmful)
         frame = rng.choice(m.frames)
         schemas = _schemas(m, rng, _tool_named(m, frame["tool"]))
-        msgs += [
-            _user(frame["ask"]),
-            *_call_round(rng, frame["tool"], frame["arguments"], frame["result"].format(request=text)),
-        ]
+        msgs += [_user(frame["ask"]),
+                 *_call_round(rng, frame["tool"], frame["arguments"], frame["result"].format(request=text))]
     choice = rng.choice((None, None, None, "auto", "required"))
     return f"tools/{variant}", with_tools(msgs, schemas, choice)
 
@@ -269,8 +252,7 @@ def _rag(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, list[d
     system, user = RAG_TEMPLATES[name]
     context = "\n\n".join(rng.sample(m.passages, rng.randint(1, min(4, len(m.passages)))))
     msgs = ([{"role": "system", "content": _fill(system, context, text)}] if system else []) + [
-        _user(_fill(user, context, text))
-    ]
+        _user(_fill(user, context, text))]
     return f"rag/{name}", msgs
 
 
@@ -337,25 +319,12 @@ def _place(prompt: LabelledPrompt, kind: str, rng: random.Random, m: ContextMate
         variant, msgs = _padding(text, m, rng)
     else:
         raise InvalidInputError(f"unknown context kind {kind!r}; known: {', '.join(CONTEXT_KINDS)}")
-    return ContextConversation(
-        msgs,
-        prompt.label,
-        prompt.category,
-        prompt.source,
-        context=kind,
-        variant=variant,
-        request=text,
-        earlier_harmful=earlier_harmful,
-    )
+    return ContextConversation(msgs, prompt.label, prompt.category, prompt.source, context=kind, variant=variant,
+                               request=text, earlier_harmful=earlier_harmful)
 
 
-def place(
-    prompt: LabelledPrompt,
-    kind: str,
-    rng: random.Random,
-    split: Split = "fit",
-    passages: Sequence[str | LabelledPrompt] = (),
-) -> ContextConversation:
+def place(prompt: LabelledPrompt, kind: str, rng: random.Random, split: Split = "fit",
+          passages: Sequence[str | LabelledPrompt] = ()) -> ContextConversation:
     """``prompt`` placed in one context of ``kind``, drawn with ``rng`` from the ``split`` material."""
     return _place(prompt, kind, rng, material(split, passages))
 

@@ -30,7 +30,7 @@ EVAL_DETECTORS: dict[str, str] = {
     "hiddendetect": "logit-lens refusal-token cosine over the best band of layers, fitted",
     "self-refusal": "the model's own greedy answer opens with a refusal phrase",
     "judge": "the model asked as a judge: log p(unsafe) - log p(safe) of its first answer (a second prefill), "
-    "threshold at the midpoint of the fit data's class medians",
+             "threshold at the midpoint of the fit data's class medians",
 }
 """Detector names an evaluation run accepts (``ohd-guard eval --detectors``)."""
 
@@ -60,21 +60,11 @@ class EvalSets:
     notes: list[str] = field(default_factory=list)
 
 
-def load_sets(
-    files: Sequence[Path],
-    shared: Sequence[str] = (),
-    *,
-    project_heldout: bool = False,
-    dedupe_fit: bool = False,
-    fit_data: Path | None = None,
-    limit: int | None = None,
-    attacks: bool = False,
-    attack_seeds: int = 10,
-    attack_names: Sequence[str] | None = None,
-    contexts: Sequence[str] | None = None,
-    context_limit: int | None = None,
-    say: Say = _quiet,
-) -> EvalSets:
+def load_sets(files: Sequence[Path], shared: Sequence[str] = (), *, project_heldout: bool = False,
+              dedupe_fit: bool = False, fit_data: Path | None = None, limit: int | None = None,
+              attacks: bool = False, attack_seeds: int = 10, attack_names: Sequence[str] | None = None,
+              contexts: Sequence[str] | None = None, context_limit: int | None = None,
+              say: Say = _quiet) -> EvalSets:
     """Labelled files and shared sets, at most ``limit`` unsafe and ``limit`` safe items each; with
     ``dedupe_fit`` without the items the shipped profiles (and ``fit_data``) were fitted on; then the
     attack suite built from their unsafe text items; then, with ``contexts``, every set placed in each."""
@@ -97,9 +87,7 @@ def load_sets(
         for name in list(sets):
             if not name.startswith("project "):  # the project's held-out split is disjoint by construction
                 kept = dedupe_against(sets[name], fit)
-                say(
-                    f"[eval] {name}: {len(sets[name]) - len(kept)} items dropped (duplicates of fit data or within the set)"
-                )
+                say(f"[eval] {name}: {len(sets[name]) - len(kept)} items dropped (duplicates of fit data or within the set)")
                 sets[name] = kept
     for name in shared:
         if name != "figstep_images":
@@ -126,9 +114,8 @@ def load_sets(
 
 
 # --------------------------------------------------------------------------------------- detectors
-def default_detectors(
-    profile: Path | None, model_name: Any = None, allow_edited: bool = False
-) -> tuple[list[str], Path | None]:
+def default_detectors(profile: Path | None, model_name: Any = None,
+                      allow_edited: bool = False) -> tuple[list[str], Path | None]:
     """What a run evaluates when no detector is named: ``profile`` (any kind), else the shipped
     :data:`~ohd_guard.shipped.DEFAULT_DETECTOR` profile of the model, else that kind fitted here.
     Returns ``(names to build, a profile file to load or None)``."""
@@ -171,25 +158,12 @@ def unique_names(entries: Sequence[tuple[Any, str]]) -> list[Any]:
     return out
 
 
-def build_detectors(
-    model: Any,
-    processor: Any,
-    names: Sequence[str],
-    *,
-    profile: Path | None = None,
-    model_name: Any = None,
-    detector_files: Sequence[Path] = (),
-    use_shipped: bool = False,
-    default_file: Path | None = None,
-    allow_edited: bool = False,
-    fit_data: Path | None = None,
-    fit_per_class: int | None = None,
-    save_fitted: Path | None = None,
-    max_new_tokens: int = 24,
-    batch_size: int = 8,
-    describe: Callable[[Any], str] = _threshold,
-    say: Say = _quiet,
-) -> tuple[list[Any], list[str]]:
+def build_detectors(model: Any, processor: Any, names: Sequence[str], *, profile: Path | None = None,
+                    model_name: Any = None, detector_files: Sequence[Path] = (), use_shipped: bool = False,
+                    default_file: Path | None = None, allow_edited: bool = False, fit_data: Path | None = None,
+                    fit_per_class: int | None = None, save_fitted: Path | None = None, max_new_tokens: int = 24,
+                    batch_size: int = 8, describe: Callable[[Any], str] = _threshold,
+                    say: Say = _quiet) -> tuple[list[Any], list[str]]:
     """The detectors ``names`` (:data:`EVAL_DETECTORS`) bound to ``model``: loaded from ``profile`` or the
     shipped profiles of ``model_name``, from ``detector_files``, or fitted on ``fit_data`` (default:
     the project's calibration split) and saved to ``save_fitted``. Returns the detectors under distinct
@@ -225,10 +199,8 @@ def build_detectors(
                 loaded.verify(model, processor)
                 ohd_profile = loaded
             except ProfileMismatchError:
-                say(
-                    "[eval] the shipped profile is for another model: "
-                    "One-head Defense searches its head (fast strategy)"
-                )
+                say("[eval] the shipped profile is for another model: "
+                    "One-head Defense searches its head (fast strategy)")
         if "ohd" in names:
             det = OneHeadDefense.from_profile(ohd_profile, model, processor)
             det.batch_size = bs
@@ -244,10 +216,8 @@ def build_detectors(
         except ProfileMismatchError as e:
             if default_file == profile:
                 raise
-            say(
-                f"[eval] the shipped {DEFAULT_DETECTOR} profile is for another model ({e}): "
-                f"fitting {DEFAULT_DETECTOR} on the fit data instead"
-            )
+            say(f"[eval] the shipped {DEFAULT_DETECTOR} profile is for another model ({e}): "
+                f"fitting {DEFAULT_DETECTOR} on the fit data instead")
             names = [DEFAULT_DETECTOR]
     for path in files:
         det = load_detector(path, model, processor, allow_edited=allow_edited)
@@ -257,11 +227,8 @@ def build_detectors(
         notes.append(f"{det.name} loaded from {path}: {describe(det)}")
 
     # the profile's head, mask target and score layer; only the position mode and the threshold change
-    same: dict[str, Any] = (
-        {}
-        if ohd_profile is None
-        else {"head": ohd_profile.heads[0], "mask": ohd_profile.mask, "score_layer": ohd_profile.score_layer}
-    )
+    same: dict[str, Any] = ({} if ohd_profile is None else
+                            {"head": ohd_profile.heads[0], "mask": ohd_profile.mask, "score_layer": ohd_profile.score_layer})
     factories: dict[str, Callable[[], Any]] = {
         "ohd-fast": lambda: OneHeadDefense("fast", strategy="fast", batch_size=bs, **same),
         "ohd-exact": lambda: OneHeadDefense("exact", strategy="fast", batch_size=bs, **same),
@@ -285,10 +252,8 @@ def build_detectors(
                 det = factories[n]().fit(model, processor, unsafe, safe)
                 say(f"[fit] {det.name}: {time.perf_counter() - t0:.1f} s, {describe(det)}")
                 entries.append((det, "fitted"))
-                notes.append(
-                    f"{det.name} fitted on {len(unsafe)} unsafe + {len(safe)} safe prompts of {fit_src}: "
-                    f"{describe(det)}"
-                )
+                notes.append(f"{det.name} fitted on {len(unsafe)} unsafe + {len(safe)} safe prompts of {fit_src}: "
+                             f"{describe(det)}")
                 if save_fitted:
                     saved = det.save(save_fitted / f"{n}.json")
                     say(f"[fit] {det.name} saved to {saved}")
@@ -309,14 +274,8 @@ class EvalPlan:
     def run(self, progress: bool = False) -> EvalReport:
         """:func:`~ohd_guard.evaluation.evaluate` (its progress lines on stdout), notes added."""
         s = self.sets
-        report = evaluate(
-            self.detectors,
-            s.sets,
-            attacks=s.attacks,
-            max_fpr=self.max_fpr,
-            latency_prompts=self.latency_prompts,
-            progress=progress,
-        )
+        report = evaluate(self.detectors, s.sets, attacks=s.attacks, max_fpr=self.max_fpr,
+                          latency_prompts=self.latency_prompts, progress=progress)
         notes = list(self.notes)
         if s.placed:
             notes.extend(s.notes)

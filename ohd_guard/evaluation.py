@@ -120,11 +120,8 @@ class EvalReport(BaseModel):
         pool_s = np.concatenate(pool) if pool else np.zeros(0)
         if not pool_s.size:
             return None
-        return (
-            np.r_[s, pool_s],
-            np.r_[y, np.full(pool_s.size, want)],
-            f"pooled {'safe' if want == 0 else 'unsafe'} ({pool_s.size})",
-        )
+        return (np.r_[s, pool_s], np.r_[y, np.full(pool_s.size, want)],
+                f"pooled {'safe' if want == 0 else 'unsafe'} ({pool_s.size})")
 
     # -- output ----------------------------------------------------------------------------------
     def to_json(self, indent: int | None = 2) -> str:
@@ -163,47 +160,26 @@ class EvalReport(BaseModel):
         out += self._pivot("dataset", rate)
         out += ["", "### AUROC (one-class sets paired with the pooled opposite class of the reference sets)", ""]
         out += self._pivot("dataset", lambda r: f(r.auroc))
-        out += [
-            "",
-            f"### Detection rate at {self.max_fpr:.0%} FPR (threshold chosen on the paired data, an upper bound)",
-            "",
-        ]
+        out += ["", f"### Detection rate at {self.max_fpr:.0%} FPR (threshold chosen on the paired data, an upper bound)", ""]
         out += self._pivot("dataset", lambda r: f(r.tpr_at_fpr))
         if self.attacks:
             out += ["", "### Adaptive attacks: DR at the calibrated threshold (AUROC vs pooled safe items)", ""]
             out += self._pivot("attack", lambda r: f"{f(r.detection_rate)} ({f(r.auroc)})")
         if self.latency:
-            out += [
-                "",
-                "### Screening latency, one prompt at a time",
-                "",
-                "| detector | ms / prompt | unguarded prefill ms / prompt | x prefill |",
-                "|---|---:|---:|---:|",
-            ]
-            out += [
-                f"| {r.detector} | {r.ms_per_prompt:.1f} | {r.prefill_ms_per_prompt:.1f} | {r.ratio:.2f} |"
-                for r in self.latency
-            ]
+            out += ["", "### Screening latency, one prompt at a time", "",
+                    "| detector | ms / prompt | unguarded prefill ms / prompt | x prefill |", "|---|---:|---:|---:|"]
+            out += [f"| {r.detector} | {r.ms_per_prompt:.1f} | {r.prefill_ms_per_prompt:.1f} | {r.ratio:.2f} |"
+                    for r in self.latency]
         thr = ", ".join(f"{d}: {t:.4g}" for d, t in self.thresholds.items())
         out += ["", f"Thresholds: {thr}.", f"Reference sets for one-class pairing: {', '.join(self.reference_sets)}."]
         if categories and self.categories:
-            out += [
-                "",
-                "### Per category (flag rate)",
-                "",
-                "| set / category | label | n | " + " | ".join(self.detectors) + " |",
-                "|---|---:|---:|" + "---:|" * len(self.detectors),
-            ]
-            keys = list(
-                dict.fromkeys(
-                    (c.dataset, c.category, c.label) for c in self.categories if c.dataset not in self.attacks
-                )
-            )  # attack categories: JSON only
+            out += ["", "### Per category (flag rate)", "", "| set / category | label | n | " + " | ".join(self.detectors) + " |",
+                    "|---|---:|---:|" + "---:|" * len(self.detectors)]
+            keys = list(dict.fromkeys((c.dataset, c.category, c.label) for c in self.categories
+                                      if c.dataset not in self.attacks))  # attack categories: JSON only
             by = {(c.detector, c.dataset, c.category, c.label): c for c in self.categories}
             for ds, cat, lab in keys:
-                cells = [
-                    f(by[(d, ds, cat, lab)].flagged_rate) if (d, ds, cat, lab) in by else "-" for d in self.detectors
-                ]
+                cells = [f(by[(d, ds, cat, lab)].flagged_rate) if (d, ds, cat, lab) in by else "-" for d in self.detectors]
                 n = next(by[k].n for k in by if k[1:] == (ds, cat, lab))
                 out.append(f"| {ds} / {cat} | {lab} | {n} | " + " | ".join(cells) + " |")
         if self.notes:
@@ -224,33 +200,16 @@ def _labels(name: str, items: Sequence[Any]) -> np.ndarray:
     try:
         y = np.array([int(x.label) for x in items])
     except AttributeError:
-        raise InvalidInputError(
-            f"set {name!r}: every item needs a .label (use LabelledPrompt / LabelledConversation)"
-        ) from None
+        raise InvalidInputError(f"set {name!r}: every item needs a .label (use LabelledPrompt / LabelledConversation)") from None
     if not len(y) or not np.isin(y, (0, 1)).all():
         raise InvalidInputError(f"set {name!r} is empty or has labels other than 0/1")
     return y
 
 
-def _metrics(
-    report: EvalReport,
-    det: Detector,
-    name: str,
-    kind: str,
-    y: np.ndarray,
-    s: np.ndarray | None,
-    seconds: float,
-    skipped: str,
-) -> SetResult:
-    base = dict(
-        detector=det.name,
-        dataset=name,
-        kind=kind,
-        n=len(y),
-        n_unsafe=int((y == 1).sum()),
-        n_safe=int((y == 0).sum()),
-        seconds=round(seconds, 3),
-    )
+def _metrics(report: EvalReport, det: Detector, name: str, kind: str, y: np.ndarray, s: np.ndarray | None,
+             seconds: float, skipped: str) -> SetResult:
+    base = dict(detector=det.name, dataset=name, kind=kind, n=len(y), n_unsafe=int((y == 1).sum()),
+                n_safe=int((y == 0).sum()), seconds=round(seconds, 3))
     if s is None:
         return SetResult(**base, skipped=skipped)
     thr = det.threshold
@@ -321,15 +280,8 @@ def _latency(detectors: Sequence[Detector], convs: list[Any], progress: bool) ->
     out = []
     for d in detectors:
         per, ref = float(np.median(own[d.name])), float(np.median(base[id(d.model)]))
-        out.append(
-            LatencyResult(
-                detector=d.name,
-                n_prompts=len(convs),
-                ms_per_prompt=1000 * per,
-                prefill_ms_per_prompt=1000 * ref,
-                ratio=per / ref,
-            )
-        )
+        out.append(LatencyResult(detector=d.name, n_prompts=len(convs), ms_per_prompt=1000 * per,
+                                 prefill_ms_per_prompt=1000 * ref, ratio=per / ref))
         if progress:
             print(f"[eval] latency {d.name}: {1000 * per:.1f} ms/prompt ({per / ref:.2f}x prefill)", flush=True)
     return out
@@ -384,13 +336,9 @@ def evaluate(
     sets = {**{k: ("dataset", v) for k, v in datasets.items()}, **{k: ("attack", v) for k, v in attacks.items()}}
     labels = {k: _labels(k, v) for k, (_, v) in sets.items()}
     report = EvalReport(
-        max_fpr=max_fpr,
-        detectors=names,
-        thresholds={d.name: float(d.threshold) for d in detectors},
-        datasets={k: len(v) for k, v in datasets.items()},
-        attacks={k: len(v) for k, v in attacks.items()},
-        reference_sets=refs,
-        labels={k: v.tolist() for k, v in labels.items()},
+        max_fpr=max_fpr, detectors=names, thresholds={d.name: float(d.threshold) for d in detectors},
+        datasets={k: len(v) for k, v in datasets.items()}, attacks={k: len(v) for k, v in attacks.items()},
+        reference_sets=refs, labels={k: v.tolist() for k, v in labels.items()},
     )
     timing: dict[tuple[str, str], tuple[float, str]] = {}
     joint: dict[str, tuple[list[Any], int]] = {}  # detector name -> (its group, its column)
@@ -430,9 +378,7 @@ def evaluate(
         for name, (kind, items) in sets.items():
             sec, why = timing[(det.name, name)]
             got = report.scores[det.name].get(name)
-            report.results.append(
-                _metrics(report, det, name, kind, labels[name], None if got is None else np.asarray(got), sec, why)
-            )
+            report.results.append(_metrics(report, det, name, kind, labels[name], None if got is None else np.asarray(got), sec, why))
             if got is None:
                 continue
             cats: dict[tuple[str, int], list[int]] = {}
@@ -440,18 +386,9 @@ def evaluate(
                 if getattr(x, "category", ""):
                     cats.setdefault((x.category, int(x.label)), []).append(i)
             for (cat, lab), idx in sorted(cats.items()):
-                report.categories.append(
-                    CategoryResult(
-                        detector=det.name,
-                        dataset=name,
-                        category=cat,
-                        label=lab,
-                        n=len(idx),
-                        flagged_rate=float(np.mean(np.asarray(got)[idx] > det.threshold)),
-                    )
-                )
+                report.categories.append(CategoryResult(
+                    detector=det.name, dataset=name, category=cat, label=lab, n=len(idx),
+                    flagged_rate=float(np.mean(np.asarray(got)[idx] > det.threshold))))
     if latency_prompts > 0:
-        report.latency = _latency(
-            detectors, [as_input(x) for x in _latency_prompts(datasets, latency_prompts)], progress
-        )
+        report.latency = _latency(detectors, [as_input(x) for x in _latency_prompts(datasets, latency_prompts)], progress)
     return report

@@ -27,15 +27,8 @@ from ohd_guard.datasets import LabelledPrompt, per_class as limit_per_class
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.metrics import auroc
 
-__all__ = [
-    "CONTEXT_SEED",
-    "ContextResult",
-    "context_kinds",
-    "context_markdown",
-    "context_results",
-    "context_sets",
-    "set_name",
-]
+__all__ = ["CONTEXT_SEED", "ContextResult", "context_kinds", "context_markdown", "context_results", "context_sets",
+           "set_name"]
 
 CONTEXT_SEED = 0
 """Seed of every placement: the same items in every run, so numbers of two runs compare."""
@@ -78,10 +71,8 @@ def context_sets(
     for name, items in sets.items():
         keep = [x for x in items if _placeable(x)]
         if len(keep) < len(items):
-            notes.append(
-                f"{name}: {len(items) - len(keep)} of {len(items)} items left out of the contexts "
-                "(images or multi-turn conversations)"
-            )
+            notes.append(f"{name}: {len(items) - len(keep)} of {len(items)} items left out of the contexts "
+                         "(images or multi-turn conversations)")
         if per_class is not None:
             keep = limit_per_class(keep, per_class)
         if not keep:
@@ -123,11 +114,8 @@ def context_results(report: Any, keys: Sequence[tuple[str, str]]) -> list[Contex
     out: list[ContextResult] = []
     for det in report.detectors:
         sc, thr = report.scores.get(det, {}), report.thresholds[det]
-        got = {
-            k: (np.asarray(sc[set_name(*k)]), np.asarray(report.labels[set_name(*k)]))
-            for k in keys
-            if set_name(*k) in sc
-        }
+        got = {k: (np.asarray(sc[set_name(*k)]), np.asarray(report.labels[set_name(*k)]))
+               for k in keys if set_name(*k) in sc}
         rows: dict[tuple[str, str], ContextResult] = {}
         for (name, kind), (s, y) in got.items():
             if (y == 1).any() and (y == 0).any():
@@ -139,16 +127,10 @@ def context_results(report: Any, keys: Sequence[tuple[str, str]]) -> list[Contex
                 pair_s, pair_y = np.r_[s, pool_s], np.r_[y, np.full(pool_s.size, want)]
                 paired = f"pooled {'safe' if want == 0 else 'unsafe'} ({pool_s.size})" if pool_s.size else ""
             rows[(name, kind)] = ContextResult(
-                detector=det,
-                dataset=name,
-                context=kind,
-                n_unsafe=int((y == 1).sum()),
-                n_safe=int((y == 0).sum()),
+                detector=det, dataset=name, context=kind, n_unsafe=int((y == 1).sum()), n_safe=int((y == 0).sum()),
                 detection_rate=float(np.mean(s[y == 1] > thr)) if (y == 1).any() else None,
                 false_positive_rate=float(np.mean(s[y == 0] > thr)) if (y == 0).any() else None,
-                auroc=auroc(pair_s, pair_y) if paired else None,
-                paired_with=paired,
-            )
+                auroc=auroc(pair_s, pair_y) if paired else None, paired_with=paired)
         for name, kind in keys:
             if (name, kind) not in rows:  # evaluate skipped it: say why rather than drop the row
                 try:
@@ -156,29 +138,16 @@ def context_results(report: Any, keys: Sequence[tuple[str, str]]) -> list[Contex
                 except KeyError:
                     continue
                 n_unsafe = sum(report.labels[set_name(name, kind)])
-                out.append(
-                    ContextResult(
-                        detector=det,
-                        dataset=name,
-                        context=kind,
-                        n_unsafe=n_unsafe,
-                        n_safe=len(report.labels[set_name(name, kind)]) - n_unsafe,
-                        detection_rate=None,
-                        false_positive_rate=None,
-                        auroc=None,
-                        paired_with="",
-                        skipped=why or "not scored",
-                    )
-                )
+                out.append(ContextResult(detector=det, dataset=name, context=kind, n_unsafe=n_unsafe,
+                                         n_safe=len(report.labels[set_name(name, kind)]) - n_unsafe,
+                                         detection_rate=None, false_positive_rate=None, auroc=None, paired_with="",
+                                         skipped=why or "not scored"))
                 continue
             r, bare = rows[(name, kind)], rows.get((name, "bare"))
             if kind != "bare" and bare is not None:
-                r = replace(
-                    r,
-                    d_detection_rate=_diff(r.detection_rate, bare.detection_rate),
-                    d_false_positive_rate=_diff(r.false_positive_rate, bare.false_positive_rate),
-                    d_auroc=_diff(r.auroc, bare.auroc),
-                )
+                r = replace(r, d_detection_rate=_diff(r.detection_rate, bare.detection_rate),
+                            d_false_positive_rate=_diff(r.false_positive_rate, bare.false_positive_rate),
+                            d_auroc=_diff(r.auroc, bare.auroc))
             out.append(r)
     return out
 
@@ -205,36 +174,21 @@ def context_markdown(report: Any, sets: Mapping[tuple[str, str], Sequence[Contex
     """The in-context tables: per context, and per variant of each context."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     d = lambda v: "-" if v is None else f"{v:+.3f}"  # noqa: E731
-    out = [
-        "### In context: DR / FPR at the calibrated threshold, AUROC, and the change from bare",
-        "",
-        "| detector | set | context | n unsafe | n safe | DR | FPR | AUROC | Δ DR | Δ FPR | Δ AUROC |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    out = ["### In context: DR / FPR at the calibrated threshold, AUROC, and the change from bare", "",
+           "| detector | set | context | n unsafe | n safe | DR | FPR | AUROC | Δ DR | Δ FPR | Δ AUROC |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in context_results(report, list(sets)):
         if r.skipped:
-            out.append(
-                f"| {r.detector} | {r.dataset} | {r.context} | {r.n_unsafe} | {r.n_safe} | "
-                f"skipped: {r.skipped} | | | | | |"
-            )
+            out.append(f"| {r.detector} | {r.dataset} | {r.context} | {r.n_unsafe} | {r.n_safe} | "
+                       f"skipped: {r.skipped} | | | | | |")
             continue
-        out.append(
-            f"| {r.detector} | {r.dataset} | {r.context} | {r.n_unsafe} | {r.n_safe} | "
-            f"{f(r.detection_rate)} | {f(r.false_positive_rate)} | {f(r.auroc)} | "
-            f"{d(r.d_detection_rate)} | {d(r.d_false_positive_rate)} | {d(r.d_auroc)} |"
-        )
-    out += [
-        "",
-        "### In context, per variant (flag rate at the calibrated threshold)",
-        "",
-        "| detector | set | variant | rate | n | value |",
-        "|---|---|---|---|---:|---:|",
-    ]
+        out.append(f"| {r.detector} | {r.dataset} | {r.context} | {r.n_unsafe} | {r.n_safe} | "
+                   f"{f(r.detection_rate)} | {f(r.false_positive_rate)} | {f(r.auroc)} | "
+                   f"{d(r.d_detection_rate)} | {d(r.d_false_positive_rate)} | {d(r.d_auroc)} |")
+    out += ["", "### In context, per variant (flag rate at the calibrated threshold)", "",
+            "| detector | set | variant | rate | n | value |", "|---|---|---|---|---:|---:|"]
     out += _variant_rates(report, sets)
-    out += [
-        "",
-        f"Contexts drawn from the held-out context material (`ohd_guard.contexts`, split `heldout`, "
-        f"seed {CONTEXT_SEED}), one placement per item; one-class sets are paired with the opposite "
-        "class of the other sets in the same context.",
-    ]
+    out += ["", f"Contexts drawn from the held-out context material (`ohd_guard.contexts`, split `heldout`, "
+                f"seed {CONTEXT_SEED}), one placement per item; one-class sets are paired with the opposite "
+                "class of the other sets in the same context."]
     return "\n".join(out) + "\n"

@@ -89,9 +89,7 @@ def can_resume(model: Any, generation_kwargs: dict[str, Any]) -> bool:
     the case the screening prefill can stand in for (greedy or sampling, no beams, no assistant)."""
     if hf.prefill_method(model) is None:
         return False
-    if any(
-        generation_kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate")
-    ):
+    if any(generation_kwargs.get(k) is not None for k in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate")):
         return False
     config = copy.deepcopy(generation_kwargs.get("generation_config") or model.generation_config or GenerationConfig())
     config.update(**{k: v for k, v in generation_kwargs.items() if k != "generation_config"})
@@ -112,12 +110,8 @@ def _shim(model: Any) -> Callable[..., Any]:
         pending = _PENDING.get()
         if pending is not None and pending["model"] is model and not pending["used"]:
             if hf.prefill_cache(model_kwargs) is not pending["cache"] or input_ids.shape != pending["shape"]:
-                raise hf.InternalChanged(
-                    hf.moved(
-                        f"GenerationMixin.{hf.PREFILL_METHOD}",
-                        "generate() passed it another cache or prompt than it was given",
-                    )
-                )
+                raise hf.InternalChanged(hf.moved(
+                    f"GenerationMixin.{hf.PREFILL_METHOD}", "generate() passed it another cache or prompt than it was given"))
             pending["used"] = True
             return pending["outputs"]
         return original(model, input_ids, generation_config, model_kwargs, *args, **kwargs)  # type: ignore[misc]  # shimmed only when present
@@ -208,3 +202,4 @@ def cut_at_stops(text: str, stops: Sequence[str] | None) -> tuple[str, bool]:
     t = StopTrimmer(stops)
     out = t.feed(text) + t.flush()
     return out, t.stopped
+

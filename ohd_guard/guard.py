@@ -50,13 +50,7 @@ from ohd_guard.verdict import Screened, VerdictEvents
 from ohd_guard.worker import GenerateRequest, GuardWorker, Job, deliver
 
 __all__ = [
-    "EVENT_NAME",
-    "AsyncGuardedStream",
-    "GuardStats",
-    "GuardedResponse",
-    "GuardedStream",
-    "OhdGuard",
-    "Screened",
+    "EVENT_NAME", "AsyncGuardedStream", "GuardStats", "GuardedResponse", "GuardedStream", "OhdGuard", "Screened",
     "Verdict",
 ]
 
@@ -137,10 +131,8 @@ class OhdGuard:
         """The profile the guard screens with (None for a scorer of the user's own)."""
         self.refusal, self.on_error = refusal, on_error
         if on_error == "allow":
-            log.warning(
-                "OhdGuard(on_error='allow'): conversations whose screening fails on an internal fault are "
-                "answered unscreened (counted in guard.stats.failed_open); bad input is still refused"
-            )
+            log.warning("OhdGuard(on_error='allow'): conversations whose screening fails on an internal fault are "
+                        "answered unscreened (counted in guard.stats.failed_open); bad input is still refused")
         base = template_for(model)
         if isinstance(refusal_template, dict):
             refusal_template = base.model_copy(update=refusal_template)
@@ -149,18 +141,9 @@ class OhdGuard:
         self.tokenizer = tokenizer_of(processor)
         self._events = VerdictEvents()
         self.screening_stage = ConversationScreener(
-            model,
-            processor,
-            self.detector,
-            on_error=on_error,
-            limits=self.limits,
-            fetcher=fetcher,
-            base_dir=base_dir,
-            allow_local_files=allow_local_files,
-            max_prompt_tokens=max_prompt_tokens,
-            max_batch_size=max_batch_size,
-            emit=self._events.emit,
-            scope=scope,
+            model, processor, self.detector, on_error=on_error, limits=self.limits, fetcher=fetcher, base_dir=base_dir,
+            allow_local_files=allow_local_files, max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size,
+            emit=self._events.emit, scope=scope,
         )
         self.answering = Answerer(model, self.tokenizer, self.screening_stage, refusal=refusal, template=self.template,
                                   reuse_prefill=reuse_prefill)  # fmt: skip
@@ -172,13 +155,8 @@ class OhdGuard:
 
     @classmethod
     def load(
-        cls,
-        model_ref: Any = None,
-        profile: Any = None,
-        *,
-        device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "auto",
-        allow_edited: bool = False,
+        cls, model_ref: Any = None, profile: Any = None, *,
+        device: str | torch.device = "auto", dtype: str | torch.dtype = "auto", allow_edited: bool = False,
         **options: Any,
     ) -> OhdGuard:
         """Load a model with :func:`~ohd_guard.loading.load_model` and guard it with ``profile``
@@ -317,9 +295,7 @@ class OhdGuard:
         """Screen on the worker thread; concurrent calls share batched prefills."""
         return await self.worker.submit("screen", raw=conversation)
 
-    async def agenerate(
-        self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any
-    ) -> GuardedResponse:
+    async def agenerate(self, conversation: Any, max_new_tokens: int = 256, **generation_kwargs: Any) -> GuardedResponse:
         """:meth:`generate` on the worker thread: screened in a micro-batch, answered in the decode batch."""
         kw = {"max_new_tokens": max_new_tokens, **generation_kwargs}
         cancel = threading.Event()  # set when the caller cancels or times out: the row leaves within a step
@@ -355,9 +331,7 @@ class OhdGuard:
         if verdict is None and isinstance(conversation, Screened):
             return conversation.verdict
         if verdict is None:
-            raise InvalidInputError(
-                "refuse() needs the Verdict screening returned (or what screen_for_answer() returned)"
-            )
+            raise InvalidInputError("refuse() needs the Verdict screening returned (or what screen_for_answer() returned)")
         return verdict
 
     def _begin(self, job: Job, s: Screened, batch: DecodeBatch) -> None:
@@ -382,13 +356,8 @@ class OhdGuard:
         self.answering.start(s, verdict, g.kwargs, g.on_chunk, g.cancel, batch, done)
 
     def _respond(
-        self,
-        raw: Any,
-        t0: float,
-        gen_kwargs: dict[str, Any],
-        on_chunk: Callable[[str], None] | None = None,
-        on_verdict: Callable[[Verdict], None] | None = None,
-        cancel: threading.Event | None = None,
+        self, raw: Any, t0: float, gen_kwargs: dict[str, Any], on_chunk: Callable[[str], None] | None = None,
+        on_verdict: Callable[[Verdict], None] | None = None, cancel: threading.Event | None = None,
     ) -> GuardedResponse:
         """Screen one conversation (keeping its prefill), then answer it or refuse (callers hold the lock)."""
         s = self.screening_stage.screen_many([raw], [t0], keep_cache=self.answering.reuse_prefill)[0]
@@ -506,9 +475,7 @@ class AsyncGuardedStream(_StreamBase):
             def on_verdict(v: Verdict) -> None:
                 state.verdict = v
 
-            gen = GenerateRequest(
-                state.gen_kwargs, state.cancel, on_chunk=push, on_verdict=on_verdict, on_finish=finish
-            )
+            gen = GenerateRequest(state.gen_kwargs, state.cancel, on_chunk=push, on_verdict=on_verdict, on_finish=finish)
             self._job = guard.worker.submit("generate", raw=state.raw, cancel=state.cancel, gen=gen)
             self._job.add_done_callback(lambda f: f.cancelled() or f.exception())  # errors reach the consumer as chunks
         try:

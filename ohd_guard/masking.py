@@ -43,20 +43,15 @@ def _row_scales(
     return scale.to(device) if hit else None
 
 
-def _apply(
-    t: torch.Tensor,
-    scale: torch.Tensor,
-    layout: str,
-    last_only: bool,
-    num_heads: int,
-    head_dim: int,
-    prefix_rows: bool = False,
-):
+def _apply(t: torch.Tensor, scale: torch.Tensor, layout: str, last_only: bool, num_heads: int, head_dim: int,
+           prefix_rows: bool = False):
     """Scale the per-head slices of ``t`` (a query or head-output tensor) by ``scale`` [rows, heads]."""
     if prefix_rows and scale.shape[0] > t.shape[0]:
         scale = scale[: t.shape[0]]
     if scale.shape[0] not in (1, t.shape[0]):
-        raise InvalidInputError(f"head mask has {scale.shape[0]} rows but the forward pass has batch size {t.shape[0]}")
+        raise InvalidInputError(
+            f"head mask has {scale.shape[0]} rows but the forward pass has batch size {t.shape[0]}"
+        )
     t = t.clone()
     if layout in ("flat", "fused"):
         q = t[..., : num_heads * head_dim]

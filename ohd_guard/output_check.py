@@ -39,12 +39,7 @@ from ohd_guard.types import Verdict
 from ohd_guard.verdict import Screened, VerdictEvents
 
 __all__ = [
-    "ANSWERS_FILE",
-    "AnswerCheck",
-    "AnswerRendering",
-    "answer_conversation",
-    "answer_items",
-    "calibrate_answers",
+    "ANSWERS_FILE", "AnswerCheck", "AnswerRendering", "answer_conversation", "answer_items", "calibrate_answers",
     "shipped_answer_profile",
 ]
 
@@ -99,9 +94,7 @@ def answer_conversation(conversation: Any, answer: Any) -> list[Any]:
     elif isinstance(answer, Mapping) and answer.get("role") in ("assistant", "ai"):
         final = answer
     else:
-        raise InvalidInputError(
-            f"the answer must be its text or an assistant message dict, not {type(answer).__name__}"
-        )
+        raise InvalidInputError(f"the answer must be its text or an assistant message dict, not {type(answer).__name__}")
     content = final.get("content")
     if not final.get("tool_calls") and (content is None or (isinstance(content, str) and not content.strip())):
         raise InvalidInputError("empty or blank answer: there is nothing to check")
@@ -127,9 +120,8 @@ def answer_items(path: str | Path | None = None) -> tuple[list[list[dict]], list
     return unsafe, safe
 
 
-def calibrate_answers(
-    model: Any, processor: Any, path: str | Path | None = None, *, detector: str = "sahs", **options: Any
-) -> Any:
+def calibrate_answers(model: Any, processor: Any, path: str | Path | None = None, *, detector: str = "sahs",
+                      **options: Any) -> Any:
     """Fit a detector (``ohd``, ``sahs`` or ``hiddendetect``) on answers read at their last token;
     returns its profile for :class:`AnswerCheck`. ``options`` go to
     :func:`ohd_guard.detectors.calibrate` (``ohd``) or the detector's constructor."""
@@ -197,10 +189,8 @@ class AnswerCheck:
         if profile is None:
             profile = shipped_answer_profile(guard.profile)
         if profile is None:
-            log.warning(
-                "AnswerCheck: no answer profile given or shipped for this model; reading answers with the "
-                "guard's prompt profile (not calibrated for answers; see ohd_guard.output_check)"
-            )
+            log.warning("AnswerCheck: no answer profile given or shipped for this model; reading answers with the "
+                        "guard's prompt profile (not calibrated for answers; see ohd_guard.output_check)")
             profile = guard.profile if guard.profile is not None else guard.detector
         elif isinstance(profile, (str, Path)):
             profile = load_profile(profile)
@@ -211,17 +201,10 @@ class AnswerCheck:
         self._events = VerdictEvents()
         stage = guard.screening_stage
         self.stage = _AnswerScreener(
-            guard.model,
-            rendering,
-            self.detector,
-            on_error="raise" if guard.on_error == "raise" else "refuse",
-            limits=guard.limits,
-            fetcher=stage.fetcher,
-            base_dir=stage.base_dir,
-            allow_local_files=stage.allow_local_files,
-            max_prompt_tokens=guard.max_prompt_tokens,
-            max_batch_size=stage.max_batch_size,
-            emit=self._events.emit,
+            guard.model, rendering, self.detector, on_error="raise" if guard.on_error == "raise" else "refuse",
+            limits=guard.limits, fetcher=stage.fetcher, base_dir=stage.base_dir,
+            allow_local_files=stage.allow_local_files, max_prompt_tokens=guard.max_prompt_tokens,
+            max_batch_size=stage.max_batch_size, emit=self._events.emit,
         )
 
     @property
@@ -277,15 +260,11 @@ class AnswerCheck:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m ohd_guard.output_check",
-        description="Calibrate an output check (answers read at their last token).",
-    )
+    p = argparse.ArgumentParser(prog="python -m ohd_guard.output_check",
+                                description="Calibrate an output check (answers read at their last token).")
     p.add_argument("--model", default=None, help="model reference for ohd_guard.load_model (default: the embedded one)")
     p.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect"], default="sahs")
-    p.add_argument(
-        "--answers", type=Path, default=None, help=f"JSONL answer set (default: ohd_guard/data/{ANSWERS_FILE})"
-    )
+    p.add_argument("--answers", type=Path, default=None, help=f"JSONL answer set (default: ohd_guard/data/{ANSWERS_FILE})")
     p.add_argument("--out", type=Path, required=True, help="where the profile is written")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)

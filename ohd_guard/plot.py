@@ -45,17 +45,9 @@ def _save(fig: Any, path: str | Path | None) -> None:
         fig.savefig(path, dpi=110)
 
 
-def score_distributions(
-    unsafe: Sequence[float],
-    safe: Sequence[float],
-    threshold: float | None = None,
-    *,
-    path: str | Path | None = None,
-    ax: Any = None,
-    title: str | None = None,
-    xlabel: str = "score",
-    bins: int = 30,
-) -> Any:
+def score_distributions(unsafe: Sequence[float], safe: Sequence[float], threshold: float | None = None, *,
+                        path: str | Path | None = None, ax: Any = None, title: str | None = None,
+                        xlabel: str = "score", bins: int = 30) -> Any:
     """Histograms of the unsafe and safe scores (one shared binning) with the threshold as a
     vertical line: how far apart the classes are, and what the threshold cuts off."""
     u, s = np.asarray(unsafe, dtype=float), np.asarray(safe, dtype=float)
@@ -78,13 +70,8 @@ def score_distributions(
     return fig
 
 
-def roc_curves(
-    curves: Mapping[str, tuple[Sequence[float], Sequence[int]]],
-    *,
-    path: str | Path | None = None,
-    ax: Any = None,
-    title: str | None = None,
-) -> Any:
+def roc_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], *, path: str | Path | None = None,
+               ax: Any = None, title: str | None = None) -> Any:
     """ROC curves of several detectors on one set: ``{name: (scores, labels)}`` (label 1 = unsafe,
     higher score = more unsafe); the legend gives each AUROC."""
     from ohd_guard.metrics import auroc, roc_curve
@@ -123,11 +110,8 @@ def report_roc(report: Any, path: str | Path | None = None, sets: Sequence[str] 
     fig = _figure((4.2 * cols, 4.0 * rows))
     for i, (name, curves) in enumerate(panels):
         pairing = next(iter(curves.values()))[2]
-        roc_curves(
-            {d: (s, y) for d, (s, y, _) in curves.items()},
-            ax=fig.add_subplot(rows, cols, i + 1),
-            title=f"{name}: {pairing}",
-        )
+        roc_curves({d: (s, y) for d, (s, y, _) in curves.items()}, ax=fig.add_subplot(rows, cols, i + 1),
+                   title=f"{name}: {pairing}")
     fig.tight_layout()
     _save(fig, path)
     return fig

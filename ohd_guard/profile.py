@@ -37,21 +37,9 @@ _P = TypeVar("_P", bound="Profile")  # Kind.load returns that kind
 
 # Config keys that change with the environment or the load call, not with the model.
 _VOLATILE_CONFIG_KEYS = {
-    "transformers_version",
-    "_name_or_path",
-    "name_or_path",
-    "dtype",
-    "torch_dtype",
-    "_commit_hash",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "attn_implementation",
-    "quantization_config",
-    "use_cache",
-    "output_hidden_states",
-    "output_attentions",
-    "return_dict",
-    "architectures",
+    "transformers_version", "_name_or_path", "name_or_path", "dtype", "torch_dtype", "_commit_hash",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "quantization_config",
+    "use_cache", "output_hidden_states", "output_attentions", "return_dict", "architectures",
 }
 
 
@@ -301,27 +289,22 @@ class Profile(BaseModel):
         if self.risk is not None:
             r = float(self.risk.risk(self.threshold))
             if not 1e-6 < r < 1 - 1e-6:
-                raise ValueError(
-                    f"threshold {self.threshold:g} lies outside the calibrated score range (its risk "
-                    f"is {r:.3g}): every conversation would be {'passed' if r > 0.5 else 'flagged'}"
-                )
+                raise ValueError(f"threshold {self.threshold:g} lies outside the calibrated score range (its risk "
+                                 f"is {r:.3g}): every conversation would be {'passed' if r > 0.5 else 'flagged'}")
 
     def check_heads(self, heads: Any, what: str = "head") -> None:
         """Heads must exist in the fingerprinted model and be distinct."""
         heads = list(heads)
         for h in heads:
             if h.layer >= self.model.num_layers or h.head >= self.model.num_heads:
-                raise ValueError(
-                    f"{what} {h} is outside the fingerprinted model's "
-                    f"{self.model.num_layers} layers x {self.model.num_heads} heads"
-                )
+                raise ValueError(f"{what} {h} is outside the fingerprinted model's "
+                                 f"{self.model.num_layers} layers x {self.model.num_heads} heads")
         if len(set(heads)) != len(heads):
             raise ValueError(f"{what}s repeat: {', '.join(map(str, heads))}")
 
 
-def check_fingerprint(
-    expected: ModelFingerprint, model: Any, processor: Any, what: str, strict_dtype: bool = False
-) -> None:
+def check_fingerprint(expected: ModelFingerprint, model: Any, processor: Any, what: str,
+                      strict_dtype: bool = False) -> None:
     """Raise :class:`ProfileMismatchError` unless ``model`` is the one ``expected`` describes."""
     actual = ModelFingerprint.of(model, processor)
     problems = expected.differences(actual)
@@ -391,9 +374,7 @@ def parse_profile(raw: dict[str, Any], where: str = "profile", allow_edited: boo
     checks that keep it a detector (run with or without ``allow_edited``)."""
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ProfileFormatError(
-            f"{where}: schema_version {version!r} is not supported (this library reads {SCHEMA_VERSION})"
-        )
+        raise ProfileFormatError(f"{where}: schema_version {version!r} is not supported (this library reads {SCHEMA_VERSION})")
     legacy = "kind" not in raw
     if legacy:  # its digest is checked on the content it was saved with, then it is migrated
         check_digest(raw.get("digest"), raw_digest(raw), where, allow_edited)
@@ -404,9 +385,7 @@ def parse_profile(raw: dict[str, Any], where: str = "profile", allow_edited: boo
         except ValueError as e:
             raise ProfileFormatError(f"{where}: {e}") from None
     elif raw.get("kind") not in Profile.KINDS:
-        raise ProfileFormatError(
-            f"{where}: unknown detector kind {raw.get('kind')!r}; known: {', '.join(Profile.KINDS)}"
-        )
+        raise ProfileFormatError(f"{where}: unknown detector kind {raw.get('kind')!r}; known: {', '.join(Profile.KINDS)}")
     try:
         profile = _adapter().validate_python(raw)
     except ValidationError as e:

@@ -27,13 +27,8 @@ from transformers import LogitsProcessor, StoppingCriteria
 from ohd_guard.conversation import Conversation
 
 __all__ = [
-    "DEFAULT_TEMPLATES",
-    "FirstSentenceCriteria",
-    "ForcedPrefixLogitsProcessor",
-    "RefusalTemplate",
-    "anchor",
-    "checked_refusal",
-    "template_for",
+    "DEFAULT_TEMPLATES", "FirstSentenceCriteria", "ForcedPrefixLogitsProcessor", "RefusalTemplate", "anchor",
+    "checked_refusal", "template_for",
 ]
 
 _INSTRUCTION = (
@@ -64,10 +59,8 @@ class RefusalTemplate(BaseModel):
     @classmethod
     def _complete_sentence(cls, value: str) -> str:
         if not value.rstrip().endswith((".", "!")):
-            raise ValueError(
-                f"forced_prefix must be a complete refusal sentence ending in '.' or '!', got {value!r} "
-                "(an open prefix can be continued into the attacker's chosen opening)"
-            )
+            raise ValueError(f"forced_prefix must be a complete refusal sentence ending in '.' or '!', got {value!r} "
+                             "(an open prefix can be continued into the attacker's chosen opening)")
         return value.rstrip()
 
     def instruction_text(self) -> str:

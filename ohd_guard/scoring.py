@@ -165,9 +165,7 @@ class DeflectionScorer:
 
     # -- unmasked pass ------------------------------------------------------------------------
     @contextmanager
-    def _capture(
-        self, from_layer: int, calls: dict[int, _LayerCall], site: list, last_of: int | None
-    ) -> Iterator[None]:
+    def _capture(self, from_layer: int, calls: dict[int, _LayerCall], site: list, last_of: int | None) -> Iterator[None]:
         """Capture decoder-layer inputs; with ``last_of`` (the sequence length) only the last
         position's, cut right away so the full inputs of every layer are never held at once."""
         with scoped_hooks() as hooks:  # another caller's forward on this model is never captured
@@ -207,29 +205,20 @@ class DeflectionScorer:
         cache = hf.output_cache(out)
         prefix_cache = _cropped_copy(cache, from_layer) if last else None
         return Prefill(
-            inputs,
-            site[-1],
-            calls,
-            prefix_cache=prefix_cache,
-            cache=cache if keep_cache else None,
-            next_token_logits=out.logits[:, -1],
+            inputs, site[-1], calls, prefix_cache=prefix_cache,
+            cache=cache if keep_cache else None, next_token_logits=out.logits[:, -1],
         )
 
     # -- screening ------------------------------------------------------------------------------
     @torch.no_grad()
-    def screen(
-        self, inputs: dict[str, Any], heads: Sequence[HeadRef], keep_cache: bool = False
-    ) -> tuple[np.ndarray, Prefill]:
+    def screen(self, inputs: dict[str, Any], heads: Sequence[HeadRef], keep_cache: bool = False) -> tuple[np.ndarray, Prefill]:
         """Angles [B] for masking ``heads`` together, and the unmasked prefill to answer from."""
         angles, pre = self.screen_columns(inputs, [tuple(heads)], keep_cache=keep_cache)
         return angles[:, 0], pre
 
     @torch.no_grad()
     def screen_columns(
-        self,
-        inputs: dict[str, Any],
-        columns: Sequence[Sequence[HeadRef]],
-        keep_cache: bool = False,
+        self, inputs: dict[str, Any], columns: Sequence[Sequence[HeadRef]], keep_cache: bool = False,
         observe: Callable[[int], ContextManager[Any]] | None = None,
     ) -> tuple[np.ndarray, Prefill]:
         """Angles [B, K], column ``k`` masking the heads ``columns[k]`` together, and the unmasked
@@ -321,10 +310,7 @@ class DeflectionScorer:
     # -- masked branches ----------------------------------------------------------------------
     @torch.no_grad()
     def masked_states(
-        self,
-        prefill: Prefill,
-        columns: Sequence[Sequence[HeadRef]],
-        max_tokens: int = 8192,
+        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192,
         sites: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Score-site states [B, K, D] with column ``k`` masking the heads ``columns[k]`` together.
@@ -379,20 +365,14 @@ class DeflectionScorer:
             elif k in prefill.calls:
                 rows.append(prefill.calls[k].hidden[:, -1])
             elif k > self.score_layer:
-                raise InvalidInputError(
-                    f"score layer {k} is above the scorer's ({self.score_layer}); "
-                    "build the scorer with the highest score layer you need"
-                )
+                raise InvalidInputError(f"score layer {k} is above the scorer's ({self.score_layer}); "
+                                        "build the scorer with the highest score layer you need")
             else:
                 rows.append(torch.zeros_like(prefill.base_states))
         return torch.stack(rows, dim=1)
 
     def _replay(
-        self,
-        prefill: Prefill,
-        cols: list[tuple[HeadRef, ...]],
-        starts: list[int],
-        sites: list[int],
+        self, prefill: Prefill, cols: list[tuple[HeadRef, ...]], starts: list[int], sites: list[int],
         base: torch.Tensor,
     ) -> torch.Tensor:
         """Replay decoder layers for masked rows, row ``j*B + b`` = column ``j`` on prompt ``b``.
@@ -436,10 +416,7 @@ class DeflectionScorer:
 
     # -- convenience --------------------------------------------------------------------------
     def head_angles(
-        self,
-        prefill: Prefill,
-        columns: Sequence[Sequence[HeadRef]],
-        max_tokens: int = 8192,
+        self, prefill: Prefill, columns: Sequence[Sequence[HeadRef]], max_tokens: int = 8192,
         sites: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Angles [B, K] for a prefill, column ``k`` masking ``columns[k]`` ([B, K, S] with ``sites``)."""
@@ -488,11 +465,7 @@ def all_heads(adapter: ArchitectureAdapter, below_layer: int | None = None) -> l
 
 
 def naive_angles(
-    model: nn.Module,
-    inputs: dict[str, Any],
-    heads: Sequence[HeadRef],
-    spec: MaskSpec,
-    adapter=None,
+    model: nn.Module, inputs: dict[str, Any], heads: Sequence[HeadRef], spec: MaskSpec, adapter=None,
     score_layer: int | None = None,
 ) -> np.ndarray:
     """Reference implementation: two full forward passes per head, ``hidden_states[score_layer]``

@@ -38,14 +38,8 @@ from ohd_guard.types import GuardStats, HeadRef, MaskSpec, Scope, Verdict
 from ohd_guard.verdict import Screened, typed_error
 
 __all__ = [
-    "ConversationScreener",
-    "MaskedBranch",
-    "PrefillDetector",
-    "PrefillReads",
-    "Reads",
-    "Screener",
-    "score_conversations",
-    "union",
+    "ConversationScreener", "MaskedBranch", "PrefillDetector", "PrefillReads", "Reads", "Screener",
+    "score_conversations", "union",
 ]
 
 log = logging.getLogger("ohd_guard.guard")
@@ -155,12 +149,7 @@ def as_input(item: Any) -> Any:
         if item.image is None:
             return item.text
         return to_conversation(  # a labelled set's own image: trusted, local by nature
-            [
-                {
-                    "role": "user",
-                    "content": [{"type": "image", "image": item.image}, {"type": "text", "text": item.text}],
-                }
-            ],
+            [{"role": "user", "content": [{"type": "image", "image": item.image}, {"type": "text", "text": item.text}]}],
             allow_local_files=True,
         )
     msgs = getattr(item, "messages", None)
@@ -211,6 +200,7 @@ def batched(fn: Callable[[list[Any]], Any], items: Sequence[Any], batch_size: in
     return result
 
 
+
 class Screener:
     """Runs one screening prefill for a :class:`Reads` request on one model."""
 
@@ -231,9 +221,7 @@ class Screener:
         a = self.adapter
         for h in reads.heads:
             if not (0 <= h.layer < a.num_layers and 0 <= h.head < a.num_heads):
-                raise InvalidInputError(
-                    f"head {h} does not exist: the model has {a.num_layers} layers x {a.num_heads} heads"
-                )
+                raise InvalidInputError(f"head {h} does not exist: the model has {a.num_layers} layers x {a.num_heads} heads")
         for i in (*reads.layers, *reads.pooled, *reads.maxed):
             if not 0 <= i < a.num_layers:
                 raise InvalidInputError(f"layer {i} does not exist: the model has {a.num_layers} layers")
@@ -243,14 +231,8 @@ class Screener:
             self.scorer(reads.masked)  # validates the score layer
 
     @contextmanager
-    def _observe(
-        self,
-        reads: Reads,
-        out: PrefillReads,
-        pos: int,
-        mask: torch.Tensor | None = None,
-        at: torch.Tensor | None = None,
-    ) -> Iterator[None]:
+    def _observe(self, reads: Reads, out: PrefillReads, pos: int, mask: torch.Tensor | None = None,
+                 at: torch.Tensor | None = None) -> Iterator[None]:
         """Copy the requested reads at sequence position ``pos`` (the last prompt token), and the pooled
         layers' means over the positions ``mask`` [B, T] marks, during the forward pass inside the
         block; the first write wins, so a replay could never overwrite it. ``at`` [B, P]: also copy
@@ -296,21 +278,16 @@ class Screener:
                     if layer in reads.maxed:
                         out.maxed.setdefault(layer, x.masked_fill(m == 0, float("-inf")).amax(1))
                     if extra is not None and layer in reads.pooled:  # the mean over each prefix
-                        extra.pooled.setdefault(
-                            layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0)
-                        )
+                        extra.pooled.setdefault(layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0))
                     if extra is not None and layer in reads.maxed:
-                        extra.maxed.setdefault(
-                            layer, _gather(x.masked_fill(m == 0, float("-inf")).cummax(1).values, at)
-                        )
+                        extra.maxed.setdefault(layer, _gather(x.masked_fill(m == 0, float("-inf")).cummax(1).values, at))
 
                 hooks.forward_hook(a.layers[layer], pool)
             yield
 
     @torch.no_grad()
-    def run(
-        self, inputs: dict[str, Any], reads: Reads, keep_cache: bool, at: torch.Tensor | None = None
-    ) -> tuple[PrefillReads, Prefill]:
+    def run(self, inputs: dict[str, Any], reads: Reads, keep_cache: bool,
+            at: torch.Tensor | None = None) -> tuple[PrefillReads, Prefill]:
         """The reads of one batch and its unmasked prefill (KV cache when ``keep_cache``, next-token logits);
         ``at`` [B, P]: the reads at these extra columns too (``got.at``; not with a masked branch)."""
         got = PrefillReads()
@@ -328,9 +305,7 @@ class Screener:
                 inputs, branch.columns, keep_cache=keep_cache, observe=lambda pos: self._observe(reads, got, pos)
             )
             got.angles = angles
-        missing = [str(h) for h in reads.heads if h not in got.heads] + [
-            f"layer {i}" for i in reads.layers if i not in got.layers
-        ]
+        missing = [str(h) for h in reads.heads if h not in got.heads] + [f"layer {i}" for i in reads.layers if i not in got.layers]
         missing += [f"pooled layer {i}" for i in reads.pooled if i not in got.pooled]
         missing += [f"max-pooled layer {i}" for i in reads.maxed if i not in got.maxed]
         if missing:
@@ -376,20 +351,10 @@ class ConversationScreener:
     stage whose detector reads another position (the output check reads the answer's last token)."""
 
     def __init__(
-        self,
-        model: torch.nn.Module,
-        processor: Any,
-        detector: PrefillDetector | None,
-        *,
-        on_error: str = "raise",
-        limits: ConversationLimits | None = None,
-        fetcher: Any = None,
-        base_dir: Any = None,
-        allow_local_files: bool = False,
-        max_prompt_tokens: int | None = None,
-        max_batch_size: int = 8,
-        emit: Callable[[Any], None] = lambda verdict: None,
-        scope: Scope = "conversation",
+        self, model: torch.nn.Module, processor: Any, detector: PrefillDetector | None, *, on_error: str = "raise",
+        limits: ConversationLimits | None = None, fetcher: Any = None, base_dir: Any = None,
+        allow_local_files: bool = False, max_prompt_tokens: int | None = None, max_batch_size: int = 8,
+        emit: Callable[[Any], None] = lambda verdict: None, scope: Scope = "conversation",
     ):
         if scope not in ("conversation", "latest"):
             raise InvalidInputError(f"scope must be 'conversation' or 'latest', not {scope!r}")
@@ -402,12 +367,7 @@ class ConversationScreener:
         self.model, self.processor = model, processor
         # None only for the fitting reader (it reads features and never scores, so never reaches self.detector).
         self.detector: PrefillDetector = detector  # type: ignore[assignment]
-        self.on_error, self.limits, self.fetcher, self.base_dir = (
-            on_error,
-            limits or ConversationLimits(),
-            fetcher,
-            base_dir,
-        )
+        self.on_error, self.limits, self.fetcher, self.base_dir = on_error, limits or ConversationLimits(), fetcher, base_dir
         self.allow_local_files, self.max_batch_size, self.emit = allow_local_files, max_batch_size, emit
         self.screener = Screener(model)
         self.reads = detector.reads() if detector is not None else Reads()
@@ -459,14 +419,8 @@ class ConversationScreener:
             raise ScreeningError(f"the {kind} score is not finite (NaN or infinite hidden states)")
         return scores
 
-    def prefill(
-        self,
-        convs: list[Any],
-        reads: Reads,
-        keep_cache: bool,
-        inputs: dict[str, Any] | None = None,
-        at: torch.Tensor | None = None,
-    ) -> tuple[PrefillReads, Prefill, dict[str, Any]]:
+    def prefill(self, convs: list[Any], reads: Reads, keep_cache: bool, inputs: dict[str, Any] | None = None,
+                at: torch.Tensor | None = None) -> tuple[PrefillReads, Prefill, dict[str, Any]]:
         """The reads, the prefill and the rendered inputs (``inputs`` when already rendered) of one batch
         of converted conversations; ``at``: extra read columns (:meth:`Screener.run`)."""
         inputs = inputs if inputs is not None else self.encode(convs)
@@ -500,18 +454,9 @@ class ConversationScreener:
         if by is not None:
             reason += f" (read at message {by.index}, {by.role}, where the model answered it)"
         return Verdict(
-            flagged=flagged,
-            threshold=self.threshold,
-            risk=risk,
-            heads=self.heads,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
-            reason=reason,
-            conversation_digest=conv.digest(),
-            batch_size=batch,
-            detector=self.detector.kind,
-            score=float(score),
-            details=detail,
-            messages=messages,
+            flagged=flagged, threshold=self.threshold, risk=risk, heads=self.heads,
+            latency_ms=(time.perf_counter() - t0) * 1e3, reason=reason, conversation_digest=conv.digest(),
+            batch_size=batch, detector=self.detector.kind, score=float(score), details=detail, messages=messages,
         )
 
     def failed(self, exc: BaseException, t0: float, conv: Any) -> Screened:
@@ -520,18 +465,11 @@ class ConversationScreener:
         allow = self.on_error == "allow" and not isinstance(exc, InvalidInputError)
         what = "input rejected" if isinstance(exc, InvalidInputError) else "screening failed"
         verdict = Verdict(
-            flagged=not allow,
-            score=None,
-            threshold=self.threshold,
-            risk=None,
-            heads=self.heads,
-            details={"mode": self.mode} if self.mode is not None else {},
-            detector=self.detector.kind,
-            latency_ms=(time.perf_counter() - t0) * 1e3,
+            flagged=not allow, score=None, threshold=self.threshold, risk=None, heads=self.heads,
+            details={"mode": self.mode} if self.mode is not None else {}, detector=self.detector.kind, latency_ms=(time.perf_counter() - t0) * 1e3,
             reason=f"{what} ({type(exc).__name__}); "
             + ("passed unscreened because on_error='allow'" if allow else "treated as unsafe (fail closed)"),
-            error=f"{type(exc).__name__}: {exc}",
-            conversation_digest=conv.digest() if conv is not None else None,
+            error=f"{type(exc).__name__}: {exc}", conversation_digest=conv.digest() if conv is not None else None,
         )
         return Screened(verdict, conversation=conv, exc=exc)
 

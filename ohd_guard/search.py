@@ -49,12 +49,8 @@ class HeadScores:
         labels = np.r_[np.ones(len(self.unsafe)), np.zeros(len(self.safe))]
         rows = [
             HeadStats(
-                head=h,
-                unsafe_mean=float(u[k]),
-                safe_mean=float(s[k]),
-                gap=float(u[k] - s[k]),
-                auroc=auroc(np.r_[self.unsafe[:, k], self.safe[:, k]], labels),
-                eligible=bool(eligible[k]),
+                head=h, unsafe_mean=float(u[k]), safe_mean=float(s[k]), gap=float(u[k] - s[k]),
+                auroc=auroc(np.r_[self.unsafe[:, k], self.safe[:, k]], labels), eligible=bool(eligible[k]),
             )
             for k, h in enumerate(self.heads)
         ]
@@ -113,9 +109,7 @@ def score_heads(
     return out
 
 
-def _best_layer(
-    per_layer: list[HeadScores], percentile: float, rank_by: RankBy
-) -> tuple[HeadScores, list[HeadStats], dict[int, float]]:
+def _best_layer(per_layer: list[HeadScores], percentile: float, rank_by: RankBy) -> tuple[HeadScores, list[HeadStats], dict[int, float]]:
     """The score layer whose best selective head separates the sets best (AUROC: comparable across
     layers, unlike raw angle gaps), with that layer's ranking."""
     best, table = None, {}
@@ -164,16 +158,14 @@ def search_heads(
     candidates = list(heads) if heads is not None else all_heads(final.adapter, below_layer=final.score_layer)
     timings: dict[str, float] = {}
     if strategy == "exact" or (strategy == "two-stage" and spec.positions == "last"):
-        scores, ranking, table = _best_layer(
-            score_heads(final, unsafe, safe, candidates, batch_size, progress, sites), percentile, rank_by
-        )
+        scores, ranking, table = _best_layer(score_heads(final, unsafe, safe, candidates, batch_size, progress, sites),
+                                             percentile, rank_by)
         result = SearchResult(ranking, scores, strategy=strategy)
     else:
         fast_spec = spec.model_copy(update={"positions": "last"})
         fast = DeflectionScorer(model, processor, spec=fast_spec, score_layer=final.score_layer, adapter=final.adapter)
-        first, ranked, table = _best_layer(
-            score_heads(fast, unsafe, safe, candidates, batch_size, progress, sites), percentile, rank_by
-        )
+        first, ranked, table = _best_layer(score_heads(fast, unsafe, safe, candidates, batch_size, progress, sites),
+                                           percentile, rank_by)
         timings["rank_all_fast"] = time.perf_counter() - t0
         if strategy == "fast":
             result = SearchResult(ranked, first, first, strategy=strategy)

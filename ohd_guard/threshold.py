@@ -71,12 +71,8 @@ def _check_direction(u: np.ndarray, s: np.ndarray, *, allow_equal: bool) -> tupl
 def _fit(value: float, method: ThresholdMethod, u: np.ndarray, s: np.ndarray, crossings=()) -> ThresholdFit:
     r = rates_at_threshold(np.concatenate([u, s]), np.r_[np.ones(u.size), np.zeros(s.size)], value)
     return ThresholdFit(
-        value=value,
-        method=method,
-        balanced_accuracy=r.balanced_accuracy,
-        detection_rate=r.detection_rate,
-        false_positive_rate=r.false_positive_rate,
-        crossings=sorted(float(c) for c in crossings),
+        value=value, method=method, balanced_accuracy=r.balanced_accuracy, detection_rate=r.detection_rate,
+        false_positive_rate=r.false_positive_rate, crossings=sorted(float(c) for c in crossings),
     )
 
 

@@ -21,17 +21,8 @@ from typing import Any
 
 from ohd_guard.errors import InvalidInputError
 
-__all__ = [
-    "ParsedCall",
-    "InvalidCall",
-    "check_schemas",
-    "parse_tool_calls",
-    "template_tool_format",
-    "tool_turns",
-    "tools_text",
-    "with_system_section",
-    "with_tools",
-]
+__all__ = ["ParsedCall", "InvalidCall", "check_schemas", "parse_tool_calls", "template_tool_format", "tool_turns",
+           "tools_text", "with_system_section", "with_tools"]
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.S)
@@ -59,17 +50,10 @@ def check_schemas(schemas: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for i, s in enumerate(schemas):
         fn = s.get("function") if isinstance(s, dict) else None
-        if (
-            not isinstance(s, dict)
-            or s.get("type", "function") != "function"
-            or not isinstance(fn, dict)
-            or not isinstance(fn.get("name"), str)
-            or not fn["name"]
-        ):
-            raise InvalidInputError(
-                f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., "
-                "'description': ..., 'parameters': {...}}}}"
-            )
+        if not isinstance(s, dict) or s.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidInputError(f"tools[{i}]: expected {{'type': 'function', 'function': {{'name': ..., "
+                                    "'description': ..., 'parameters': {...}}}}")
         out.append({"type": "function", "function": fn})
     return out
 
@@ -132,13 +116,9 @@ def _bare_calls(data: Any, names: Collection[str] | None) -> tuple[list[ParsedCa
     """The calls a bare JSON value makes (an object or a list of objects, each with a ``name`` and
     ``arguments``/``parameters``); ``None`` when the value is not a call (then it stays text)."""
     items = [_unwrap(x) for x in (data if isinstance(data, list) else [data])]
-    if not items or not all(
-        isinstance(x, Mapping)
-        and isinstance(x.get("name"), str)
-        and ("arguments" in x or "parameters" in x)
-        and set(x) <= _CALL_KEYS
-        for x in items
-    ):
+    if not items or not all(isinstance(x, Mapping) and isinstance(x.get("name"), str)
+                            and ("arguments" in x or "parameters" in x)
+                            and set(x) <= _CALL_KEYS for x in items):
         return None
     if names is not None and not all(x["name"] in names for x in items):
         return None  # JSON that names no bound tool is an answer, not a call
@@ -230,15 +210,9 @@ def tool_turns(messages: Sequence[Mapping[str, Any]], chat_template: Any) -> lis
                 results = []
                 out.append({"role": "user", "content": results})
             text = _text_of(m.get("content"))
-            results += (
-                [{"type": "text", "text": f"\n<tool_response>\n{text}\n</tool_response>"}]
-                if text is not None
-                else [
-                    {"type": "text", "text": "\n<tool_response>\n"},
-                    *m["content"],
-                    {"type": "text", "text": "\n</tool_response>"},
-                ]
-            )
+            results += ([{"type": "text", "text": f"\n<tool_response>\n{text}\n</tool_response>"}] if text is not None
+                        else [{"type": "text", "text": "\n<tool_response>\n"}, *m["content"],
+                              {"type": "text", "text": "\n</tool_response>"}])
             continue
         results = None
         if m.get("role") == "assistant" and m.get("tool_calls"):
@@ -250,13 +224,8 @@ def tool_turns(messages: Sequence[Mapping[str, Any]], chat_template: Any) -> lis
                 m["content"] = text + calls if text else calls[1:]
         out.append(m)
     for m in out:  # each tool-result turn: one string when it is all text, its leading newline dropped
-        if (
-            m["role"] == "user"
-            and isinstance(m["content"], list)
-            and m["content"]
-            and isinstance(m["content"][0], dict)
-            and m["content"][0].get("text", "").startswith("\n<tool_response>")
-        ):
+        if m["role"] == "user" and isinstance(m["content"], list) and m["content"] \
+                and isinstance(m["content"][0], dict) and m["content"][0].get("text", "").startswith("\n<tool_response>"):
             parts = m["content"]
             parts[0] = {**parts[0], "text": parts[0]["text"][1:]}
             text = _text_of(parts)
@@ -265,9 +234,7 @@ def tool_turns(messages: Sequence[Mapping[str, Any]], chat_template: Any) -> lis
     return out
 
 
-def parse_tool_calls(
-    text: str, names: Collection[str] | None = None
-) -> tuple[str, list[ParsedCall], list[InvalidCall]]:
+def parse_tool_calls(text: str, names: Collection[str] | None = None) -> tuple[str, list[ParsedCall], list[InvalidCall]]:
     """(text that is not a call, tool calls, unparseable calls) of a generated answer.
 
     Reads the forms real models emit: ``<tool_call>{...}</tool_call>`` (Qwen2.5 / Hermes; the
@@ -295,7 +262,7 @@ def parse_tool_calls(
             continue
         bare = _bare_calls(data, names)
         if bare is not None:
-            return stripped[: m.start(1)].rstrip(), bare[0], bare[1]
+            return stripped[:m.start(1)].rstrip(), bare[0], bare[1]
         break
     return text, [], []
 
@@ -309,7 +276,7 @@ def _fenced(text: str, names: Collection[str] | None) -> tuple[str, list[ParsedC
     for m in _FENCE.finditer(text):
         found = _bare_calls(_loads(m.group(1)), names)
         if found is not None:
-            rest.append(text[pos : m.start()])
+            rest.append(text[pos:m.start()])
             pos = m.end()
             calls += found[0]
             invalid += found[1]

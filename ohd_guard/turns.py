@@ -34,17 +34,8 @@ from ohd_guard.conversation import Conversation
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.types import MessageScore, Scope
 
-__all__ = [
-    "Group",
-    "PrefixIds",
-    "TurnPlan",
-    "attach",
-    "decide",
-    "message_scores",
-    "plan_turns",
-    "prepare",
-    "read_positions",
-]
+__all__ = ["Group", "PrefixIds", "TurnPlan", "attach", "decide", "message_scores", "plan_turns", "prepare",
+           "read_positions"]
 
 
 @dataclass
@@ -125,13 +116,8 @@ def _rows(inputs: dict[str, Any]) -> list[np.ndarray]:
     return [row[m] for row, m in zip(ids, real)]
 
 
-def plan_turns(
-    processor: Any,
-    convs: Sequence[Conversation],
-    rows: Sequence[np.ndarray],
-    shared: bool = True,
-    cache: PrefixIds | None = None,
-) -> list[TurnPlan]:
+def plan_turns(processor: Any, convs: Sequence[Conversation], rows: Sequence[np.ndarray], shared: bool = True,
+               cache: PrefixIds | None = None) -> list[TurnPlan]:
     """Where each user/tool message of each conversation is read. ``rows``: the conversations' own
     rendered tokens (no padding); ``shared=False`` sends every earlier prefix to its own prefill (masked
     detectors). Prefixes not in ``cache`` are rendered together in one call."""
@@ -144,12 +130,9 @@ def plan_turns(
         cache.put(keys[-1][len(c.messages)], row)  # the next turn's earlier prefix
     fresh: dict[str, np.ndarray] = {}  # this batch's renderings, whatever the cache evicts meanwhile
     if shared:
-        missing = {
-            keys[b][end]: Conversation(messages=list(c.messages[:end]))
-            for b, (c, groups) in enumerate(zip(convs, layout))
-            for _, end in groups
-            if end is not None and cache.get(keys[b][end]) is None
-        }
+        missing = {keys[b][end]: Conversation(messages=list(c.messages[:end]))
+                   for b, (c, groups) in enumerate(zip(convs, layout)) for _, end in groups
+                   if end is not None and cache.get(keys[b][end]) is None}
         if missing:
             for key, ids in zip(missing, _rows(encode_conversations(processor, list(missing.values())))):
                 fresh[key] = ids
@@ -178,21 +161,13 @@ def read_positions(plans: Sequence[TurnPlan], attention_mask: torch.Tensor | Non
     if P == 0:
         return None
     lengths = attention_mask.sum(-1).tolist() if attention_mask is not None else [width] * len(plans)
-    cols = [
-        [width - int(n) + g.pos for g in p.extra] + [width - 1] * (P - len(p.extra))  # type: ignore[operator]
-        for p, n in zip(plans, lengths)
-    ]
+    cols = [[width - int(n) + g.pos for g in p.extra] + [width - 1] * (P - len(p.extra))  # type: ignore[operator]
+            for p, n in zip(plans, lengths)]
     return torch.tensor(cols, dtype=torch.long)
 
 
-def message_scores(
-    conv: Conversation,
-    plan: TurnPlan,
-    final: float,
-    extra: Sequence[float],
-    own: Sequence[float | None],
-    threshold: float,
-) -> list[MessageScore]:
+def message_scores(conv: Conversation, plan: TurnPlan, final: float, extra: Sequence[float],
+                   own: Sequence[float | None], threshold: float) -> list[MessageScore]:
     """Every user/tool message's score: ``extra`` for the plan's extra groups in order, ``own`` for its
     own-prefill groups in order (None: skipped), ``final`` for the final group."""
     it_extra, it_own = iter(extra), iter(own)
@@ -207,21 +182,13 @@ def message_scores(
             got = next(it_own)
             score, source = (None, "skipped") if got is None else (float(got), "own_prefill")
         for i in g.messages:
-            out.append(
-                MessageScore(
-                    index=i,
-                    role=conv.messages[i].role,
-                    score=score,
-                    source=source,  # type: ignore[arg-type]
-                    flagged=score is not None and score > threshold,
-                )
-            )
+            out.append(MessageScore(index=i, role=conv.messages[i].role, score=score, source=source,  # type: ignore[arg-type]
+                                    flagged=score is not None and score > threshold))
     return out
 
 
-def prepare(
-    stage: Any, convs: Sequence[Conversation], inputs: dict[str, Any]
-) -> tuple[list[TurnPlan], list[float | None], torch.Tensor | None]:
+def prepare(stage: Any, convs: Sequence[Conversation], inputs: dict[str, Any]
+            ) -> tuple[list[TurnPlan], list[float | None], torch.Tensor | None]:
     """For one batch of a :class:`~ohd_guard.screening.ConversationScreener`: each conversation's plan,
     the scores of the prefixes that need their own prefill (run here, before the screening prefill,
     whose model state generation continues from; None each under ``scope="latest"``, where they cannot
@@ -239,14 +206,8 @@ def prepare(
     return plans, own, read_positions(plans, inputs.get("attention_mask"), inputs["input_ids"].shape[1])
 
 
-def attach(
-    stage: Any,
-    convs: Sequence[Conversation],
-    plans: Sequence[TurnPlan],
-    own: Sequence[float | None],
-    at_reads: Any,
-    scores: Any,
-) -> list[list[MessageScore]]:
+def attach(stage: Any, convs: Sequence[Conversation], plans: Sequence[TurnPlan], own: Sequence[float | None],
+           at_reads: Any, scores: Any) -> list[list[MessageScore]]:
     """Every conversation's message scores, from the screening prefill's extra reads (``at_reads``: the
     detector scores them with its own ``score_reads``), the own prefills and the final scores."""
     P = max((len(p.extra) for p in plans), default=0)

@@ -11,17 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-__all__ = [
-    "EVENT_NAME",
-    "GuardStats",
-    "GuardedResponse",
-    "HeadRef",
-    "MaskSpec",
-    "MessageScore",
-    "Scope",
-    "Verdict",
-    "response_payload",
-]
+__all__ = ["EVENT_NAME", "GuardStats", "GuardedResponse", "HeadRef", "MaskSpec", "MessageScore", "Scope", "Verdict",
+           "response_payload"]
 
 EVENT_NAME = "ohd_guard.verdict"
 """Stable name of the event emitted for every verdict (logging, listeners, framework callbacks)."""

@@ -70,16 +70,9 @@ class GuardWorker:
         batch: the decode batch (its ``room`` bounds how many generate jobs are admitted).
     """
 
-    def __init__(
-        self,
-        lock: threading.RLock,
-        screen: Callable[..., list],
-        settle: Callable[[Any], Any],
-        max_batch_size: int,
-        max_wait_ms: float,
-        begin: Callable[..., None] | None = None,
-        batch: Any = None,
-    ):
+    def __init__(self, lock: threading.RLock, screen: Callable[..., list], settle: Callable[[Any], Any],
+                 max_batch_size: int, max_wait_ms: float, begin: Callable[..., None] | None = None,
+                 batch: Any = None):
         self.lock, self.screen, self.settle, self.begin, self.batch = lock, screen, settle, begin, batch
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -87,14 +80,8 @@ class GuardWorker:
         self._start_lock = threading.Lock()
         self.waiting: deque[Job] = deque()  # generate jobs not admitted yet (the decode batch is full)
 
-    def submit(
-        self,
-        kind: Kind,
-        raw: Any = None,
-        fn: Callable[[], Any] | None = None,
-        cancel: threading.Event | None = None,
-        gen: GenerateRequest | None = None,
-    ) -> asyncio.Future:
+    def submit(self, kind: Kind, raw: Any = None, fn: Callable[[], Any] | None = None,
+               cancel: threading.Event | None = None, gen: GenerateRequest | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         job = Job(kind, loop, loop.create_future(), raw=raw, t0=time.perf_counter(), fn=fn, gen=gen)
         if cancel is not None:  # the caller cancelled (or timed out): stop the work it started
@@ -249,7 +236,6 @@ def interrupted(exc: BaseException) -> BaseException:
 
 def deliver(job: Job, result: Any, exc: BaseException | None) -> None:
     """Resolve ``job``'s future on its caller's loop (from any thread; a second call is ignored)."""
-
     def settle() -> None:
         if job.future.done():
             return

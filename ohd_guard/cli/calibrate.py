@@ -56,8 +56,7 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
     if args.limit:
         # spread over categories (seeded): the first N of a file are one source or one form
         items = stratified([p for p in items if p.label == 1], args.limit, seed=0) + stratified(
-            [p for p in items if p.label == 0], args.limit, seed=0
-        )
+            [p for p in items if p.label == 0], args.limit, seed=0)
     return items, heldout_items, sources
 
 
@@ -77,13 +76,9 @@ def _fpr(value: str) -> float:
 def _note_resolution(args, n_safe: int) -> None:
     """With N benign prompts a rate moves in steps of 1/N: say when the target is finer than that."""
     if args.target_fpr and args.target_fpr * n_safe < 1:
-        print(
-            f"note: --target-fpr {args.target_fpr:g} on {n_safe} benign prompts allows none above the threshold "
-            f"(steps of {1 / n_safe:.3g}): it is the highest benign score; add benign prompts for a finer "
-            "target",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"note: --target-fpr {args.target_fpr:g} on {n_safe} benign prompts allows none above the threshold "
+              f"(steps of {1 / n_safe:.3g}): it is the highest benign score; add benign prompts for a finer "
+              "target", file=sys.stderr, flush=True)
 
 
 def _warn_surface(processor, unsafe: list, safe: list) -> None:
@@ -95,13 +90,9 @@ def _warn_surface(processor, unsafe: list, safe: list) -> None:
     warn_surface(surface)
     for name, value in surface.items():
         if abs(value - 0.5) > 0.15:
-            print(
-                f"warning: {SURFACE_FEATURES[name]} alone separates unsafe from safe in the calibration data "
-                f"(AUROC {value:.2f}); the detector may learn it and fail where it goes the other way: balance "
-                "the sets on it",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"warning: {SURFACE_FEATURES[name]} alone separates unsafe from safe in the calibration data "
+                  f"(AUROC {value:.2f}); the detector may learn it and fail where it goes the other way: balance "
+                  "the sets on it", file=sys.stderr, flush=True)
 
 
 def _cross_validate(args, fit, unsafe: list, safe: list) -> Any:
@@ -128,7 +119,7 @@ def _cross_validate(args, fit, unsafe: list, safe: list) -> Any:
         det = fit(*train)
         scores = np.asarray(det.score(test[0] + test[1]), dtype=float) - float(det.threshold)
         margins[0] += scores[: len(test[0])].tolist()
-        margins[1] += scores[len(test[0]) :].tolist()
+        margins[1] += scores[len(test[0]):].tolist()
     return evaluate_scores(CV_SPLIT, np.asarray(margins[0]), np.asarray(margins[1]), 0.0)
 
 
@@ -149,23 +140,11 @@ def cmd_calibrate(args) -> int:
 
     def fit(u: list, s: list, heldout: Any = None, progress: bool = False) -> Any:
         return calibrate(
-            model,
-            processor,
-            u,
-            s,
+            model, processor, u, s,
             spec=MaskSpec(target=args.target, positions=args.positions, alpha=args.alpha),
-            score_layer=args.score_layer,
-            score_layers=_layer_range(args.score_layers, model),
-            head=head,
-            strategy=args.strategy,
-            top_k=args.top_k,
-            percentile=args.percentile,
-            rank_by=args.rank_by,
-            threshold=threshold,
-            batch_size=args.batch_size,
-            progress=progress,
-            heldout=heldout,
-            sources=sources,
+            score_layer=args.score_layer, score_layers=_layer_range(args.score_layers, model), head=head,
+            strategy=args.strategy, top_k=args.top_k, percentile=args.percentile, rank_by=args.rank_by,
+            threshold=threshold, batch_size=args.batch_size, progress=progress, heldout=heldout, sources=sources,
         )
 
     def bound(u: list, s: list) -> Any:
@@ -175,29 +154,18 @@ def cmd_calibrate(args) -> int:
         det.batch_size = args.batch_size
         return det
 
-    profile = fit(
-        unsafe,
-        safe,
-        progress=not args.quiet,
-        heldout=([p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0])
-        if heldout_items
-        else None,
-    )
+    profile = fit(unsafe, safe, progress=not args.quiet, heldout=(
+        [p for p in heldout_items if p.label == 1], [p for p in heldout_items if p.label == 0]
+    ) if heldout_items else None)
     if cv := _cross_validate(args, bound, unsafe, safe):
         profile = profile.model_copy(update={"metrics": [*profile.metrics, cv]})
     profile.save(args.output)
-    print(
-        f"head {profile.heads[0]}  score layer {profile.score_layer}  "
-        f"threshold {profile.threshold:.4f} deg ({profile.threshold_method})  "
-        f"search {profile.search} in {profile.seconds:.0f} s"
-    )
+    print(f"head {profile.heads[0]}  score layer {profile.score_layer}  "
+          f"threshold {profile.threshold:.4f} deg ({profile.threshold_method})  "
+          f"search {profile.search} in {profile.seconds:.0f} s")
     print(table([m.model_dump() for m in profile.metrics], METRIC_COLUMNS))
-    print(
-        table(
-            [{"head": str(h.head), **h.model_dump(exclude={"head"})} for h in profile.top_heads[:10]],
-            ["head", "unsafe_mean", "safe_mean", "gap", "auroc", "eligible"],
-        )
-    )
+    print(table([{"head": str(h.head), **h.model_dump(exclude={"head"})} for h in profile.top_heads[:10]],
+                 ["head", "unsafe_mean", "safe_mean", "gap", "auroc", "eligible"]))
     print(f"profile written to {args.output}")
     return 0
 
@@ -225,18 +193,11 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
         det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs, **rule)
     t0 = time.perf_counter()
     if not args.quiet:
-        print(
-            f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
     det.fit(model, processor, unsafe, safe)
     state = det.profile.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
-    if args.detector == "hiddendetect" and (
-        cv := _cross_validate(
-            args, lambda u, s: HiddenDetect(batch_size=bs, **rule).fit(model, processor, u, s), unsafe, safe
-        )
-    ):
+    if args.detector == "hiddendetect" and (cv := _cross_validate(
+            args, lambda u, s: HiddenDetect(batch_size=bs, **rule).fit(model, processor, u, s), unsafe, safe)):
         state = state.model_copy(update={"metrics": [*state.metrics, cv]})
     if heldout_items:
         u = [p for p in heldout_items if p.label == 1]
@@ -257,103 +218,43 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
 def add_parser(sub) -> None:
     c = sub.add_parser("calibrate", help="fit a detector (default: the guard's default kind) and write its profile")
     model_args(c)
-    c.add_argument(
-        "--detector",
-        choices=["ohd", "sahs", "hiddendetect", "fused"],
-        default=DEFAULT_DETECTOR,
-        help=f"sahs (probe on the top heads), ohd (One-head Defense), hiddendetect (logit-lens refusal "
-        f"cosine) or fused (logistic on OhD angles and the SAHs log-odds); default: {DEFAULT_DETECTOR}, "
-        "the kind the guard loads by default",
-    )
-    c.add_argument(
-        "--cv-folds",
-        type=non_negative_int,
-        default=5,
-        metavar="K",
-        help="ohd/hiddendetect: refit on K-1 folds and score the held-out fold, for out-of-fold calibration "
-        "metrics (K times the fit; 0 skips). sahs/fused are cross-validated by their own fit",
-    )
+    c.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect", "fused"], default=DEFAULT_DETECTOR,
+                   help=f"sahs (probe on the top heads), ohd (One-head Defense), hiddendetect (logit-lens refusal "
+                        f"cosine) or fused (logistic on OhD angles and the SAHs log-odds); default: {DEFAULT_DETECTOR}, "
+                        "the kind the guard loads by default")
+    c.add_argument("--cv-folds", type=non_negative_int, default=5, metavar="K",
+                   help="ohd/hiddendetect: refit on K-1 folds and score the held-out fold, for out-of-fold calibration "
+                        "metrics (K times the fit; 0 skips). sahs/fused are cross-validated by their own fit")
     c.add_argument("--data", type=Path, help="labelled CSV/JSONL (default: the project's calibration prompts)")
-    c.add_argument(
-        "--fit-shared",
-        action="append",
-        default=[],
-        metavar="NAME[:N]",
-        help="also fit on N items (all without :N), evenly spread, of a shared set (repeatable)",
-    )
+    c.add_argument("--fit-shared", action="append", default=[], metavar="NAME[:N]",
+                   help="also fit on N items (all without :N), evenly spread, of a shared set (repeatable)")
     c.add_argument("--output", "-o", type=Path, required=True, help="where the profile JSON is written")
     c.add_argument("--heads", type=positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
-    c.add_argument(
-        "--angles",
-        type=positive_int,
-        default=1,
-        help="fused: selective heads whose angles are features (default 1: one-pass screening)",
-    )
-    c.add_argument(
-        "--ohd-profile",
-        type=Path,
-        default=None,
-        help="fused: the One-head Defense profile giving mask, score layer and heads (default: shipped)",
-    )
-    c.add_argument(
-        "--allow-edited", action="store_true", help="fused: accept an --ohd-profile edited after calibration"
-    )
-    c.add_argument(
-        "--strategy",
-        choices=["two-stage", "exact", "fast"],
-        default="two-stage",
-        help="ohd head search: fast mask on all heads then exact on the top k (default), or one mode only",
-    )
-    c.add_argument(
-        "--target",
-        choices=["query", "output"],
-        default="query",
-        help="ohd: mask the head's query (paper, default) or its output",
-    )
-    c.add_argument(
-        "--positions",
-        choices=["all", "last"],
-        default="last",
-        help="last (default: fast, and better held-out AUROC on the embedded model) or all (paper-exact)",
-    )
+    c.add_argument("--angles", type=positive_int, default=1,
+                   help="fused: selective heads whose angles are features (default 1: one-pass screening)")
+    c.add_argument("--ohd-profile", type=Path, default=None,
+                   help="fused: the One-head Defense profile giving mask, score layer and heads (default: shipped)")
+    c.add_argument("--allow-edited", action="store_true", help="fused: accept an --ohd-profile edited after calibration")
+    c.add_argument("--strategy", choices=["two-stage", "exact", "fast"], default="two-stage",
+                   help="ohd head search: fast mask on all heads then exact on the top k (default), or one mode only")
+    c.add_argument("--target", choices=["query", "output"], default="query",
+                   help="ohd: mask the head's query (paper, default) or its output")
+    c.add_argument("--positions", choices=["all", "last"], default="last",
+                   help="last (default: fast, and better held-out AUROC on the embedded model) or all (paper-exact)")
     c.add_argument("--alpha", type=float, default=1e-5, help="ohd: soft mask scale (default 1e-5)")
-    c.add_argument(
-        "--score-layer",
-        type=int,
-        default=None,
-        help="read the angle after this decoder layer (default: last, after the final norm)",
-    )
-    c.add_argument(
-        "--score-layers",
-        default=None,
-        metavar="FIRST-LAST|all",
-        help="search the score layer with the head among these (e.g. 8-24); one replay serves them all",
-    )
+    c.add_argument("--score-layer", type=int, default=None, help="read the angle after this decoder layer (default: last, after the final norm)")
+    c.add_argument("--score-layers", default=None, metavar="FIRST-LAST|all",
+                   help="search the score layer with the head among these (e.g. 8-24); one replay serves them all")
     c.add_argument("--head", type=int, nargs=2, metavar=("LAYER", "HEAD"), help="fix the head, skip the search")
     c.add_argument("--top-k", type=int, default=8, help="ohd: heads re-scored in the second search stage")
-    c.add_argument(
-        "--percentile",
-        type=float,
-        default=80.0,
-        help="ohd selectivity rule: keep heads whose safe angle is below this percentile over all heads",
-    )
-    c.add_argument(
-        "--rank-by",
-        choices=["gap", "auroc"],
-        default="auroc",
-        help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)",
-    )
-    c.add_argument(
-        "--target-fpr",
-        type=_fpr,
-        default=None,
-        metavar="F",
-        help="every kind: the threshold that flags at most this share of the benign calibration prompts "
-        "(out-of-fold scores for the probes) instead of the kind's default rule (KDE crossing or "
-        "probability 0.5); recorded as threshold_method 'target_fpr=F on N benign prompts'",
-    )
-    c.add_argument(
-        "--limit", type=int, default=None, help="use at most N unsafe and N safe prompts, spread evenly over categories"
-    )
+    c.add_argument("--percentile", type=float, default=80.0,
+                   help="ohd selectivity rule: keep heads whose safe angle is below this percentile over all heads")
+    c.add_argument("--rank-by", choices=["gap", "auroc"], default="auroc",
+                   help="rank selective heads by AUROC (default; picked better heads on held-out prompts) or mean-angle gap (paper)")
+    c.add_argument("--target-fpr", type=_fpr, default=None, metavar="F",
+                   help="every kind: the threshold that flags at most this share of the benign calibration prompts "
+                        "(out-of-fold scores for the probes) instead of the kind's default rule (KDE crossing or "
+                        "probability 0.5); recorded as threshold_method 'target_fpr=F on N benign prompts'")
+    c.add_argument("--limit", type=int, default=None, help="use at most N unsafe and N safe prompts, spread evenly over categories")
     c.add_argument("--quiet", action="store_true", help="no progress output")
     c.set_defaults(func=cmd_calibrate)

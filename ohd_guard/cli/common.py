@@ -30,7 +30,6 @@ def load_model(args):
 
 def table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` (floats to 4 decimals)."""
-
     def fmt(v):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -41,16 +40,11 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def model_args(sp: argparse.ArgumentParser) -> None:
     """The options of every subcommand that loads a model."""
-    sp.add_argument(
-        "--model",
-        default=None,
-        help="an embedded model's name (qwen2.5-coder-0.5b-instruct, the default; qwen2.5-coder-1.5b-instruct; "
-        "gemma3-270m: each picks its shipped profiles), a local HF folder or a .gguf file",
-    )
+    sp.add_argument("--model", default=None,
+                    help="an embedded model's name (qwen2.5-coder-0.5b-instruct, the default; qwen2.5-coder-1.5b-instruct; "
+                         "gemma3-270m: each picks its shipped profiles), a local HF folder or a .gguf file")
     sp.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:1, mps, ...")
-    sp.add_argument(
-        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"
-    )
+    sp.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     sp.add_argument("--batch-size", type=int, default=8, help="conversations per batched prefill (default 8)")
 
 
@@ -96,20 +90,14 @@ def describe(det) -> str:
 def describe_profile(s) -> str:
     """One line on what a profile of any kind holds."""
     if s.kind == "ohd":
-        return (
-            f"head {s.heads[0]}, mask positions {s.mask.positions}, {s.search}, "
-            f"threshold {s.threshold:.4g} deg ({s.threshold_method})"
-        )
+        return (f"head {s.heads[0]}, mask positions {s.mask.positions}, {s.search}, "
+                f"threshold {s.threshold:.4g} deg ({s.threshold_method})")
     if s.kind == "fused":
-        return (
-            f"logistic on {', '.join(s.features)} (weights {', '.join(f'{c:.2f}' for c in s.coef)}), "
-            f"SAHs {len(s.sahs.heads)} heads, mask {s.mask.positions}, CV AUROC {s.cv_auroc:.3f}"
-        )
+        return (f"logistic on {', '.join(s.features)} (weights {', '.join(f'{c:.2f}' for c in s.coef)}), "
+                f"SAHs {len(s.sahs.heads)} heads, mask {s.mask.positions}, CV AUROC {s.cv_auroc:.3f}")
     if s.kind == "sahs":
         return f"{len(s.heads)} heads (best {', '.join(map(str, s.heads[:4]))}), L2 {s.l2:g}, CV AUROC {s.cv_auroc:.3f}"
     if s.kind == "hiddendetect":
-        return (
-            f"band layers {s.band[0]}-{s.band[1]}, calibration AUROC {s.band_auroc:.3f}, "
-            f"threshold {s.threshold:.4g} ({s.threshold_method})"
-        )
+        return (f"band layers {s.band[0]}-{s.band[1]}, calibration AUROC {s.band_auroc:.3f}, "
+                f"threshold {s.threshold:.4g} ({s.threshold_method})")
     return f"greedy {s.max_new_tokens} tokens, {len(s.markers)} refusal phrases"

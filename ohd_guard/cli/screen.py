@@ -57,17 +57,11 @@ def _inputs(args) -> list:
 
 def screen_json(verdict) -> dict:
     """What ``ohd-guard screen`` prints for a verdict of :meth:`OhdGuard.screen`."""
-    rounded = lambda x: None if x is None else round(float(x), 6)
+    rounded = (lambda x: None if x is None else round(float(x), 6))
     out = {
-        "flagged": verdict.flagged,
-        "angle": rounded(verdict.angle),
-        "threshold": rounded(verdict.threshold),
-        "risk": rounded(verdict.risk),
-        "heads": [str(h) for h in verdict.heads],
-        "mode": verdict.mode,
-        "detector": verdict.detector,
-        "score": rounded(verdict.score),
-        "details": verdict.details,
+        "flagged": verdict.flagged, "angle": rounded(verdict.angle), "threshold": rounded(verdict.threshold),
+        "risk": rounded(verdict.risk), "heads": [str(h) for h in verdict.heads], "mode": verdict.mode,
+        "detector": verdict.detector, "score": rounded(verdict.score), "details": verdict.details,
         "reason": verdict.reason,
     }
     if verdict.error is not None:
@@ -108,36 +102,14 @@ def cmd_screen(args) -> int:
 def add_parser(sub) -> None:
     s = sub.add_parser("screen", help="screen prompts (and images) with one model load; one JSON verdict per line")
     model_args(s)
-    s.add_argument(
-        "text",
-        nargs="*",
-        help="prompts to screen; '-' reads prompts from stdin, one per line "
-        "(plain text, a JSON string, or a JSON object with 'text' or 'messages')",
-    )
-    s.add_argument(
-        "--file",
-        type=Path,
-        action="append",
-        default=[],
-        help="prompts from a file, one per line, read as stdin is (repeatable)",
-    )
+    s.add_argument("text", nargs="*", help="prompts to screen; '-' reads prompts from stdin, one per line "
+                   "(plain text, a JSON string, or a JSON object with 'text' or 'messages')")
+    s.add_argument("--file", type=Path, action="append", default=[],
+                   help="prompts from a file, one per line, read as stdin is (repeatable)")
     s.add_argument("--image", action="append", default=[], help="image file (repeatable; with one text prompt)")
     s.add_argument("--fail-on-flag", action="store_true", help="exit 1 when any prompt is flagged")
-    s.add_argument(
-        "--profile",
-        type=Path,
-        default=None,
-        help="profile JSON of any detector (default: the shipped one of --detector)",
-    )
-    s.add_argument(
-        "--detector",
-        choices=list(KINDS),
-        default=DEFAULT_DETECTOR,
-        help=f"which shipped profile screens when --profile is not given (default: {DEFAULT_DETECTOR})",
-    )
-    s.add_argument(
-        "--allow-edited",
-        action="store_true",
-        help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)",
-    )
+    s.add_argument("--profile", type=Path, default=None, help="profile JSON of any detector (default: the shipped one of --detector)")
+    s.add_argument("--detector", choices=list(KINDS), default=DEFAULT_DETECTOR,
+                   help=f"which shipped profile screens when --profile is not given (default: {DEFAULT_DETECTOR})")
+    s.add_argument("--allow-edited", action="store_true", help="load a profile edited after calibration, or written before profiles had a digest (logs a warning)")
     s.set_defaults(func=cmd_screen, parser=s)

@@ -27,13 +27,8 @@ TOOL_PREFIX = "[tool result]"
 class _State:
     """Per-call settings and running totals, so limits hold across the whole conversation."""
 
-    def __init__(
-        self,
-        limits: ConversationLimits,
-        fetcher: Callable[[str], bytes] | None,
-        base_dir: Path | None,
-        allow_local_files: bool,
-    ):
+    def __init__(self, limits: ConversationLimits, fetcher: Callable[[str], bytes] | None,
+                 base_dir: Path | None, allow_local_files: bool):
         self.limits, self.fetcher, self.allow_local_files = limits, fetcher, allow_local_files
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
         self.n_images = self.n_chars = self.n_pixels = self.n_parts = 0
@@ -42,17 +37,12 @@ class _State:
     def parts(self, n: int, mi: int) -> None:
         """Count ``n`` more parts of message ``mi`` against the limits, before converting them."""
         if n > self.limits.max_parts_per_message:
-            fail(
-                f"too many content parts: {n} in one message, over max_parts_per_message="
-                f"{self.limits.max_parts_per_message}",
-                mi,
-            )
+            fail(f"too many content parts: {n} in one message, over max_parts_per_message="
+                  f"{self.limits.max_parts_per_message}", mi)
         self.n_parts += n
         if self.n_parts > self.limits.max_parts:
-            fail(
-                f"too many content parts: {self.n_parts} in the conversation, over max_parts={self.limits.max_parts}",
-                mi,
-            )
+            fail(f"too many content parts: {self.n_parts} in the conversation, over max_parts={self.limits.max_parts}",
+                  mi)
 
     def text(self, text: Any, mi: int | None, pi: int | None) -> TextPart:
         if not isinstance(text, str):
@@ -83,12 +73,8 @@ class _State:
         if isinstance(src, os.PathLike):
             return self._local(os.fspath(src), mi, pi)
         if not isinstance(src, str):
-            fail(
-                f"unsupported image source of type {type(src).__name__} "
-                "(expected a PIL image, bytes, a path, a data URI or a URL)",
-                mi,
-                pi,
-            )
+            fail(f"unsupported image source of type {type(src).__name__} "
+                  "(expected a PIL image, bytes, a path, a data URI or a URL)", mi, pi)
         if src[:5].lower() == "data:":
             return decode_bytes(data_uri_bytes(src, lim, mi, pi), lim, mi, pi, used)
         m = re.match(r"([a-zA-Z][a-zA-Z0-9+.\-]*)://", src)
@@ -109,12 +95,8 @@ class _State:
         those checks ONE message for every failure ("not found" vs "undecodable" would tell a remote
         user which server paths exist; the detail is the error's cause)."""
         if not self.allow_local_files:
-            fail(
-                f"local image files are not allowed here: {short(raw)!r} (OhdGuard(allow_local_files=True) "
-                "opts in, for trusted input only)",
-                mi,
-                pi,
-            )
+            fail(f"local image files are not allowed here: {short(raw)!r} (OhdGuard(allow_local_files=True) "
+                  "opts in, for trusted input only)", mi, pi)
         p = Path(raw)
         if self.base_dir is not None:
             try:
@@ -126,18 +108,13 @@ class _State:
         try:
             return decode_bytes(self._read_file(p, raw, mi, pi), self.limits, mi, pi, self.n_pixels)
         except InvalidInputError as e:
-            fail(
-                f"cannot use local image file {short(raw)!r}: missing, unreadable, too large or not an image", mi, pi, e
-            )
+            fail(f"cannot use local image file {short(raw)!r}: missing, unreadable, too large or not an image",
+                  mi, pi, e)
 
     def _fetch(self, url: str, mi: int | None, pi: int | None) -> bytes:
         if self.fetcher is None:
-            fail(
-                f"remote image URL {short(url)!r} needs a fetcher: ohd-guard never downloads on its own; "
-                "pass fetcher=<callable(url) -> bytes> to to_conversation",
-                mi,
-                pi,
-            )
+            fail(f"remote image URL {short(url)!r} needs a fetcher: ohd-guard never downloads on its own; "
+                  "pass fetcher=<callable(url) -> bytes> to to_conversation", mi, pi)
         try:
             data = self.fetcher(url)
         except Exception as e:
@@ -156,9 +133,8 @@ class _State:
             if not p.is_file():
                 fail(f"image path is not a regular file: {short(str(p), 200)!r}", mi, pi)
             if p.stat().st_size > cap:
-                fail(
-                    f"image too large: file {p.name!r} has {p.stat().st_size} bytes, over max_image_bytes={cap}", mi, pi
-                )
+                fail(f"image too large: file {p.name!r} has {p.stat().st_size} bytes, over max_image_bytes={cap}",
+                      mi, pi)
             with p.open("rb") as f:
                 data = f.read(cap + 1)
         except InvalidInputError:
@@ -171,16 +147,8 @@ class _State:
 
 
 # ----------------------------------------------------------------------------------- converters
-_ROLES = {
-    "system": "system",
-    "developer": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "ai": "assistant",
-    "tool": "tool",
-    "function": "tool",
-}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
+          "assistant": "assistant", "ai": "assistant", "tool": "tool", "function": "tool"}
 
 
 def _part(raw: Any, st: _State, mi: int, pi: int) -> TextPart | ImagePart:
@@ -262,14 +230,9 @@ def _message(raw: Any, st: _State, mi: int) -> Message:
     return Message(role=r, parts=parts)
 
 
-def to_conversation(
-    obj: Any,
-    *,
-    limits: ConversationLimits = DEFAULT_LIMITS,
-    fetcher: Callable[[str], bytes] | None = None,
-    base_dir: Path | str | None = None,
-    allow_local_files: bool = False,
-) -> Conversation:
+def to_conversation(obj: Any, *, limits: ConversationLimits = DEFAULT_LIMITS,
+                    fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
+                    allow_local_files: bool = False) -> Conversation:
     """Convert (and validate against ``limits``) anything the library accepts into a Conversation.
 
     Accepts a :class:`Conversation` (re-validated), a :class:`Message`, a ``str`` (one user turn),
@@ -294,10 +257,8 @@ def to_conversation(
     elif isinstance(obj, (list, tuple)):
         items = list(obj)
     else:
-        fail(
-            f"cannot convert {type(obj).__name__} to a conversation "
-            "(expected Conversation, str, or a list of message dicts)"
-        )
+        fail(f"cannot convert {type(obj).__name__} to a conversation "
+              "(expected Conversation, str, or a list of message dicts)")
     if not items:
         fail("empty conversation: there are no messages")
     if len(items) > limits.max_messages:

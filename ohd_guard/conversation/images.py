@@ -24,18 +24,11 @@ def _check_pixels(w: int, h: int, limits: ConversationLimits, mi: int | None, pi
     if w <= 0 or h <= 0:
         fail(f"image is empty ({w}x{h})", mi, pi)
     if w * h > limits.max_image_pixels:
-        fail(
-            f"image has too many pixels: {w}x{h} = {w * h}, over max_image_pixels={limits.max_image_pixels} "
-            "(decompression-bomb guard)",
-            mi,
-            pi,
-        )
+        fail(f"image has too many pixels: {w}x{h} = {w * h}, over max_image_pixels={limits.max_image_pixels} "
+              "(decompression-bomb guard)", mi, pi)
     if used + w * h > limits.max_total_pixels:
-        fail(
-            f"images have too many pixels together: {used + w * h}, over max_total_pixels={limits.max_total_pixels}",
-            mi,
-            pi,
-        )
+        fail(f"images have too many pixels together: {used + w * h}, over max_total_pixels={limits.max_total_pixels}",
+              mi, pi)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -50,15 +43,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # also detaches a file-backed image into a plain Image
 
 
-def _load_checked(
-    open_: Callable[[], Image.Image],
-    limits: ConversationLimits,
-    mi: int | None,
-    pi: int | None,
-    *,
-    transpose: bool,
-    used: int = 0,
-) -> Image.Image:
+def _load_checked(open_: Callable[[], Image.Image], limits: ConversationLimits, mi: int | None, pi: int | None,
+                  *, transpose: bool, used: int = 0) -> Image.Image:
     """Open (header only), check size, then decode; every Pillow failure becomes our error."""
     try:
         with warnings.catch_warnings():
@@ -88,9 +74,8 @@ def decode_bytes(data: bytes, limits: ConversationLimits, mi: int | None, pi: in
     return _load_checked(lambda: Image.open(io.BytesIO(data)), limits, mi, pi, transpose=True, used=used)
 
 
-def normalize_pil(
-    img: Image.Image, limits: ConversationLimits, mi: int | None = None, pi: int | None = None, used: int = 0
-) -> Image.Image:
+def normalize_pil(img: Image.Image, limits: ConversationLimits, mi: int | None = None,
+                   pi: int | None = None, used: int = 0) -> Image.Image:
     """A caller's PIL image (maybe lazily opened): size-check before load, then RGB. Not copied
     when already a plain RGB image, so callers should not mutate images after handing them in."""
     return _load_checked(lambda: img, limits, mi, pi, transpose=False, used=used)
@@ -99,12 +84,8 @@ def normalize_pil(
 def b64decode(payload: str, limits: ConversationLimits, what: str, mi: int | None, pi: int | None) -> bytes:
     payload = re.sub(r"\s+", "", payload)
     if len(payload) * 3 // 4 > limits.max_image_bytes:  # refuse before allocating the decoded copy
-        fail(
-            f"image too large: about {len(payload) * 3 // 4} bytes of base64 data, over "
-            f"max_image_bytes={limits.max_image_bytes}",
-            mi,
-            pi,
-        )
+        fail(f"image too large: about {len(payload) * 3 // 4} bytes of base64 data, over "
+              f"max_image_bytes={limits.max_image_bytes}", mi, pi)
     altchars = b"-_" if ("-" in payload or "_" in payload) else None
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=altchars, validate=True)

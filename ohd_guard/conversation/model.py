@@ -108,27 +108,17 @@ class Conversation(StrictModel):
 
     def to_chat_messages(self) -> list[dict[str, Any]]:
         """The form HF VLM processors' ``apply_chat_template`` expects (images inline as PIL)."""
-        return [
-            {
-                "role": m.role,
-                "content": [
-                    {"type": "image", "image": p.image}
-                    if isinstance(p, ImagePart)
-                    else {"type": "text", "text": p.text}
-                    for p in m.parts
-                ],
-            }
-            for m in self.messages
-        ]
+        return [{"role": m.role,
+                 "content": [{"type": "image", "image": p.image} if isinstance(p, ImagePart)
+                             else {"type": "text", "text": p.text} for p in m.parts]}
+                for m in self.messages]
 
     def to_text_chat_messages(self) -> list[dict[str, str]]:
         """Plain-string contents for text-only tokenizers; refuses images rather than silently
         dropping them, because a text-only model would screen a conversation it cannot see."""
         if self.num_images:
-            fail(
-                f"conversation has {self.num_images} image(s) but the model is text-only and cannot see "
-                "them; use a vision-language model to screen images"
-            )
+            fail(f"conversation has {self.num_images} image(s) but the model is text-only and cannot see "
+                  "them; use a vision-language model to screen images")
         return [{"role": m.role, "content": m.text} for m in self.messages]
 
     def _last_user_index(self) -> int:

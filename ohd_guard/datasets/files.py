@@ -80,9 +80,7 @@ class SetFolder:
             _, rows = read_csv(tsv, delimiter="\t")
             for line, r in rows:
                 try:
-                    self.excluded.setdefault(r["file"], {})[int(r["row_index_0based"])] = (
-                        r.get("row_id") or ""
-                    ).strip()
+                    self.excluded.setdefault(r["file"], {})[int(r["row_index_0based"])] = (r.get("row_id") or "").strip()
                 except (KeyError, TypeError, ValueError):
                     raise InvalidInputError(f"{tsv}, line {line}: expected file, row_index_0based, row_id") from None
 
@@ -97,9 +95,7 @@ class SetFolder:
 
     def files(self, pattern: str) -> list[str]:
         """The names (relative to the folder) of the files matching ``pattern``, sorted: one order on every machine."""
-        found = (
-            sorted(p.relative_to(self.path).as_posix() for p in self.path.glob(pattern)) if self.path.is_dir() else []
-        )
+        found = sorted(p.relative_to(self.path).as_posix() for p in self.path.glob(pattern)) if self.path.is_dir() else []
         if not found:
             raise FileNotFoundError(f"shared dataset files missing: no {pattern} in {self.path}")
         return found
@@ -115,8 +111,7 @@ class SetFolder:
             values = rows[index].values() if isinstance(rows[index], dict) else [rows[index]]
             if row_id and row_id not in {str(v) for v in values}:
                 raise InvalidInputError(
-                    f"{self.path / EXCLUDE_FILE}: row {index} of {name} does not hold id {row_id!r} (the file changed?)"
-                )
+                    f"{self.path / EXCLUDE_FILE}: row {index} of {name} does not hold id {row_id!r} (the file changed?)")
         return [r for i, r in enumerate(rows) if i not in drop]
 
     def csv(self, name: str) -> list[dict[str, str]]:

@@ -47,14 +47,7 @@ class LabelledConversation:
     source: str = ""
 
     def __hash__(self) -> int:
-        return hash(
-            (
-                tuple((m.get("role"), str(m.get("content"))) for m in self.messages),
-                self.label,
-                self.category,
-                self.source,
-            )
-        )
+        return hash((tuple((m.get("role"), str(m.get("content"))) for m in self.messages), self.label, self.category, self.source))
 
     @property
     def text(self) -> str:
@@ -69,14 +62,8 @@ class LabelledConversation:
 
 
 LABEL_WORDS = {
-    "1": 1,
-    "unsafe": 1,
-    "harmful": 1,
-    "true": 1,
-    "0": 0,
-    "safe": 0,
-    "harmless": 0,
-    "false": 0,
+    "1": 1, "unsafe": 1, "harmful": 1, "true": 1,
+    "0": 0, "safe": 0, "harmless": 0, "false": 0,
 }
 """The label spellings read from files (lower-cased): 1 unsafe, 0 safe."""
 
@@ -90,7 +77,9 @@ def parse_label(value: Any, where: str) -> int:
         return int(value)
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
         return LABEL_WORDS[value.strip().lower()]
-    raise InvalidInputError(f"{where}: bad label {value!r} (use 1/0, unsafe/safe, harmful/harmless or true/false)")
+    raise InvalidInputError(
+        f"{where}: bad label {value!r} (use 1/0, unsafe/safe, harmful/harmless or true/false)"
+    )
 
 
 _CALIBRATION_FILES = ("calibration_prompts.jsonl", "contrast_prompts.jsonl")
@@ -125,12 +114,8 @@ def load_calibration_prompts(
 
     rows = _read_calibration_rows()
     prompts = [
-        LabelledPrompt(
-            text=r["text"],
-            label=parse_label(r["label"], "calibration prompts"),
-            category=r["category"],
-            source="calibration",
-        )
+        LabelledPrompt(text=r["text"], label=parse_label(r["label"], "calibration prompts"), category=r["category"],
+                       source="calibration")
         for r in rows
     ]
     if split == "all":
@@ -147,9 +132,7 @@ def load_calibration_prompts(
         groups[(label, first.category)].append(key)
     heldout: set[int] = set()
     for (label, category), keys in sorted(groups.items()):
-        rng = random.Random(
-            f"{seed}:{label if label == 'pair' else int(label)}:{category}"
-        )  # str seeds hash deterministically
+        rng = random.Random(f"{seed}:{label if label == 'pair' else int(label)}:{category}")  # str seeds hash deterministically
         shuffled = keys[:]
         rng.shuffle(shuffled)
         n = round(len(shuffled) * heldout_fraction)

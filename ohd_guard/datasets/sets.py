@@ -117,7 +117,7 @@ def alert(folder: SetFolder, name: str) -> list[LabelledPrompt]:
     def unwrap(q: str) -> str:
         q = q.strip()
         if q.startswith("### Instruction:"):
-            q = q[len("### Instruction:") :]
+            q = q[len("### Instruction:"):]
         end = q.rfind("### Response:")
         return q[:end] if end >= 0 else q
 
@@ -128,9 +128,7 @@ def _combine(templates: list[tuple[str, str]], questions: list[str], name: str) 
     """Template ``i`` (text, category) filled with question ``i mod len(questions)``."""
     if not questions:
         raise InvalidInputError(f"shared set {name!r}: no questions to fill the templates with")
-    return [
-        LabelledPrompt(fill(t, questions[i % len(questions)]).strip(), 1, c, name) for i, (t, c) in enumerate(templates)
-    ]
+    return [LabelledPrompt(fill(t, questions[i % len(questions)]).strip(), 1, c, name) for i, (t, c) in enumerate(templates)]
 
 
 def jailbreak_wild(folder: SetFolder, name: str) -> list[LabelledPrompt]:
@@ -189,9 +187,8 @@ def toxicchat(folder: SetFolder, name: str) -> list[LabelledPrompt]:
         return parse_label(row["annotations"][metric]["majority_human"], f"{where}, id {row.get('id')}, {metric}")
 
     rows = folder.json_rows("toxic_chat_train.json", key="instances")
-    return labelled(
-        ((r["instance"], vote(r, "toxicity"), "jailbreaking" if vote(r, "jailbreaking") else "") for r in rows), name
-    )
+    return labelled(((r["instance"], vote(r, "toxicity"), "jailbreaking" if vote(r, "jailbreaking") else "")
+                     for r in rows), name)
 
 
 def guardreasoner(folder: SetFolder, name: str) -> list[LabelledPrompt]:
@@ -203,13 +200,8 @@ def guardreasoner(folder: SetFolder, name: str) -> list[LabelledPrompt]:
     """
     where = folder.path / "guardreasoner_test_5k.json"
     rows = folder.json_rows("guardreasoner_test_5k.json")
-    return labelled(
-        (
-            (r["prompt"], parse_label(r["label"], f"{where}, prompt {r['prompt'][:40]!r}"), r.get("source"))
-            for r in rows
-        ),
-        name,
-    )
+    return labelled(((r["prompt"], parse_label(r["label"], f"{where}, prompt {r['prompt'][:40]!r}"), r.get("source"))
+                     for r in rows), name)
 
 
 CONVABUSE_SPLITS = ("train", "valid", "test")
@@ -224,10 +216,8 @@ def convabuse_vote(row: dict[str, str]) -> int | None:
     """
     abusive = not_abusive = 0
     for a in range(1, 9):
-        cells = {
-            k: [v.strip() for v in (row.get(f"Annotator{a}_is_abuse.{k}") or "").split(",")]
-            for k in ("1", "0", *_ABUSIVE)
-        }
+        cells = {k: [v.strip() for v in (row.get(f"Annotator{a}_is_abuse.{k}") or "").split(",")]
+                 for k in ("1", "0", *_ABUSIVE)}
         if not any(v for vs in cells.values() for v in vs):
             continue  # this annotator did not see the row
         if any("1" in cells[k] for k in _ABUSIVE):

@@ -27,32 +27,16 @@ from ohd_guard.threshold import RiskCalibration, kde_threshold
 
 D = TypeVar("D", bound="Detector")
 
-__all__ = [
-    "Detector",
-    "as_input",
-    "batched",
-    "check_sets",
-    "data_hash",
-    "evaluate_scores",
-    "kde_or_midpoint",
-    "length_order",
-    "midpoint_of_medians",
-    "probe_fields",
-    "probe_threshold",
-    "risk_of",
-    "risk_or_none",
-    "target_fpr_method",
-    "target_fpr_threshold",
-]
+__all__ = ["Detector", "as_input", "batched", "check_sets", "data_hash", "evaluate_scores", "kde_or_midpoint",
+           "length_order", "midpoint_of_medians", "probe_fields", "probe_threshold", "risk_of", "risk_or_none",
+           "target_fpr_method", "target_fpr_threshold"]
 
 
 # -- what every fit needs ----------------------------------------------------------------------
 def check_sets(unsafe: Sequence[Any], safe: Sequence[Any], minimum: int = 2) -> None:
     """Every fit needs both classes: at least ``minimum`` prompts each."""
     if len(unsafe) < minimum or len(safe) < minimum:
-        raise CalibrationError(
-            f"need at least {minimum} unsafe and {minimum} safe prompts, got {len(unsafe)} and {len(safe)}"
-        )
+        raise CalibrationError(f"need at least {minimum} unsafe and {minimum} safe prompts, got {len(unsafe)} and {len(safe)}")
 
 
 def data_hash(items: Sequence[Any]) -> str:
@@ -76,12 +60,8 @@ def evaluate_scores(split: str, unsafe: np.ndarray, safe: np.ndarray, threshold:
     labels = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))]
     r = rates_at_threshold(scores, labels, threshold)
     return CalibrationMetrics(
-        split=split,
-        n_unsafe=len(unsafe),
-        n_safe=len(safe),
-        auroc=auroc(scores, labels),
-        detection_rate=r.detection_rate,
-        false_positive_rate=r.false_positive_rate,
+        split=split, n_unsafe=len(unsafe), n_safe=len(safe), auroc=auroc(scores, labels),
+        detection_rate=r.detection_rate, false_positive_rate=r.false_positive_rate,
         balanced_accuracy=r.balanced_accuracy,
     )
 
@@ -116,9 +96,8 @@ def target_fpr_method(fpr: float, n_safe: int, scored: str = "") -> str:
     return f"target_fpr={fpr:g} on {n_safe} benign prompts" + (f" ({scored})" if scored else "")
 
 
-def probe_threshold(
-    rule: str | float, oof: np.ndarray, y: np.ndarray, scored: str = "out-of-fold"
-) -> tuple[float, str]:
+def probe_threshold(rule: str | float, oof: np.ndarray, y: np.ndarray,
+                    scored: str = "out-of-fold") -> tuple[float, str]:
     """A probe's threshold from its calibration scores (out-of-fold for a fitted probe): ``"prob"``
     (log-odds 0, probability 0.5 under equal priors), ``"kde"`` (crossing of the two score densities)
     or a target false-positive rate on the safe calibration prompts (a number in (0, 1), e.g. ``0.01``)."""
@@ -132,36 +111,17 @@ def probe_threshold(
     return target_fpr_threshold(oof[y == 0], fpr), target_fpr_method(fpr, int((y == 0).sum()), scored)
 
 
-def probe_fields(
-    model: Any,
-    processor: Any,
-    probe: Any,
-    l2: float,
-    oof: np.ndarray,
-    y: np.ndarray,
-    rule: str | float,
-    seconds: float,
-    items: Sequence[Any],
-) -> dict[str, Any]:
+def probe_fields(model: Any, processor: Any, probe: Any, l2: float, oof: np.ndarray, y: np.ndarray,
+                 rule: str | float, seconds: float, items: Sequence[Any]) -> dict[str, Any]:
     """The profile fields every probe kind fills the same way from its fit (weights, threshold, risk curve,
     out-of-fold metrics, provenance)."""
     threshold, method = probe_threshold(rule, oof, y)
     return dict(
-        library_version=library_version(),
-        model=ModelFingerprint.of(model, processor),
-        threshold=threshold,
-        threshold_method=method,
-        n_unsafe=int((y == 1).sum()),
-        n_safe=int((y == 0).sum()),
-        seconds=round(seconds, 2),
-        l2=l2,
-        mean=probe.mean.tolist(),
-        scale=probe.scale.tolist(),
-        coef=probe.coef.tolist(),
-        intercept=probe.intercept,
-        cv_auroc=auroc(oof, y),
-        risk=risk_or_none(oof[y == 1], oof[y == 0]),
-        data_hash=data_hash(list(items)),
+        library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
+        threshold_method=method, n_unsafe=int((y == 1).sum()), n_safe=int((y == 0).sum()),
+        seconds=round(seconds, 2), l2=l2, mean=probe.mean.tolist(), scale=probe.scale.tolist(),
+        coef=probe.coef.tolist(), intercept=probe.intercept, cv_auroc=auroc(oof, y),
+        risk=risk_or_none(oof[y == 1], oof[y == 0]), data_hash=data_hash(list(items)),
         metrics=[evaluate_scores("calibration (out-of-fold)", oof[y == 1], oof[y == 0], threshold)],
     )
 

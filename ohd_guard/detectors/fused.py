@@ -63,11 +63,10 @@ class FusedProfile(ProbeProfile):
         return self
 
     @classmethod
-    def fit(
-        cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any
-    ) -> "FusedProfile":
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any) -> "FusedProfile":
         """Fit the fused detector (options: :class:`Fused`'s) and return its profile."""
         return Fused(**options).fit(model, processor, unsafe, safe).profile
+
 
 
 def _features(angles: np.ndarray, sahs_log_odds: np.ndarray) -> np.ndarray:
@@ -93,26 +92,17 @@ class Fused(Detector):
     name = "Fused"
     kind = "fused"
 
-    def __init__(
-        self,
-        ohd_profile: OhdProfile | None = None,
-        n_angles: int = 1,
-        sahs: SAHs | None = None,
-        l2_grid: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0),
-        folds: int = 5,
-        batch_size: int = 8,
-        seed: int = 0,
-        threshold: Literal["prob", "kde"] | float = "prob",
-    ):
+    def __init__(self, ohd_profile: OhdProfile | None = None, n_angles: int = 1, sahs: SAHs | None = None,
+                 l2_grid: Sequence[float] = (1e-2, 1e-1, 1.0, 10.0), folds: int = 5, batch_size: int = 8, seed: int = 0,
+                 threshold: Literal["prob", "kde"] | float = "prob"):
         super().__init__()
         self.ohd_profile, self.n_angles, self.sahs = ohd_profile, n_angles, sahs or SAHs(batch_size=batch_size)
         self.l2_grid, self.folds, self.batch_size, self.seed = tuple(l2_grid), folds, batch_size, seed
         self.threshold_rule = threshold
         self._probe: Logistic | None = None
 
-    def fit(
-        self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any], sahs_oof: np.ndarray | None = None
-    ) -> "Fused":
+    def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any],
+            sahs_oof: np.ndarray | None = None) -> "Fused":
         """Fit SAHs (unless it is fitted already and ``sahs_oof``, its out-of-fold scores on
         ``unsafe + safe``, is given), the angles of the selective heads, then the combination."""
         check_sets(unsafe, safe)
@@ -179,22 +169,16 @@ class Fused(Detector):
         scores = self._probe.decision(_features(angles, sahs))  # type: ignore[union-attr]
         heads = self.profile.ohd_heads
         details = [
-            {
-                "angle": float(a[0]),
-                "angles": {str(h): round(float(x), 6) for h, x in zip(heads, a)},
-                "sahs_log_odds": round(float(z), 4),
-                **d,
-            }
+            {"angle": float(a[0]), "angles": {str(h): round(float(x), 6) for h, x in zip(heads, a)},
+             "sahs_log_odds": round(float(z), 4), **d}
             for a, z, d in zip(angles, sahs, sahs_details)
         ]
         return scores, details
 
     def explain(self, score: float, flagged: bool, risk: float) -> str:
-        return (
-            f"fused log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} (OhD angle at "
-            f"{'+'.join(map(str, self.verdict_heads))} and SAHs; risk {risk:.2f}): "
-            f"{'flagged as unsafe' if flagged else 'passed'}"
-        )
+        return (f"fused log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} (OhD angle at "
+                f"{'+'.join(map(str, self.verdict_heads))} and SAHs; risk {risk:.2f}): "
+                f"{'flagged as unsafe' if flagged else 'passed'}")
 
 
 def selective_heads(profile: OhdProfile, n: int) -> list[HeadRef]:

@@ -62,9 +62,8 @@ SAFE_WORDS: tuple[str, ...] = ("safe", " safe", "Safe", " Safe")
 UNSAFE_WORDS: tuple[str, ...] = ("unsafe", " unsafe", "Unsafe", " Unsafe")
 
 
-def answer_token_ids(
-    tokenizer: Any, unsafe: Sequence[str] = UNSAFE_WORDS, safe: Sequence[str] = SAFE_WORDS
-) -> tuple[list[int], list[int]]:
+def answer_token_ids(tokenizer: Any, unsafe: Sequence[str] = UNSAFE_WORDS,
+                     safe: Sequence[str] = SAFE_WORDS) -> tuple[list[int], list[int]]:
     """The first tokens of each spelling of the two answers, as ``(unsafe_ids, safe_ids)``.
 
     A first token is kept only when it tells the answers apart: not bare whitespace, and not the
@@ -147,9 +146,7 @@ class Judge(Detector):
     def __init__(self, threshold: str | float = "midpoint", template: str = JUDGE_TEMPLATE, batch_size: int = 8):
         super().__init__()
         if isinstance(threshold, str) and threshold not in ("midpoint", "zero"):
-            raise InvalidInputError(
-                f"threshold must be 'midpoint', 'zero' or a target false-positive rate, not {threshold!r}"
-            )
+            raise InvalidInputError(f"threshold must be 'midpoint', 'zero' or a target false-positive rate, not {threshold!r}")
         if "{conversation}" not in template:
             raise InvalidInputError("the judge template needs a {conversation} placeholder")
         if batch_size < 1:
@@ -160,15 +157,9 @@ class Judge(Detector):
         """Pick the threshold on the fit prompts (scored once each) and record the model's fingerprint."""
         t0 = time.perf_counter()
         u_ids, s_ids = answer_token_ids(processor)
-        base = dict(
-            library_version=library_version(),
-            model=ModelFingerprint.of(model, processor),
-            template=self.template,
-            unsafe_token_ids=u_ids,
-            safe_token_ids=s_ids,
-            n_unsafe=len(unsafe),
-            n_safe=len(safe),
-        )
+        base = dict(library_version=library_version(), model=ModelFingerprint.of(model, processor),
+                    template=self.template, unsafe_token_ids=u_ids, safe_token_ids=s_ids,
+                    n_unsafe=len(unsafe), n_safe=len(safe))
         if self.rule == "zero" and not (unsafe or safe):
             self._bind(model, processor, JudgeProfile(threshold=0.0, threshold_method="log_odds_0", **base))  # type: ignore[arg-type]
             return self
@@ -184,13 +175,9 @@ class Judge(Detector):
             fpr = float(self.rule)
             threshold, method = target_fpr_threshold(ss, fpr), target_fpr_method(fpr, len(ss), "fit prompts")
         profile = JudgeProfile(
-            threshold=threshold,
-            threshold_method=method,
-            seconds=round(time.perf_counter() - t0, 2),
-            risk=risk_or_none(su, ss),
-            data_hash=data_hash([*unsafe, *safe]),
-            metrics=[evaluate_scores("calibration", su, ss, threshold)],
-            **base,  # type: ignore[arg-type]
+            threshold=threshold, threshold_method=method, seconds=round(time.perf_counter() - t0, 2),
+            risk=risk_or_none(su, ss), data_hash=data_hash([*unsafe, *safe]),
+            metrics=[evaluate_scores("calibration", su, ss, threshold)], **base,  # type: ignore[arg-type]
         )
         self._bind(model, processor, profile)
         return self
@@ -212,9 +199,8 @@ class Judge(Detector):
         longest = int(mask.sum(-1).max()) if mask is not None else enc["input_ids"].shape[1]
         window = getattr(get_adapter(self.model).text_config, "max_position_embeddings", None)
         if window and longest > int(window):  # fail closed: past its window the model's answer means nothing
-            raise InvalidInputError(
-                f"judge prompt too long: {longest} tokens rendered, over the model's context window of {window} tokens"
-            )
+            raise InvalidInputError(f"judge prompt too long: {longest} tokens rendered, over the model's context "
+                                    f"window of {window} tokens")
         if mask is not None and getattr(self.model.config, "vision_config", None) is None:  # VLMs place their own
             enc["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = self.model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [B, V]
@@ -228,9 +214,7 @@ class Judge(Detector):
         return batched(self.log_odds, list(convs), self.batch_size).astype(float)
 
     def explain(self, score: float, flagged: bool, risk: float) -> str:
-        return (
-            f"judge log-odds unsafe/safe {score:+.2f} ({'above' if flagged else 'at or below'} {self.threshold:+.2f})"
-        )
+        return f"judge log-odds unsafe/safe {score:+.2f} ({'above' if flagged else 'at or below'} {self.threshold:+.2f})"
 
     @classmethod
     def _configured(cls, profile: JudgeProfile) -> "Judge":  # type: ignore[override]

@@ -25,15 +25,8 @@ GUARD_KINDS = ("ohd", "sahs", "hiddendetect", "fused", "residual")
 prefill of its own, so neither can)."""
 
 AnyProfile = Annotated[
-    Union[  # noqa: UP007 (a discriminated union needs Union[...] inside Annotated)
-        OhdProfile,
-        SAHsProfile,
-        HiddenDetectProfile,
-        FusedProfile,
-        ResidualProfile,
-        SelfRefusalProfile,
-        JudgeProfile,
-    ],
+    Union[OhdProfile, SAHsProfile, HiddenDetectProfile, FusedProfile, ResidualProfile, SelfRefusalProfile,  # noqa: UP007
+          JudgeProfile],
     Field(discriminator="kind"),
 ]
 """A saved profile of any kind, told apart by its ``kind`` (what :func:`load_profile` validates against)."""
@@ -55,9 +48,7 @@ def bind_detector(profile: Any, model: Any, processor: Any, verify: bool = True)
         if profile_ is None:  # a scorer of the user's own, implementing the protocol
             return profile
         if profile_.kind not in GUARD_KINDS:
-            raise InvalidInputError(
-                f"a {profile_.kind!r} detector cannot guard; the guard runs {', '.join(GUARD_KINDS)}"
-            )
+            raise InvalidInputError(f"a {profile_.kind!r} detector cannot guard; the guard runs {', '.join(GUARD_KINDS)}")
         if verify:
             profile_.verify(model, processor)
         return profile

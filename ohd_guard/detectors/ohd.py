@@ -64,18 +64,9 @@ class OneHeadDefense(Detector):
 
     def fit(self, model, processor, unsafe: Sequence[Any], safe: Sequence[Any]) -> "OneHeadDefense":
         profile = calibrate(
-            model,
-            processor,
-            [as_input(x) for x in unsafe],
-            [as_input(x) for x in safe],
-            spec=self.spec,
-            score_layer=self.score_layer,
-            head=self.head,
-            strategy=self.strategy,
-            top_k=self.top_k,
-            percentile=self.percentile,
-            threshold=self.threshold_rule,
-            batch_size=self.batch_size,
+            model, processor, [as_input(x) for x in unsafe], [as_input(x) for x in safe], spec=self.spec,
+            score_layer=self.score_layer, head=self.head, strategy=self.strategy, top_k=self.top_k,
+            percentile=self.percentile, threshold=self.threshold_rule, batch_size=self.batch_size,
         )
         self._bind(model, processor, profile)
         return self
@@ -130,9 +121,8 @@ class LargestEffectHead(OneHeadDefense):
         t0 = time.perf_counter()
         u_conv, s_conv = [as_input(x) for x in unsafe], [as_input(x) for x in safe]
         final = DeflectionScorer(model, processor, spec=self.spec, score_layer=self.score_layer)
-        fast = DeflectionScorer(
-            model, processor, spec=mode_spec("fast", self.spec), score_layer=self.score_layer, adapter=final.adapter
-        )
+        fast = DeflectionScorer(model, processor, spec=mode_spec("fast", self.spec), score_layer=self.score_layer,
+                                adapter=final.adapter)
         candidates = [self.head] if self.head is not None else all_heads(final.adapter, below_layer=final.score_layer)
         n = self.search_per_class
         pick = lambda xs: evenly(xs, n)  # noqa: E731
@@ -142,31 +132,18 @@ class LargestEffectHead(OneHeadDefense):
         order = np.argsort(-scores.unsafe.mean(0), kind="stable")
         labels = np.r_[np.ones(len(u_conv)), np.zeros(len(s_conv))]
         stats = [
-            HeadStats(
-                head=scores.heads[k],
-                unsafe_mean=float(scores.unsafe[:, k].mean()),
-                safe_mean=float(scores.safe[:, k].mean()),
-                gap=float(scores.unsafe[:, k].mean() - scores.safe[:, k].mean()),
-                auroc=auroc(np.r_[scores.unsafe[:, k], scores.safe[:, k]], labels),
-                eligible=True,
-            )
+            HeadStats(head=scores.heads[k], unsafe_mean=float(scores.unsafe[:, k].mean()),
+                      safe_mean=float(scores.safe[:, k].mean()),
+                      gap=float(scores.unsafe[:, k].mean() - scores.safe[:, k].mean()),
+                      auroc=auroc(np.r_[scores.unsafe[:, k], scores.safe[:, k]], labels), eligible=True)
             for k in order
         ]
         k = int(order[0])
         how = f"{self.SEARCH_TAG}(fast->{self.mode}, k={self.top_k}" + (f", search {n}/class)" if n else ")")
         profile = profile_from_angles(
-            model,
-            processor,
-            scores.heads[k],
-            self.spec,
-            final.score_layer,
-            scores.unsafe[:, k],
-            scores.safe[:, k],
-            threshold=self.threshold_rule,
-            calibration=list(unsafe) + list(safe),
-            search=how,
-            seconds=time.perf_counter() - t0,
-            top_heads=stats,
+            model, processor, scores.heads[k], self.spec, final.score_layer, scores.unsafe[:, k], scores.safe[:, k],
+            threshold=self.threshold_rule, calibration=list(unsafe) + list(safe), search=how,
+            seconds=time.perf_counter() - t0, top_heads=stats,
         )
         self._bind(model, processor, profile)
         return self

@@ -64,31 +64,24 @@ class OhdProfile(Profile):
             raise ValueError(f"score_layer {self.score_layer} is above the model's {self.model.num_layers} layers")
         self.check_heads(self.heads)
         if any(h.layer >= self.score_layer for h in self.heads):
-            raise ValueError(
-                f"a head is at or above score_layer {self.score_layer}: masking it cannot move "
-                "the angle read there, so nothing would ever be flagged"
-            )
+            raise ValueError(f"a head is at or above score_layer {self.score_layer}: masking it cannot move "
+                             "the angle read there, so nothing would ever be flagged")
         if not self.mask.alpha < 1.0:
             raise ValueError("mask.alpha must be below 1 (1.0 leaves the head unmasked: every angle is 0)")
         t = self.threshold_fit
         method = "target_fpr" if self.threshold_method.startswith("target_fpr=") else self.threshold_method
         if (self.threshold, method) != (t.value, t.method):
-            raise ValueError(
-                f"threshold {self.threshold} ({self.threshold_method}) differs from the fitted {t.value} ({t.method})"
-            )
+            raise ValueError(f"threshold {self.threshold} ({self.threshold_method}) differs from the fitted "
+                             f"{t.value} ({t.method})")
         if not 0.0 < t.value <= 180.0:
             raise ValueError(f"threshold {t.value} is not an angle in (0, 180] degrees")
         if t.method == "kde_crossing" and t.crossings and not any(abs(t.value - c) <= 1e-9 for c in t.crossings):
             raise ValueError(f"threshold {t.value} is not one of the KDE crossings {t.crossings} it was fitted as")
         calib = next((m for m in self.metrics if m.split == "calibration"), None)
-        if calib is not None and (
-            abs(calib.detection_rate - t.detection_rate) > 1e-9
-            or abs(calib.false_positive_rate - t.false_positive_rate) > 1e-9
-        ):
-            raise ValueError(
-                "threshold's detection/false-positive rates differ from the calibration metrics "
-                "(the threshold was changed after calibration)"
-            )
+        if calib is not None and (abs(calib.detection_rate - t.detection_rate) > 1e-9
+                                  or abs(calib.false_positive_rate - t.false_positive_rate) > 1e-9):
+            raise ValueError("threshold's detection/false-positive rates differ from the calibration metrics "
+                             "(the threshold was changed after calibration)")
         self.check_detector()
         return self
 
@@ -105,20 +98,10 @@ def migrate_legacy(raw: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(thr, dict) or not isinstance(cal, dict):
         raise ValueError("neither a current profile (no 'kind') nor a One-head Defense profile of the first layout")
     out = {k: v for k, v in raw.items() if k not in ("threshold", "calibration", "digest")}
-    out.update(
-        kind="ohd",
-        threshold=thr.get("value"),
-        threshold_method=thr.get("method"),
-        threshold_fit=thr,
-        n_unsafe=cal.get("n_unsafe"),
-        n_safe=cal.get("n_safe"),
-        data_hash=cal.get("data_hash", ""),
-        sources=cal.get("sources", []),
-        seconds=cal.get("seconds", 0.0),
-        search=cal.get("search", ""),
-        length_auroc=cal.get("length_auroc"),
-        question_auroc=cal.get("question_auroc"),
-    )
+    out.update(kind="ohd", threshold=thr.get("value"), threshold_method=thr.get("method"), threshold_fit=thr,
+               n_unsafe=cal.get("n_unsafe"), n_safe=cal.get("n_safe"), data_hash=cal.get("data_hash", ""),
+               sources=cal.get("sources", []), seconds=cal.get("seconds", 0.0), search=cal.get("search", ""),
+               length_auroc=cal.get("length_auroc"), question_auroc=cal.get("question_auroc"))
     return out
 
 
@@ -149,12 +132,8 @@ def warn_surface(surface: dict[str, float]) -> None:
     """Log when a surface feature alone separates the calibration sets."""
     for name, value in surface.items():
         if abs(value - 0.5) > 0.15:
-            log.warning(
-                "%s alone separates the calibration sets (AUROC %.2f): a detector may learn it, and fail "
-                "where it goes the other way; balance the sets on it",
-                SURFACE_FEATURES[name],
-                value,
-            )
+            log.warning("%s alone separates the calibration sets (AUROC %.2f): a detector may learn it, and fail "
+                        "where it goes the other way; balance the sets on it", SURFACE_FEATURES[name], value)
 
 
 def _method(fit: ThresholdFit, rule: Literal["kde"] | float, n_safe: int) -> str:
@@ -163,23 +142,11 @@ def _method(fit: ThresholdFit, rule: Literal["kde"] | float, n_safe: int) -> str
 
 
 def calibrate(
-    model,
-    processor,
-    unsafe: Sequence[Any],
-    safe: Sequence[Any],
-    *,
-    spec: MaskSpec = MaskSpec(),
-    score_layer: int | None = None,
-    score_layers: Sequence[int] | None = None,
-    head: HeadRef | None = None,
-    strategy: Strategy = "two-stage",
-    top_k: int = 8,
-    percentile: float = 80.0,
-    rank_by: RankBy = "auroc",
-    threshold: Literal["kde"] | float = "kde",
-    heldout: tuple[Sequence[Any], Sequence[Any]] | None = None,
-    batch_size: int = 8,
-    progress: bool = False,
+    model, processor, unsafe: Sequence[Any], safe: Sequence[Any], *,
+    spec: MaskSpec = MaskSpec(), score_layer: int | None = None, score_layers: Sequence[int] | None = None,
+    head: HeadRef | None = None, strategy: Strategy = "two-stage", top_k: int = 8, percentile: float = 80.0,
+    rank_by: RankBy = "auroc", threshold: Literal["kde"] | float = "kde",
+    heldout: tuple[Sequence[Any], Sequence[Any]] | None = None, batch_size: int = 8, progress: bool = False,
     sources: Sequence[str] = (),
 ) -> OhdProfile:
     """Calibrate One-head Defense on ``model`` and return its :class:`OhdProfile`.
@@ -198,18 +165,8 @@ def calibrate(
     warn_surface(surface)
     if head is None:
         result = search_heads(
-            model,
-            processor,
-            u_conv,
-            s_conv,
-            spec=spec,
-            score_layer=score_layer,
-            score_layers=score_layers,
-            strategy=strategy,
-            top_k=top_k,
-            percentile=percentile,
-            rank_by=rank_by,
-            batch_size=batch_size,
+            model, processor, u_conv, s_conv, spec=spec, score_layer=score_layer, score_layers=score_layers,
+            strategy=strategy, top_k=top_k, percentile=percentile, rank_by=rank_by, batch_size=batch_size,
             progress=progress,
         )
         head, score_layer = result.best, result.score_layer
@@ -225,9 +182,7 @@ def calibrate(
         how = "manual"
     if float(np.median(u_angles)) <= float(np.median(s_angles)):
         raise CalibrationError(f"head {head}: unsafe prompts do not turn the state more than safe ones")
-    fit = (
-        kde_threshold(u_angles, s_angles) if threshold == "kde" else fpr_threshold(u_angles, s_angles, float(threshold))
-    )
+    fit = kde_threshold(u_angles, s_angles) if threshold == "kde" else fpr_threshold(u_angles, s_angles, float(threshold))
     metrics = [evaluate_scores("calibration", u_angles, s_angles, fit.value)]
     scorer = DeflectionScorer(model, processor, spec=spec, score_layer=score_layer)
     if heldout is not None:
@@ -235,41 +190,19 @@ def calibrate(
         hs = scorer.angles([as_input(x) for x in heldout[1]], [head], batch_size=batch_size)[:, 0]
         metrics.append(evaluate_scores("heldout", hu, hs, fit.value))
     return OhdProfile(
-        library_version=library_version(),
-        model=ModelFingerprint.of(model, processor),
-        heads=(head,),
-        mask=spec,
-        score_layer=scorer.score_layer,
-        threshold=fit.value,
-        threshold_method=_method(fit, threshold, len(s_angles)),
+        library_version=library_version(), model=ModelFingerprint.of(model, processor), heads=(head,), mask=spec,
+        score_layer=scorer.score_layer, threshold=fit.value, threshold_method=_method(fit, threshold, len(s_angles)),
         threshold_fit=fit,
-        risk=RiskCalibration.fit(u_angles, s_angles),
-        n_unsafe=len(unsafe),
-        n_safe=len(safe),
-        data_hash=data_hash(list(unsafe) + list(safe)),
-        sources=list(sources),
-        search=how,
-        seconds=round(time.perf_counter() - t0, 2),
-        length_auroc=round(surface["length"], 4),
-        question_auroc=round(surface["question"], 4),
-        metrics=metrics,
-        top_heads=top_heads,
+        risk=RiskCalibration.fit(u_angles, s_angles), n_unsafe=len(unsafe), n_safe=len(safe),
+        data_hash=data_hash(list(unsafe) + list(safe)), sources=list(sources), search=how,
+        seconds=round(time.perf_counter() - t0, 2), length_auroc=round(surface["length"], 4),
+        question_auroc=round(surface["question"], 4), metrics=metrics, top_heads=top_heads,
     )
 
 
 def profile_from_angles(
-    model,
-    processor,
-    head: HeadRef,
-    spec: MaskSpec,
-    score_layer: int,
-    u: np.ndarray,
-    s: np.ndarray,
-    *,
-    threshold: Literal["kde"] | float,
-    calibration: Sequence[Any],
-    search: str,
-    seconds: float,
+    model, processor, head: HeadRef, spec: MaskSpec, score_layer: int, u: np.ndarray, s: np.ndarray, *,
+    threshold: Literal["kde"] | float, calibration: Sequence[Any], search: str, seconds: float,
     top_heads: list[HeadStats],
 ) -> OhdProfile:
     """A profile for a head chosen outside :func:`calibrate`, from its calibration angles.
@@ -285,20 +218,9 @@ def profile_from_angles(
         fit = manual_threshold(midpoint_of_medians(u, s), u, s)
         risk = RiskCalibration(slope=0.0, intercept=0.0)
     return OhdProfile(
-        library_version=library_version(),
-        model=ModelFingerprint.of(model, processor),
-        heads=(head,),
-        mask=spec,
-        score_layer=score_layer,
-        threshold=fit.value,
-        threshold_method=_method(fit, threshold, len(s)),
-        threshold_fit=fit,
-        risk=risk,
-        n_unsafe=len(u),
-        n_safe=len(s),
-        data_hash=data_hash(list(calibration)),
-        search=search,
-        seconds=round(seconds, 2),
-        metrics=[evaluate_scores("calibration", u, s, fit.value)],
-        top_heads=top_heads,
+        library_version=library_version(), model=ModelFingerprint.of(model, processor), heads=(head,), mask=spec,
+        score_layer=score_layer, threshold=fit.value, threshold_method=_method(fit, threshold, len(s)),
+        threshold_fit=fit, risk=risk,
+        n_unsafe=len(u), n_safe=len(s), data_hash=data_hash(list(calibration)), search=search,
+        seconds=round(seconds, 2), metrics=[evaluate_scores("calibration", u, s, fit.value)], top_heads=top_heads,
     )

@@ -88,11 +88,10 @@ class SAHsProfile(ProbeProfile):
         return self
 
     @classmethod
-    def fit(
-        cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any
-    ) -> "SAHsProfile":
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any) -> "SAHsProfile":
         """Fit SAHs (options: :class:`SAHs`'s) and return its profile."""
         return SAHs(**options).fit(model, processor, unsafe, safe).profile
+
 
 
 class SAHs(Detector):
@@ -112,14 +111,8 @@ class SAHs(Detector):
     kind = "sahs"
 
     def __init__(
-        self,
-        top_k: int = 16,
-        folds: int = 5,
-        head_l2: float = 0.1,
-        l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
-        threshold: Literal["prob", "kde"] | float = "prob",
-        batch_size: int = 8,
-        seed: int = 0,
+        self, top_k: int = 16, folds: int = 5, head_l2: float = 0.1, l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
+        threshold: Literal["prob", "kde"] | float = "prob", batch_size: int = 8, seed: int = 0,
     ):
         super().__init__()
         if top_k < 1 or folds < 2:
@@ -152,20 +145,9 @@ class SAHs(Detector):
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
         profile = SAHsProfile(
-            heads=heads,
-            head_cv_accuracy=[r[0] for r in ranked],
-            head_dim=int(feats.shape[-1]),
-            **probe_fields(
-                model,
-                processor,
-                probe,
-                l2,
-                oof,
-                y,
-                self.threshold_rule,
-                time.perf_counter() - t0,
-                list(unsafe) + list(safe),
-            ),
+            heads=heads, head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]),
+            **probe_fields(model, processor, probe, l2, oof, y, self.threshold_rule, time.perf_counter() - t0,
+                           list(unsafe) + list(safe)),
         )
         self._bind(model, processor, profile)
         self.oof_ = oof
@@ -203,38 +185,18 @@ class SAHs(Detector):
         return scores, details
 
     def explain(self, score: float, flagged: bool, risk: float) -> str:
-        return (
-            f"SAHs probe log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} over "
-            f"{len(self.verdict_heads)} heads (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}"
-        )
+        return (f"SAHs probe log-odds {score:.3f} {'>' if flagged else '<='} threshold {self.threshold:.3f} over "
+                f"{len(self.verdict_heads)} heads (risk {risk:.2f}): {'flagged as unsafe' if flagged else 'passed'}")
 
     @classmethod
     def _configured(cls, profile: SAHsProfile) -> "SAHs":  # type: ignore[override]
-        return cls(
-            top_k=len(profile.heads), threshold="kde" if profile.threshold_method != "probability_0.5" else "prob"
-        )
+        return cls(top_k=len(profile.heads), threshold="kde" if profile.threshold_method != "probability_0.5" else "prob")
 
 
 # -- HiddenDetect -------------------------------------------------------------------------------
 REFUSAL_WORDS: tuple[str, ...] = (
-    "Sorry",
-    "sorry",
-    "cannot",
-    "can't",
-    "unable",
-    "illegal",
-    "unethical",
-    "harmful",
-    "apologize",
-    "I",
-    "As",
-    "Unfortunately",
-    "unfortunately",
-    "not",
-    "No",
-    "refuse",
-    "inappropriate",
-    "dangerous",
+    "Sorry", "sorry", "cannot", "can't", "unable", "illegal", "unethical", "harmful", "apologize", "I", "As",
+    "Unfortunately", "unfortunately", "not", "No", "refuse", "inappropriate", "dangerous",
 )
 """Words whose first token marks a refusal (HiddenDetect's refusal vector, extended a little)."""
 
@@ -276,11 +238,11 @@ class HiddenDetectProfile(Profile):
         return self
 
     @classmethod
-    def fit(
-        cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any
-    ) -> "HiddenDetectProfile":
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any],
+            **options: Any) -> "HiddenDetectProfile":
         """Fit HiddenDetect (options: :class:`HiddenDetect`'s) and return its profile."""
         return HiddenDetect(**options).fit(model, processor, unsafe, safe).profile
+
 
 
 class HiddenDetect(Detector):
@@ -298,14 +260,8 @@ class HiddenDetect(Detector):
     name = "HiddenDetect"
     kind = "hiddendetect"
 
-    def __init__(
-        self,
-        words: Sequence[str] = REFUSAL_WORDS,
-        min_band: int = 1,
-        batch_size: int = 8,
-        chunk_rows: int = 64,
-        threshold: Literal["kde"] | float = "kde",
-    ):
+    def __init__(self, words: Sequence[str] = REFUSAL_WORDS, min_band: int = 1, batch_size: int = 8,
+                 chunk_rows: int = 64, threshold: Literal["kde"] | float = "kde"):
         super().__init__()
         if min_band < 1:
             raise InvalidInputError(f"min_band must be >= 1, got {min_band}")
@@ -368,25 +324,14 @@ class HiddenDetect(Detector):
         cu, cs = self.layer_cosines(list(unsafe)), self.layer_cosines(list(safe))
         band, area, per_layer = self.best_band(cu, cs, self.min_band)
         su, ss = cu[:, band[0] : band[1] + 1].sum(1), cs[:, band[0] : band[1] + 1].sum(1)
-        threshold, method = probe_threshold(
-            self.threshold_rule, np.r_[su, ss], np.r_[np.ones(len(su), int), np.zeros(len(ss), int)], scored=""
-        )
+        threshold, method = probe_threshold(self.threshold_rule, np.r_[su, ss],
+                                            np.r_[np.ones(len(su), int), np.zeros(len(ss), int)], scored="")
         profile = HiddenDetectProfile(
-            library_version=library_version(),
-            model=ModelFingerprint.of(model, processor),
-            threshold=threshold,
-            threshold_method=method,
-            n_unsafe=len(unsafe),
-            n_safe=len(safe),
-            refusal_words=self.words,
-            refusal_token_ids=self._ids,
-            band=band,
-            band_auroc=area,
-            layer_auroc=per_layer,
-            seconds=round(time.perf_counter() - t0, 2),
-            risk=risk_or_none(su, ss),
-            data_hash=data_hash(list(unsafe) + list(safe)),
-            metrics=[evaluate_scores("calibration", su, ss, threshold)],
+            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=threshold,
+            threshold_method=method, n_unsafe=len(unsafe), n_safe=len(safe), refusal_words=self.words,
+            refusal_token_ids=self._ids, band=band, band_auroc=area, layer_auroc=per_layer,
+            seconds=round(time.perf_counter() - t0, 2), risk=risk_or_none(su, ss),
+            data_hash=data_hash(list(unsafe) + list(safe)), metrics=[evaluate_scores("calibration", su, ss, threshold)],
         )
         self._bind(model, processor, profile)
         return self
@@ -394,9 +339,8 @@ class HiddenDetect(Detector):
     def _bind(self, model, processor, profile) -> None:
         vocab = model.get_output_embeddings().weight.shape[0]
         if max(profile.refusal_token_ids) >= vocab:
-            raise InvalidInputError(
-                f"refusal token id {max(profile.refusal_token_ids)} is outside the model's vocabulary of {vocab}"
-            )
+            raise InvalidInputError(f"refusal token id {max(profile.refusal_token_ids)} is outside the model's "
+                                    f"vocabulary of {vocab}")
         super()._bind(model, processor, profile)
         self._ids = list(profile.refusal_token_ids)
         self._adapter = get_adapter(model)

@@ -20,37 +20,11 @@ from ohd_guard.profile import ModelFingerprint, Profile, library_version
 from ohd_guard.rendering import encode_conversations, tokenizer_of
 
 REFUSAL_MARKERS: tuple[str, ...] = (
-    "i'm sorry",
-    "i am sorry",
-    "sorry, but",
-    "sorry, i",
-    "i apologize",
-    "my apologies",
-    "i can't",
-    "i cannot",
-    "i can not",
-    "i won't",
-    "i will not",
-    "i'm unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "as an ai",
-    "i must decline",
-    "i decline",
-    "i'm not going to",
-    "i am not going to",
-    "cannot assist",
-    "can't assist",
-    "cannot help",
-    "can't help",
-    "cannot provide",
-    "can't provide",
-    "not able to provide",
-    "i do not feel comfortable",
-    "i don't feel comfortable",
-    "i refuse",
-    "is not appropriate",
+    "i'm sorry", "i am sorry", "sorry, but", "sorry, i", "i apologize", "my apologies", "i can't", "i cannot",
+    "i can not", "i won't", "i will not", "i'm unable", "i am unable", "i'm not able", "i am not able",
+    "as an ai", "i must decline", "i decline", "i'm not going to", "i am not going to", "cannot assist",
+    "can't assist", "cannot help", "can't help", "cannot provide", "can't provide", "not able to provide",
+    "i do not feel comfortable", "i don't feel comfortable", "i refuse", "is not appropriate",
 )
 """Lower-case phrases that open refusals (the common jailbreak-evaluation list, minus words such as
 "illegal" that compliant answers use too)."""
@@ -89,14 +63,9 @@ class SelfRefusal(Detector):
 
     def fit(self, model, processor, unsafe: Sequence[Any] = (), safe: Sequence[Any] = ()) -> "SelfRefusal":
         profile = SelfRefusalProfile(
-            library_version=library_version(),
-            model=ModelFingerprint.of(model, processor),
-            threshold=0.5,
-            threshold_method="refusal_keyword",
-            n_unsafe=len(unsafe),
-            n_safe=len(safe),
-            max_new_tokens=self.max_new_tokens,
-            markers=self.markers,
+            library_version=library_version(), model=ModelFingerprint.of(model, processor), threshold=0.5,
+            threshold_method="refusal_keyword", n_unsafe=len(unsafe), n_safe=len(safe),
+            max_new_tokens=self.max_new_tokens, markers=self.markers,
         )
         self._bind(model, processor, profile)
         return self

@@ -55,9 +55,8 @@ class ResidualProfile(ProbeProfile):
         return self
 
     @classmethod
-    def fit(
-        cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any], **options: Any
-    ) -> ResidualProfile:
+    def fit(cls, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any],
+            **options: Any) -> ResidualProfile:
         """Fit a residual probe (options: :class:`ResidualProbe`'s) and return its profile."""
         return ResidualProbe(**options).fit(model, processor, unsafe, safe).profile
 
@@ -77,17 +76,9 @@ class ResidualProbe(Detector):
     Profile = ResidualProfile
     kind = "residual"
 
-    def __init__(
-        self,
-        pool: Pool = "last",
-        top_k: int = 2,
-        folds: int = 5,
-        layer_l2: float = 1.0,
-        l2_grid: Sequence[float] = (0.1, 1.0, 10.0, 100.0),
-        threshold: Literal["prob", "kde"] | float = "prob",
-        batch_size: int = 8,
-        seed: int = 0,
-    ):
+    def __init__(self, pool: Pool = "last", top_k: int = 2, folds: int = 5, layer_l2: float = 1.0,
+                 l2_grid: Sequence[float] = (0.1, 1.0, 10.0, 100.0), threshold: Literal["prob", "kde"] | float = "prob",
+                 batch_size: int = 8, seed: int = 0):
         super().__init__()
         if pool not in ("last", "mean", "max"):
             raise InvalidInputError(f"pool must be 'last', 'mean' or 'max', not {pool!r}")
@@ -112,10 +103,8 @@ class ResidualProbe(Detector):
         states = self.states(PrefillReader(model, processor).read(list(unsafe) + list(safe), self.batch_size))
         y = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
         if float(np.ptp(states, axis=0).max()) < 1e-9:
-            raise CalibrationError(
-                f"the {self.pool} states are constant over the calibration prompts: "
-                "this read cannot see what separates them"
-            )
+            raise CalibrationError(f"the {self.pool} states are constant over the calibration prompts: "
+                                  "this read cannot see what separates them")
         folds = stratified_folds(y, min(self.folds, int(min((y == 1).sum(), (y == 0).sum()))), self.seed)
         per_layer = out_of_fold_many(states.transpose(1, 0, 2), y, self.layer_l2, folds)  # [L, N]
         ranked = sorted(range(states.shape[1]), key=lambda i: (log_loss(per_layer[i], y), i))[: self.top_k]
@@ -125,21 +114,10 @@ class ResidualProbe(Detector):
         oof = cv[l2]
         probe = Logistic.fit(X, y, l2)
         profile = ResidualProfile(
-            layers=ranked,
-            pool=self.pool,
-            hidden=int(states.shape[-1]),
+            layers=ranked, pool=self.pool, hidden=int(states.shape[-1]),
             layer_cv_log_loss=[log_loss(per_layer[i], y) for i in ranked],
-            **probe_fields(
-                model,
-                processor,
-                probe,
-                l2,
-                oof,
-                y,
-                self.threshold_rule,
-                time.perf_counter() - t0,
-                list(unsafe) + list(safe),
-            ),
+            **probe_fields(model, processor, probe, l2, oof, y, self.threshold_rule, time.perf_counter() - t0,
+                           list(unsafe) + list(safe)),
         )
         self._bind(model, processor, profile)
         self.oof_ = oof
@@ -158,9 +136,7 @@ class ResidualProbe(Detector):
     def reads(self) -> Reads:
         self._require_fitted()
         layers = tuple(self.profile.layers)
-        return {"last": Reads(layers=layers), "mean": Reads(pooled=layers), "max": Reads(maxed=layers)}[
-            self.profile.pool
-        ]
+        return {"last": Reads(layers=layers), "mean": Reads(pooled=layers), "max": Reads(maxed=layers)}[self.profile.pool]
 
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The probe's log-odds; details give each layer's share of it."""
@@ -174,8 +150,6 @@ class ResidualProbe(Detector):
         return scores, [{"layers": {str(i): round(float(c), 4) for i, c in zip(layers, row)}} for row in contrib]
 
     def explain(self, score: float, flagged: bool, risk: float) -> str:
-        return (
-            f"residual probe ({self.profile.pool}) log-odds {score:.3f} {'>' if flagged else '<='} threshold "
-            f"{self.threshold:.3f} at layers {', '.join(map(str, self.profile.layers))} (risk {risk:.2f}): "
-            f"{'flagged as unsafe' if flagged else 'passed'}"
-        )
+        return (f"residual probe ({self.profile.pool}) log-odds {score:.3f} {'>' if flagged else '<='} threshold "
+                f"{self.threshold:.3f} at layers {', '.join(map(str, self.profile.layers))} (risk {risk:.2f}): "
+                f"{'flagged as unsafe' if flagged else 'passed'}")

@@ -28,24 +28,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.serve.errors import APIError, from_guard_error, screen_all
+from ohd_guard.generation import StopTrimmer, cut_at_stops
 from ohd_guard.serve.generation import Generation, TokenCounter, generation_for, sampling_defaults
 from ohd_guard.serve.moderations import add_moderations
 from ohd_guard.serve.output import OutputGate, Reviewed
 from ohd_guard.serve.payload import FIELD, guard_headers, guard_payload, is_bad_input
 from ohd_guard.serve.schema import (
-    ChatCompletionRequest,
-    ScreenRequest,
-    check_messages,
-    check_model,
-    check_supported,
-    parse,
-    screen_items,
-    tool_setup,
+    ChatCompletionRequest, ScreenRequest, check_messages, check_model, check_supported, parse, screen_items, tool_setup,
 )
-from ohd_guard.serve.settings import ServeSettings
 from ohd_guard.tools import parse_tool_calls, tool_turns, with_tools
+from ohd_guard.serve.settings import ServeSettings
 
 log = logging.getLogger("ohd_guard.serve")
 
@@ -58,12 +51,8 @@ class _Gate:
 
     def acquire(self) -> None:
         if self.active >= self.limit:
-            raise APIError(
-                429,
-                self.code,
-                f"too many {self.what} at once (limit {self.limit}); retry later",
-                headers={"Retry-After": "1"},
-            )
+            raise APIError(429, self.code, f"too many {self.what} at once (limit {self.limit}); retry later",
+                           headers={"Retry-After": "1"})
         self.active += 1
 
     def release(self) -> None:
@@ -109,16 +98,16 @@ async def _read_json(request: Request, limit: int, max_depth: int) -> Any:
             if len(buf) > limit:
                 raise APIError(413, "body_too_large", f"request body over max_body_bytes={limit}")
     except ClientDisconnect:
-        log.info("client disconnected while sending its request body (%d bytes read); nothing was screened", len(buf))
+        log.info("client disconnected while sending its request body (%d bytes read); nothing was screened",
+                 len(buf))
         raise APIError(499, "client_disconnected", "the client disconnected before its request body ended") from None
     try:
         body = json.loads(buf)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, "invalid_json", f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # the C parser's own depth guard: thousands of nested brackets
-        raise APIError(
-            400, "invalid_json", f"the request body is nested too deep: over max_json_depth={max_depth}"
-        ) from None
+        raise APIError(400, "invalid_json",
+                       f"the request body is nested too deep: over max_json_depth={max_depth}") from None
     _check_depth(body, max_depth)
     return body
 
@@ -159,10 +148,8 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
     if getattr(guard.screening_stage, "allow_local_files", False):
         log.warning("the served guard has allow_local_files=True; the server still accepts images only as data: URLs")
     api_key = settings.resolved_api_key()
-    requests, streams = (
-        _Gate(settings.max_concurrent_requests, "too_many_requests", "requests"),
-        _Gate(settings.max_concurrent_streams, "too_many_streams", "open streams"),
-    )
+    requests, streams = (_Gate(settings.max_concurrent_requests, "too_many_requests", "requests"),
+                         _Gate(settings.max_concurrent_streams, "too_many_streams", "open streams"))
     app = FastAPI(title="ohd-guard", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.guard, app.state.settings, app.state.gates = guard, settings, (requests, streams)
     tokenizer = guard.tokenizer
@@ -193,41 +180,21 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(
-                401,
-                "invalid_api_key",
-                "missing or wrong API key (Authorization: Bearer <key>)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+            raise APIError(401, "invalid_api_key", "missing or wrong API key (Authorization: Bearer <key>)",
+                           headers={"WWW-Authenticate": "Bearer"})
 
     # ------------------------------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": settings.model_name,
-            "detector": getattr(guard.detector, "name", None),
-            "refusal": guard.refusal,
-            "on_error": guard.on_error,
-            "active_requests": requests.active,
-            "active_streams": streams.active,
-        }
+        return {"status": "ok", "model": settings.model_name, "detector": getattr(guard.detector, "name", None),
+                "refusal": guard.refusal, "on_error": guard.on_error, "active_requests": requests.active,
+                "active_streams": streams.active}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": settings.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "ohd-guard",
-                    "max_model_len": max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "ohd-guard", "max_model_len": max_model_len}]}
 
     @app.post("/v1/screen")
     async def screen(request: Request) -> JSONResponse:
@@ -237,23 +204,12 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         items = screen_items(req, settings)
         with requests.slot():
             verdicts = await screen_all(guard, items, lambda i: f"conversations[{i}]")
-        return JSONResponse(
-            {
-                "object": "ohd_guard.screen",
-                "model": settings.model_name,
-                "results": [guard_payload(v, refused=v.flagged, refusal_kind=None) for v in verdicts],
-            },
-            headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()},
-        )
+        return JSONResponse({"object": "ohd_guard.screen", "model": settings.model_name,
+                             "results": [guard_payload(v, refused=v.flagged, refusal_kind=None) for v in verdicts]},
+                            headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()})
 
-    add_moderations(
-        app,
-        guard=guard,
-        settings=settings,
-        gate=requests,
-        authorize=authorize,
-        read_json=lambda r: _read_json(r, settings.max_body_bytes, settings.max_json_depth),
-    )
+    add_moderations(app, guard=guard, settings=settings, gate=requests, authorize=authorize,
+                    read_json=lambda r: _read_json(r, settings.max_body_bytes, settings.max_json_depth))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -290,13 +246,8 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": settings.model_name}
 
     def _bad_input(verdict: Any) -> APIError:
-        return APIError(
-            400,
-            "invalid_input",
-            f"the input cannot be screened: {verdict.error}",
-            param="messages",
-            extra={FIELD: guard_payload(verdict, refused=True, refusal_kind=None)},
-        )
+        return APIError(400, "invalid_input", f"the input cannot be screened: {verdict.error}", param="messages",
+                        extra={FIELD: guard_payload(verdict, refused=True, refusal_kind=None)})
 
     def _answer(text: str, refused: bool, tools: list[str] | None) -> tuple[dict[str, Any], bool]:
         """The assistant message of an answer, and whether it calls tools: calls to the request's
@@ -308,22 +259,16 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             return {"role": "assistant", "content": text}, False
         if invalid:
             log.info("dropped %d unparseable tool call(s)", len(invalid))
-        return {
-            "role": "assistant",
-            "content": content or None,
-            "tool_calls": [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
-                for c in calls
-            ],
-        }, True
+        return {"role": "assistant", "content": content or None, "tool_calls": [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for c in calls]}, True
 
     def _text(r: Any, gen: Generation) -> tuple[str, bool]:
         """The answer's text as sent (cut before a stop sequence) and whether a stop sequence ended it."""
         return (r.text, False) if r.refused else cut_at_stops(r.text, gen.stops)
 
-    def _completion(
-        r: Any, gen: Generation, counter: TokenCounter, tools: list[str] | None = None, reviewed: Reviewed | None = None
-    ) -> JSONResponse:
+    def _completion(r: Any, gen: Generation, counter: TokenCounter, tools: list[str] | None = None,
+                    reviewed: Reviewed | None = None) -> JSONResponse:
         v = r.verdict
         if is_bad_input(v):
             raise _bad_input(v)
@@ -331,36 +276,18 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
             raise APIError(500, "internal_error", "a flagged conversation was not refused; nothing was sent")
         text, stopped = _text(r, gen)
         message, calls = _answer(text, r.refused, tools)
-        refused, kind, finish = (
-            r.refused,
-            r.refusal_kind,
-            "tool_calls" if calls else gen.finish(r.refused, stopped, counter),
-        )
+        refused, kind, finish = r.refused, r.refusal_kind, "tool_calls" if calls else gen.finish(r.refused, stopped, counter)
         if reviewed is not None and reviewed.flagged:  # the answer is never sent: the refusal is
-            message, refused, kind, finish = (
-                {"role": "assistant", "content": reviewed.refusal.text},
-                True,
-                reviewed.refusal.refusal_kind,
-                "content_filter",
-            )
-        body = {
-            **_meta(),
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": counter.usage(),
-            FIELD: {**guard_payload(v, refused=refused, refusal_kind=kind), **(reviewed.payload() if reviewed else {})},
-        }
-        return JSONResponse(
-            body, headers={**guard_headers(v, refused=refused), **(reviewed.headers() if reviewed else {})}
-        )
+            message, refused, kind, finish = ({"role": "assistant", "content": reviewed.refusal.text}, True,
+                                              reviewed.refusal.refusal_kind, "content_filter")
+        body = {**_meta(), "object": "chat.completion",
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                "usage": counter.usage(),
+                FIELD: {**guard_payload(v, refused=refused, refusal_kind=kind), **(reviewed.payload() if reviewed else {})}}
+        return JSONResponse(body, headers={**guard_headers(v, refused=refused), **(reviewed.headers() if reviewed else {})})
 
-    async def _stream(
-        request: Request,
-        req: ChatCompletionRequest,
-        messages: list[Any],
-        gen: Generation,
-        tools: list[str] | None = None,
-    ) -> Any:
+    async def _stream(request: Request, req: ChatCompletionRequest, messages: list[Any], gen: Generation,
+                      tools: list[str] | None = None) -> Any:
         requests.acquire()
         try:
             streams.acquire()
@@ -388,16 +315,9 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         body = _events(stream, first, v, gen, counter, include_usage, tools, messages)
         held = {"X-OHD-Guard-Output-Check": "held"} if output is not None else {}
-        return StreamingResponse(
-            body,
-            media_type="text/event-stream",
-            headers={
-                **guard_headers(v, refused=v.flagged),
-                **held,
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            },
-        )
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={**guard_headers(v, refused=v.flagged), **held, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
 
     async def _first(stream: Any) -> str | None:
         try:
@@ -405,30 +325,15 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
         except StopAsyncIteration:
             return None
 
-    async def _events(
-        stream: Any,
-        first: str | None,
-        v: Any,
-        gen: Generation,
-        counter: TokenCounter,
-        include_usage: bool,
-        tools: list[str] | None = None,
-        messages: Any = None,
-    ) -> AsyncIterator[str]:
+    async def _events(stream: Any, first: str | None, v: Any, gen: Generation, counter: TokenCounter,
+                      include_usage: bool, tools: list[str] | None = None, messages: Any = None) -> AsyncIterator[str]:
         meta, refused = _meta(), bool(v.flagged)
-        chunk = lambda delta, finish=None: {
-            **meta,
-            "object": "chat.completion.chunk",  # noqa: E731
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
+        chunk = lambda delta, finish=None: {**meta, "object": "chat.completion.chunk",  # noqa: E731
+                                            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         trimmer = StopTrimmer([] if refused else gen.stops)
         try:
-            yield _sse(
-                {
-                    **chunk({"role": "assistant", "content": ""}),
-                    FIELD: guard_payload(v, refused=refused, refusal_kind=None),
-                }
-            )
+            yield _sse({**chunk({"role": "assistant", "content": ""}),
+                        FIELD: guard_payload(v, refused=refused, refusal_kind=None)})
             pieces = [] if first is None else [first]
             held: list[str] = []  # sent whole with tools (a call is only known at its end) or once checked
             buffering = (tools or output is not None) and not refused
@@ -457,14 +362,9 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                     reviewed = await output.review(messages, message, gen.max_tokens)
                     if reviewed.flagged:  # the answer is never sent: the refusal is
                         message, calls = {"role": "assistant", "content": reviewed.refusal.text}, False
-                delta = (
-                    {"content": message["content"]}
-                    if not calls
-                    else {
-                        "content": message["content"],
-                        "tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])],
-                    }
-                )
+                delta = {"content": message["content"]} if not calls else {
+                    "content": message["content"],
+                    "tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
                 yield _sse(chunk(delta))
             r = stream.response
             finish = gen.finish(refused, trimmer.stopped, counter)
@@ -480,7 +380,8 @@ def create_app(guard: Any, settings: ServeSettings | None = None) -> FastAPI:
                     final[FIELD].update(reviewed.payload())
             yield _sse(final)
             if include_usage:
-                yield _sse({**meta, "object": "chat.completion.chunk", "choices": [], "usage": counter.usage()})
+                yield _sse({**meta, "object": "chat.completion.chunk", "choices": [],
+                            "usage": counter.usage()})
             yield "data: [DONE]\n\n"
         except Exception as e:  # after the first byte an error can only be an event: the answer stops here
             yield _sse(from_guard_error(e).body())

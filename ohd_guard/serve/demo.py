@@ -22,7 +22,6 @@ def planted_guard(**options: Any) -> Any:
 
     model, processor, info = planted_vlm_model(trigger=TRIGGER)
     clean = list(PLANTED_CLEAN_PROMPTS)
-    profile = calibrate(
-        model, processor, with_trigger(clean, TRIGGER), clean, head=HeadRef(layer=info["layer"], head=info["head"])
-    )
+    profile = calibrate(model, processor, with_trigger(clean, TRIGGER), clean,
+                        head=HeadRef(layer=info["layer"], head=info["head"]))
     return OhdGuard(model, processor, profile, **options)

@@ -16,43 +16,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ohd_guard.serve")
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "guard_violation",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "server_error",
-    503: "server_error",
-}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "guard_violation", 404: "not_found_error",
+          405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error", 500: "server_error",
+          503: "server_error"}
 
 
 class APIError(Exception):
     """An HTTP error with an OpenAI-style typed body; ``extra`` adds top-level fields (the verdict)."""
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        param: str | None = None,
-        extra: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ):
+    def __init__(self, status: int, code: str, message: str, *, param: str | None = None,
+                 extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
         self.extra, self.headers = extra or {}, headers or {}
 
     def body(self) -> dict[str, Any]:
-        err = {
-            "message": self.message,
-            "type": _TYPES.get(self.status, "invalid_request_error"),
-            "param": self.param,
-            "code": self.code,
-        }
+        err = {"message": self.message, "type": _TYPES.get(self.status, "invalid_request_error"), "param": self.param,
+               "code": self.code}
         return {"error": err, **self.extra}
 
 
@@ -63,12 +43,8 @@ def from_guard_error(exc: BaseException, verdict_payload: dict[str, Any] | None 
     if isinstance(exc, GuardViolation):
         from ohd_guard.serve.payload import guard_payload
 
-        return APIError(
-            403,
-            "content_flagged",
-            f"the guard flagged this conversation: {exc}",
-            extra={"ohd_guard": guard_payload(exc.verdict, refused=True, refusal_kind=None)},
-        )
+        return APIError(403, "content_flagged", f"the guard flagged this conversation: {exc}",
+                        extra={"ohd_guard": guard_payload(exc.verdict, refused=True, refusal_kind=None)})
     if isinstance(exc, InvalidInputError):
         return APIError(400, "invalid_input", str(exc), param="messages", extra=extra)
     if isinstance(exc, ScreeningError):
@@ -93,11 +69,6 @@ async def screen_all(guard: OhdGuard, items: list[Any], where: Callable[[int], s
         raise from_guard_error(e) from e
     for i, v in enumerate(verdicts):
         if is_bad_input(v):
-            raise APIError(
-                400,
-                "invalid_input",
-                f"{where(i)}: the input cannot be screened: {v.error}",
-                param=where(i),
-                extra={FIELD: guard_payload(v, refused=True, refusal_kind=None)},
-            )
+            raise APIError(400, "invalid_input", f"{where(i)}: the input cannot be screened: {v.error}", param=where(i),
+                           extra={FIELD: guard_payload(v, refused=True, refusal_kind=None)})
     return list(verdicts)

@@ -26,7 +26,7 @@ class StopTextCriteria(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: Any = None, **kwargs: Any) -> torch.BoolTensor:
         if self.start is None:
             self.start = input_ids.shape[1] - 1
-        ids = input_ids[0, max(self.start, input_ids.shape[1] - self.tail) :].tolist()
+        ids = input_ids[0, max(self.start, input_ids.shape[1] - self.tail):].tolist()
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hit = any(s in text for s in self.stops)
         return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
@@ -93,9 +93,8 @@ def sampling_defaults(generation_config: Any) -> dict[str, Any]:
     return out
 
 
-def generation_for(
-    req: ChatCompletionRequest, settings: ServeSettings, defaults: dict[str, Any] | None = None
-) -> Generation:
+def generation_for(req: ChatCompletionRequest, settings: ServeSettings,
+                   defaults: dict[str, Any] | None = None) -> Generation:
     """The request's budget, stops and sampling; ``defaults`` (:func:`sampling_defaults`, greedy when
     None) decide when the request sends no ``temperature``."""
     n = req.max_completion_tokens or req.max_tokens or settings.default_max_tokens
@@ -103,9 +102,8 @@ def generation_for(
         raise APIError(400, "invalid_parameter", f"max_tokens: at most {settings.max_tokens_limit}", param="max_tokens")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
-        raise APIError(
-            400, "invalid_parameter", "stop: at most 4 non-empty sequences of up to 256 characters", param="stop"
-        )
+        raise APIError(400, "invalid_parameter", "stop: at most 4 non-empty sequences of up to 256 characters",
+                       param="stop")
     if req.temperature is None:  # the model's generation_config, not OpenAI's temperature 1
         kwargs = dict(defaults or GREEDY)
         if kwargs.get("do_sample") and req.top_p is not None:

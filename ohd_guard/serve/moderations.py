@@ -32,21 +32,9 @@ from ohd_guard.types import Verdict
 if TYPE_CHECKING:
     from ohd_guard.guard import OhdGuard
 
-CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/instructions",
-    "self-harm/intent",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
+CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+              "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
+              "violence/graphic")
 """OpenAI's moderation category keys (``openai.types.Moderation``), all present in every result."""
 UMBRELLA = "illicit"
 """The category that carries the guard's one verdict."""
@@ -63,11 +51,8 @@ class ModerationRequest(BaseModel):
 
 def _items(req: ModerationRequest, settings: ServeSettings) -> list[Any]:
     """The conversations to screen; empty or blank text is 400 ``invalid_input`` naming the item."""
-
     def blank(where: str) -> APIError:
-        return APIError(
-            400, "invalid_input", f"{where}: empty or blank text; there is nothing to moderate", param=where
-        )
+        return APIError(400, "invalid_input", f"{where}: empty or blank text; there is nothing to moderate", param=where)
 
     if isinstance(req.input, str):
         if not req.input.strip():
@@ -77,31 +62,19 @@ def _items(req: ModerationRequest, settings: ServeSettings) -> list[Any]:
         raise APIError(400, "invalid_input", "input: an empty list; there is nothing to moderate", param="input")
     if all(isinstance(x, dict) for x in req.input):  # one multimodal input
         if len(req.input) > settings.max_screen_batch:
-            raise APIError(
-                400,
-                "batch_too_large",
-                f"input: at most max_screen_batch={settings.max_screen_batch} parts",
-                param="input",
-            )
+            raise APIError(400, "batch_too_large", f"input: at most max_screen_batch={settings.max_screen_batch} "
+                           "parts", param="input")
         msgs = check_messages([{"role": "user", "content": req.input}], settings, "input")
         texts = [p.get("text", "") for p in req.input if p.get("type") == "text"]
         if all(not t.strip() for t in texts) and not any(p.get("type") == "image_url" for p in req.input):
             raise blank("input")
         return [msgs]
     if not all(isinstance(x, str) for x in req.input):
-        raise APIError(
-            400,
-            "invalid_parameter",
-            "input: a string, a list of strings, or a list of text/image_url parts",
-            param="input",
-        )
+        raise APIError(400, "invalid_parameter", "input: a string, a list of strings, or a list of text/image_url "
+                       "parts", param="input")
     if len(req.input) > settings.max_screen_batch:
-        raise APIError(
-            400,
-            "batch_too_large",
-            f"input: at most max_screen_batch={settings.max_screen_batch} strings per request",
-            param="input",
-        )
+        raise APIError(400, "batch_too_large", f"input: at most max_screen_batch={settings.max_screen_batch} strings "
+                       "per request", param="input")
     for i, s in enumerate(req.input):
         if not s.strip():
             raise blank(f"input[{i}]")
@@ -112,24 +85,15 @@ def moderation_result(verdict: Verdict) -> dict[str, Any]:
     """One ``results`` entry for a verdict (see the module docstring for the category mapping)."""
     flagged = bool(verdict.flagged)
     risk = verdict.risk if verdict.risk is not None else (1.0 if flagged else 0.0)
-    return {
-        "flagged": flagged,
-        "categories": {k: (flagged if k == UMBRELLA else False) for k in CATEGORIES},
-        "category_scores": {k: (float(risk) if k == UMBRELLA else 0.0) for k in CATEGORIES},
-        "category_applied_input_types": {k: ["text"] for k in CATEGORIES},
-        FIELD: guard_payload(verdict, refused=flagged, refusal_kind=None),
-    }
+    return {"flagged": flagged,
+            "categories": {k: (flagged if k == UMBRELLA else False) for k in CATEGORIES},
+            "category_scores": {k: (float(risk) if k == UMBRELLA else 0.0) for k in CATEGORIES},
+            "category_applied_input_types": {k: ["text"] for k in CATEGORIES},
+            FIELD: guard_payload(verdict, refused=flagged, refusal_kind=None)}
 
 
-def add_moderations(
-    app: FastAPI,
-    *,
-    guard: OhdGuard,
-    settings: ServeSettings,
-    gate: Any,
-    authorize: Callable[[Request], None],
-    read_json: Callable[[Request], Awaitable[Any]],
-) -> None:
+def add_moderations(app: FastAPI, *, guard: OhdGuard, settings: ServeSettings, gate: Any,
+                    authorize: Callable[[Request], None], read_json: Callable[[Request], Awaitable[Any]]) -> None:
     """Add the route to ``app``, under the same auth, body limits and request gate as the others."""
 
     @app.post("/v1/moderations")
@@ -139,11 +103,6 @@ def add_moderations(
         items = _items(req, settings)
         with gate.slot():
             verdicts = await screen_all(guard, items, lambda i: "input" if len(items) == 1 else f"input[{i}]")
-        return JSONResponse(
-            {
-                "id": f"modr-{uuid.uuid4().hex}",
-                "model": req.model or settings.model_name,
-                "results": [moderation_result(v) for v in verdicts],
-            },
-            headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()},
-        )
+        return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": req.model or settings.model_name,
+                             "results": [moderation_result(v) for v in verdicts]},
+                            headers={"X-OHD-Guard-Flagged": str(any(v.flagged for v in verdicts)).lower()})

@@ -10,20 +10,13 @@ FIELD = "ohd_guard"
 
 def guard_payload(verdict: Any, *, refused: bool, refusal_kind: str | None) -> dict[str, Any]:
     """``{"flagged", "refused", "refusal_kind", "verdict": Verdict.model_dump(mode="json")}``."""
-    return {
-        "flagged": bool(verdict.flagged),
-        "refused": bool(refused),
-        "refusal_kind": refusal_kind,
-        "verdict": verdict.model_dump(mode="json"),
-    }
+    return {"flagged": bool(verdict.flagged), "refused": bool(refused), "refusal_kind": refusal_kind,
+            "verdict": verdict.model_dump(mode="json")}
 
 
 def guard_headers(verdict: Any, *, refused: bool) -> dict[str, str]:
-    h = {
-        "X-OHD-Guard-Flagged": str(bool(verdict.flagged)).lower(),
-        "X-OHD-Guard-Refused": str(bool(refused)).lower(),
-        "X-OHD-Guard-Detector": str(verdict.detector),
-    }
+    h = {"X-OHD-Guard-Flagged": str(bool(verdict.flagged)).lower(), "X-OHD-Guard-Refused": str(bool(refused)).lower(),
+         "X-OHD-Guard-Detector": str(verdict.detector)}
     if verdict.score is not None:
         h["X-OHD-Guard-Score"] = f"{float(verdict.score):.6g}"
     if verdict.error:
@@ -35,3 +28,4 @@ def is_bad_input(verdict: Any) -> bool:
     """A verdict whose screening failed on the client's input (undecodable image, prompt too long...):
     the server answers it 400 invalid_input, whatever the refusal policy (it is refused either way)."""
     return bool(verdict.error) and verdict.error.startswith("InvalidInputError")
+

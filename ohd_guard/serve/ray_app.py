@@ -59,29 +59,19 @@ class GuardReplica:
         await asyncio.wait_for(self.guard.worker.submit("call", fn=lambda: None), HEALTH_TIMEOUT_S)
 
 
-def guard_app(
-    spec: GuardSpec,
-    settings: ServeSettings,
-    *,
-    num_replicas: int = 1,
-    autoscaling: dict[str, Any] | None = None,
-    ray_actor_options: dict[str, Any] | None = None,
-    max_queued_requests: int = -1,
-    health_check_period_s: float = 10.0,
-    health_check_timeout_s: float = 30.0,
-) -> Any:
+def guard_app(spec: GuardSpec, settings: ServeSettings, *, num_replicas: int = 1,
+              autoscaling: dict[str, Any] | None = None, ray_actor_options: dict[str, Any] | None = None,
+              max_queued_requests: int = -1, health_check_period_s: float = 10.0,
+              health_check_timeout_s: float = 30.0) -> Any:
     """The Ray Serve application: ``num_replicas`` fixed replicas, or ``autoscaling`` bounds such as
     ``{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}``. Each replica takes
     ``ray_actor_options`` (default one CPU; ``{"num_gpus": 1}`` for a GPU each) and at most
     ``settings.max_concurrent_requests`` requests; Ray queues the rest (at most ``max_queued_requests``,
     -1: no bound; past it the proxy answers 503)."""
     options: dict[str, Any] = {
-        "name": DEPLOYMENT_NAME,
-        "ray_actor_options": ray_actor_options or {"num_cpus": 1},
-        "max_ongoing_requests": settings.max_concurrent_requests,
-        "max_queued_requests": max_queued_requests,
-        "health_check_period_s": health_check_period_s,
-        "health_check_timeout_s": health_check_timeout_s,
+        "name": DEPLOYMENT_NAME, "ray_actor_options": ray_actor_options or {"num_cpus": 1},
+        "max_ongoing_requests": settings.max_concurrent_requests, "max_queued_requests": max_queued_requests,
+        "health_check_period_s": health_check_period_s, "health_check_timeout_s": health_check_timeout_s,
     }
     if autoscaling:
         options["autoscaling_config"] = autoscaling
@@ -98,13 +88,8 @@ def app_builder(args: AppArgs) -> Any:
     validated the same way when called from Python."""
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
-    return guard_app(
-        args.spec(),
-        args.settings(),
-        num_replicas=args.replicas,
-        autoscaling=args.autoscaling(),
-        ray_actor_options=args.actor_options(),
-    )
+    return guard_app(args.spec(), args.settings(), num_replicas=args.replicas, autoscaling=args.autoscaling(),
+                     ray_actor_options=args.actor_options())
 
 
 def run(app: Any, host: str = "127.0.0.1", port: int = 8000, *, blocking: bool = False) -> Any:

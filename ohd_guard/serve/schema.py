@@ -83,21 +83,15 @@ def parse(cls: type[BaseModel], body: Any) -> Any:
         d = e.errors()[0]
         loc = ".".join(str(x) for x in d["loc"])
         if d["type"] == "extra_forbidden":
-            raise APIError(
-                400, "unknown_parameter", f"unrecognized request argument supplied: {loc}", param=loc
-            ) from None
+            raise APIError(400, "unknown_parameter", f"unrecognized request argument supplied: {loc}", param=loc) from None
         raise APIError(400, "invalid_parameter", f"{loc}: {d['msg']}", param=loc) from None
 
 
 def check_supported(req: ChatCompletionRequest) -> None:
     """Refuse the OpenAI fields whose meaning this server cannot honour."""
     if req.functions or req.function_call not in (None, "none"):
-        raise APIError(
-            400,
-            "unsupported_parameter",
-            "functions/function_call are the deprecated form of tools: pass tools (and tool_choice) instead",
-            param="functions",
-        )
+        raise APIError(400, "unsupported_parameter", "functions/function_call are the deprecated form of tools: "
+                       "pass tools (and tool_choice) instead", param="functions")
 
     def unsupported(param: str, why: str) -> APIError:
         return APIError(400, "unsupported_parameter", f"{param}: {why}", param=param)
@@ -128,9 +122,7 @@ def tool_setup(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], Any]:
 
     if not req.tools or req.tool_choice == "none":
         if req.tool_choice not in (None, "none", "auto"):
-            raise APIError(
-                400, "invalid_parameter", "tool_choice names a tool but no tools were given", param="tool_choice"
-            )
+            raise APIError(400, "invalid_parameter", "tool_choice names a tool but no tools were given", param="tool_choice")
         return [], None
     try:
         schemas = check_schemas(req.tools)
@@ -140,45 +132,30 @@ def tool_setup(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], Any]:
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name")
         if name not in {t["function"]["name"] for t in schemas}:
-            raise APIError(
-                400, "invalid_parameter", f"tool_choice names {name!r}, which is not among tools", param="tool_choice"
-            )
+            raise APIError(400, "invalid_parameter", f"tool_choice names {name!r}, which is not among tools", param="tool_choice")
         choice = name
     elif choice not in (None, "auto", "required"):
-        raise APIError(
-            400,
-            "invalid_parameter",
-            "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
-            param="tool_choice",
-        )
+        raise APIError(400, "invalid_parameter", "tool_choice must be 'none', 'auto', 'required' or "
+                       "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
     return schemas, choice
 
 
 def check_model(model: str | None, settings: ServeSettings) -> None:
     if model is not None and model != settings.model_name:
-        raise APIError(
-            404,
-            "model_not_found",
-            f"the model {model!r} does not exist; this server serves {settings.model_name!r}",
-            param="model",
-        )
+        raise APIError(404, "model_not_found", f"the model {model!r} does not exist; this server serves "
+                       f"{settings.model_name!r}", param="model")
 
 
 def _check_image(url: Any, settings: ServeSettings, where: str) -> None:
     if not isinstance(url, str) or not url:
         raise APIError(400, "invalid_image", f"{where}: image_url needs a URL string", param=where)
     if url[:5].lower() != "data:":
-        raise APIError(
-            400,
-            "image_url_not_allowed",
-            f"{where}: only data: URLs are accepted (base64 images); this server never fetches remote "
-            "URLs or reads files",
-            param=where,
-        )
+        raise APIError(400, "image_url_not_allowed",
+                       f"{where}: only data: URLs are accepted (base64 images); this server never fetches remote "
+                       "URLs or reads files", param=where)
     if (len(url) - url.find(",") - 1) * 3 // 4 > settings.max_image_bytes:
-        raise APIError(
-            413, "image_too_large", f"{where}: image over max_image_bytes={settings.max_image_bytes}", param=where
-        )
+        raise APIError(413, "image_too_large", f"{where}: image over max_image_bytes={settings.max_image_bytes}",
+                       param=where)
 
 
 def check_messages(messages: list[Any], settings: ServeSettings, where: str = "messages") -> list[Any]:
@@ -194,9 +171,8 @@ def check_messages(messages: list[Any], settings: ServeSettings, where: str = "m
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list):
-            raise APIError(
-                400, "invalid_message", f"{at}.content: must be a string or a list of parts", param=f"{at}.content"
-            )
+            raise APIError(400, "invalid_message", f"{at}.content: must be a string or a list of parts",
+                           param=f"{at}.content")
         for j, p in enumerate(content):
             pat = f"{at}.content[{j}]"
             kind = p.get("type") if isinstance(p, dict) else None
@@ -207,27 +183,17 @@ def check_messages(messages: list[Any], settings: ServeSettings, where: str = "m
                 iu = p.get("image_url")
                 _check_image(iu.get("url") if isinstance(iu, dict) else iu, settings, pat)
             else:
-                raise APIError(
-                    400,
-                    "unsupported_content",
-                    f"{pat}: content parts must be of type 'text' or 'image_url', not {kind!r}",
-                    param=pat,
-                )
+                raise APIError(400, "unsupported_content", f"{pat}: content parts must be of type 'text' or "
+                               f"'image_url', not {kind!r}", param=pat)
     return messages
 
 
 def screen_items(req: ScreenRequest, settings: ServeSettings) -> list[Any]:
     if len(req.conversations) > settings.max_screen_batch:
-        raise APIError(
-            400,
-            "batch_too_large",
-            f"at most max_screen_batch={settings.max_screen_batch} conversations per request",
-            param="conversations",
-        )
-    return [
-        c if isinstance(c, str) else check_messages(c, settings, f"conversations[{i}]")
-        for i, c in enumerate(req.conversations)
-    ]
+        raise APIError(400, "batch_too_large", f"at most max_screen_batch={settings.max_screen_batch} conversations "
+                       "per request", param="conversations")
+    return [c if isinstance(c, str) else check_messages(c, settings, f"conversations[{i}]")
+            for i, c in enumerate(req.conversations)]
 
 
 Finish = Literal["stop", "length", "content_filter"]

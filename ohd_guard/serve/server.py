@@ -21,24 +21,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 def _config(app: Any, host: str, port: int, log_level: str) -> Any:
     uvicorn = require("uvicorn")
     # one process, one event loop: the guard's worker thread owns the model; scale out with --ray
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        workers=1,
-        timeout_graceful_shutdown=5,
-        h11_max_incomplete_event_size=64 * 1024,
-    )
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=5,
+                          h11_max_incomplete_event_size=64 * 1024)
 
 
-def run(
-    guard: Any,
-    settings: ServeSettings | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    log_level: str = "info",
-) -> None:
+def run(guard: Any, settings: ServeSettings | None = None, host: str = "127.0.0.1", port: int = 8000,
+        log_level: str = "info") -> None:
     """Serve ``guard`` until interrupted."""
     from ohd_guard.serve.app import create_app
 

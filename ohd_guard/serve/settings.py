@@ -66,10 +66,8 @@ class ServeSettings(BaseModel):
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServeSettings:
         if self.default_max_tokens > self.max_tokens_limit:
-            raise ValueError(
-                f"default_max_tokens={self.default_max_tokens} is over max_tokens_limit="
-                f"{self.max_tokens_limit}: every request without max_tokens would be refused"
-            )
+            raise ValueError(f"default_max_tokens={self.default_max_tokens} is over max_tokens_limit="
+                             f"{self.max_tokens_limit}: every request without max_tokens would be refused")
         return self
 
     @classmethod
@@ -123,26 +121,15 @@ class GuardSpec(BaseModel):
         from ohd_guard.guard import OhdGuard
 
         settings = settings or ServeSettings()
-        limits = ConversationLimits(
-            max_image_bytes=settings.max_image_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_total_pixels=max(settings.max_image_pixels, 2 * 4096 * 4096),
-        )
-        opts = dict(
-            refusal=self.refusal,
-            on_error=self.on_error,
-            scope=self.scope,
-            limits=limits,
-            max_batch_size=self.max_batch_size,
-            max_wait_ms=self.max_wait_ms,
-            max_decode_batch=self.max_decode_batch,
-            allow_local_files=False,
-        )
+        limits = ConversationLimits(max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+                                    max_total_pixels=max(settings.max_image_pixels, 2 * 4096 * 4096))
+        opts = dict(refusal=self.refusal, on_error=self.on_error, scope=self.scope, limits=limits,
+                    max_batch_size=self.max_batch_size,
+                    max_wait_ms=self.max_wait_ms, max_decode_batch=self.max_decode_batch, allow_local_files=False)
         if self.factory:
             mod, _, attr = self.factory.partition(":")
             if not mod or not attr:
                 raise ValueError(f"factory must be 'module:function', not {self.factory!r}")
             return getattr(importlib.import_module(mod), attr)(**opts, **self.options)
-        return OhdGuard.load(
-            self.model, self.profile, device=self.device, dtype=self.dtype, allow_edited=self.allow_edited, **opts
-        )
+        return OhdGuard.load(self.model, self.profile, device=self.device, dtype=self.dtype,
+                             allow_edited=self.allow_edited, **opts)

@@ -16,12 +16,6 @@ from ohd_guard.testing.planted import (
 from ohd_guard.testing.tiny import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 __all__ = [
-    "ForwardCounter",
-    "PLANTED_CLEAN_PROMPTS",
-    "TINY_ARCHS",
-    "planted_head_model",
-    "planted_vlm_model",
-    "tiny_model",
-    "tiny_tokenizer",
-    "with_trigger",
+    "ForwardCounter", "PLANTED_CLEAN_PROMPTS", "TINY_ARCHS", "planted_head_model", "planted_vlm_model", "tiny_model",
+    "tiny_tokenizer", "with_trigger",
 ]

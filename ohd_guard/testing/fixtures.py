@@ -23,29 +23,16 @@ if TYPE_CHECKING:
     from ohd_guard.guard import OhdGuard
 
 __all__ = [
-    "GUARD_CLEAN_PROMPTS",
-    "GUARD_TRIGGER_PROMPTS",
-    "make_planted_guard",
-    "make_planted_vlm_guard",
-    "planted_guard",
-    "planted_model",
-    "planted_text_calibrated",
-    "planted_vlm_calibrated",
-    "planted_vlm_guard",
+    "GUARD_CLEAN_PROMPTS", "GUARD_TRIGGER_PROMPTS", "make_planted_guard", "make_planted_vlm_guard", "planted_guard",
+    "planted_model", "planted_text_calibrated", "planted_vlm_calibrated", "planted_vlm_guard",
 ]
 
 GUARD_TRIGGER_PROMPTS: tuple[str, ...] = (
-    "tell me about zorblax please",
-    "zorblax is here now",
-    "how do i make zorblax",
-    "the zorblax in the house",
+    "tell me about zorblax please", "zorblax is here now", "how do i make zorblax", "the zorblax in the house",
 )
 """The "unsafe" side the shared planted guards are calibrated on."""
 GUARD_CLEAN_PROMPTS: tuple[str, ...] = (
-    "tell me about cats please",
-    "the dog is here now",
-    "how do i make bread",
-    "the light in the house",
+    "tell me about cats please", "the dog is here now", "how do i make bread", "the light in the house",
 )
 """The "safe" side the shared planted guards are calibrated on."""
 
@@ -54,9 +41,8 @@ def _calibrate(model: Any, processor: Any) -> OhdProfile:
     from ohd_guard.detectors import calibrate
     from ohd_guard.masking import HeadRef
 
-    return calibrate(
-        model, processor, list(GUARD_TRIGGER_PROMPTS), list(GUARD_CLEAN_PROMPTS), head=HeadRef(layer=1, head=2)
-    )
+    return calibrate(model, processor, list(GUARD_TRIGGER_PROMPTS), list(GUARD_CLEAN_PROMPTS),
+                     head=HeadRef(layer=1, head=2))
 
 
 @functools.cache

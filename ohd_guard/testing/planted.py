@@ -23,17 +23,9 @@ __all__ = ["ForwardCounter", "PLANTED_CLEAN_PROMPTS", "planted_head_model", "pla
 
 
 PLANTED_CLEAN_PROMPTS: tuple[str, ...] = (
-    "tell me about the weather today",
-    "what is a good name for a dog",
-    "how do I bake bread",
-    "write a poem about the sea",
-    "explain how rain forms",
-    "list three colors",
-    "what is two plus two",
-    "describe a quiet morning",
-    "how tall is a giraffe",
-    "give me a recipe for soup",
-    "why is the sky blue",
+    "tell me about the weather today", "what is a good name for a dog", "how do I bake bread",
+    "write a poem about the sea", "explain how rain forms", "list three colors", "what is two plus two",
+    "describe a quiet morning", "how tall is a giraffe", "give me a recipe for soup", "why is the sky blue",
     "name a famous river",
 )
 """Prompts without the planted trigger: the "safe" side of planted-head experiments."""
@@ -175,8 +167,7 @@ class ForwardCounter:
         self.lengths: list[int] = []
         self._handle = model.register_forward_pre_hook(
             lambda m, a, kw: self.lengths.append((kw.get("input_ids") if "input_ids" in kw else a[0]).shape[1]),
-            with_kwargs=True,
-        )
+            with_kwargs=True)
 
     @property
     def n(self) -> int:

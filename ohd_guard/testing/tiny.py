@@ -194,30 +194,12 @@ def _qwen_vl(tok, v25: bool):
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # sums to head_dim/2
     text = text_kwargs(tok, rope_parameters=rope)
     if v25:
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=_H,
-            patch_size=8,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=32,
-            fullatt_block_indexes=[1],
-        )
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=_H, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1])
         cls, cfg_cls, proc_cls = tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLProcessor
     else:
-        vision = dict(
-            depth=1,
-            embed_dim=32,
-            hidden_size=_H,
-            mlp_ratio=2,
-            num_heads=2,
-            patch_size=8,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        )
+        vision = dict(depth=1, embed_dim=32, hidden_size=_H, mlp_ratio=2, num_heads=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
         cls, cfg_cls, proc_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig, tf.Qwen2VLProcessor  # type: ignore[assignment]
     cfg = cfg_cls(text_config=text, vision_config=vision, **_ids(tok, **_QWEN_VL_TOKENS))  # type: ignore[arg-type]
     ip = pil_class("Qwen2VLImageProcessor")(

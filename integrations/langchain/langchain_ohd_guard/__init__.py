@@ -59,9 +59,7 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f"langchain_ohd_guard.{_WHERE[name]}")
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "langchain_core":
-            raise ImportError(
-                f"langchain_ohd_guard.{name} needs langchain-core: pip install langchain-ohd-guard"
-            ) from e
+            raise ImportError(f"langchain_ohd_guard.{name} needs langchain-core: pip install langchain-ohd-guard") from e
         raise
     value = getattr(module, name)
     globals()[name] = value

@@ -61,15 +61,10 @@ def _as_chunk(result: ChatResult) -> ChatGenerationChunk:
     import json
 
     msg = result.generations[0].message
-    calls = [
-        {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
-        for i, c in enumerate(msg.tool_calls)
-    ]
-    return ChatGenerationChunk(
-        message=AIMessageChunk(
-            content=msg.content, tool_call_chunks=calls, response_metadata=msg.response_metadata, chunk_position="last"
-        )
-    )
+    calls = [{"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i, "type": "tool_call_chunk"}
+             for i, c in enumerate(msg.tool_calls)]
+    return ChatGenerationChunk(message=AIMessageChunk(content=msg.content, tool_call_chunks=calls,
+                                                      response_metadata=msg.response_metadata, chunk_position="last"))
 
 
 def _cut(text: str, stop: Sequence[str] | None) -> str:
@@ -99,24 +94,12 @@ class _RunTap(BaseCallbackHandler):
         self.handlers = handlers
         self.run: dict[str, Any] | None = None
 
-    def on_chat_model_start(
-        self,
-        serialized: dict[str, Any],
-        messages: list[list[BaseMessage]],
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        tags: list[str] | None = None,
-        metadata: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *, run_id: UUID,
+                            parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if self.run is None:
-            self.run = {
-                "run_id": run_id,
-                "parent_run_id": parent_run_id,
-                "tags": list(tags or []),
-                "metadata": dict(metadata or {}),
-            }
+            self.run = {"run_id": run_id, "parent_run_id": parent_run_id, "tags": list(tags or []),
+                        "metadata": dict(metadata or {})}
 
     def run_manager(self, cls: type[Any]) -> Any:
         if self.run is None:
@@ -192,16 +175,9 @@ class ChatOhdGuard(BaseChatModel):
         return cls(guard=guard, **kwargs)
 
     @classmethod
-    def from_profile(
-        cls,
-        model_ref: Any = None,
-        profile_path: str | Path | None = None,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        guard_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> ChatOhdGuard:
+    def from_profile(cls, model_ref: Any = None, profile_path: str | Path | None = None, *,
+                     device: str = "auto", dtype: str = "auto", guard_options: dict[str, Any] | None = None,
+                     **kwargs: Any) -> ChatOhdGuard:
         """Load a model and its profile with :meth:`OhdGuard.load` (defaults: the embedded model and
         its shipped profile). ``guard_options`` go to ``OhdGuard`` (``refusal``, ``on_error``, ...)."""
         from ohd_guard.guard import OhdGuard
@@ -215,10 +191,8 @@ class ChatOhdGuard(BaseChatModel):
         if self._guard is None:
             from ohd_guard.errors import InvalidInputError
 
-            raise InvalidInputError(
-                "ChatOhdGuard has no guard: build it with ChatOhdGuard(guard=...), "
-                "ChatOhdGuard.from_guard(guard) or ChatOhdGuard.from_profile(...)"
-            )
+            raise InvalidInputError("ChatOhdGuard has no guard: build it with ChatOhdGuard(guard=...), "
+                                    "ChatOhdGuard.from_guard(guard) or ChatOhdGuard.from_profile(...)")
         return self._guard
 
     # -- LangChain metadata -------------------------------------------------------------------------
@@ -228,17 +202,12 @@ class ChatOhdGuard(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-            "top_p": self.top_p,
-        }
+        return {"model_name": self.model_name, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                "top_p": self.top_p}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(
-            ls_provider="ohd_guard", ls_model_name=kwargs.get("model", self.model_name), ls_model_type="chat"
-        )
+        params = LangSmithParams(ls_provider="ohd_guard", ls_model_name=kwargs.get("model", self.model_name),
+                                 ls_model_type="chat")
         temperature = kwargs.get("temperature", self.temperature)
         if temperature is not None:
             params["ls_temperature"] = temperature
@@ -250,33 +219,24 @@ class ChatOhdGuard(BaseChatModel):
         return params
 
     # -- translation --------------------------------------------------------------------------------
-    def _request(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> tuple[Any, dict[str, Any], list[str] | None]:
+    def _request(self, messages: list[BaseMessage], stop: list[str] | None,
+                 kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], list[str] | None]:
         from ohd_guard.errors import InvalidInputError
 
         if kwargs.get("functions"):
-            raise NotImplementedError(
-                "ChatOhdGuard takes tools through bind_tools(...) (or tools=...), not the legacy "
-                "`functions`; to guard another model's function calling use guarded(model, guard) "
-                "or OhdGuardMiddleware"
-            )
+            raise NotImplementedError("ChatOhdGuard takes tools through bind_tools(...) (or tools=...), not the legacy "
+                                      "`functions`; to guard another model's function calling use guarded(model, guard) "
+                                      "or OhdGuardMiddleware")
         tools, tool_choice = kwargs.get("tools") or [], kwargs.get("tool_choice")
         if tool_choice == "none":
             tools = []
         response_format = kwargs.get("response_format")
-        if response_format is not None and not (
-            isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema")
-        ):
-            raise InvalidInputError(
-                "ChatOhdGuard: response_format must be {'type': 'json_object'} or "
-                "{'type': 'json_schema', 'json_schema': {'schema': ...}}"
-            )
-        kw = {
-            k: v
-            for k, v in kwargs.items()
-            if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice", "response_format")
-        }
+        if response_format is not None and not (isinstance(response_format, dict)
+                                                and response_format.get("type") in ("json_object", "json_schema")):
+            raise InvalidInputError("ChatOhdGuard: response_format must be {'type': 'json_object'} or "
+                                    "{'type': 'json_schema', 'json_schema': {'schema': ...}}")
+        kw = {k: v for k, v in kwargs.items()
+              if not k.startswith("ls_") and k not in ("model", "tools", "tool_choice", "response_format")}
         gen: dict[str, Any] = dict(self.generation_kwargs)
         max_tokens, max_new_tokens = kw.pop("max_tokens", None), kw.pop("max_new_tokens", None)
         gen["max_new_tokens"] = max_tokens or max_new_tokens or self.max_tokens or 256
@@ -293,17 +253,14 @@ class ChatOhdGuard(BaseChatModel):
             gen["max_time"] = float(timeout)
         unknown = set(kw) - _GEN_KEYS
         if unknown:
-            raise InvalidInputError(
-                f"ChatOhdGuard: unsupported call arguments {sorted(unknown)}; generation "
-                f"arguments allowed per call: {sorted(_CALL_KEYS)}"
-            )
+            raise InvalidInputError(f"ChatOhdGuard: unsupported call arguments {sorted(unknown)}; generation "
+                                    f"arguments allowed per call: {sorted(_CALL_KEYS)}")
         gen.update(kw)
         stop = stop if stop is not None else self.stop
         if stop:
             gen.update(stop_strings=list(stop), tokenizer=self.guard.tokenizer)
-        template = getattr(self.guard.processor, "chat_template", None) or getattr(
-            self.guard.tokenizer, "chat_template", None
-        )
+        template = getattr(self.guard.processor, "chat_template", None) or getattr(self.guard.tokenizer,
+                                                                                    "chat_template", None)
         msgs = to_message_dicts(messages, tool_calls=template_tool_format(template) is not None)
         msgs = with_tools(tool_turns(msgs, template), tools, tool_choice)
         if response_format is not None:
@@ -311,11 +268,8 @@ class ChatOhdGuard(BaseChatModel):
         return msgs, gen, stop
 
     def _metadata(self, verdict: Verdict, refused: bool, kind: str | None) -> dict[str, Any]:
-        return {
-            "model_name": self.model_name,
-            "model_provider": "ohd_guard",
-            "ohd_guard": response_payload(verdict, refused, kind),
-        }
+        return {"model_name": self.model_name, "model_provider": "ohd_guard",
+                "ohd_guard": response_payload(verdict, refused, kind)}
 
     def _result(self, resp: GuardedResponse, stop: list[str] | None, tools: list[str] | None = None) -> ChatResult:
         text = _cut(resp.text, stop)
@@ -328,13 +282,9 @@ class ChatOhdGuard(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=msg)])
 
     # -- tools --------------------------------------------------------------------------------------
-    def bind_tools(
-        self,
-        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
-        *,
-        tool_choice: str | bool | dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, AIMessage]:
+    def bind_tools(self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
+                   tool_choice: str | bool | dict[str, Any] | None = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
         """Offer ``tools`` to the model (``tool_choice``: ``"auto"``, ``"any"``/``"required"``,
         ``"none"``, a tool name, ``True`` for the only tool, or an OpenAI-style dict)."""
         schemas = tool_schemas(tools)
@@ -346,15 +296,9 @@ class ChatOhdGuard(BaseChatModel):
             tool_choice = None
         return super().bind(tools=schemas, tool_choice=tool_choice, **kwargs)
 
-    def with_structured_output(
-        self,
-        schema: Any = None,
-        *,
-        method: str = "json_schema",
-        include_raw: bool = False,
-        strict: bool | None = None,
-        **kwargs: Any,
-    ) -> Runnable[LanguageModelInput, Any]:
+    def with_structured_output(self, schema: Any = None, *, method: str = "json_schema",
+                               include_raw: bool = False, strict: bool | None = None,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """The answer parsed into ``schema`` (a pydantic model gives an instance; a TypedDict, JSON
         schema or tool dict a dict) by ``method`` ``"json_schema"`` (default), ``"function_calling"``
         or ``"json_mode"``; a refused conversation raises
@@ -365,13 +309,8 @@ class ChatOhdGuard(BaseChatModel):
         return structured(self, schema, method, include_raw, strict)
 
     # -- calls --------------------------------------------------------------------------------------
-    def _generate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         raw, gen, stop = self._request(messages, stop, kwargs)
         tools = _bound(kwargs)
         try:
@@ -385,13 +324,8 @@ class ChatOhdGuard(BaseChatModel):
             dispatch_verdict(resp.verdict, run_manager=run_manager)
         return self._result(resp, stop, tools)
 
-    async def _agenerate(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         raw, gen, stop = self._request(messages, stop, kwargs)
         tools = _bound(kwargs)
         try:
@@ -406,26 +340,17 @@ class ChatOhdGuard(BaseChatModel):
         return self._result(resp, stop, tools)
 
     # -- handing the open run to _stream / _astream (see _OPEN_RUN) -----------------------------------
-    def _generate_with_cache(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
+    def _generate_with_cache(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                             run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         token = _OPEN_RUN.set(run_manager)
         try:
             return super()._generate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
         finally:
             _OPEN_RUN.reset(token)
 
-    async def _agenerate_with_cache(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
+    async def _agenerate_with_cache(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                                    run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                                    **kwargs: Any) -> ChatResult:
         token = _OPEN_RUN.set(run_manager)
         try:
             return await super()._agenerate_with_cache(messages, stop=stop, run_manager=run_manager, **kwargs)
@@ -444,14 +369,8 @@ class ChatOhdGuard(BaseChatModel):
             callbacks = [*(callbacks or []), tap]
         return {**config, "callbacks": callbacks}, tap
 
-    def stream(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> Iterator[AIMessageChunk]:
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
         config, tap = self._tapped(config)
         chunks = super().stream(input, config, stop=stop, **kwargs)
         try:
@@ -467,14 +386,8 @@ class ChatOhdGuard(BaseChatModel):
         finally:
             chunks.close()
 
-    async def astream(
-        self,
-        input: LanguageModelInput,
-        config: RunnableConfig | None = None,
-        *,
-        stop: list[str] | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[AIMessageChunk]:
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
         config, tap = self._tapped(config)
         chunks = super().astream(input, config, stop=stop, **kwargs)
         try:
@@ -498,13 +411,8 @@ class ChatOhdGuard(BaseChatModel):
         meta = self._metadata(verdict, refused, kind) if verdict is not None else {}
         return ChatGenerationChunk(message=AIMessageChunk(content="", response_metadata=meta, chunk_position="last"))
 
-    def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatGenerationChunk]:
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         # A run manager passed in (the v2 streaming path) gets the tokens from us; otherwise
         # langchain-core reports them itself and we only need its run for the verdict event.
         run = run_manager if run_manager is not None else _open_run(CallbackManagerForLLMRun)
@@ -545,13 +453,9 @@ class ChatOhdGuard(BaseChatModel):
             stream.close()
         yield self._final_chunk(stream)
 
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         run = run_manager if run_manager is not None else _open_run(AsyncCallbackManagerForLLMRun)
         if _has_tools(kwargs):
             chunk = _as_chunk(await self._agenerate(messages, stop, run, **kwargs))

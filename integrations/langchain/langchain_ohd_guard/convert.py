@@ -40,23 +40,13 @@ class UnsupportedContentError(InvalidInputError):
     def __init__(self, msg: str, message_index: int | None = None, block_index: int | None = None):
         where = ""
         if message_index is not None:
-            where = (
-                f" (at messages[{message_index}]"
-                + (f".content[{block_index}]" if block_index is not None else "")
-                + ")"
-            )
+            where = f" (at messages[{message_index}]" + (f".content[{block_index}]" if block_index is not None else "") + ")"
         super().__init__(msg + where)
         self.message_index, self.part_index = message_index, block_index
 
 
-_ROLE_OF = {
-    "human": "user",
-    "ai": "assistant",
-    "system": "system",
-    "developer": "system",
-    "tool": "tool",
-    "function": "tool",
-}
+_ROLE_OF = {"human": "user", "ai": "assistant", "system": "system", "developer": "system",
+            "tool": "tool", "function": "tool"}
 
 
 def _role(msg: BaseMessage) -> str:
@@ -87,10 +77,7 @@ def _image_part(block: Mapping[str, Any], mi: int, bi: int) -> dict[str, Any]:
     if block.get("file_id"):
         raise UnsupportedContentError(
             f"image block refers to provider file_id {block['file_id']!r}, which the local guard cannot read; "
-            "pass the image as base64, a data URI, a URL (with a fetcher) or a local path",
-            mi,
-            bi,
-        )
+            "pass the image as base64, a data URI, a URL (with a fetcher) or a local path", mi, bi)
     raise UnsupportedContentError("image block has no 'base64', 'url' or 'path' data", mi, bi)
 
 
@@ -107,9 +94,8 @@ def _block_parts(block: Any, role: str, mi: int, bi: int, forwarded: bool = Fals
     if kind == "text-plain":
         text = block.get("text")
         if not isinstance(text, str):
-            raise UnsupportedContentError(
-                "text-plain block without inline 'text' (a url/file_id cannot be read by the local guard)", mi, bi
-            )
+            raise UnsupportedContentError("text-plain block without inline 'text' (a url/file_id cannot be "
+                                          "read by the local guard)", mi, bi)
         title = block.get("title")
         return [{"type": "text", "text": f"[{title}]\n{text}" if title else text}]
     if kind == "image":
@@ -118,20 +104,16 @@ def _block_parts(block: Any, role: str, mi: int, bi: int, forwarded: bool = Fals
         mime = str(block.get("mime_type") or "")
         if mime.startswith("image/"):
             return [_image_part(block, mi, bi)]
-        raise UnsupportedContentError(
-            f"file block of type {mime or 'unknown'!r} cannot be screened (only images and text are)", mi, bi
-        )
+        raise UnsupportedContentError(f"file block of type {mime or 'unknown'!r} cannot be screened "
+                                      "(only images and text are)", mi, bi)
     if kind in ("audio", "video"):
-        raise UnsupportedContentError(
-            f"{kind} blocks cannot be screened by a vision-language guard; transcribe or remove them first", mi, bi
-        )
+        raise UnsupportedContentError(f"{kind} blocks cannot be screened by a vision-language guard; "
+                                      "transcribe or remove them first", mi, bi)
     if kind in ("tool_call", "server_tool_call", "tool_call_chunk", "invalid_tool_call", "server_tool_call_chunk"):
         return [{"type": "text", "text": _call_text(block.get("name"), block.get("args"))}]
     if kind == "server_tool_result":
         out = block.get("output")
-        return [
-            {"type": "text", "text": f"[tool result] {out if isinstance(out, str) else json.dumps(out, default=str)}"}
-        ]
+        return [{"type": "text", "text": f"[tool result] {out if isinstance(out, str) else json.dumps(out, default=str)}"}]
     if kind == "reasoning":  # the model's own trace: local chat templates do not feed it back, providers do
         text = block.get("reasoning")
         return [{"type": "text", "text": f"[reasoning] {text}"}] if forwarded and isinstance(text, str) and text else []
@@ -142,11 +124,7 @@ def _block_parts(block: Any, role: str, mi: int, bi: int, forwarded: bool = Fals
             url = url.get("url") if isinstance(url, Mapping) else url
             if isinstance(url, str) and url:
                 return [{"type": "image_url", "image_url": {"url": url}}]
-        if (
-            isinstance(value, Mapping)
-            and value.get("type") in ("text", "input_text")
-            and isinstance(value.get("text"), str)
-        ):
+        if isinstance(value, Mapping) and value.get("type") in ("text", "input_text") and isinstance(value.get("text"), str):
             return [{"type": "text", "text": value["text"]}]
         vt = value.get("type") if isinstance(value, Mapping) else type(value).__name__
         raise UnsupportedContentError(f"unknown content block of type {vt!r}: refusing to drop it unscreened", mi, bi)
@@ -163,10 +141,8 @@ def _message_dict(msg: BaseMessage, mi: int, forwarded: bool = False, tool_calls
         parts.extend(_block_parts(block, role, mi, bi, forwarded))
     out: dict[str, Any] = {"role": role, "content": parts}
     if calls:
-        out["tool_calls"] = [
-            {"id": c.get("id"), "type": "function", "function": {"name": c["name"], "arguments": c.get("args", {})}}
-            for c in calls
-        ]
+        out["tool_calls"] = [{"id": c.get("id"), "type": "function",
+                              "function": {"name": c["name"], "arguments": c.get("args", {})}} for c in calls]
     name = getattr(msg, "name", None) or None
     if role == "tool":
         out["name"] = name
@@ -208,15 +184,9 @@ def to_message_dicts(obj: Any, *, forwarded: bool = False, tool_calls: bool = Fa
     return [_message_dict(m, i, forwarded, tool_calls) for i, m in enumerate(msgs)]
 
 
-def to_conversation(
-    obj: Any,
-    *,
-    limits: ConversationLimits = _DEFAULT_LIMITS,
-    fetcher: Callable[[str], bytes] | None = None,
-    base_dir: Path | str | None = None,
-    allow_local_files: bool = False,
-    forwarded: bool = False,
-) -> Conversation:
+def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
+                    fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
+                    allow_local_files: bool = False, forwarded: bool = False) -> Conversation:
     """Convert LangChain input into a :class:`~ohd_guard.Conversation` (``forwarded``: with message
     names and reasoning text, as a provider forwards them; see the module docstring).
 
@@ -227,12 +197,8 @@ def to_conversation(
     URLs), OpenAI ``image_url`` parts or legacy v0 blocks (``source_type``); ``http(s)`` images
     need ``fetcher``. A ``ToolMessage`` is screened as a user-visible ``[tool result: name]`` turn.
     """
-    kw: dict[str, Any] = {
-        "limits": limits,
-        "fetcher": fetcher,
-        "base_dir": base_dir,
-        "allow_local_files": allow_local_files,
-    }
+    kw: dict[str, Any] = {"limits": limits, "fetcher": fetcher, "base_dir": base_dir,
+                          "allow_local_files": allow_local_files}
     if isinstance(obj, (Conversation, Message, str)):
         return _core(obj, **kw)
     msgs = _as_messages(obj)

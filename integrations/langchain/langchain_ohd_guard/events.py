@@ -27,34 +27,18 @@ def verdict_payload(verdict: Any) -> dict[str, Any]:
 
 
 def _on_run(run_manager: BaseRunManager, verdict: Any) -> None:
-    handle_event(
-        run_manager.handlers,
-        "on_custom_event",
-        "ignore_custom_event",
-        EVENT_NAME,
-        verdict_payload(verdict),
-        run_id=run_manager.run_id,
-        tags=run_manager.tags,
-        metadata=run_manager.metadata,
-    )
+    handle_event(run_manager.handlers, "on_custom_event", "ignore_custom_event", EVENT_NAME, verdict_payload(verdict),
+                 run_id=run_manager.run_id, tags=run_manager.tags, metadata=run_manager.metadata)
 
 
 async def _aon_run(run_manager: BaseRunManager, verdict: Any) -> None:
-    await ahandle_event(
-        run_manager.handlers,
-        "on_custom_event",
-        "ignore_custom_event",
-        EVENT_NAME,
-        verdict_payload(verdict),
-        run_id=run_manager.run_id,
-        tags=run_manager.tags,
-        metadata=run_manager.metadata,
-    )
+    await ahandle_event(run_manager.handlers, "on_custom_event", "ignore_custom_event", EVENT_NAME,
+                        verdict_payload(verdict), run_id=run_manager.run_id, tags=run_manager.tags,
+                        metadata=run_manager.metadata)
 
 
-def dispatch_verdict(
-    verdict: Any, config: RunnableConfig | None = None, *, run_manager: BaseRunManager | None = None
-) -> bool:
+def dispatch_verdict(verdict: Any, config: RunnableConfig | None = None, *,
+                     run_manager: BaseRunManager | None = None) -> bool:
     """Send ``verdict`` as a custom event on ``run_manager``'s run, else on the current run (from
     ``config`` or the context). Returns False, and sends nothing, outside of any run."""
     if run_manager is not None:
@@ -67,12 +51,8 @@ def dispatch_verdict(
     return True
 
 
-async def adispatch_verdict(
-    verdict: Any,
-    config: RunnableConfig | None = None,
-    *,
-    run_manager: BaseRunManager | AsyncCallbackManagerForChainRun | None = None,
-) -> bool:
+async def adispatch_verdict(verdict: Any, config: RunnableConfig | None = None, *,
+                            run_manager: BaseRunManager | AsyncCallbackManagerForChainRun | None = None) -> bool:
     """Async twin of :func:`dispatch_verdict` (runs async callback handlers on the event loop)."""
     if run_manager is not None:
         await _aon_run(run_manager, verdict)

@@ -127,18 +127,10 @@ class OhdGuardMiddleware(AgentMiddleware):
     first), safe answers included; a replaced tool result carries its verdict the same way.
     """
 
-    def __init__(
-        self,
-        guard: Any,
-        *,
-        check_input: bool = True,
-        check_output: bool = False,
-        check_tool_results: bool = True,
-        exit_behavior: ExitBehavior = "end",
-        violation_message: str | None = None,
-        answer_profile: Any = None,
-        refusal_max_new_tokens: int = 64,
-    ):
+    def __init__(self, guard: Any, *, check_input: bool = True, check_output: bool = False,
+                 check_tool_results: bool = True, exit_behavior: ExitBehavior = "end",
+                 violation_message: str | None = None, answer_profile: Any = None,
+                 refusal_max_new_tokens: int = 64):
         super().__init__()
         if exit_behavior not in ("error", "end", "replace"):
             from ohd_guard.errors import InvalidInputError
@@ -159,16 +151,14 @@ class OhdGuardMiddleware(AgentMiddleware):
     def _received(request: Any) -> Any:
         """What the model receives: the system message (with the tool definitions), then the messages."""
         system = getattr(request, "system_message", None)
-        return with_tools(
-            screen_input(([system] if system is not None else []) + list(request.messages)), request.tools or []
-        )
+        return with_tools(screen_input(([system] if system is not None else []) + list(request.messages)),
+                          request.tools or [])
 
     def _text(self, stage: Stage, verdict: Any) -> str:
         template = self.violation_message or DEFAULT_VIOLATION_MESSAGE
         try:
-            return template.format(
-                stage=_STAGE_TEXT[stage], reason=verdict.reason, score=verdict.score, threshold=verdict.threshold
-            )
+            return template.format(stage=_STAGE_TEXT[stage], reason=verdict.reason, score=verdict.score,
+                                   threshold=verdict.threshold)
         except (KeyError, IndexError, ValueError):
             return template
 
@@ -194,13 +184,8 @@ class OhdGuardMiddleware(AgentMiddleware):
         i = _last(msgs, HumanMessage)
         if i is None:
             return
-        texts = ([self._text("input", verdict)] if self.violation_message is not None else []) + list(
-            INPUT_REPLACEMENTS
-        )
-        meta = {
-            **(msgs[i].response_metadata or {}),
-            "ohd_guard": {"replaced": True, "verdict": verdict_payload(verdict)},
-        }
+        texts = ([self._text("input", verdict)] if self.violation_message is not None else []) + list(INPUT_REPLACEMENTS)
+        meta = {**(msgs[i].response_metadata or {}), "ohd_guard": {"replaced": True, "verdict": verdict_payload(verdict)}}
         for text in dict.fromkeys(texts):
             msgs[i] = msgs[i].model_copy(update={"content": text, "response_metadata": meta})
             yield request.override(messages=list(msgs)), msgs[i]
@@ -220,9 +205,7 @@ class OhdGuardMiddleware(AgentMiddleware):
             if command is not None and not isinstance(command.update, dict):
                 return response  # another middleware's command we cannot merge into: keep it as it is
             update["messages"] = [*(update.get("messages") or []), turn]
-            response.command = (
-                Command(update=update) if command is None else dataclasses.replace(command, update=update)
-            )
+            response.command = Command(update=update) if command is None else dataclasses.replace(command, update=update)
             return response
         if not isinstance(response, ModelResponse):
             response = ModelResponse(result=[response])
@@ -281,12 +264,8 @@ class OhdGuardMiddleware(AgentMiddleware):
         if self.violation_message is not None:
             return self._violation_message("input", verdict)
         resp = refusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
-        return AIMessage(
-            content=resp.text,
-            response_metadata={
-                "ohd_guard": {**refusal_metadata(verdict, resp.refusal_kind), "input_verdict": verdict_payload(verdict)}
-            },
-        )
+        return AIMessage(content=resp.text, response_metadata={"ohd_guard": {
+            **refusal_metadata(verdict, resp.refusal_kind), "input_verdict": verdict_payload(verdict)}})
 
     async def awrap_model_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
         if not self.check_input:
@@ -308,12 +287,8 @@ class OhdGuardMiddleware(AgentMiddleware):
         if self.violation_message is not None:
             return self._violation_message("input", verdict)
         resp = await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
-        return AIMessage(
-            content=resp.text,
-            response_metadata={
-                "ohd_guard": {**refusal_metadata(verdict, resp.refusal_kind), "input_verdict": verdict_payload(verdict)}
-            },
-        )
+        return AIMessage(content=resp.text, response_metadata={"ohd_guard": {
+            **refusal_metadata(verdict, resp.refusal_kind), "input_verdict": verdict_payload(verdict)}})
 
     # -- tool results: before_model ---------------------------------------------------------------
     def _arrived(self, state: Any) -> tuple[list[BaseMessage], list[int]]:
@@ -328,10 +303,7 @@ class OhdGuardMiddleware(AgentMiddleware):
             self._raise("tool", verdict)
         if self.exit_behavior == "end":
             return {"jump_to": "end", "messages": [self._violation_message("tool", verdict)]}
-        meta = {
-            **(msgs[i].response_metadata or {}),
-            "ohd_guard": {"replaced": True, "verdict": verdict_payload(verdict)},
-        }
+        meta = {**(msgs[i].response_metadata or {}), "ohd_guard": {"replaced": True, "verdict": verdict_payload(verdict)}}
         msgs[i] = msgs[i].model_copy(update={"content": self._text("tool", verdict), "response_metadata": meta})
         return None
 

@@ -103,9 +103,8 @@ class OhdGuardRunnable(RunnableSerializable[Any, Any]):
         dispatch_verdict(verdict, run_manager=run_manager)
         return verdict
 
-    async def _ascreen(
-        self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
-    ) -> Verdict:
+    async def _ascreen(self, input: Any, run_manager: AsyncCallbackManagerForChainRun,
+                       config: RunnableConfig) -> Verdict:
         verdict = await self.guard.ascreen(screen_input(input))
         await adispatch_verdict(verdict, run_manager=run_manager)
         return verdict
@@ -116,9 +115,8 @@ class OhdGuardRunnable(RunnableSerializable[Any, Any]):
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Verdict:
         return await self._acall_with_config(self._ascreen, input, config, run_type="chain")
 
-    def _screen_many(
-        self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun], config: list[RunnableConfig]
-    ) -> list[Verdict | Exception]:
+    def _screen_many(self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun],
+                     config: list[RunnableConfig]) -> list[Verdict | Exception]:
         out: list[Any] = [None] * len(inputs)
         raws, idx = [], []
         for i, x in enumerate(inputs):
@@ -143,17 +141,10 @@ class OhdGuardRunnable(RunnableSerializable[Any, Any]):
                     dispatch_verdict(v, run_manager=run_manager[i])
         return out
 
-    def batch(
-        self,
-        inputs: list[Any],
-        config: RunnableConfig | list[RunnableConfig] | None = None,
-        *,
-        return_exceptions: bool = False,
-        **kwargs: Any,
-    ) -> list[Any]:
-        return self._batch_with_config(
-            self._screen_many, list(inputs), config, return_exceptions=return_exceptions, run_type="chain"
-        )
+    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        return self._batch_with_config(self._screen_many, list(inputs), config,
+                                       return_exceptions=return_exceptions, run_type="chain")
 
 
 # --------------------------------------------------------------------------------- guarded chain
@@ -207,8 +198,7 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
 
                 raise InvalidInputError(
                     "guarded(): cannot tell what to screen in a dict input; start the chain with a prompt "
-                    f"template (the rendered prompt is screened) or pass input_key= (keys: {sorted(input)})"
-                )
+                    f"template (the rendered prompt is screened) or pass input_key= (keys: {sorted(input)})")
             return input[self.input_key]
         return input
 
@@ -264,9 +254,8 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return self._call_with_config(self._invoke, input, config, run_type="chain")
 
-    def _transform(
-        self, inputs: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
-    ) -> Iterator[Any]:
+    def _transform(self, inputs: Iterator[Any], run_manager: CallbackManagerForChainRun,
+                   config: RunnableConfig) -> Iterator[Any]:
         items = list(inputs)
         if len(items) != 1:
             from ohd_guard.errors import InvalidInputError
@@ -319,9 +308,8 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
         return await self._acall_with_config(self._ainvoke, input, config, run_type="chain")
 
-    async def _atransform(
-        self, inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig
-    ) -> AsyncIterator[Any]:
+    async def _atransform(self, inputs: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
+                          config: RunnableConfig) -> AsyncIterator[Any]:
         items = [x async for x in inputs]
         if len(items) != 1:
             from ohd_guard.errors import InvalidInputError
@@ -345,9 +333,8 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
         resp = await arefusal(self.guard, raw, verdict, self.refusal_max_new_tokens)
         yield self._chunk(resp.text, verdict, resp.refusal_kind, last=True)
 
-    async def atransform(
-        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[Any]:
+    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
+                         **kwargs: Any) -> AsyncIterator[Any]:
         async for chunk in self._atransform_stream_with_config(input, self._atransform, config, run_type="chain"):
             yield chunk
 
@@ -359,9 +346,8 @@ class GuardedRunnable(RunnableSerializable[Any, Any]):
             yield chunk
 
 
-def guarded(
-    chain_or_chat_model: Runnable, guard: OhdGuard, on_flag: Literal["refuse", "raise"] = "refuse", **options: Any
-) -> GuardedRunnable:
+def guarded(chain_or_chat_model: Runnable, guard: OhdGuard, on_flag: Literal["refuse", "raise"] = "refuse",
+            **options: Any) -> GuardedRunnable:
     """Put ``guard`` in front of an existing chain or chat model.
 
     What is screened: when the chain starts with a prompt template, the rendered prompt (exactly

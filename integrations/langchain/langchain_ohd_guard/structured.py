@@ -45,9 +45,8 @@ class GuardRefusedError(GuardViolation):
         meta = response.response_metadata.get("ohd_guard") or {}
         self.response = response
         verdict = meta.get("verdict") or meta
-        super().__init__(
-            verdict, f"the guard refused the conversation (stage {meta.get('stage', 'input')!r}): {response.content!r}"
-        )
+        super().__init__(verdict, f"the guard refused the conversation (stage {meta.get('stage', 'input')!r}): "
+                                  f"{response.content!r}")
 
 
 def response_instruction(response_format: dict[str, Any]) -> str:
@@ -55,9 +54,8 @@ def response_instruction(response_format: dict[str, Any]) -> str:
     ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": ...}}``)."""
     if response_format.get("type") == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema", {})
-        return "Respond only with valid JSON, following this JSON schema:\n" + json.dumps(
-            schema, ensure_ascii=False, sort_keys=True
-        )
+        return ("Respond only with valid JSON, following this JSON schema:\n"
+                + json.dumps(schema, ensure_ascii=False, sort_keys=True))
     return "Respond only with valid JSON."
 
 
@@ -77,12 +75,7 @@ def _json_of(text: Any, name: str | None) -> Any:
         data = json.loads(body)
     except ValueError as e:
         raise OutputParserException(f"the answer is not one JSON object: {e}", llm_output=text) from e
-    if (
-        isinstance(data, dict)
-        and name is not None
-        and data.get("name") == name
-        and set(data) <= {"name", "arguments", "parameters"}
-    ):
+    if isinstance(data, dict) and name is not None and data.get("name") == name and set(data) <= {"name", "arguments", "parameters"}:
         data = data.get("arguments", data.get("parameters"))  # a call written where an object was asked for
         data = json.loads(data) if isinstance(data, str) else data
     if not isinstance(data, dict):

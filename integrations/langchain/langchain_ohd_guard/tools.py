@@ -35,14 +35,10 @@ def tool_names(tools: Sequence[Any]) -> list[str]:
     return [s["function"]["name"] for s in tool_schemas(tools)]
 
 
-def parse_tool_calls(
-    text: str, names: Collection[str] | None = None
-) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
+def parse_tool_calls(text: str, names: Collection[str] | None = None) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
     """(text that is not a call, tool calls, unparseable calls) of a generated answer, in every form
     :func:`ohd_guard.tools.parse_tool_calls` reads; ``names``: the bound tools (others stay text)."""
     content, calls, invalid = core.parse_tool_calls(text, names)
-    return (
-        content,
-        [ToolCall(name=c.name, args=c.arguments, id=c.id, type="tool_call") for c in calls],
-        [InvalidToolCall(name=None, args=c.body, id=c.id, error=c.error, type="invalid_tool_call") for c in invalid],
-    )
+    return (content,
+            [ToolCall(name=c.name, args=c.arguments, id=c.id, type="tool_call") for c in calls],
+            [InvalidToolCall(name=None, args=c.body, id=c.id, error=c.error, type="invalid_tool_call") for c in invalid])

@@ -42,9 +42,8 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f"llama_index.llms.ohd_guard.{_WHERE[name]}")
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("llama_index.core"):
-            raise ImportError(
-                f"llama_index.llms.ohd_guard.{name} needs llama-index-core: pip install llama-index-llms-ohd-guard"
-            ) from e
+            raise ImportError(f"llama_index.llms.ohd_guard.{name} needs llama-index-core: "
+                              "pip install llama-index-llms-ohd-guard") from e
         raise
     value = getattr(module, name)
     globals()[name] = value

@@ -41,14 +41,8 @@ class OhdGuardCallbackHandler(BaseCallbackHandler):
         self.max_kept = max_kept
         self.verdicts: dict[str, Verdict] = {}
 
-    def on_event_start(
-        self,
-        event_type: CBEventType,
-        payload: dict[str, Any] | None = None,
-        event_id: str = "",
-        parent_id: str = "",
-        **kwargs: Any,
-    ) -> str:
+    def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
+                       parent_id: str = "", **kwargs: Any) -> str:
         if event_type != CBEventType.LLM or not payload:
             return event_id
         serialized = payload.get(EventPayload.SERIALIZED) or {}
@@ -71,9 +65,8 @@ class OhdGuardCallbackHandler(BaseCallbackHandler):
             raise GuardViolation(verdict)
         return event_id
 
-    def on_event_end(
-        self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "", **kwargs: Any
-    ) -> None:
+    def on_event_end(self, event_type: CBEventType, payload: dict[str, Any] | None = None, event_id: str = "",
+                     **kwargs: Any) -> None:
         return None
 
     def start_trace(self, trace_id: str | None = None) -> None:

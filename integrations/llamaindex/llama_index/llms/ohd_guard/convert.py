@@ -49,9 +49,7 @@ class UnsupportedContentError(InvalidInputError):
     def __init__(self, msg: str, message_index: int | None = None, block_index: int | None = None):
         where = ""
         if message_index is not None:
-            where = (
-                f" (at messages[{message_index}]" + (f".blocks[{block_index}]" if block_index is not None else "") + ")"
-            )
+            where = f" (at messages[{message_index}]" + (f".blocks[{block_index}]" if block_index is not None else "") + ")"
         super().__init__(msg + where)
         self.message_index, self.part_index = message_index, block_index
 
@@ -101,11 +99,8 @@ def _block_parts(b: Any, limits: ConversationLimits, mi: int, bi: int) -> list[d
         head = [{"type": "text", "text": f"[{b.title}]"}] if b.title else []
         return head + [p for sub in b.content for p in _block_parts(sub, limits, mi, bi)]
     if isinstance(b, CitationBlock):
-        return [
-            p
-            for sub in (b.cited_content if isinstance(b.cited_content, list) else [b.cited_content])
-            for p in _block_parts(sub, limits, mi, bi)
-        ]
+        return [p for sub in (b.cited_content if isinstance(b.cited_content, list) else [b.cited_content])
+                for p in _block_parts(sub, limits, mi, bi)]
     if isinstance(b, DocumentBlock):
         mime = str(b.document_mimetype or "")
         if mime.startswith("image/"):
@@ -116,15 +111,14 @@ def _block_parts(b: Any, limits: ConversationLimits, mi: int, bi: int) -> list[d
 
             raw = base64.b64decode(data) if _B64.fullmatch(bytes(data)) else bytes(data)
             return [{"type": "text", "text": raw.decode("utf-8", "replace")}]
-        raise UnsupportedContentError(
-            f"DocumentBlock of type {mime or 'unknown'!r} cannot be screened (only images and inline text are)", mi, bi
-        )
+        raise UnsupportedContentError(f"DocumentBlock of type {mime or 'unknown'!r} cannot be screened "
+                                      "(only images and inline text are)", mi, bi)
     if isinstance(b, (AudioBlock, VideoBlock)):
         kind = "audio" if isinstance(b, AudioBlock) else "video"
-        raise UnsupportedContentError(
-            f"{kind} blocks cannot be screened by a vision-language guard; transcribe or remove them first", mi, bi
-        )
-    raise UnsupportedContentError(f"unknown content block {type(b).__name__}: refusing to drop it unscreened", mi, bi)
+        raise UnsupportedContentError(f"{kind} blocks cannot be screened by a vision-language guard; "
+                                      "transcribe or remove them first", mi, bi)
+    raise UnsupportedContentError(f"unknown content block {type(b).__name__}: refusing to drop it unscreened",
+                                  mi, bi)
 
 
 def _plain(obj: Any) -> Any:
@@ -149,18 +143,12 @@ def _as_messages(obj: Any) -> list[ChatMessage] | None:
         return [obj]
     if isinstance(obj, Mapping) and "messages" in obj:
         obj = obj["messages"]
-    if (
-        isinstance(obj, Sequence)
-        and not isinstance(obj, (str, bytes))
-        and obj
-        and any(isinstance(m, ChatMessage) for m in obj)
-    ):
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)) and obj \
+            and any(isinstance(m, ChatMessage) for m in obj):
         bad = next((i for i, m in enumerate(obj) if not isinstance(m, ChatMessage)), None)
         if bad is not None:
-            raise InvalidInputError(
-                f"messages[{bad}] is a {type(obj[bad]).__name__}; a list mixing "
-                "ChatMessage with other types cannot be read"
-            )
+            raise InvalidInputError(f"messages[{bad}] is a {type(obj[bad]).__name__}; a list mixing "
+                                    "ChatMessage with other types cannot be read")
         return list(obj)
     return None
 
@@ -173,14 +161,9 @@ def to_message_dicts(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS) 
     return [_message_dict(m, limits, i) for i, m in enumerate(msgs)]
 
 
-def to_conversation(
-    obj: Any,
-    *,
-    limits: ConversationLimits = _DEFAULT_LIMITS,
-    fetcher: Callable[[str], bytes] | None = None,
-    base_dir: Path | str | None = None,
-    allow_local_files: bool = False,
-) -> Conversation:
+def to_conversation(obj: Any, *, limits: ConversationLimits = _DEFAULT_LIMITS,
+                    fetcher: Callable[[str], bytes] | None = None, base_dir: Path | str | None = None,
+                    allow_local_files: bool = False) -> Conversation:
     """Convert LlamaIndex input into a :class:`~ohd_guard.Conversation`.
 
     Accepts a ``ChatMessage``, a list of them, a dict with a ``"messages"`` list, a ``str`` (one
@@ -188,12 +171,8 @@ def to_conversation(
     Roles ``chatbot``/``model`` are assistant turns; ``tool``/``function`` messages are screened as
     user-visible ``[tool result: name]`` turns (tool output is where indirect injections arrive).
     """
-    kw: dict[str, Any] = {
-        "limits": limits,
-        "fetcher": fetcher,
-        "base_dir": base_dir,
-        "allow_local_files": allow_local_files,
-    }
+    kw: dict[str, Any] = {"limits": limits, "fetcher": fetcher, "base_dir": base_dir,
+                          "allow_local_files": allow_local_files}
     if isinstance(obj, (Conversation, Message, str)):
         return _core(obj, **kw)
     msgs = _as_messages(obj)

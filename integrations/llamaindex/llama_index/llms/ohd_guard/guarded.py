@@ -44,18 +44,12 @@ SOURCE = "GuardedLLM"
 
 def _as_chat(r: CompletionResponse) -> ChatResponse:
     """A completion as a chat response, for the output check (verdict, delta and raw kept in place)."""
-    return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=r.text),
-        delta=r.delta,
-        raw=r.raw,
-        additional_kwargs=r.additional_kwargs,
-    )
+    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=r.text), delta=r.delta, raw=r.raw,
+                        additional_kwargs=r.additional_kwargs)
 
 
 def _as_completion(r: ChatResponse) -> CompletionResponse:
-    return CompletionResponse(
-        text=r.message.content or "", delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs
-    )
+    return CompletionResponse(text=r.message.content or "", delta=r.delta, raw=r.raw, additional_kwargs=r.additional_kwargs)
 
 
 class GuardedLLM(GuardLLMBase):
@@ -196,21 +190,12 @@ class GuardedLLM(GuardLLMBase):
         if not isinstance(self.llm, FunctionCallingLLM):
             from ohd_guard.errors import InvalidInputError
 
-            raise InvalidInputError(
-                f"GuardedLLM: the wrapped {type(self.llm).__name__} is not a FunctionCallingLLM, "
-                "so it cannot call tools"
-            )
+            raise InvalidInputError(f"GuardedLLM: the wrapped {type(self.llm).__name__} is not a FunctionCallingLLM, "
+                                    "so it cannot call tools")
         return self.llm
 
-    def _with_tools(
-        self,
-        name: str,
-        tools: Sequence[Any],
-        user_msg: Any,
-        chat_history: Any,
-        tool_required: bool,
-        kwargs: dict[str, Any],
-    ) -> Any:
+    def _with_tools(self, name: str, tools: Sequence[Any], user_msg: Any, chat_history: Any, tool_required: bool,
+                    kwargs: dict[str, Any]) -> Any:
         """``name`` (a ``*_with_tools`` method): the call screened with the tools' schemas in the system
         prompt, then refused, or made on the wrapped LLM and its answer checked (a stream held back)."""
         stream = name.startswith("stream")
@@ -220,141 +205,67 @@ class GuardedLLM(GuardLLMBase):
         if verdict.flagged:
             text, meta = self._refusal(raw, verdict)
             return once(chat(text, meta, delta=text)) if stream else chat(text, meta)
-        out = getattr(self._calling(), name)(
-            tools, user_msg=user_msg, chat_history=chat_history, tool_required=tool_required, **kwargs
-        )
+        out = getattr(self._calling(), name)(tools, user_msg=user_msg, chat_history=chat_history,
+                                             tool_required=tool_required, **kwargs)
         return self._held(raw, verdict, out) if stream else self._checked(raw, verdict, passed(out, verdict))
 
-    async def _awith_tools(
-        self,
-        name: str,
-        tools: Sequence[Any],
-        user_msg: Any,
-        chat_history: Any,
-        tool_required: bool,
-        kwargs: dict[str, Any],
-    ) -> Any:
+    async def _awith_tools(self, name: str, tools: Sequence[Any], user_msg: Any, chat_history: Any,
+                           tool_required: bool, kwargs: dict[str, Any]) -> Any:
         stream = name.startswith("astream")
         choice = tool_choice_of(tool_required, kwargs.get("tool_choice"))
         raw = guard_input(self.guard, messages_with(user_msg, chat_history), tool_schemas(tools), choice)
         verdict = await self._ascreen(raw)
         if not verdict.flagged:
-            out = await getattr(self._calling(), name)(
-                tools, user_msg=user_msg, chat_history=chat_history, tool_required=tool_required, **kwargs
-            )
-            return await (
-                self._aheld(raw, verdict, out) if stream else self._achecked(raw, verdict, passed(out, verdict))
-            )
+            out = await getattr(self._calling(), name)(tools, user_msg=user_msg, chat_history=chat_history,
+                                                       tool_required=tool_required, **kwargs)
+            return await (self._aheld(raw, verdict, out) if stream else self._achecked(raw, verdict, passed(out, verdict)))
         text, meta = await self._arefusal(raw, verdict)
         return aonce(chat(text, meta, delta=text)) if stream else chat(text, meta)
 
-    def chat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> ChatResponse:
-        return self._with_tools(
-            "chat_with_tools",
-            tools,
-            user_msg,
-            chat_history,
-            tool_required,
-            dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls),
-        )
+    def chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                        chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                        allow_parallel_tool_calls: bool = False, tool_required: bool = False, **kwargs: Any) -> ChatResponse:
+        return self._with_tools("chat_with_tools", tools, user_msg, chat_history, tool_required,
+                                dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
-    async def achat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> ChatResponse:
-        return await self._awith_tools(
-            "achat_with_tools",
-            tools,
-            user_msg,
-            chat_history,
-            tool_required,
-            dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls),
-        )
+    async def achat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                               chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                               allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                               **kwargs: Any) -> ChatResponse:
+        return await self._awith_tools("achat_with_tools", tools, user_msg, chat_history, tool_required,
+                                       dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
-    def stream_chat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> ChatResponseGen:
-        return self._with_tools(
-            "stream_chat_with_tools",
-            tools,
-            user_msg,
-            chat_history,
-            tool_required,
-            dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls),
-        )
+    def stream_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                               chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                               allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                               **kwargs: Any) -> ChatResponseGen:
+        return self._with_tools("stream_chat_with_tools", tools, user_msg, chat_history, tool_required,
+                                dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
-    async def astream_chat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> ChatResponseAsyncGen:
-        return await self._awith_tools(
-            "astream_chat_with_tools",
-            tools,
-            user_msg,
-            chat_history,
-            tool_required,
-            dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls),
-        )
+    async def astream_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                                      chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                                      allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                      **kwargs: Any) -> ChatResponseAsyncGen:
+        return await self._awith_tools("astream_chat_with_tools", tools, user_msg, chat_history, tool_required,
+                                       dict(kwargs, verbose=verbose, allow_parallel_tool_calls=allow_parallel_tool_calls))
 
-    def _prepare_chat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        **kwargs: Any,
-    ) -> dict[str, Any]:
+    def _prepare_chat_with_tools(self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+                                 chat_history: list[ChatMessage] | None = None, verbose: bool = False,
+                                 allow_parallel_tool_calls: bool = False, tool_required: bool = False,
+                                 **kwargs: Any) -> dict[str, Any]:
         """The wrapped LLM's own (the ``*_with_tools`` methods above screen, then call its)."""
         return self._calling()._prepare_chat_with_tools_compat(
-            tools,
-            user_msg=user_msg,
-            chat_history=chat_history,
-            verbose=verbose,
-            allow_parallel_tool_calls=allow_parallel_tool_calls,
-            tool_required=tool_required,
-            **kwargs,
-        )
+            tools, user_msg=user_msg, chat_history=chat_history, verbose=verbose,
+            allow_parallel_tool_calls=allow_parallel_tool_calls, tool_required=tool_required, **kwargs)
 
-    def get_tool_calls_from_response(
-        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
-    ) -> list[ToolSelection]:
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
         """The wrapped LLM's calls; a refusal has none (also under ``error_on_no_tool_call``: it is
         the answer, which ``predict_and_call`` then returns)."""
         if (response.additional_kwargs.get("ohd_guard") or {}).get("refused"):
             return []
-        return self._calling().get_tool_calls_from_response(
-            response, error_on_no_tool_call=error_on_no_tool_call, **kwargs
-        )
+        return self._calling().get_tool_calls_from_response(response, error_on_no_tool_call=error_on_no_tool_call,
+                                                            **kwargs)
 
     # -- completion ---------------------------------------------------------------------------
     @llm_completion_callback()

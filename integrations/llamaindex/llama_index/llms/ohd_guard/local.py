@@ -72,12 +72,10 @@ class OhdGuardLLM(GuardLLMBase):
     model_name: str = Field(default="", description="Name reported in metadata (default: the model's).")
     max_new_tokens: int = Field(default=256, gt=0, description="Most new tokens per answer.")
     temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 decodes greedily.")
-    context_window: int = Field(
-        default=0, ge=0, description="Context window reported in metadata (default: the guard's max_prompt_tokens)."
-    )
-    generate_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Extra model.generate arguments for every call."
-    )
+    context_window: int = Field(default=0, ge=0, description="Context window reported in metadata "
+                                                               "(default: the guard's max_prompt_tokens).")
+    generate_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                            description="Extra model.generate arguments for every call.")
     refusal_max_new_tokens: int = Field(default=64, gt=0, description="Length cap of the refusal of a flagged answer.")
 
     def __init__(self, guard: Any = None, **kwargs: Any):
@@ -91,22 +89,12 @@ class OhdGuardLLM(GuardLLMBase):
                 self.context_window = int(guard.max_prompt_tokens or 4096)
 
     @classmethod
-    def from_profile(
-        cls,
-        model_ref: Any = None,
-        profile_path: str | Path | None = None,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        guard_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> OhdGuardLLM:
+    def from_profile(cls, model_ref: Any = None, profile_path: str | Path | None = None, *, device: str = "auto",
+                     dtype: str = "auto", guard_options: dict[str, Any] | None = None, **kwargs: Any) -> OhdGuardLLM:
         """Load a model and its profile with :meth:`OhdGuard.load` (default: the embedded model)."""
         from ohd_guard.guard import OhdGuard
 
-        return cls(
-            OhdGuard.load(model_ref, profile_path, device=device, dtype=dtype, **(guard_options or {})), **kwargs
-        )
+        return cls(OhdGuard.load(model_ref, profile_path, device=device, dtype=dtype, **(guard_options or {})), **kwargs)
 
     @classmethod
     def class_name(cls) -> str:
@@ -114,13 +102,9 @@ class OhdGuardLLM(GuardLLMBase):
 
     @property
     def metadata(self) -> LLMMetadata:
-        return LLMMetadata(
-            context_window=self.context_window or 4096,
-            num_output=self.max_new_tokens,
-            is_chat_model=True,
-            is_function_calling_model=True,
-            model_name=self.model_name or "ohd-guard",
-        )
+        return LLMMetadata(context_window=self.context_window or 4096, num_output=self.max_new_tokens,
+                           is_chat_model=True, is_function_calling_model=True,
+                           model_name=self.model_name or "ohd-guard")
 
     def _gen(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         kw = {**self.generate_kwargs, **kwargs}
@@ -167,12 +151,8 @@ class OhdGuardLLM(GuardLLMBase):
     @staticmethod
     def _answer(resp: Any, names: Any, delta: bool = False) -> ChatResponse:
         msg = answer_message(resp.text, None if resp.refused else names)
-        return ChatResponse(
-            message=msg,
-            raw=resp,
-            delta=(msg.content or "") if delta else None,
-            additional_kwargs={"ohd_guard": info(resp.verdict, resp.refused, resp.refusal_kind)},
-        )
+        return ChatResponse(message=msg, raw=resp, delta=(msg.content or "") if delta else None,
+                            additional_kwargs={"ohd_guard": info(resp.verdict, resp.refused, resp.refusal_kind)})
 
     def _checked(self, raw: Any, resp: Any, names: Any, delta: bool = False) -> ChatResponse:
         out = self._answer(resp, names, delta)
@@ -194,15 +174,9 @@ class OhdGuardLLM(GuardLLMBase):
 
     # -- function calling ---------------------------------------------------------------------
     def _prepare_chat_with_tools(
-        self,
-        tools: Sequence[BaseTool],
-        user_msg: str | ChatMessage | None = None,
-        chat_history: list[ChatMessage] | None = None,
-        verbose: bool = False,
-        allow_parallel_tool_calls: bool = False,
-        tool_required: bool = False,
-        tool_choice: Any = None,
-        **kwargs: Any,
+        self, tools: Sequence[BaseTool], user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None, verbose: bool = False, allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False, tool_choice: Any = None, **kwargs: Any,
     ) -> dict[str, Any]:
         """``chat`` arguments: the messages, the tools as OpenAI schemas and the core's tool choice."""
         out: dict[str, Any] = {"messages": messages_with(user_msg, chat_history), **kwargs}
@@ -210,20 +184,17 @@ class OhdGuardLLM(GuardLLMBase):
             out.update(tools=tool_schemas(tools), tool_choice=tool_choice_of(tool_required, tool_choice))
         return out
 
-    def _validate_chat_with_tools_response(
-        self, response: ChatResponse, tools: Sequence[BaseTool], allow_parallel_tool_calls: bool = False, **kwargs: Any
-    ) -> ChatResponse:
+    def _validate_chat_with_tools_response(self, response: ChatResponse, tools: Sequence[BaseTool],
+                                           allow_parallel_tool_calls: bool = False, **kwargs: Any) -> ChatResponse:
         """Without parallel calls only the first call is kept (as LlamaIndex's OpenAI LLM does)."""
         calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
         if not allow_parallel_tool_calls and len(calls) > 1:
-            response.message.blocks = [
-                b for b in response.message.blocks if not isinstance(b, ToolCallBlock) or b is calls[0]
-            ]
+            response.message.blocks = [b for b in response.message.blocks
+                                       if not isinstance(b, ToolCallBlock) or b is calls[0]]
         return response
 
-    def get_tool_calls_from_response(
-        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
-    ) -> list[ToolSelection]:
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
         return tool_selections(response, error_on_no_tool_call)
 
     # -- streaming: the verdict event goes out before the first piece; every piece carries the
@@ -339,8 +310,4 @@ class _OneBehind:
 
     def _final(self) -> dict[str, Any]:
         resp = self.stream.response
-        return (
-            info(resp.verdict, resp.refused, resp.refusal_kind)
-            if resp is not None
-            else self._provisional(self.stream.verdict)
-        )
+        return info(resp.verdict, resp.refused, resp.refusal_kind) if resp is not None else self._provisional(self.stream.verdict)

@@ -15,22 +15,8 @@ from llama_index.llms.ohd_guard.convert import to_message_dicts
 from llama_index.llms.ohd_guard.events import adispatch_verdict, dispatch_verdict
 from ohd_guard.types import response_payload
 
-__all__ = [
-    "GuardLLMBase",
-    "OutputCheck",
-    "aonce",
-    "apassed_stream",
-    "areplay",
-    "chat",
-    "completion",
-    "info",
-    "need",
-    "once",
-    "passed",
-    "passed_stream",
-    "raw_input",
-    "replay",
-]
+__all__ = ["GuardLLMBase", "OutputCheck", "aonce", "apassed_stream", "areplay", "chat", "completion", "info", "need",
+           "once", "passed", "passed_stream", "raw_input", "replay"]
 
 
 def need(guard: Any, who: str) -> Any:
@@ -54,12 +40,8 @@ def info(verdict: Any, refused: bool, kind: str | None) -> dict[str, Any]:
 
 
 def chat(text: str, meta: dict[str, Any], raw: Any = None, delta: str | None = None) -> ChatResponse:
-    return ChatResponse(
-        message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
-        delta=delta,
-        raw=raw,
-        additional_kwargs={"ohd_guard": meta},
-    )
+    return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, raw=raw,
+                        additional_kwargs={"ohd_guard": meta})
 
 
 def completion(text: str, meta: dict[str, Any], raw: Any = None, delta: str | None = None) -> CompletionResponse:
@@ -200,9 +182,8 @@ class GuardLLMBase(FunctionCallingLLM):
     their output check (``check_output``, ``answer_profile``, ``refusal_max_new_tokens``)."""
 
     check_output: bool = Field(default=False, description="Check every answer too; a flagged one is refused.")
-    answer_profile: Any = Field(
-        default=None, exclude=True, description="The output check's profile (path or object); default: the shipped one."
-    )
+    answer_profile: Any = Field(default=None, exclude=True,
+                                description="The output check's profile (path or object); default: the shipped one.")
     refusal_max_new_tokens: int = Field(default=64, gt=0, description="Length cap of an anchored refusal.")
 
     _guard: Any = PrivateAttr(default=None)

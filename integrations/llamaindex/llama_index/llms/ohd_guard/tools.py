@@ -50,9 +50,8 @@ def _template(guard: Any) -> Any:
     return getattr(guard.processor, "chat_template", None) or getattr(guard.tokenizer, "chat_template", None)
 
 
-def guard_input(
-    guard: Any, messages: Sequence[ChatMessage] | str, schemas: Sequence[dict[str, Any]] = (), tool_choice: Any = None
-) -> Any:
+def guard_input(guard: Any, messages: Sequence[ChatMessage] | str, schemas: Sequence[dict[str, Any]] = (),
+                tool_choice: Any = None) -> Any:
     """What the guard screens (and its model answers from): the messages as the core's dicts, earlier
     calls and tool results in the template's tool format, the tools' section in the system prompt."""
     if isinstance(messages, str):
@@ -62,21 +61,13 @@ def guard_input(
     hermes = core.template_tool_format(template) is not None
     calls = [[b for b in m.blocks if isinstance(b, ToolCallBlock)] if hermes else [] for m in msgs]
     if any(calls):  # passed on as OpenAI tool_calls, which the template's format writes
-        msgs = [
-            m.model_copy(update={"blocks": [b for b in m.blocks if not isinstance(b, ToolCallBlock)]}) if c else m
-            for m, c in zip(msgs, calls, strict=True)
-        ]
+        msgs = [m.model_copy(update={"blocks": [b for b in m.blocks if not isinstance(b, ToolCallBlock)]}) if c else m
+                for m, c in zip(msgs, calls, strict=True)]
     dicts = to_message_dicts(msgs, limits=guard.limits)
     for d, c in zip(dicts, calls, strict=True):
         if c:
-            d["tool_calls"] = [
-                {
-                    "id": b.tool_call_id,
-                    "type": "function",
-                    "function": {"name": b.tool_name, "arguments": _kwargs(b.tool_kwargs)},
-                }
-                for b in c
-            ]
+            d["tool_calls"] = [{"id": b.tool_call_id, "type": "function",
+                                "function": {"name": b.tool_name, "arguments": _kwargs(b.tool_kwargs)}} for b in c]
     return core.with_tools(core.tool_turns(dicts, template), schemas, tool_choice)
 
 
@@ -109,7 +100,5 @@ def tool_selections(response: ChatResponse, error_on_no_tool_call: bool) -> list
     calls = [b for b in response.message.blocks if isinstance(b, ToolCallBlock)]
     if not calls and error_on_no_tool_call:
         raise ValueError(f"Expected at least one tool call, but got {len(calls)} tool calls.")
-    return [
-        ToolSelection(tool_id=b.tool_call_id or "", tool_name=b.tool_name, tool_kwargs=_kwargs(b.tool_kwargs))
-        for b in calls
-    ]
+    return [ToolSelection(tool_id=b.tool_call_id or "", tool_name=b.tool_name, tool_kwargs=_kwargs(b.tool_kwargs))
+            for b in calls]
