@@ -102,12 +102,17 @@ def test_a_layer_replayed_with_a_copied_cache_appends_to_the_copy_only(arch):
     assert prefix.layers[0].get_seq_length() == T - 1, hf.moved("Cache.layers", "a layer-wise copy shares its layers")
 
 
-def test_model_outputs_carry_a_cache_with_layers_that_crop_and_select_rows(llama):
-    model, tok = llama
+def _prefilled(model, tok):
+    """The inputs of a 2-row batch, the model's output on them and its KV cache."""
     inputs = _inputs(model, tok)
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
-    cache = hf.output_cache(out)
+    return inputs, out, hf.output_cache(out)
+
+
+def test_model_outputs_carry_a_cache_with_layers_that_crop_and_select_rows(llama):
+    model, tok = llama
+    inputs, out, cache = _prefilled(model, tok)
     assert cache is not None and isinstance(getattr(cache, "layers", None), list), hf.moved(
         "CausalLMOutputWithPast cache field", f"no cache with a list of layers under {hf.CACHE_NAMES}")
     T = inputs["input_ids"].shape[1]
@@ -126,10 +131,7 @@ def test_model_outputs_carry_a_cache_with_layers_that_crop_and_select_rows(llama
 def test_cache_tensors_round_trip_through_a_fresh_cache_that_a_forward_extends(llama):
     """The decode batch reads a cache's keys/values, pads and merges them, and builds a new cache."""
     model, tok = llama
-    inputs = _inputs(model, tok)
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True)
-    cache = hf.output_cache(out)
+    inputs, _, cache = _prefilled(model, tok)
     kv = hf.cache_tensors(cache)
     assert hf.plain_cache(cache), hf.moved("DynamicLayer", "a Llama cache is not made of plain DynamicLayers")
     assert len(kv) == len(cache.layers) and kv[0][0].shape[:3] == (2, model.config.num_key_value_heads,
