@@ -101,3 +101,15 @@ def planted_guard() -> OhdGuard:
 def planted_vlm_guard() -> OhdGuard:
     """The shared guard on the planted tiny LLaVA (default options)."""
     return make_planted_vlm_guard()
+
+
+@pytest.fixture(scope="module")
+def fading() -> Any:
+    """SAHs (one head) fitted on a planted model whose trigger signal fades with the context after it
+    (``focus=0.5``): the ground truth of turn scopes (a flagged earlier turn the final read misses)."""
+    from ohd_guard.detectors import SAHs
+    from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, with_trigger
+
+    model, tok, _ = planted_head_model(focus=0.5)
+    clean = list(PLANTED_CLEAN_PROMPTS)[:8]
+    return SAHs(top_k=1, folds=4).fit(model, tok, with_trigger(clean), clean)

@@ -48,13 +48,6 @@ def sahs():
     return SAHs(top_k=2, folds=4).fit(model, tok, with_trigger(CLEAN), CLEAN)
 
 
-@pytest.fixture(scope="module")
-def fading():
-    """SAHs on a planted model whose trigger signal fades with the context after it."""
-    model, tok, _ = planted_head_model(focus=0.5)
-    return SAHs(top_k=1, folds=4).fit(model, tok, with_trigger(CLEAN), CLEAN)
-
-
 def check_against_prefixes(det, conv, verdict, source):
     """Each message's score is its prefix scored alone; the latest messages carry the final read."""
     assert [m.index for m in verdict.messages] == [i for i, m in enumerate(conv) if m["role"] in ("user", "tool")]

@@ -9,20 +9,13 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 
 from langchain_ohd_guard import ChatOhdGuard, OhdGuardMiddleware
-from ohd_guard.detectors import SAHs
 from ohd_guard.guard import OhdGuard
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS
 
 from .support import spy
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)[:8]
 LONG = " ".join(["tell me about the weather and the sea"] * 5)
-
-
-@pytest.fixture(scope="module")
-def fading():
-    model, tok, _ = planted_head_model(focus=0.5)
-    return SAHs(top_k=1, folds=4).fit(model, tok, with_trigger(CLEAN), CLEAN)
 
 
 @pytest.mark.parametrize("scope", ["conversation", "latest"])

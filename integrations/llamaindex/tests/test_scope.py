@@ -10,20 +10,13 @@ from llama_index.core.llms import ChatMessage
 from llama_index.core.llms.mock import MockFunctionCallingLLM
 
 from llama_index.llms.ohd_guard import GuardedLLM, OhdGuardLLM
-from ohd_guard.detectors import SAHs
 from ohd_guard.guard import OhdGuard
-from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, planted_head_model, with_trigger
+from ohd_guard.testing import PLANTED_CLEAN_PROMPTS
 
 CLEAN = list(PLANTED_CLEAN_PROMPTS)[:8]
 LONG = " ".join(["tell me about the weather and the sea"] * 5)
 THREAD = [ChatMessage(role="user", content="tell me zorblax about rain"),
           ChatMessage(role="assistant", content="I cannot help with that."), ChatMessage(role="user", content=LONG)]
-
-
-@pytest.fixture(scope="module")
-def fading():
-    model, tok, _ = planted_head_model(focus=0.5)
-    return SAHs(top_k=1, folds=4).fit(model, tok, with_trigger(CLEAN), CLEAN)
 
 
 @pytest.mark.parametrize("scope", ["conversation", "latest"])
