@@ -189,13 +189,7 @@ class Answerer:
         if on_chunk is not None:
             on_chunk(prefix)  # the first byte of a refusal: as soon as the verdict is known
         try:
-            made = self.anchored_cache(s)
-            if made is None:
-                raise ValueError("no usable screening prefill")
-            cache, logits, A = made
-            sampling = sampling_for(self.model, self._continuation_kwargs(gen_kwargs, A + len(self.prefix_ids)))
-            if sampling is None:
-                raise ValueError("the generation arguments cannot be batched")
+            cache, logits, sampling = self._continuation_row(s, gen_kwargs)
         except Exception as e:
             log.warning("anchored refusal from the prefill failed (%s); generating it one at a time", e)
             done(self._refusal_response(verdict, self._anchored_text(s.conversation, gen_kwargs, cancel), on_chunk),
@@ -208,10 +202,26 @@ class Answerer:
         def failed(exc: BaseException) -> None:  # the forced sentence is out: end it with the closing
             log.warning("anchored refusal continuation failed (%s: %s); closing it with the fixed sentence",
                         type(exc).__name__, exc)
-            done(self._refusal_response(verdict, f"{prefix} {self.template.closing}".strip(), on_chunk), None)
+            done(self._refusal_response(verdict, self._closed(), on_chunk), None)
 
         s.take_prefill()
         batch.add(cache, logits, DecodeRow(sampling, finished, failed, None, cancel))
+
+    def _continuation_row(self, s: Screened, gen_kwargs: dict[str, Any]) -> tuple[RowCache, torch.Tensor, Any]:
+        """The anchored refusal's continuation as a decode row from ``s``'s screening prefill: its cache,
+        first logits and sampling; ValueError when the prefill or the arguments cannot be used."""
+        made = self.anchored_cache(s)
+        if made is None:
+            raise ValueError("no usable screening prefill")
+        cache, logits, A = made
+        sampling = sampling_for(self.model, self._continuation_kwargs(gen_kwargs, A + len(self.prefix_ids)))
+        if sampling is None:
+            raise ValueError("the generation arguments cannot be batched")
+        return cache, logits, sampling
+
+    def _closed(self) -> str:
+        """The forced sentence and the fixed closing: the refusal when the model's sentence is not used."""
+        return f"{self.template.forced_prefix} {self.template.closing}".strip()
 
     def _refusal_response(self, verdict: Verdict, text: str, on_chunk: Chunk) -> GuardedResponse:
         """The anchored refusal whose forced sentence was already sent: send the rest."""
@@ -224,7 +234,6 @@ class Answerer:
         """The anchored refusal generated from a fresh prefill of the anchored conversation (the
         fallback where the screening prefill cannot be continued); never raises once called after
         the forced sentence went out: a failure ends in the fixed closing."""
-        prefix = self.template.forced_prefix
         try:
             if conv is None:
                 raise ValueError("no conversation")
@@ -237,7 +246,7 @@ class Answerer:
             return checked_refusal(raw, self.template, self.screening.text_flagged)
         except Exception as e:
             log.warning("anchored refusal failed (%s: %s); closing it with the fixed sentence", type(e).__name__, e)
-            return f"{prefix} {self.template.closing}".strip()
+            return self._closed()
 
     def anchored(self, conv: Conversation, gen_kwargs: dict[str, Any], on_chunk: Chunk, cancel,
                  screened: Screened | None = None) -> str:
@@ -250,28 +259,23 @@ class Answerer:
         text = None
         if screened is not None and self.reuse_prefill and self.template.max_continuation_tokens > 0:
             try:
-                made = self.anchored_cache(screened)
-                if made is not None:
-                    cache, logits, A = made
-                    sampling = sampling_for(self.model, self._continuation_kwargs(gen_kwargs, A + len(self.prefix_ids)))
-                    if sampling is not None:
-                        screened.take_prefill()
-                        batch = DecodeBatch(self.model, self.tokenizer, 1)
-                        got: list[str] = []
-                        errors: list[BaseException] = []
-                        batch.add(cache, logits, DecodeRow(sampling, lambda t, n: got.append(t), errors.append, None,
-                                                           cancel))  # fmt: skip
-                        while len(batch):
-                            batch.step()
-                        if errors:
-                            raise errors[0]
-                        text = self._checked(got[0])
+                cache, logits, sampling = self._continuation_row(screened, gen_kwargs)
+                screened.take_prefill()
+                batch = DecodeBatch(self.model, self.tokenizer, 1)
+                got: list[str] = []
+                errors: list[BaseException] = []
+                batch.add(cache, logits, DecodeRow(sampling, lambda t, n: got.append(t), errors.append, None, cancel))
+                while len(batch):
+                    batch.step()
+                if errors:
+                    raise errors[0]
+                text = self._checked(got[0])
             except Exception as e:
                 log.warning("anchored refusal from the prefill failed (%s: %s); generating it one at a time",
                             type(e).__name__, e)
         if text is None:
             text = self._anchored_text(conv, gen_kwargs, cancel) if self.template.max_continuation_tokens > 0 \
-                else f"{prefix} {self.template.closing}".strip()
+                else self._closed()
         if on_chunk is not None and len(text) > len(prefix):
             on_chunk(text[len(prefix):])
         return text
