@@ -52,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--judge", action="store_true", help="also score the model asked as a judge, and its time")
     ap.add_argument("--judge-fit-per-class", type=int, default=60,
                     help="fit items per class (bare and in context) the judge's threshold is picked on")
+    ap.add_argument("--save-dir", type=Path, default=None,
+                    help="save every in-context candidate's profile and the result rows (JSON) here, to choose later")
+    ap.add_argument("--extra-per-set", type=int, default=30,
+                    help="items per look-alike / harmful / attack set in the extra bare evaluation (0: none)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
     args = ap.parse_args(argv)
 
+    from ohd_guard.attacks import make_attacks
     from ohd_guard.contexts import in_contexts, place
     from ohd_guard.datasets import (
         dedupe_against,
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         stratified,
     )
     from ohd_guard.detectors import Judge, ResidualProbe, SAHs, shared_prefill
+    from ohd_guard.detectors.base import probe_threshold
     from ohd_guard.evaluation import joint_scores
     from ohd_guard.loading import embedded_model, load_model
     from ohd_guard.metrics import auroc, average_precision, f1_at_threshold, tpr_at_fpr
@@ -101,6 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     tc = dedupe_against(tc_dev, fit_bare)
     if len(tc) > args.toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
         tc = random.Random(2).sample(tc, args.toxicchat_dev)
+    extra: dict[str, list] = {}
+    if args.extra_per_set:  # bare look-alikes, public harmful sets and adaptive attacks, none fitted on
+        k = args.extra_per_set
+        extra["own look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
+        for name in ("oktest", "phtest_harmless", "coconot_contrast", "orbench_hard", "advbench", "harmfulqa",
+                     "catqa", "do_not_answer", "past_tense"):
+            extra[name] = stratified(dedupe_against(load_shared_set(name), fit_bare), k, seed=4)
+        seeds = stratified([p for p in held if p.label == 1 and not p.category.startswith("contrast_")], k, seed=5)
+        attacks = make_attacks(seeds, ("instruction_suffix", "benign_padding", "past_tense", "jailbreak_wrapper",
+                                       "multi_turn", "split_turns"), include_direct=False)
+        extra.update({f"attack: {a}": v for a, v in attacks.items()})
     say(f"fit: {len(fit_bare)} bare ({int(y_all[:len(fit_bare)].sum())} unsafe) + {len(fit_ctx)} in context; "
         f"eval: {len(hu)}+{len(hs)} held-out x {len(EVAL_CONTEXTS)} contexts, ToxicChat dev {len(tc)} "
         f"({sum(p.label for p in tc)} toxic)")
@@ -135,14 +152,18 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- evaluation ------------------------------------------------------------------------------
     dets = list(fitted.values())
-    names = list(fitted)
+    y_ctx = np.r_[np.ones(int(y_all.sum()), int), np.zeros(int((y_all == 0).sum()), int)]  # the order fit() saw
+    # each in-context candidate also at the threshold that keeps 5 % of the benign fit items (out of fold)
+    variants = [(n, k, d.threshold) for k, (n, d) in enumerate(fitted.items())]
+    variants += [(f"{n} @5%FPR", k, probe_threshold(0.05, d.oof_, y_ctx)[0])
+                 for k, (n, d) in enumerate(fitted.items()) if "(in context)" in n]
     rows, costs = [], []
 
     def scored(conv: list) -> list[tuple[str, np.ndarray, float]]:
         """(name, scores, threshold) of every candidate on ``conv``; with the judge, its time over the probes'."""
         t0 = time.perf_counter()
         sc = joint_scores(dets, conv, bs)
-        out = [(n, sc[:, k], dets[k].threshold) for k, n in enumerate(names)]
+        out = [(n, sc[:, k], t) for n, k, t in variants]
         if judge is not None:
             t1 = time.perf_counter()
             out.append(("judge (same model)", judge.score(conv), judge.threshold))
@@ -162,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(detector=n, set=f"ToxicChat dev ({int(y.sum())}/{len(y)} toxic)", n=len(y),
                              dr=float(np.mean(s_[y == 1] > t)), fpr=float(np.mean(s_[y == 0] > t)),
                              auroc=auroc(s_, y), f1=f1_at_threshold(s_, y, t), auprc=average_precision(s_, y)))
+    for name, items_ in extra.items():
+        if not items_:
+            continue
+        y = np.array([x.label for x in items_])
+        for n, s_, t in scored(items_):
+            rate = float(np.mean(s_ > t))
+            rows.append(dict(detector=n, set=name, n=len(y), **({"dr": rate} if y.all() else {"fpr": rate})))
+        say(f"scored {name}")
     print("| detector | set | n | DR | FPR | AUROC | TPR@1%FPR | F1 | AUPRC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -173,6 +202,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\njudge cost: {judge_s:.1f} s for {n_items} items ({1000 * judge_s / n_items:.0f} ms each) vs "
               f"{probes_s:.1f} s for every probe candidate from one prefill each: {judge_s / probes_s:.2f}x "
               f"(per set: {', '.join(f'{j / p:.2f}x' for _, p, j in costs)})")
+    if args.save_dir:
+        import json
+
+        args.save_dir.mkdir(parents=True, exist_ok=True)
+        for n, d in fitted.items():
+            if "(in context)" in n:
+                d.profile.model_copy(update={"sources": sources}).save(args.save_dir / f"{n.split()[0]}.json")
+        (args.save_dir / "rows.json").write_text(json.dumps(rows, indent=1))
+        say(f"saved the in-context candidates' profiles and rows.json in {args.save_dir}")
     if args.write:
         det = fitted[f"{args.write} (in context)"]
         kind = det.profile.kind
