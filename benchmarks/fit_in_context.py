@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-CONTEXTS = ("tools", "rag", "history", "operator", "jailbreak", "padding")
 EVAL_CONTEXTS = ("bare", "tools", "rag", "history", "operator")
 
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ohd_guard.attacks import make_attacks
-    from ohd_guard.contexts import in_contexts, place
+    from ohd_guard.contexts import fit_mix, in_contexts
     from ohd_guard.datasets import (
         dedupe_against,
         load_calibration_prompts,
@@ -94,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for label in (1, 0):
             traffic += stratified([p for p in src if p.label == label], args.traffic // 2, seed=0)
     fit_bare = bare + traffic
-    rng = random.Random(0)
-    fit_ctx = [place(p, rng.choice(CONTEXTS), random.Random(f"fit:{i}"), split="fit") for i, p in enumerate(fit_bare)]
-    fit_all = [*fit_bare, *fit_ctx]
+    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material
+    fit_ctx = fit_all[len(fit_bare):]
     y_all = np.array([x.label for x in fit_all])
     sources = [*sources, "toxicchat_train_human (fit split)", "guardreasonertrain_prompts_5k (fit split)",
                "each once in a context of ohd_guard.contexts (fit material)"]

@@ -33,6 +33,7 @@ from ohd_guard.tools import with_tools
 
 __all__ = [
     "CONTEXT_KINDS",
+    "FIT_CONTEXTS",
     "ContextConversation",
     "ContextMaterial",
     "LANGCHAIN_RAG_PROMPT",
@@ -40,6 +41,7 @@ __all__ = [
     "LLAMAINDEX_QA_SYSTEM",
     "LLAMAINDEX_TEXT_QA",
     "RAG_TEMPLATES",
+    "fit_mix",
     "in_contexts",
     "material",
     "place",
@@ -327,6 +329,27 @@ def place(prompt: LabelledPrompt, kind: str, rng: random.Random, split: Split = 
           passages: Sequence[str | LabelledPrompt] = ()) -> ContextConversation:
     """``prompt`` placed in one context of ``kind``, drawn with ``rng`` from the ``split`` material."""
     return _place(prompt, kind, rng, material(split, passages))
+
+
+FIT_CONTEXTS: tuple[str, ...] = ("tools", "rag", "history", "operator", "jailbreak", "padding")
+"""The contexts the shipped profiles are fitted in (every kind but ``bare``)."""
+
+
+def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEXTS, seed: int = 0,
+            split: Split = "fit") -> list[LabelledPrompt | ContextConversation]:
+    """The shipped fits' recipe: every prompt once bare, then once in one context of ``kinds`` drawn
+    for it (seeded), from the ``split`` material. A probe fitted on bare prompts alone reads their
+    surface form and moves when tools, RAG templates, history or operator prompts surround them; this
+    keeps the bare prompts and adds the same requests (labels kept) in the contexts users run.
+    Prompts with an image stay bare only."""
+    unknown = [k for k in kinds if k not in CONTEXT_KINDS or k == "bare"]
+    if unknown or not kinds:
+        raise InvalidInputError(f"context kinds must be some of {', '.join(FIT_CONTEXTS)}, not {list(kinds)}")
+    pick = random.Random(seed)
+    m = material(split)
+    placed = [_place(p, pick.choice(list(kinds)), random.Random(f"fit:{i}"), m) for i, p in enumerate(prompts)
+              if getattr(p, "image", None) is None]
+    return [*prompts, *placed]
 
 
 def in_contexts(

@@ -60,6 +60,46 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
     return items, heldout_items, sources
 
 
+def _in_contexts(args, items: list, sources: list[str], model, processor) -> tuple[list, list[str]]:
+    """The fit items as the shipped profiles are fitted: each once bare and once placed in one of
+    ``--contexts`` (``ohd_guard.contexts.fit_mix``); unchanged with ``--contexts none``. A placed
+    prompt longer than the model's context window is left out (said on stderr)."""
+    if not args.contexts:
+        return items, sources
+    from ohd_guard.contexts import fit_mix
+    from ohd_guard.conversation import to_conversation
+    from ohd_guard.rendering import encode_conversations
+    from ohd_guard.screening import as_input
+
+    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "max_position_embeddings", None)
+    placed = fit_mix(items, args.contexts)[len(items):]
+    fits = [x for x in placed if window is None or encode_conversations(
+        processor, [to_conversation(as_input(x), allow_local_files=True)])["input_ids"].shape[1] <= window]
+    if len(fits) < len(placed):
+        print(f"note: {len(placed) - len(fits)} of {len(placed)} prompts placed in a context are longer than the "
+              f"model's context window ({window} tokens) and left out", file=sys.stderr, flush=True)
+    return [*items, *fits], [*sources, f"each once in a context ({', '.join(args.contexts)}) of ohd_guard.contexts "
+                                       "(fit material)"]
+
+
+def _contexts(value: str) -> tuple[str, ...]:
+    """``--contexts``: ``none``, ``all`` or a comma list of context kinds other than bare."""
+    import argparse
+
+    from ohd_guard.contexts import FIT_CONTEXTS
+
+    if value == "none":
+        return ()
+    if value == "all":
+        return FIT_CONTEXTS
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    bad = [k for k in kinds if k not in FIT_CONTEXTS]
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown context(s) {bad or value!r}; expected none, all or some of "
+                                         f"{', '.join(FIT_CONTEXTS)}")
+    return kinds
+
+
 def _fpr(value: str) -> float:
     """``--target-fpr``: a false-positive rate in [0, 1)."""
     import argparse
@@ -124,16 +164,17 @@ def _cross_validate(args, fit, unsafe: list, safe: list) -> Any:
 
 
 def cmd_calibrate(args) -> int:
-    items, heldout_items, sources = _fit_items(args)
+    bare, heldout_items, sources = _fit_items(args)
+    model, processor = load_model(args)
+    items, sources = _in_contexts(args, bare, sources, model, processor)
     unsafe = [p for p in items if p.label == 1]
     safe = [p for p in items if p.label == 0]
+    _warn_surface(processor, [p for p in bare if p.label == 1], [p for p in bare if p.label == 0])
     if args.detector != "ohd":
-        return _calibrate_probe(args, unsafe, safe, heldout_items, sources)
+        return _calibrate_probe(args, model, processor, unsafe, safe, heldout_items, sources)
     from ohd_guard.detectors import calibrate
     from ohd_guard.masking import HeadRef, MaskSpec
 
-    model, processor = load_model(args)
-    _warn_surface(processor, unsafe, safe)
     _note_resolution(args, len(safe))
     head = HeadRef(layer=args.head[0], head=args.head[1]) if args.head else None
     threshold: Any = "kde" if args.target_fpr is None else args.target_fpr
@@ -170,22 +211,23 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, sources: list[str]) -> int:
-    """``calibrate --detector sahs|hiddendetect|fused``: fit, measure on the held-out split, save."""
+def _calibrate_probe(args, model, processor, unsafe: list, safe: list, heldout_items: list,
+                     sources: list[str]) -> int:
+    """``calibrate --detector sahs|residual|hiddendetect|fused``: fit, measure on the held-out split, save."""
     import time
 
     import numpy as np
 
-    from ohd_guard.detectors import Fused, HiddenDetect, OhdProfile, SAHs
+    from ohd_guard.detectors import Fused, HiddenDetect, OhdProfile, ResidualProbe, SAHs
     from ohd_guard.detectors.base import evaluate_scores
 
-    model, processor = load_model(args)
-    _warn_surface(processor, unsafe, safe)
     _note_resolution(args, len(safe))
     bs = args.batch_size
     rule: Any = {} if args.target_fpr is None else {"threshold": args.target_fpr}  # else the kind's default rule
     if args.detector == "sahs":
-        det: SAHs | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs, **rule)
+        det: SAHs | ResidualProbe | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs, **rule)
+    elif args.detector == "residual":
+        det = ResidualProbe(pool=args.pool, top_k=args.layers, batch_size=bs, **rule)
     elif args.detector == "hiddendetect":
         det = HiddenDetect(batch_size=bs, **rule)
     else:
@@ -218,9 +260,10 @@ def _calibrate_probe(args, unsafe: list, safe: list, heldout_items: list, source
 def add_parser(sub) -> None:
     c = sub.add_parser("calibrate", help="fit a detector (default: the guard's default kind) and write its profile")
     model_args(c)
-    c.add_argument("--detector", choices=["ohd", "sahs", "hiddendetect", "fused"], default=DEFAULT_DETECTOR,
-                   help=f"sahs (probe on the top heads), ohd (One-head Defense), hiddendetect (logit-lens refusal "
-                        f"cosine) or fused (logistic on OhD angles and the SAHs log-odds); default: {DEFAULT_DETECTOR}, "
+    c.add_argument("--detector", choices=["ohd", "sahs", "residual", "hiddendetect", "fused"],
+                   default=DEFAULT_DETECTOR,
+                   help=f"sahs (probe on the top heads), residual (probe on a few layers' residual states), ohd "
+                        f"(One-head Defense), hiddendetect (logit-lens refusal cosine) or fused (logistic on OhD angles and the SAHs log-odds); default: {DEFAULT_DETECTOR}, "
                         "the kind the guard loads by default")
     c.add_argument("--cv-folds", type=non_negative_int, default=5, metavar="K",
                    help="ohd/hiddendetect: refit on K-1 folds and score the held-out fold, for out-of-fold calibration "
@@ -229,7 +272,14 @@ def add_parser(sub) -> None:
     c.add_argument("--fit-shared", action="append", default=[], metavar="NAME[:N]",
                    help="also fit on N items (all without :N), evenly spread, of a shared set (repeatable)")
     c.add_argument("--output", "-o", type=Path, required=True, help="where the profile JSON is written")
+    c.add_argument("--contexts", type=_contexts, default="all", metavar="all|none|KIND,...",
+                   help="also fit on each prompt placed once in one of these contexts (tools, rag, history, operator, "
+                        "jailbreak, padding; ohd_guard.contexts), as the shipped profiles are (default: all); none "
+                        "fits on the bare prompts only")
     c.add_argument("--heads", type=positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
+    c.add_argument("--pool", choices=["last", "mean", "max"], default="mean",
+                   help="residual: read the last prompt token, or the mean / max over every prompt position (default mean)")
+    c.add_argument("--layers", type=positive_int, default=2, help="residual: layers in the probe (default 2)")
     c.add_argument("--angles", type=positive_int, default=1,
                    help="fused: selective heads whose angles are features (default 1: one-pass screening)")
     c.add_argument("--ohd-profile", type=Path, default=None,

@@ -97,6 +97,10 @@ def describe_profile(s) -> str:
                 f"SAHs {len(s.sahs.heads)} heads, mask {s.mask.positions}, CV AUROC {s.cv_auroc:.3f}")
     if s.kind == "sahs":
         return f"{len(s.heads)} heads (best {', '.join(map(str, s.heads[:4]))}), L2 {s.l2:g}, CV AUROC {s.cv_auroc:.3f}"
+    if s.kind == "residual":
+        return f"{s.pool} residual states of layers {', '.join(map(str, s.layers))}, L2 {s.l2:g}, CV AUROC {s.cv_auroc:.3f}"
+    if s.kind == "judge":
+        return f"the model asked as a judge, threshold {s.threshold:.4g} ({s.threshold_method})"
     if s.kind == "hiddendetect":
         return (f"band layers {s.band[0]}-{s.band[1]}, calibration AUROC {s.band_auroc:.3f}, "
                 f"threshold {s.threshold:.4g} ({s.threshold_method})")

@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
         w.writerow(["text", "label"])
         w.writerows([(t, "unsafe") for t in UNSAFE] + [(t, "safe") for t in SAFE])
     ohd = folder / "ohd.json"  # the fused kind's angles come from a One-head Defense profile
-    assert main(["calibrate", "--model", str(folder / "model"), "--data", str(data), "-o", str(ohd), "--quiet",
+    assert main(["calibrate", "--model", str(folder / "model"), "--data", str(data), "-o", str(ohd), "--quiet", "--contexts", "none",
                  "--detector", "ohd", "--head", "1", "2", "--cv-folds", "0"]) == 0
     return model, tok, folder, data, ohd
 
@@ -45,7 +45,7 @@ def test_calibrate_target_fpr_for_every_kind(saved, tmp_path, capsys, detector):
     extra = {"ohd": ["--head", "1", "2"], "sahs": ["--heads", "2"], "hiddendetect": [],
              "fused": ["--heads", "2", "--ohd-profile", str(ohd)]}[detector]
     capsys.readouterr()
-    assert main(["calibrate", "--model", str(folder / "model"), "--data", str(data), "-o", str(out), "--quiet",
+    assert main(["calibrate", "--model", str(folder / "model"), "--data", str(data), "-o", str(out), "--quiet", "--contexts", "none",
                  "--detector", detector, "--target-fpr", str(TARGET), "--cv-folds", "0", *extra]) == 0
     assert "target_fpr=0.1 on 20 benign prompts" in capsys.readouterr().out
     profile = load_profile(out)
@@ -68,7 +68,7 @@ def test_target_fpr_is_a_rate(saved, tmp_path, capsys):
 def test_a_target_finer_than_the_benign_set_says_so(saved, tmp_path, capsys):
     model, tok, folder, data, _ = saved
     out = tmp_path / "hd.json"
-    assert main(["calibrate", "--model", str(folder / "model"), "--data", str(data), "-o", str(out), "--quiet",
+    assert main(["calibrate", "--model", str(folder / "model"), "--data", str(data), "-o", str(out), "--quiet", "--contexts", "none",
                  "--detector", "hiddendetect", "--target-fpr", "0.01", "--cv-folds", "0"]) == 0
     assert "steps of 0.05" in capsys.readouterr().err
     profile = load_profile(out)

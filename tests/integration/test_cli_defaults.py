@@ -52,11 +52,42 @@ def test_calibrate_defaults_to_the_guards_default_kind(default_profile):
 def test_calibrate_prints_out_of_fold_metrics_for_every_kind(saved, tmp_path, capsys, detector):
     out = tmp_path / "p.json"
     assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
-                 "--detector", detector, "--heads", "2", "--cv-folds", "2", "--strategy", "fast"]) == 0
+                 "--detector", detector, "--heads", "2", "--cv-folds", "2", "--strategy", "fast",
+                 "--contexts", "operator,jailbreak"]) == 0  # short contexts: all fit the tiny model's 512-token window
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith("| calibration (out-of-fold) |"))
-    assert row.split(" | ")[1:3] == ["8", "8"]  # every calibration prompt scored once, by a fit that did not see it
-    assert any(m.split == "calibration (out-of-fold)" for m in load_profile(out).metrics)
+    # every calibration prompt scored once, by a fit that did not see it: bare and once in a context
+    assert row.split(" | ")[1:3] == ["16", "16"]
+    profile = load_profile(out)
+    assert any(m.split == "calibration (out-of-fold)" for m in profile.metrics)
+    assert any("in a context" in s for s in profile.sources)
+
+
+@pytest.mark.parametrize("contexts, n", [("none", "8"), ("operator", "16")])
+def test_calibrate_contexts_choose_what_the_prompts_are_placed_in(saved, tmp_path, capsys, contexts, n):
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
+                 "--detector", "residual", "--pool", "max", "--layers", "1", "--contexts", contexts]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| calibration (out-of-fold)"))
+    assert row.split(" | ")[1:3] == [n, n]
+    profile = load_profile(out)
+    assert profile.kind == "residual" and profile.pool == "max" and len(profile.layers) == 1
+    assert any("(operator)" in s for s in profile.sources) == (contexts != "none")
+
+
+def test_placed_prompts_longer_than_the_window_are_left_out_and_said(default_profile, saved, capsys):
+    """The default places prompts in every context; the tiny model's 512-token window cannot hold the
+    longest (RAG, padding), which are dropped with a note instead of failing the fit."""
+    profile = load_profile(default_profile)
+    assert any("in a context (tools, rag, history, operator, jailbreak, padding)" in s for s in profile.sources)
+    assert 8 < profile.n_unsafe < 16 and 8 < profile.n_safe < 16
+
+
+def test_calibrate_refuses_an_unknown_context(saved, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(tmp_path / "p.json"),
+              "--contexts", "bare"])
+    assert "unknown context(s) ['bare']" in capsys.readouterr().err
 
 
 def test_calibrate_warns_when_a_trailing_question_mark_separates_the_classes(saved, tmp_path, capsys):

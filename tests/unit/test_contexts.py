@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from ohd_guard.contexts import (
-    CONTEXT_KINDS, LLAMAINDEX_QA_SYSTEM, LLAMAINDEX_TEXT_QA, RAG_TEMPLATES, ContextConversation, in_contexts, material,
+    CONTEXT_KINDS,
+    FIT_CONTEXTS,
+    LLAMAINDEX_QA_SYSTEM,
+    LLAMAINDEX_TEXT_QA,
+    RAG_TEMPLATES,
+    ContextConversation,
+    fit_mix,
+    in_contexts,
+    material,
     place,
 )
 from ohd_guard.conversation import to_conversation
@@ -221,3 +229,24 @@ def test_bad_input_fails_with_a_named_error():
         place(LabelledPrompt("hello", 2), "bare", random.Random(0))
     with pytest.raises(InvalidInputError, match="LabelledPrompt"):
         place("hello", "bare", random.Random(0))  # type: ignore[arg-type]
+
+
+def test_fit_mix_is_the_bare_prompts_then_each_once_in_a_drawn_context():
+    mixed = fit_mix(PROMPTS)
+    assert mixed[: len(PROMPTS)] == PROMPTS and len(mixed) == 2 * len(PROMPTS)
+    placed = mixed[len(PROMPTS):]
+    assert [x.request for x in placed] == [p.text for p in PROMPTS]  # one each, in order
+    assert [x.label for x in placed] == [p.label for p in PROMPTS]
+    assert {x.context for x in placed} <= set(FIT_CONTEXTS) and len({x.context for x in placed}) >= 4
+    assert fit_mix(PROMPTS) == mixed and fit_mix(PROMPTS, seed=1) != mixed  # seeded
+    assert {x.context for x in fit_mix(PROMPTS, kinds=("rag",))[len(PROMPTS):]} == {"rag"}
+    fit_passages = set(material("fit").passages)
+    assert all(any(p in _contents(x) for p in fit_passages) for x in placed if x.context == "rag")
+
+
+def test_fit_mix_keeps_image_prompts_bare_and_refuses_unknown_kinds():
+    pic = LabelledPrompt("what is in this picture?", 0, image=Image.new("RGB", (8, 8)))
+    assert fit_mix([pic, PROMPTS[0]]) [:2] == [pic, PROMPTS[0]] and len(fit_mix([pic, PROMPTS[0]])) == 3
+    for bad in (("bare",), ("nope",), ()):
+        with pytest.raises(InvalidInputError, match="context kinds must be"):
+            fit_mix(PROMPTS, kinds=bad)
