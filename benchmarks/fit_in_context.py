@@ -37,6 +37,38 @@ import numpy as np
 EVAL_CONTEXTS = ("bare", "tools", "rag", "history", "operator")
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per candidate against the issue's targets: DR/FPR per context (and the worst gap to
+    bare), ToxicChat F1/AUPRC/AUROC, the look-alike FPR and the harmful/attack DR ranges."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r["detector"], {})[r["set"]] = r
+    out = ["| candidate | bare DR / FPR | tools | rag | history | operator | worst context: DR drop / FPR rise | "
+           "ToxicChat F1 / AUPRC / AUROC | look-alike FPR (own, oktest, phtest, coconot, orbench) | "
+           "public harmful DR (min-max) | attacks DR (min-max) |", "|---" * 11 + "|"]
+    for det, sets in by.items():
+        ctx = {c: sets.get(f"held-out @ {c}") for c in EVAL_CONTEXTS}
+        cell = {c: f"{r['dr']:.2f} / {r['fpr']:.2f}" if r else "-" for c, r in ctx.items()}
+        bare = ctx["bare"]
+        gaps = [(bare["dr"] - r["dr"], r["fpr"] - bare["fpr"]) for c, r in ctx.items() if r and bare and c != "bare"]
+        worst = f"{max(g[0] for g in gaps):+.2f} / {max(g[1] for g in gaps):+.2f}" if gaps else "-"
+        tc = next((r for k, r in sets.items() if k.startswith("ToxicChat")), None)
+        tcs = f"{tc['f1']:.3f} / {tc['auprc']:.3f} / {tc['auroc']:.3f}" if tc else "-"
+        look = [sets.get(k, {}).get("fpr") for k in ("own look-alike pairs", "oktest", "phtest_harmless",
+                                                      "coconot_contrast", "orbench_hard")]
+        looks = ", ".join("-" if v is None else f"{v:.2f}" for v in look)
+
+        def span(keys: list[str], sets=sets) -> str:
+            v = [sets[k]["dr"] for k in keys if k in sets and "dr" in sets[k]]
+            return f"{min(v):.2f}-{max(v):.2f}" if v else "-"
+
+        harm = span(["advbench", "harmfulqa", "catqa", "do_not_answer", "past_tense"])
+        att = span([k for k in sets if k.startswith("attack: ")])
+        out.append(f"| {det} | {cell['bare']} | {cell['tools']} | {cell['rag']} | {cell['history']} | "
+                   f"{cell['operator']} | {worst} | {tcs} | {looks} | {harm} | {att} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default); a local "
@@ -56,7 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-per-set", type=int, default=30,
                     help="items per look-alike / harmful / attack set in the extra bare evaluation (0: none)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
+    ap.add_argument("--summarize", type=Path, default=None, metavar="ROWS_JSON",
+                    help="print the summary table of a saved rows.json (--save-dir) and exit; loads no model")
     args = ap.parse_args(argv)
+    if args.summarize:
+        import json
+
+        print(summary(json.loads(args.summarize.read_text())))
+        return 0
 
     from ohd_guard.attacks import make_attacks
     from ohd_guard.contexts import fit_mix, in_contexts
@@ -186,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         y = np.array([x.label for x in items_])
         for n, s_, t in scored(items_):
-            rate = float(np.mean(s_ > t))
-            rows.append(dict(detector=n, set=name, n=len(y), **({"dr": rate} if y.all() else {"fpr": rate})))
+            rates = {k: float(np.mean(s_[y == v] > t)) for k, v in (("dr", 1), ("fpr", 0)) if (y == v).any()}
+            rows.append(dict(detector=n, set=name, n=len(y), **rates))
         say(f"scored {name}")
     print("| detector | set | n | DR | FPR | AUROC | TPR@1%FPR | F1 | AUPRC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -195,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         f = lambda k, r=r: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         print(f"| {r['detector']} | {r['set']} | {r['n']} | {f('dr')} | {f('fpr')} | {f('auroc')} | {f('tpr1')} | "
               f"{f('f1')} | {f('auprc')} |")
+    print("\n" + summary(rows))
     if costs:
         n_items, probes_s, judge_s = (sum(col) for col in zip(*costs))
         print(f"\njudge cost: {judge_s:.1f} s for {n_items} items ({1000 * judge_s / n_items:.0f} ms each) vs "
