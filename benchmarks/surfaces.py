@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
 
         @section("LlamaIndex: FunctionAgent over GuardedLLM wrapping OpenAILike (the guard's server as the remote model)")
         def _li_guarded() -> None:
-            from llama_index.llms.ohd_guard import GuardedLLM
             from llama_index.llms.openai_like import OpenAILike
+
+            from llama_index.llms.ohd_guard import GuardedLLM
 
             remote = OpenAILike(model=name, api_base=srv.url + "/v1", api_key="unused", is_chat_model=True,
                                 is_function_calling_model=True, max_tokens=args.max_tokens, temperature=0.0)
