@@ -188,6 +188,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"judge: threshold {judge.threshold:+.3f} ({judge.profile.threshold_method}) on {len(ju)}+{len(js)} fit items")
 
     # -- evaluation ------------------------------------------------------------------------------
+    if embedded is not None:  # today's shipped default (fitted on bare prompts) scored beside them, as the reference
+        from ohd_guard.detectors import load_profile
+        from ohd_guard.shipped import default_profile
+
+        ref = load_profile(default_profile(embedded.name)).bind(model, tok)
+        fitted[f"shipped {ref.profile.kind} (reference)"] = ref
     dets = list(fitted.values())
     y_ctx = np.r_[np.ones(int(y_all.sum()), int), np.zeros(int((y_all == 0).sum()), int)]  # the order fit() saw
     # each in-context candidate also at the threshold that keeps 5 % of the benign fit items (out of fold)
