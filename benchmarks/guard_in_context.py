@@ -26,6 +26,11 @@ import numpy as np
 CONTEXTS = ("bare", "tools", "rag", "history", "operator")
 
 
+def ranked(metric, scores: np.ndarray, y: np.ndarray) -> str:
+    """A ranking metric, or "-" when the sample holds one class only."""
+    return f"{metric(scores, y):.3f}" if 0 < y.sum() < len(y) else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default)")
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
         (dc, fc, f1c), (dl, fl, f1l) = rates(conv), rates(latest)
         print(f"| {name} | {len(y)} | {dc:.3f} / {dl:.3f} | {fc:.3f} / {fl:.3f} | {f1c:.3f} / {f1l:.3f} | "
-              f"{auroc(final, y):.3f} | {average_precision(final, y):.3f} | {dt:.2f} |", flush=True)
+              f"{ranked(auroc, final, y)} | {ranked(average_precision, final, y)} | {dt:.2f} |", flush=True)
     guard.close()
     return 0
 
