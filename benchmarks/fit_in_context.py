@@ -251,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.save_dir.mkdir(parents=True, exist_ok=True)
         for n, d in fitted.items():
-            if "(in context)" in n:
+            if "(in context)" in n:  # the profile, and its out-of-fold scores for a later target-FPR threshold
                 d.profile.model_copy(update={"sources": sources}).save(args.save_dir / f"{n.split()[0]}.json")
+                np.savez(args.save_dir / f"{n.split()[0]}.oof.npz", oof=d.oof_, y=y_ctx)
         (args.save_dir / "rows.json").write_text(json.dumps(rows, indent=1))
         say(f"saved the in-context candidates' profiles and rows.json in {args.save_dir}")
     if args.write:
