@@ -104,8 +104,7 @@ def detector_ttft(model, tok, prompts, repeats, profiles):
     guards = {}
     for kind, path in profiles.items():
         prof = load_profile(path)
-        off = (prof.model_copy(update={"threshold": prof.threshold.model_copy(update={"value": 180.0})})
-               if kind == "ohd" else prof.model_copy(update={"threshold": 1e9}))  # fmt: skip
+        off = prof.model_copy(update={"threshold": 180.0 if kind == "ohd" else 1e9})  # degrees / log-odds
         guards[kind] = OhdGuard(model, tok, off)
     any_guard = next(iter(guards.values()))
     for g in guards.values():
