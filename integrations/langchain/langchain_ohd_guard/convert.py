@@ -126,18 +126,28 @@ def _block_parts(block: Any, role: str, mi: int, bi: int, forwarded: bool = Fals
                 return [{"type": "image_url", "image_url": {"url": url}}]
         if isinstance(value, Mapping) and value.get("type") in ("text", "input_text") and isinstance(value.get("text"), str):
             return [{"type": "text", "text": value["text"]}]
+        if isinstance(value, Mapping) and value.get("type") == "tool_use" and value.get("name"):  # Anthropic's call
+            return [{"type": "text", "text": _call_text(value["name"], value.get("input"))}]
         vt = value.get("type") if isinstance(value, Mapping) else type(value).__name__
         raise UnsupportedContentError(f"unknown content block of type {vt!r}: refusing to drop it unscreened", mi, bi)
     raise UnsupportedContentError(f"unknown content block of type {kind!r}: refusing to drop it unscreened", mi, bi)
+
+
+def _repeats_a_call(block: Any, call_ids: set[Any]) -> bool:
+    """An Anthropic-style ``tool_use`` block (kept as ``non_standard``) that repeats one of the message's
+    ``tool_calls``, which LangChain also gives as a standard ``tool_call`` block."""
+    value = block.get("value") if isinstance(block, Mapping) and block.get("type") == "non_standard" else None
+    return isinstance(value, Mapping) and value.get("type") == "tool_use" and value.get("id") in call_ids
 
 
 def _message_dict(msg: BaseMessage, mi: int, forwarded: bool = False, tool_calls: bool = False) -> dict[str, Any]:
     role = _role(msg)
     parts: list[dict[str, Any]] = []
     calls = list(getattr(msg, "tool_calls", None) or []) if tool_calls and role == "assistant" else []
+    ids = {c.get("id") for c in getattr(msg, "tool_calls", None) or []} if role == "assistant" else set()
     for bi, block in enumerate(msg.content_blocks):
-        if calls and isinstance(block, Mapping) and block.get("type") == "tool_call":
-            continue  # passed on as the message's tool_calls below
+        if _repeats_a_call(block, ids) or (calls and isinstance(block, Mapping) and block.get("type") == "tool_call"):
+            continue  # written once: from the standard tool_call block, or as the message's tool_calls below
         parts.extend(_block_parts(block, role, mi, bi, forwarded))
     out: dict[str, Any] = {"role": role, "content": parts}
     if calls:

@@ -97,8 +97,8 @@ def _parser(schema: Any, method: str) -> Any:
         data = call["args"] if call is not None else _json_of(msg.content, name)
         if not pydantic:
             return data
-        try:
-            return schema.model_validate(data)
+        try:  # a pydantic v1 model (pydantic.v1.BaseModel) has parse_obj only
+            return schema.model_validate(data) if hasattr(schema, "model_validate") else schema.parse_obj(data)
         except ValueError as e:
             raise OutputParserException(f"the answer does not follow {name}: {e}", llm_output=str(msg.content)) from e
 

@@ -106,3 +106,21 @@ def test_chat_model_prompt_still_leaves_reasoning_and_names_out():
     msgs = [HumanMessage("hi", name="alice"), reasoning_message("a plan")]
     assert "alice" not in str(to_message_dicts(msgs)) and "a plan" not in str(to_message_dicts(msgs))
     assert "[name: alice]" in str(screen_input(msgs)) and "[reasoning] a plan" in str(screen_input(msgs))
+
+
+def test_an_anthropic_tool_use_block_is_the_call_written_once():
+    """langchain-tests' tool-message history with list content (an Anthropic-style ``tool_use`` block
+    beside the message's tool_calls) was refused as an unknown block; it is the same call."""
+    from langchain_ohd_guard.convert import to_message_dicts
+
+    call = {"name": "my_adder_tool", "args": {"a": "1", "b": "2"}, "id": "abc123", "type": "tool_call"}
+    ai = AIMessage(content=[{"type": "text", "text": "some text"},
+                            {"type": "tool_use", "id": "abc123", "name": "my_adder_tool", "input": {"a": "1", "b": "2"}}],
+                   tool_calls=[call])
+    as_text = to_message_dicts([ai])[0]["content"]
+    assert [p["text"] for p in as_text] == ["some text", '[tool call] my_adder_tool({"a": "1", "b": "2"})']
+    native = to_message_dicts([ai], tool_calls=True)[0]
+    assert [p["text"] for p in native["content"]] == ["some text"]
+    assert [c["function"]["name"] for c in native["tool_calls"]] == ["my_adder_tool"]
+    with pytest.raises(UnsupportedContentError, match="unknown content block"):  # other dialects still refused
+        to_message_dicts([AIMessage(content=[{"type": "mystery", "x": 1}])])

@@ -211,3 +211,18 @@ def test_structured_output_async_and_batched(guard):
     runnable = chat.with_structured_output(Person, method="json_mode")
     assert asyncio.run(runnable.ainvoke("who?")) == Person(**ADA)
     assert runnable.batch(["who?", "who again?"], {"max_concurrency": 1}) == [Person(**ADA)] * 2  # one script
+
+
+def test_structured_output_takes_a_pydantic_v1_model(guard):
+    """langchain-tests' test_structured_output_pydantic_2_v1 on the 1.5B model: v1 models have no model_validate."""
+    from pydantic import v1
+
+    class Joke(v1.BaseModel):
+        """A joke."""
+
+        setup: str
+        punchline: str
+
+    out = scripted(guard, '{"name": "Joke", "arguments": {"setup": "Why?", "punchline": "Because."}}'
+                   ).with_structured_output(Joke).invoke("tell me a joke")
+    assert out == Joke(setup="Why?", punchline="Because.")
