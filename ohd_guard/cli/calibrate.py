@@ -11,6 +11,7 @@ from ohd_guard.cli.common import (
     describe,
     load_model,
     model_args,
+    name_list,
     non_negative_int,
     positive_int,
     shipped,
@@ -66,12 +67,13 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
     prompt longer than the model's context window is left out (said on stderr)."""
     if not args.contexts:
         return items, sources
+    from ohd_guard.adapters import get_adapter
     from ohd_guard.contexts import fit_mix
     from ohd_guard.conversation import to_conversation
     from ohd_guard.rendering import encode_conversations
     from ohd_guard.screening import as_input
 
-    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "max_position_embeddings", None)
+    window = getattr(get_adapter(model).text_config, "max_position_embeddings", None)  # as the guard reads it
     placed = fit_mix(items, args.contexts)[len(items):]
     fits = [x for x in placed if window is None or encode_conversations(
         processor, [to_conversation(as_input(x), allow_local_files=True)])["input_ids"].shape[1] <= window]
@@ -84,20 +86,11 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
 
 def _contexts(value: str) -> tuple[str, ...]:
     """``--contexts``: ``none``, ``all`` or a comma list of context kinds other than bare."""
-    import argparse
-
     from ohd_guard.contexts import FIT_CONTEXTS
 
-    if value == "none":
-        return ()
-    if value == "all":
-        return FIT_CONTEXTS
-    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
-    bad = [k for k in kinds if k not in FIT_CONTEXTS]
-    if bad or not kinds:
-        raise argparse.ArgumentTypeError(f"unknown context(s) {bad or value!r}; expected none, all or some of "
-                                         f"{', '.join(FIT_CONTEXTS)}")
-    return kinds
+    if value in ("none", "all"):
+        return () if value == "none" else FIT_CONTEXTS
+    return tuple(name_list(FIT_CONTEXTS, "context(s)")(value))
 
 
 def _fpr(value: str) -> float:

@@ -87,7 +87,7 @@ def test_calibrate_refuses_an_unknown_context(saved, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(tmp_path / "p.json"),
               "--contexts", "bare"])
-    assert "unknown context(s) ['bare']" in capsys.readouterr().err
+    assert "unknown context(s) 'bare'" in capsys.readouterr().err
 
 
 def test_calibrate_warns_when_a_trailing_question_mark_separates_the_classes(saved, tmp_path, capsys):
