@@ -60,13 +60,18 @@ def check_schemas(schemas: Sequence[Any]) -> list[dict[str, Any]]:
 
 def tools_text(schemas: Sequence[dict[str, Any]], tool_choice: Any = None) -> str:
     """The system-prompt section that offers ``schemas`` (and says which call is required:
-    ``tool_choice`` ``"auto"``/``None``, ``"any"``/``"required"``, or a function name)."""
+    ``tool_choice`` ``"auto"``/``None``, ``"any"``/``"required"``, or a function name).
+
+    Qwen2.5's own tool section, plus one line on what to do with a result: without it Qwen2.5-Coder
+    1.5B answers a ``<tool_response>`` by repeating the call it just made (also under the template's
+    native ``tools=`` rendering); with it, it answers from the result (``benchmarks/surfaces.py``)."""
     lines = "\n".join(json.dumps(s, ensure_ascii=False, sort_keys=True) for s in schemas)
     text = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
             "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
             f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and "
             "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')  # fmt: skip
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n\n'
+            "When a function's result comes back, use it to answer the user in plain words.")  # fmt: skip
     if tool_choice in ("any", "required"):
         text += "\n\nYou must call at least one of these functions."
     elif isinstance(tool_choice, str) and tool_choice not in ("auto", "none"):
