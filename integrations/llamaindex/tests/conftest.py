@@ -9,3 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 pytest_plugins = ["ohd_guard.testing.fixtures"]
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: uses a real embedded model")

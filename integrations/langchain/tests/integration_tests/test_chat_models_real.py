@@ -52,3 +52,30 @@ class TestChatOhdGuardRealModel(planted.TestChatOhdGuardIntegration):
     @property
     def has_structured_output(self) -> bool:
         return True
+
+
+def test_create_agent_calls_the_tool_and_answers_from_its_result():
+    """The two-step agent of #25 on the real model: ``create_agent`` over ``ChatOhdGuard`` calls ``add``,
+    gets 42 back and answers with it (before the tools' section said what to do with a result, the 1.5B
+    model answered the result by repeating its call)."""
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    from langchain_ohd_guard import ChatOhdGuard
+
+    calls: list[tuple[int, int]] = []
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        calls.append((a, b))
+        return a + b
+
+    out = create_agent(ChatOhdGuard.from_guard(_guard(), max_tokens=64), tools=[add]).invoke(
+        {"messages": [("user", "Use the add tool: what is 17 + 25?")]})
+    msgs = out["messages"]
+    assert calls == [(17, 25)], msgs
+    assert [m.content for m in msgs if isinstance(m, ToolMessage)] == ["42"], msgs
+    final = msgs[-1]
+    assert isinstance(final, AIMessage) and not final.tool_calls and "42" in final.content, msgs
