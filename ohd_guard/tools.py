@@ -21,8 +21,8 @@ from typing import Any
 
 from ohd_guard.errors import InvalidInputError
 
-__all__ = ["ParsedCall", "InvalidCall", "check_schemas", "parse_tool_calls", "template_tool_format", "tool_turns",
-           "tools_text", "with_system_section", "with_tools"]
+__all__ = ["RESULT_LINE", "ParsedCall", "InvalidCall", "check_schemas", "has_tool_result", "parse_tool_calls",
+           "template_tool_format", "tool_turns", "tools_text", "with_system_section", "with_tools"]
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.S)
@@ -62,16 +62,14 @@ def tools_text(schemas: Sequence[dict[str, Any]], tool_choice: Any = None) -> st
     """The system-prompt section that offers ``schemas`` (and says which call is required:
     ``tool_choice`` ``"auto"``/``None``, ``"any"``/``"required"``, or a function name).
 
-    Qwen2.5's own tool section, plus one line on what to do with a result: without it Qwen2.5-Coder
-    1.5B answers a ``<tool_response>`` by repeating the call it just made (also under the template's
-    native ``tools=`` rendering); with it, it answers from the result (``benchmarks/surfaces.py``)."""
+    Qwen2.5's own tool section (:func:`with_tools` adds :data:`RESULT_LINE` once a result is in the
+    conversation)."""
     lines = "\n".join(json.dumps(s, ensure_ascii=False, sort_keys=True) for s in schemas)
     text = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
             "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
             f"{lines}\n</tools>\n\nFor each function call, return a json object with function name and "
             "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n\n'
-            "When a function's result comes back, use it to answer the user in plain words.")  # fmt: skip
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')  # fmt: skip
     if tool_choice in ("any", "required"):
         text += "\n\nYou must call at least one of these functions."
     elif isinstance(tool_choice, str) and tool_choice not in ("auto", "none"):
@@ -79,12 +77,37 @@ def tools_text(schemas: Sequence[dict[str, Any]], tool_choice: Any = None) -> st
     return text
 
 
+RESULT_LINE = "When a function's result comes back, use it to answer the user in plain words."
+"""Said once a tool result is in the conversation: without it Qwen2.5-Coder 1.5B answers a
+``<tool_response>`` by repeating the call it just made (also under the template's native ``tools=``
+rendering); with it, it answers from the result. Only then: the shipped profiles were fitted on tool
+sections without it, and on the first call it moved their false positives (``docs/results.md``)."""
+
+
+def has_tool_result(messages: Any) -> bool:
+    """Whether a tool result is among ``messages``: a ``tool``/``function`` message, or a turn that
+    :func:`tool_turns` or the core wrote from one (``<tool_response>`` / ``[tool result``)."""
+    if isinstance(messages, str):
+        return False
+    for m in messages:
+        if not isinstance(m, Mapping):
+            continue
+        if m.get("role") in ("tool", "function"):
+            return True
+        text = _text_of(m.get("content")) if m.get("role") == "user" else None
+        if text and text.lstrip().startswith(("<tool_response>", "[tool result")):
+            return True
+    return False
+
+
 def with_tools(raw: Any, schemas: Sequence[dict[str, Any]], tool_choice: Any = None) -> Any:
     """Message dicts with the tools' section appended to the system message (one is added first
-    when there is none); ``raw`` unchanged without tools."""
+    when there is none), ending with :data:`RESULT_LINE` once a result came back; ``raw``
+    unchanged without tools."""
     if not schemas:
         return raw
-    return with_system_section(raw, tools_text(schemas, tool_choice))
+    section = tools_text(schemas, tool_choice)
+    return with_system_section(raw, section + "\n\n" + RESULT_LINE if has_tool_result(raw) else section)
 
 
 def with_system_section(raw: Any, section: str) -> list[Any]:

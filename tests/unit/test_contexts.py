@@ -28,7 +28,7 @@ from ohd_guard.datasets import LabelledConversation, LabelledPrompt, load_calibr
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.testing import tiny_model
-from ohd_guard.tools import check_schemas, tools_text, with_tools
+from ohd_guard.tools import RESULT_LINE, check_schemas, has_tool_result, tools_text, with_tools
 
 
 def _balanced(n: int) -> list[LabelledPrompt]:
@@ -145,6 +145,9 @@ def test_tools_render_exactly_as_with_tools(fit_items):
         section = sys_content if isinstance(sys_content, str) else sys_content[-1]["text"].removeprefix("\n\n")
         block = section.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
         schemas = [json.loads(line) for line in block.splitlines()]
+        result = has_tool_result(x.messages)  # the result line closes the section once a result came back
+        assert section.endswith(RESULT_LINE) == result
+        section = section.removesuffix("\n\n" + RESULT_LINE)
         choice = "required" if section.endswith("at least one of these functions.") else None
         base = list(x.messages[1:]) if isinstance(sys_content, str) else \
             [{"role": "system", "content": sys_content[0]["text"]}, *x.messages[1:]]

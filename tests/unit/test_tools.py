@@ -161,3 +161,21 @@ def test_the_embedded_qwen_template_is_the_one_tested():
     assert struct.unpack("<I", head[at:at + 4])[0] == 8  # a GGUF string
     n = struct.unpack("<Q", head[at + 4:at + 12])[0]
     assert head[at + 12:at + 12 + n].decode() == QWEN25_CHAT_TEMPLATE
+
+
+def test_the_result_line_is_said_only_once_a_result_came_back():
+    """Qwen2.5-Coder 1.5B answers a tool result by repeating its call unless told what a result is for;
+    the first call keeps the section the shipped profiles were fitted on."""
+    from ohd_guard.tools import RESULT_LINE, has_tool_result, tool_turns, with_tools
+
+    schemas = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    first = [{"role": "user", "content": "add them"}]
+    second = [*first, {"role": "assistant", "content": "", "tool_calls": [call]},
+              {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    hermes = "{{ tool_calls }} <tool_call> <tool_response> 'tool' \"tool\""
+    assert not has_tool_result(first) and not has_tool_result("add them")
+    assert has_tool_result(second) and has_tool_result(tool_turns(second, hermes))
+    assert RESULT_LINE not in with_tools(first, schemas)[0]["content"]
+    for msgs in (second, tool_turns(second, hermes)):
+        assert with_tools(msgs, schemas)[0]["content"].endswith(RESULT_LINE)
