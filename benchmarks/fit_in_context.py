@@ -31,6 +31,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--extra-per-set", type=int, default=30,
                     help="items per look-alike / harmful / attack set in the extra bare evaluation (0: none)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "ohd_guard" / "profiles")
+    ap.add_argument("--candidates", default="sahs,residual-last,residual-mean,residual-max,residual-content-mean,"
+                    "residual-content-max", help="comma-separated candidates to fit (sahs, residual-<pool>)")
     ap.add_argument("--summarize", type=Path, default=None, metavar="ROWS_JSON",
                     help="print the summary table of a saved rows.json (--save-dir) and exit; loads no model")
     args = ap.parse_args(argv)
@@ -162,12 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     # -- candidates, fitted on one set of reads --------------------------------------------------
     bs = args.batch_size
     rule = args.target_fpr if args.target_fpr is not None else "prob"
-    makers = {
-        "sahs": lambda: SAHs(top_k=16, batch_size=bs),
-        "residual-last": lambda: ResidualProbe(pool="last", top_k=2, batch_size=bs, threshold=rule),
-        "residual-mean": lambda: ResidualProbe(pool="mean", top_k=2, batch_size=bs, threshold=rule),
-        "residual-max": lambda: ResidualProbe(pool="max", top_k=2, batch_size=bs, threshold=rule),
-    }
+    def residual(pool: str) -> Any:
+        return lambda: ResidualProbe(pool=pool, top_k=2, batch_size=bs, threshold=rule)  # type: ignore[arg-type]
+
+    makers = {"sahs": lambda: SAHs(top_k=16, batch_size=bs)}
+    makers.update({f"residual-{p}": residual(p) for p in ("last", "mean", "max", "content-mean", "content-max")})
+    wanted = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if unknown := [c for c in wanted if c not in makers]:
+        ap.error(f"--candidates: unknown {unknown}; choose from {list(makers)}")
+    makers = {k: makers[k] for k in wanted}
     fitted = {}
     t0 = time.perf_counter()
     with shared_prefill():
@@ -200,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(n, k, d.threshold) for k, (n, d) in enumerate(fitted.items())]
     variants += [(f"{n} @5%FPR", k, probe_threshold(0.05, d.oof_, y_ctx)[0])
                  for k, (n, d) in enumerate(fitted.items()) if "(in context)" in n]
+    # SAHs (last token) combined with each content-pooled probe: a logistic regression on their two
+    # out-of-fold log-odds (the fused detector's recipe), threshold at probability 0.5
+    from ohd_guard.detectors.features import Logistic
+
+    names = list(fitted)
+    stacks = []
+    for other in ("residual-content-mean", "residual-content-max", "residual-last"):
+        a, b = "sahs (in context)", f"{other} (in context)"
+        if a in fitted and b in fitted:
+            comb = Logistic.fit(np.c_[fitted[a].oof_, fitted[b].oof_], y_ctx, 1.0)
+            stacks.append((f"sahs + {other} (in context)", names.index(a), names.index(b), comb))
     rows, costs = [], []
 
     def scored(conv: list) -> list[tuple[str, np.ndarray, float]]:
@@ -207,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         sc = joint_scores(dets, conv, bs)
         out = [(n, sc[:, k], t) for n, k, t in variants]
+        out += [(n, comb.decision(np.c_[sc[:, a], sc[:, b]]), 0.0) for n, a, b, comb in stacks]
         if judge is not None:
             t1 = time.perf_counter()
             out.append(("judge (same model)", judge.score(conv), judge.threshold))

@@ -67,3 +67,74 @@ def encode_conversations(processor: Any, conversations: Sequence[Any], device=No
     if device is not None:
         enc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in enc.items()}
     return enc
+
+
+def _text_of(content: Any) -> list[str]:
+    """The text pieces of one chat-template message content (a str, or a list of typed parts)."""
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    return []
+
+
+def content_spans(processor: Any, conversation: Any, ids: Sequence[int]) -> list[tuple[int, int]] | None:
+    """Token spans ``[start, end)`` of the user (and tool-result) messages' text in ``ids``, the
+    conversation's rendered ids (generation prompt included, no padding); None where they cannot be
+    located: a tokenizer without offsets, a template that rewrites the text, or a processor that
+    expands image placeholders (the rendered text's tokens are then not ``ids``).
+
+    Why: a probe pooled over the whole prompt also averages the operator's system prompt, tool
+    definitions and the template's own tokens; pooled over these spans it reads what users wrote."""
+    tok = tokenizer_of(processor)
+    mm = is_multimodal(processor)
+    messages = chat_messages(conversation, mm)
+    try:
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
+        return None
+    if list(enc["input_ids"]) != [int(i) for i in ids]:
+        return None
+    chars: list[tuple[int, int]] = []
+    cursor = 0
+    for m in messages:
+        for piece in _text_of(m.get("content")):
+            piece = piece.strip()
+            if not piece:
+                continue
+            at = text.find(piece, cursor)
+            if at < 0:
+                if m.get("role") == "user":
+                    return None  # the template rewrote the user's text: no span to trust
+                continue  # a template may drop or rewrite other turns (e.g. reasoning); the user's text it keeps
+            cursor = at + len(piece)
+            if m.get("role") == "user":
+                chars.append((at, cursor))
+    offsets = enc["offset_mapping"]
+    spans: list[tuple[int, int]] = []
+    for lo, hi in chars:
+        inside = [k for k, (s, e) in enumerate(offsets) if s < hi and e > lo]
+        if inside:
+            spans.append((inside[0], inside[-1] + 1))
+    return spans or None
+
+
+def content_mask(processor: Any, conversations: Sequence[Any], inputs: dict[str, Any]) -> torch.Tensor:
+    """[B, T] float mask of ``inputs`` (left-padded, :func:`encode_conversations`): 1 on the tokens of
+    the user and tool-result messages' text (:func:`content_spans`), 0 on the template's tokens, system
+    prompts, tool definitions, assistant turns and padding. A row whose spans cannot be located gets 1
+    on every real token (the whole prompt), so a content-pooled read never silently reads nothing."""
+    ids = inputs["input_ids"]
+    attn = inputs.get("attention_mask")
+    B, T = ids.shape
+    out = torch.zeros(B, T)
+    lengths = attn.sum(-1).tolist() if attn is not None else [T] * B
+    for b, conv in enumerate(conversations):
+        n = int(lengths[b])
+        spans = content_spans(processor, conv, ids[b, T - n :].tolist())
+        if spans is None:
+            out[b, T - n :] = 1.0
+        for s, e in spans or ():
+            out[b, T - n + s : T - n + e] = 1.0
+    return out

@@ -32,7 +32,7 @@ from ohd_guard.conversation import ConversationLimits, to_conversation
 from ohd_guard.datasets import LabelledPrompt
 from ohd_guard.errors import InvalidInputError, ScreeningError
 from ohd_guard.hooks import scoped_hooks
-from ohd_guard.rendering import encode_conversations, is_multimodal
+from ohd_guard.rendering import content_mask, encode_conversations, is_multimodal
 from ohd_guard.scoring import DeflectionScorer, Prefill
 from ohd_guard.types import GuardStats, HeadRef, MaskSpec, Scope, Verdict
 from ohd_guard.verdict import Screened, typed_error
@@ -75,7 +75,22 @@ class Reads:
     maxed: tuple[int, ...] = ()
     """Decoder layers whose output is max-pooled (per dimension) over every prompt position: a signal
     on one token survives a long context that an average would dilute."""
+    content_pooled: tuple[int, ...] = ()
+    """Like ``pooled``, over the positions of the user and tool-result messages' text only
+    (:func:`~ohd_guard.rendering.content_mask`): not the operator's system prompt, tool definitions,
+    assistant turns or template tokens."""
+    content_maxed: tuple[int, ...] = ()
+    """Like ``maxed``, over the same positions as ``content_pooled``."""
     masked: MaskedBranch | None = None
+
+    @property
+    def pools(self) -> tuple[int, ...]:
+        """Every layer read pooled over positions (any span, mean or max)."""
+        return tuple(dict.fromkeys((*self.pooled, *self.maxed, *self.content_pooled, *self.content_maxed)))
+
+    @property
+    def needs_content(self) -> bool:
+        return bool(self.content_pooled or self.content_maxed)
 
 
 @dataclass
@@ -89,6 +104,10 @@ class PrefillReads:
     """``pooled[i]`` is [B, hidden]: layer ``i``'s output averaged over each row's real (unpadded) positions."""
     maxed: dict[int, torch.Tensor] = field(default_factory=dict)
     """``maxed[i]`` is [B, hidden]: layer ``i``'s output, per dimension the maximum over real positions."""
+    content_pooled: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Like ``pooled``, over the user and tool-result text positions only."""
+    content_maxed: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Like ``maxed``, over the user and tool-result text positions only."""
     angles: np.ndarray | None = None
     at: PrefillReads | None = None
     """The same reads at the extra positions ``Screener.run(at=...)`` asked for, rows flattened to
@@ -222,21 +241,22 @@ class Screener:
         for h in reads.heads:
             if not (0 <= h.layer < a.num_layers and 0 <= h.head < a.num_heads):
                 raise InvalidInputError(f"head {h} does not exist: the model has {a.num_layers} layers x {a.num_heads} heads")
-        for i in (*reads.layers, *reads.pooled, *reads.maxed):
+        for i in (*reads.layers, *reads.pools):
             if not 0 <= i < a.num_layers:
                 raise InvalidInputError(f"layer {i} does not exist: the model has {a.num_layers} layers")
-        if (reads.pooled or reads.maxed) and reads.masked is not None:
+        if reads.pools and reads.masked is not None:
             raise InvalidInputError("pooled reads cannot share a prefill with a masked branch")
         if reads.masked is not None:
             self.scorer(reads.masked)  # validates the score layer
 
     @contextmanager
     def _observe(self, reads: Reads, out: PrefillReads, pos: int, mask: torch.Tensor | None = None,
-                 at: torch.Tensor | None = None) -> Iterator[None]:
+                 at: torch.Tensor | None = None, content: torch.Tensor | None = None) -> Iterator[None]:
         """Copy the requested reads at sequence position ``pos`` (the last prompt token), and the pooled
         layers' means over the positions ``mask`` [B, T] marks, during the forward pass inside the
         block; the first write wins, so a replay could never overwrite it. ``at`` [B, P]: also copy
-        them at these columns into ``out.at``."""
+        them at these columns into ``out.at``. ``content`` [B, T]: the positions content-pooled reads
+        pool over (:func:`~ohd_guard.rendering.content_mask`)."""
         if at is not None:
             out.at = PrefillReads()
         extra = out.at
@@ -267,35 +287,48 @@ class Screener:
                         extra.layers.setdefault(layer, _gather(x, at).float())
 
                 hooks.forward_hook(a.layers[layer], post)
-            for layer in dict.fromkeys((*reads.pooled, *reads.maxed)):
+            spans: list[tuple[dict, dict, dict | None, dict | None, tuple[int, ...], tuple[int, ...], torch.Tensor | None]] = [
+                (out.pooled, out.maxed, extra.pooled if extra else None, extra.maxed if extra else None,
+                 reads.pooled, reads.maxed, mask),  # every real prompt position
+                (out.content_pooled, out.content_maxed, extra.content_pooled if extra else None,
+                 extra.content_maxed if extra else None, reads.content_pooled, reads.content_maxed, content),  # user/tool text
+            ]
+            if reads.needs_content and content is None:
+                raise ScreeningError("content-pooled reads need the content mask of the batch (none was given)")
+            for layer in reads.pools:
 
                 def pool(module, args, output, layer=layer) -> None:
                     x = (output[0] if isinstance(output, (tuple, list)) else output).float()  # [B, T, D]
-                    m = torch.ones(x.shape[:2], device=x.device) if mask is None else mask.to(x.device, x.dtype)
-                    m = m[:, -x.shape[1] :, None]  # [B, T, 1]: 1 on real tokens, 0 on left padding
-                    if layer in reads.pooled:
-                        out.pooled.setdefault(layer, (x * m).sum(1) / m.sum(1).clamp_min(1.0))
-                    if layer in reads.maxed:
-                        out.maxed.setdefault(layer, x.masked_fill(m == 0, float("-inf")).amax(1))
-                    if extra is not None and layer in reads.pooled:  # the mean over each prefix
-                        extra.pooled.setdefault(layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0))
-                    if extra is not None and layer in reads.maxed:
-                        extra.maxed.setdefault(layer, _gather(x.masked_fill(m == 0, float("-inf")).cummax(1).values, at))
+                    for means, maxes, x_means, x_maxes, want_mean, want_max, span in spans:
+                        if layer not in want_mean and layer not in want_max:
+                            continue
+                        m = torch.ones(x.shape[:2], device=x.device) if span is None else span.to(x.device, x.dtype)
+                        m = m[:, -x.shape[1] :, None]  # [B, T, 1]: 1 on the positions pooled over, 0 on padding
+                        if layer in want_mean:
+                            means.setdefault(layer, (x * m).sum(1) / m.sum(1).clamp_min(1.0))
+                            if x_means is not None:  # the mean over each prefix
+                                x_means.setdefault(layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0))
+                        if layer in want_max:
+                            masked_x = x.masked_fill(m == 0, float("-inf"))
+                            maxes.setdefault(layer, masked_x.amax(1))
+                            if x_maxes is not None:
+                                x_maxes.setdefault(layer, _gather(masked_x.cummax(1).values, at))
 
                 hooks.forward_hook(a.layers[layer], pool)
             yield
 
     @torch.no_grad()
     def run(self, inputs: dict[str, Any], reads: Reads, keep_cache: bool,
-            at: torch.Tensor | None = None) -> tuple[PrefillReads, Prefill]:
+            at: torch.Tensor | None = None, content: torch.Tensor | None = None) -> tuple[PrefillReads, Prefill]:
         """The reads of one batch and its unmasked prefill (KV cache when ``keep_cache``, next-token logits);
-        ``at`` [B, P]: the reads at these extra columns too (``got.at``; not with a masked branch)."""
+        ``at`` [B, P]: the reads at these extra columns too (``got.at``; not with a masked branch);
+        ``content`` [B, T]: the positions content-pooled reads pool over."""
         got = PrefillReads()
         branch = reads.masked
         if at is not None and branch is not None:
             raise InvalidInputError("extra read positions cannot share a prefill with a masked branch")
         if branch is None:
-            with self._observe(reads, got, -1, inputs.get("attention_mask"), at):
+            with self._observe(reads, got, -1, inputs.get("attention_mask"), at, content):
                 out = self.model(**inputs, use_cache=keep_cache, logits_to_keep=1)
             B = inputs["input_ids"].shape[0]
             pre = Prefill(inputs, torch.empty(B, 0), cache=hf.output_cache(out) if keep_cache else None,
@@ -308,6 +341,8 @@ class Screener:
         missing = [str(h) for h in reads.heads if h not in got.heads] + [f"layer {i}" for i in reads.layers if i not in got.layers]
         missing += [f"pooled layer {i}" for i in reads.pooled if i not in got.pooled]
         missing += [f"max-pooled layer {i}" for i in reads.maxed if i not in got.maxed]
+        missing += [f"content-pooled layer {i}" for i in reads.content_pooled if i not in got.content_pooled]
+        missing += [f"content-max-pooled layer {i}" for i in reads.content_maxed if i not in got.content_maxed]
         if missing:
             raise ScreeningError(f"the prefill never reached {', '.join(missing)} (hooks did not fire)")
         return got, pre
@@ -330,9 +365,12 @@ def union(*requests: Reads) -> Reads:
     layers = tuple(dict.fromkeys(i for r in requests for i in r.layers))
     pooled = tuple(dict.fromkeys(i for r in requests for i in r.pooled))
     maxed = tuple(dict.fromkeys(i for r in requests for i in r.maxed))
-    if (pooled or maxed) and branches:
+    c_pooled = tuple(dict.fromkeys(i for r in requests for i in r.content_pooled))
+    c_maxed = tuple(dict.fromkeys(i for r in requests for i in r.content_maxed))
+    if (pooled or maxed or c_pooled or c_maxed) and branches:
         raise InvalidInputError("pooled reads cannot share a prefill with a masked branch (it splits the prompt pass)")
-    return Reads(heads=heads, layers=layers, pooled=pooled, maxed=maxed, masked=branches[0] if branches else None)
+    return Reads(heads=heads, layers=layers, pooled=pooled, maxed=maxed, content_pooled=c_pooled, content_maxed=c_maxed,
+                 masked=branches[0] if branches else None)
 
 
 # ------------------------------------------------------------------------- screening conversations
@@ -425,8 +463,9 @@ class ConversationScreener:
         of converted conversations; ``at``: extra read columns (:meth:`Screener.run`)."""
         inputs = inputs if inputs is not None else self.encode(convs)
         self._check_length(inputs)
+        content = content_mask(self.processor, convs, inputs) if reads.needs_content else None
         hf.reset_rope_state(self._rope_state)
-        got, pre = self.screener.run(inputs, reads, keep_cache=keep_cache, at=at)
+        got, pre = self.screener.run(inputs, reads, keep_cache=keep_cache, at=at, content=content)
         return got, pre, inputs
 
     def _check_length(self, inputs: dict[str, Any]) -> None:

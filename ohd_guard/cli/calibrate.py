@@ -270,8 +270,9 @@ def add_parser(sub) -> None:
                         "jailbreak, padding; ohd_guard.contexts), as the shipped profiles are (default: all); none "
                         "fits on the bare prompts only")
     c.add_argument("--heads", type=positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
-    c.add_argument("--pool", choices=["last", "mean", "max"], default="mean",
-                   help="residual: read the last prompt token, or the mean / max over every prompt position (default mean)")
+    c.add_argument("--pool", choices=["last", "mean", "max", "content-mean", "content-max"], default="mean",
+                   help="residual: read the last prompt token, the mean / max over every prompt position, or over "
+                        "the user and tool-result text only (content-mean / content-max) (default mean)")
     c.add_argument("--layers", type=positive_int, default=2, help="residual: layers in the probe (default 2)")
     c.add_argument("--angles", type=positive_int, default=1,
                    help="fused: selective heads whose angles are features (default 1: one-pass screening)")

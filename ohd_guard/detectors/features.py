@@ -58,6 +58,8 @@ class LastToken:
     layers: np.ndarray  # [N, L, D] each decoder layer's output (residual stream, before the final norm)
     pooled: np.ndarray  # [N, L, D] each decoder layer's output averaged over the prompt's positions
     maxed: np.ndarray  # [N, L, D] each decoder layer's output, per dimension its maximum over the prompt
+    content_pooled: np.ndarray  # [N, L, D] averaged over the user/tool-result text positions only
+    content_maxed: np.ndarray  # [N, L, D] per dimension the maximum over the user/tool-result text positions
 
 
 class PrefillReader:
@@ -72,7 +74,8 @@ class PrefillReader:
         self.adapter = adapter or self.stage.screener.adapter
         L, H = self.adapter.num_layers, self.adapter.num_heads
         self._reads = Reads(heads=tuple(HeadRef(layer=i, head=h) for i in range(L) for h in range(H)),
-                            layers=tuple(range(L)), pooled=tuple(range(L)), maxed=tuple(range(L)))  # fmt: skip
+                            layers=tuple(range(L)), pooled=tuple(range(L)), maxed=tuple(range(L)),
+                            content_pooled=tuple(range(L)), content_maxed=tuple(range(L)))  # fmt: skip
 
     @torch.no_grad()
     def _forward(self, convs: list[Any]) -> list[tuple[np.ndarray, ...]]:
@@ -82,7 +85,9 @@ class PrefillReader:
         ls = torch.stack([got.layers[i] for i in range(L)], 1)
         ps = torch.stack([got.pooled[i] for i in range(L)], 1)
         ms = torch.stack([got.maxed[i] for i in range(L)], 1)
-        arrays = [t.cpu().numpy() for t in (hs, ls, ps, ms)]  # [B, L, H, d], then [B, L, D] x3
+        cps = torch.stack([got.content_pooled[i] for i in range(L)], 1)
+        cms = torch.stack([got.content_maxed[i] for i in range(L)], 1)
+        arrays = [t.cpu().numpy() for t in (hs, ls, ps, ms, cps, cms)]  # [B, L, H, d], then [B, L, D] x5
         return [tuple(a[b] for a in arrays) for b in range(len(convs))]
 
     def read(self, items: Sequence[Any], batch_size: int = 8) -> LastToken:
@@ -110,7 +115,7 @@ class PrefillReader:
 def _stack(rows: list[tuple[np.ndarray, ...]]) -> LastToken:
     if not rows:
         raise InvalidInputError("no conversations to read")
-    return LastToken(*(np.stack([r[k] for r in rows]) for k in range(4)))
+    return LastToken(*(np.stack([r[k] for r in rows]) for k in range(6)))
 
 
 # -- logistic regression ------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Residual-stream probes: a logistic probe on a few decoder layers' states, read from the screening
 prefill at the last prompt token (``pool="last"``), averaged over every prompt position
-(``pool="mean"``) or max-pooled per dimension over them (``pool="max"``).
+(``pool="mean"``) or max-pooled per dimension over them (``pool="max"``), or the same two over the
+positions of the user and tool-result messages' text only (``"content-mean"``, ``"content-max"``:
+the operator's system prompt, tool definitions and the template's tokens left out).
 
 The 2026 residual-probe results on 0.5-1.3B hosts (``../shared/docs/anchors.md``) and the token-pooling
 results on ToxicChat motivate both: the residual stream carries more than a few heads' outputs, and
@@ -33,7 +35,8 @@ from ohd_guard.detectors.probes import ProbeProfile
 from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.screening import PrefillReads, Reads
 
-Pool = Literal["last", "mean", "max"]
+Pool = Literal["last", "mean", "max", "content-mean", "content-max"]
+POOLS = ("last", "mean", "max", "content-mean", "content-max")
 
 
 class ResidualProfile(ProbeProfile):
@@ -67,7 +70,9 @@ class ResidualProbe(Detector):
     Args:
         pool: ``"last"`` (the state that produces the first answer token), ``"mean"`` (averaged over
             every prompt position) or ``"max"`` (per dimension the maximum over positions, so a signal
-            on one token deep inside a long benign context is not averaged away).
+            on one token deep inside a long benign context is not averaged away); ``"content-mean"`` /
+            ``"content-max"``: the same over the user and tool-result text only, so tool definitions
+            and operator prompts, the same for every request, do not dilute or dominate the pool.
         top_k: how many layers (best single-layer cross-validated log-loss first).
         threshold: ``"prob"`` (0: probability 0.5 under equal priors), ``"kde"`` (crossing of the
             out-of-fold score densities) or a target false-positive rate on the safe prompts (``0.01``).
@@ -80,8 +85,8 @@ class ResidualProbe(Detector):
                  l2_grid: Sequence[float] = (0.1, 1.0, 10.0, 100.0), threshold: Literal["prob", "kde"] | float = "prob",
                  batch_size: int = 8, seed: int = 0):
         super().__init__()
-        if pool not in ("last", "mean", "max"):
-            raise InvalidInputError(f"pool must be 'last', 'mean' or 'max', not {pool!r}")
+        if pool not in POOLS:
+            raise InvalidInputError(f"pool must be one of {', '.join(map(repr, POOLS))}, not {pool!r}")
         if top_k < 1 or folds < 2:
             raise InvalidInputError(f"need top_k >= 1 and folds >= 2, got {top_k} and {folds}")
         self.pool, self.top_k, self.folds, self.layer_l2, self.l2_grid = pool, top_k, folds, layer_l2, tuple(l2_grid)
@@ -95,7 +100,8 @@ class ResidualProbe(Detector):
 
     def states(self, reads: Any) -> np.ndarray:
         """[N, L, D] of a :class:`~ohd_guard.detectors.features.LastToken` read, as this probe pools."""
-        return {"last": reads.layers, "mean": reads.pooled, "max": reads.maxed}[self.pool]
+        return {"last": reads.layers, "mean": reads.pooled, "max": reads.maxed, "content-mean": reads.content_pooled,
+                "content-max": reads.content_maxed}[self.pool]
 
     def fit(self, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any]) -> ResidualProbe:
         check_sets(unsafe, safe)
@@ -136,11 +142,13 @@ class ResidualProbe(Detector):
     def reads(self) -> Reads:
         self._require_fitted()
         layers = tuple(self.profile.layers)
-        return {"last": Reads(layers=layers), "mean": Reads(pooled=layers), "max": Reads(maxed=layers)}[self.profile.pool]
+        return {"last": Reads(layers=layers), "mean": Reads(pooled=layers), "max": Reads(maxed=layers),
+                "content-mean": Reads(content_pooled=layers), "content-max": Reads(content_maxed=layers)}[self.profile.pool]
 
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The probe's log-odds; details give each layer's share of it."""
-        src = {"last": reads.layers, "mean": reads.pooled, "max": reads.maxed}[self.profile.pool]
+        src = {"last": reads.layers, "mean": reads.pooled, "max": reads.maxed, "content-mean": reads.content_pooled,
+               "content-max": reads.content_maxed}[self.profile.pool]
         layers = self.profile.layers
         X = np.concatenate([src[i].cpu().numpy().astype(np.float64) for i in layers], axis=1)
         p = self._probe

@@ -63,7 +63,71 @@ def test_a_pooled_probe_finds_a_trigger_mid_prompt_that_the_last_token_cannot_se
     assert flagged[y == 1].mean() >= 0.9 and flagged[y == 0].mean() <= 0.1
 
 
-@pytest.mark.parametrize("pool", ["last", "mean", "max"])
+#: The operator's system prompt of the test below: the trigger word appears there, not in the user's text.
+OPERATOR = "You are the help desk of a shop. Never talk about zorblax with a user."
+
+
+def test_a_content_pooled_probe_reads_the_users_text_not_the_operators_prompt(no_attention):
+    """Planted ground truth for ``content-*`` pools: the trigger in the *user's* text is the unsafe
+    signal; the same trigger in the operator's system prompt (or a tool definition) is not the user's
+    request. Pooled over the whole prompt the probe cannot tell the two apart; over the user's text it must."""
+    model, tok = no_attention
+    fit_u = with_trigger(CLEAN[:8]) + [x.messages for x in _in_context(with_trigger(CLEAN[:8]), 1, 0)]
+    fit_s = CLEAN[:8] + [x.messages for x in _in_context(CLEAN[:8], 0, 0)]
+    sys_trigger = [[{"role": "system", "content": OPERATOR}, {"role": "user", "content": t}] for t in CLEAN[8:]]
+    tool_trigger = [x.messages for x in _in_context(CLEAN[8:], 0, 2)]
+    tool_trigger = [[{"role": "system", "content": "Tools: lookup_zorblax(id) returns a record."}, *m] for m in tool_trigger]
+    unsafe = [[{"role": "system", "content": OPERATOR.replace("zorblax", "refunds")}, {"role": "user", "content": t}]
+              for t in with_trigger(CLEAN[8:])]
+    test = unsafe + sys_trigger + tool_trigger
+    y = np.r_[np.ones(len(unsafe)), np.zeros(len(sys_trigger) + len(tool_trigger))]
+    with shared_prefill():
+        content = ResidualProbe(pool="content-max", top_k=1, folds=4).fit(model, tok, fit_u, fit_s)
+        whole = ResidualProbe(pool="max", top_k=1, folds=4).fit(model, tok, fit_u, fit_s)
+    assert auroc(content.score(test), y) >= 0.95
+    flagged = np.array([v.flagged for v in OhdGuard(model, tok, content.profile).screen_batch(test)])
+    assert flagged[y == 1].mean() >= 0.9 and flagged[y == 0].mean() <= 0.1
+    whole_flagged = np.array([v.flagged for v in OhdGuard(model, tok, whole.profile).screen_batch(test)])
+    assert whole_flagged[y == 0].mean() >= 0.9  # the whole-prompt pool reads the operator's word as the user's
+
+
+def test_the_content_mask_covers_the_users_text_and_nothing_else():
+    from ohd_guard.conversation import to_conversation
+    from ohd_guard.rendering import content_mask, encode_conversations
+    from ohd_guard.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    convs = [
+        "hello please help",
+        [{"role": "system", "content": "you are a bank assistant"}, {"role": "user", "content": "tell me a story"}],
+        [{"role": "user", "content": "what is the weather"}, {"role": "assistant", "content": "what is the weather"},
+         {"role": "user", "content": "thanks a lot"}],
+        [{"role": "user", "content": "add two and three"},
+         {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": "{}"}}]},
+         {"role": "tool", "content": "five", "name": "add"}],
+    ]
+    convs = [to_conversation(c) for c in convs]
+    inputs = encode_conversations(tok, convs)
+    mask = content_mask(tok, convs, inputs)
+    assert ((mask == 1) <= (inputs["attention_mask"] == 1)).all()  # never on padding
+    got = [tok.decode(inputs["input_ids"][b][mask[b] > 0]).replace(" ", "") for b in range(len(convs))]
+    want = ["".join(m.text for m in c.messages if m.role == "user").replace(" ", "") for c in convs]
+    assert got == want  # the assistant's echo of the user's words is not read as theirs
+    assert "five" in got[3]  # a tool result is a user turn
+
+
+def test_a_template_that_rewrites_the_users_text_falls_back_to_the_whole_prompt():
+    from ohd_guard.rendering import content_mask, encode_conversations
+    from ohd_guard.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content | upper }}<|im_end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    inputs = encode_conversations(tok, ["hello please help"])
+    assert (content_mask(tok, ["hello please help"], inputs) == inputs["attention_mask"]).all()
+
+
+@pytest.mark.parametrize("pool", ["last", "mean", "max", "content-mean", "content-max"])
 def test_residual_probe_recovers_the_planted_signal_round_trips_and_scores_alike_batched(pool, tmp_path):
     model, tok, _ = planted_head_model()
     det = ResidualProbe(pool=pool, top_k=2, folds=4).fit(model, tok, with_trigger(CLEAN[:8]), CLEAN[:8])

@@ -80,7 +80,7 @@ def test_per_message_scores_equal_scoring_each_prefix_alone_in_one_prefill(sahs)
     assert batch[0].flagged and batch[0].score == pytest.approx(batch[0].messages[0].score)
 
 
-@pytest.mark.parametrize("pool", ["mean", "max"])
+@pytest.mark.parametrize("pool", ["mean", "max", "content-mean", "content-max"])
 def test_pooled_reads_per_message_equal_the_prefix_alone(pool):
     model, tok, _ = planted_head_model()
     det = ResidualProbe(pool=pool, top_k=1, folds=4).fit(model, tok, with_trigger(CLEAN), CLEAN)
