@@ -46,7 +46,7 @@ def summary(rows: list[dict]) -> str:
         by.setdefault(r["detector"], {})[r["set"]] = r
     out = ["| candidate | bare DR / FPR | tools | rag | history | operator | worst context: DR drop / FPR rise | "
            "ToxicChat F1 / AUPRC / AUROC | look-alike FPR (own, oktest, phtest, coconot, orbench) | "
-           "public harmful DR (min-max) | attacks DR (min-max) |", "|---" * 11 + "|"]
+           "public harmful DR (min-max) | attacks DR (min-max) | app cases right |", "|---" * 12 + "|"]
     for det, sets in by.items():
         ctx = {c: sets.get(f"held-out @ {c}") for c in EVAL_CONTEXTS}
         cell = {c: f"{r['dr']:.2f} / {r['fpr']:.2f}" if r else "-" for c, r in ctx.items()}
@@ -65,8 +65,10 @@ def summary(rows: list[dict]) -> str:
 
         harm = span(["advbench", "harmfulqa", "catqa", "do_not_answer", "past_tense"])
         att = span([k for k in sets if k.startswith("attack: ")])
+        app = sets.get("app cases (right verdicts)")
+        apps = f"{round(app['dr'] * app['n'])}/{app['n']}" if app else "-"
         out.append(f"| {det} | {cell['bare']} | {cell['tools']} | {cell['rag']} | {cell['history']} | "
-                   f"{cell['operator']} | {worst} | {tcs} | {looks} | {harm} | {att} |")
+                   f"{cell['operator']} | {worst} | {tcs} | {looks} | {harm} | {att} | {apps} |")
     return "\n".join(out)
 
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ohd_guard.attacks import make_attacks
-    from ohd_guard.contexts import fit_mix, in_contexts
+    from ohd_guard.contexts import app_cases, fit_mix, in_contexts
     from ohd_guard.datasets import (
         dedupe_against,
         load_calibration_prompts,
@@ -252,6 +254,18 @@ def main(argv: list[str] | None = None) -> int:
             rates = {k: float(np.mean(s_[y == v] > t)) for k, v in (("dr", 1), ("fpr", 0)) if (y == v).any()}
             rows.append(dict(detector=n, set=name, n=len(y), **rates))
         say(f"scored {name}")
+    cases = app_cases()  # single conversations from real apps, by name: a refit must not break one of them
+    case_scores = scored(cases)
+    say("scored the app cases")
+    print("| app case (expected) | " + " | ".join(n for n, _, _ in case_scores) + " |")
+    print("|---|" + "---:|" * len(case_scores))
+    for i, c in enumerate(cases):
+        cells = [f"{sc[i]:+.2f}{'' if (sc[i] > t) == bool(c.label) else ' (wrong)'}" for _, sc, t in case_scores]
+        print(f"| {c.variant} ({'flag' if c.label else 'pass'}) | " + " | ".join(cells) + " |")
+    for n, sc, t in case_scores:
+        y = np.array([c.label for c in cases])
+        rows.append(dict(detector=n, set="app cases (right verdicts)", n=len(cases), dr=float(np.mean((sc > t) == (y == 1)))))
+    print()
     print("| detector | set | n | DR | FPR | AUROC | TPR@1%FPR | F1 | AUPRC |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
