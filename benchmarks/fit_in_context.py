@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(json.loads(args.summarize.read_text())))
         return 0
 
+    from ohd_guard.app_cases import app_cases
     from ohd_guard.attacks import make_attacks
-    from ohd_guard.contexts import app_cases, fit_mix, in_contexts
+    from ohd_guard.contexts import fit_mix, in_contexts
     from ohd_guard.datasets import (
         dedupe_against,
         load_calibration_prompts,

@@ -256,13 +256,13 @@ def test_fit_mix_keeps_image_prompts_bare_and_refuses_unknown_kinds():
 
 
 def test_the_app_cases_are_named_labelled_and_render():
-    from ohd_guard.contexts import app_cases
+    from ohd_guard.app_cases import app_cases
     from ohd_guard.conversation import to_conversation
     from ohd_guard.rendering import encode_conversations
     from ohd_guard.testing import tiny_tokenizer
 
     cases = app_cases()
-    assert len({c.variant for c in cases}) == len(cases) == 7
+    assert len({c.variant for c in cases}) == len(cases) == 8
     by = {c.variant: c for c in cases}
     assert by["weather_in_paris"].label == 0 and by["tool_result_42"].label == 0
     assert by["pipe_bomb_in_llamaindex_qa"].label == 1 and by["pipe_bomb_in_llamaindex_qa"].context == "rag"
