@@ -92,8 +92,8 @@ def content_spans(processor: Any, conversation: Any, ids: Sequence[int]) -> list
     try:
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
-        return None
+    except Exception:  # noqa: BLE001 - slow tokenizers have no offsets, some processors cannot render text
+        return None  # only the span is lost: the caller pools over the whole prompt
     if list(enc["input_ids"]) != [int(i) for i in ids]:
         return None
     chars: list[tuple[int, int]] = []
