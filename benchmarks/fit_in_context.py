@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [(n, k, d.threshold) for k, (n, d) in enumerate(fitted.items())]
     variants += [(f"{n} @5%FPR", k, probe_threshold(0.05, d.oof_, y_ctx)[0])
                  for k, (n, d) in enumerate(fitted.items()) if "(in context)" in n]
-    # SAHs (last token) combined with each content-pooled probe: a logistic regression on their two
+    # SAHs (last token) combined with each content-pooled probe and the last-token residual probe: a logistic regression on their two
     # out-of-fold log-odds (the fused detector's recipe), threshold at probability 0.5
     from ohd_guard.detectors.features import Logistic
 

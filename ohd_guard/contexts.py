@@ -381,4 +381,3 @@ def in_contexts(
             for j in range(1 if kind == "bare" else per_prompt):
                 out.append(_place(p, kind, random.Random(f"{seed}:{split}:{kind}:{j}:{text}"), m))
     return out
-

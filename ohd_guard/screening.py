@@ -287,32 +287,31 @@ class Screener:
                         extra.layers.setdefault(layer, _gather(x, at).float())
 
                 hooks.forward_hook(a.layers[layer], post)
-            spans: list[tuple[dict, dict, dict | None, dict | None, tuple[int, ...], tuple[int, ...], torch.Tensor | None]] = [
-                (out.pooled, out.maxed, extra.pooled if extra else None, extra.maxed if extra else None,
-                 reads.pooled, reads.maxed, mask),  # every real prompt position
-                (out.content_pooled, out.content_maxed, extra.content_pooled if extra else None,
-                 extra.content_maxed if extra else None, reads.content_pooled, reads.content_maxed, content),  # user/tool text
-            ]
+            # (field prefix, positions pooled over): every real prompt position, or the user/tool text only
+            spans = (("", mask), ("content_", content))
             if reads.needs_content and content is None:
                 raise ScreeningError("content-pooled reads need the content mask of the batch (none was given)")
             for layer in reads.pools:
 
                 def pool(module, args, output, layer=layer) -> None:
                     x = (output[0] if isinstance(output, (tuple, list)) else output).float()  # [B, T, D]
-                    for means, maxes, x_means, x_maxes, want_mean, want_max, span in spans:
-                        if layer not in want_mean and layer not in want_max:
+                    for prefix, span in spans:
+                        want_mean = layer in getattr(reads, prefix + "pooled")
+                        want_max = layer in getattr(reads, prefix + "maxed")
+                        if not (want_mean or want_max):
                             continue
                         m = torch.ones(x.shape[:2], device=x.device) if span is None else span.to(x.device, x.dtype)
                         m = m[:, -x.shape[1] :, None]  # [B, T, 1]: 1 on the positions pooled over, 0 on padding
-                        if layer in want_mean:
-                            means.setdefault(layer, (x * m).sum(1) / m.sum(1).clamp_min(1.0))
-                            if x_means is not None:  # the mean over each prefix
-                                x_means.setdefault(layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0))
-                        if layer in want_max:
+                        if want_mean:
+                            getattr(out, prefix + "pooled").setdefault(layer, (x * m).sum(1) / m.sum(1).clamp_min(1.0))
+                            if extra is not None:  # the mean over each prefix
+                                getattr(extra, prefix + "pooled").setdefault(
+                                    layer, _gather((x * m).cumsum(1), at) / _gather(m.cumsum(1), at).clamp_min(1.0))
+                        if want_max:
                             masked_x = x.masked_fill(m == 0, float("-inf"))
-                            maxes.setdefault(layer, masked_x.amax(1))
-                            if x_maxes is not None:
-                                x_maxes.setdefault(layer, _gather(masked_x.cummax(1).values, at))
+                            getattr(out, prefix + "maxed").setdefault(layer, masked_x.amax(1))
+                            if extra is not None:
+                                getattr(extra, prefix + "maxed").setdefault(layer, _gather(masked_x.cummax(1).values, at))
 
                 hooks.forward_hook(a.layers[layer], pool)
             yield

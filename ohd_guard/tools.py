@@ -22,7 +22,8 @@ from typing import Any
 from ohd_guard.errors import InvalidInputError
 
 __all__ = ["RESULT_LINE", "ParsedCall", "InvalidCall", "check_schemas", "has_tool_result", "parse_tool_calls",
-           "template_tool_format", "tool_turns", "tools_text", "with_system_section", "with_tools"]
+           "response_instruction", "template_tool_format", "tool_turns", "tools_text", "with_system_section",
+           "with_tools"]
 
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n(.*?)\n?[ \t]*```", re.S)
@@ -108,6 +109,16 @@ def with_tools(raw: Any, schemas: Sequence[dict[str, Any]], tool_choice: Any = N
         return raw
     section = tools_text(schemas, tool_choice)
     return with_system_section(raw, section + "\n\n" + RESULT_LINE if has_tool_result(raw) else section)
+
+
+def response_instruction(response_format: dict[str, Any]) -> str:
+    """The system-prompt sentence that asks for a JSON answer (``response_format`` as OpenAI's:
+    ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": ...}}``)."""
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema", {})
+        return ("Respond only with valid JSON, following this JSON schema:\n"
+                + json.dumps(schema, ensure_ascii=False, sort_keys=True))
+    return "Respond only with valid JSON."
 
 
 def with_system_section(raw: Any, section: str) -> list[Any]:

@@ -28,6 +28,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 
 from langchain_ohd_guard.tools import parse_tool_calls
 from ohd_guard.errors import GuardViolation
+from ohd_guard.tools import response_instruction
 
 __all__ = ["METHODS", "GuardRefusedError", "response_instruction", "structured"]
 
@@ -47,16 +48,6 @@ class GuardRefusedError(GuardViolation):
         verdict = meta.get("verdict") or meta
         super().__init__(verdict, f"the guard refused the conversation (stage {meta.get('stage', 'input')!r}): "
                                   f"{response.content!r}")
-
-
-def response_instruction(response_format: dict[str, Any]) -> str:
-    """The system-prompt sentence that asks for a JSON answer (``response_format`` as OpenAI's:
-    ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": ...}}``)."""
-    if response_format.get("type") == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema", {})
-        return ("Respond only with valid JSON, following this JSON schema:\n"
-                + json.dumps(schema, ensure_ascii=False, sort_keys=True))
-    return "Respond only with valid JSON."
 
 
 def _schema_info(schema: Any) -> tuple[str, dict[str, Any]]:
