@@ -17,7 +17,7 @@ calibration prompts (``threshold=0.01``).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -36,7 +36,10 @@ from ohd_guard.errors import CalibrationError, InvalidInputError
 from ohd_guard.screening import PrefillReads, Reads
 
 Pool = Literal["last", "mean", "max", "content-mean", "content-max"]
-POOLS = ("last", "mean", "max", "content-mean", "content-max")
+POOLS: tuple[str, ...] = get_args(Pool)
+READ_FIELD: dict[str, str] = {"last": "layers", "mean": "pooled", "max": "maxed", "content-mean": "content_pooled",
+                              "content-max": "content_maxed"}
+"""The field each pool is read into: the same name on ``Reads``, ``PrefillReads`` and ``LastToken``."""
 
 
 class ResidualProfile(ProbeProfile):
@@ -100,8 +103,7 @@ class ResidualProbe(Detector):
 
     def states(self, reads: Any) -> np.ndarray:
         """[N, L, D] of a :class:`~ohd_guard.detectors.features.LastToken` read, as this probe pools."""
-        return {"last": reads.layers, "mean": reads.pooled, "max": reads.maxed, "content-mean": reads.content_pooled,
-                "content-max": reads.content_maxed}[self.pool]
+        return getattr(reads, READ_FIELD[self.pool])
 
     def fit(self, model: Any, processor: Any, unsafe: Sequence[Any], safe: Sequence[Any]) -> ResidualProbe:
         check_sets(unsafe, safe)
@@ -142,13 +144,11 @@ class ResidualProbe(Detector):
     def reads(self) -> Reads:
         self._require_fitted()
         layers = tuple(self.profile.layers)
-        return {"last": Reads(layers=layers), "mean": Reads(pooled=layers), "max": Reads(maxed=layers),
-                "content-mean": Reads(content_pooled=layers), "content-max": Reads(content_maxed=layers)}[self.profile.pool]
+        return Reads(**{READ_FIELD[self.profile.pool]: layers})  # type: ignore[arg-type]
 
     def score_reads(self, reads: PrefillReads) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """The probe's log-odds; details give each layer's share of it."""
-        src = {"last": reads.layers, "mean": reads.pooled, "max": reads.maxed, "content-mean": reads.content_pooled,
-               "content-max": reads.content_maxed}[self.profile.pool]
+        src = getattr(reads, READ_FIELD[self.profile.pool])
         layers = self.profile.layers
         X = np.concatenate([src[i].cpu().numpy().astype(np.float64) for i in layers], axis=1)
         p = self._probe
