@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-EVAL_CONTEXTS = ("bare", "tools", "rag", "history", "operator")
+EVAL_CONTEXTS = ("bare", "tools", "rag", "history", "operator", "structured")
 
 
 def summary(rows: list[dict]) -> str:
@@ -44,9 +44,10 @@ def summary(rows: list[dict]) -> str:
     by: dict[str, dict[str, dict]] = {}
     for r in rows:
         by.setdefault(r["detector"], {})[r["set"]] = r
-    out = ["| candidate | bare DR / FPR | tools | rag | history | operator | worst context: DR drop / FPR rise | "
-           "ToxicChat F1 / AUPRC / AUROC | look-alike FPR (own, oktest, phtest, coconot, orbench) | "
-           "public harmful DR (min-max) | attacks DR (min-max) | app cases right |", "|---" * 12 + "|"]
+    out = ["| candidate | bare DR / FPR | tools | rag | history | operator | structured | worst context: DR drop / "
+           "FPR rise | requests to a bound tool DR / FPR | ToxicChat F1 / AUPRC / AUROC | look-alike FPR (own, oktest, "
+           "phtest, coconot, orbench) | public harmful DR (min-max) | attacks DR (min-max) | app cases right |",
+           "|---" * 14 + "|"]
     for det, sets in by.items():
         ctx = {c: sets.get(f"held-out @ {c}") for c in EVAL_CONTEXTS}
         cell = {c: f"{r['dr']:.2f} / {r['fpr']:.2f}" if r else "-" for c, r in ctx.items()}
@@ -65,10 +66,12 @@ def summary(rows: list[dict]) -> str:
 
         harm = span(["advbench", "harmfulqa", "catqa", "do_not_answer", "past_tense"])
         att = span([k for k in sets if k.startswith("attack: ")])
+        tu = sets.get("held-out tool use")
+        tus = f"{tu['dr']:.2f} / {tu['fpr']:.2f}" if tu else "-"
         app = sets.get("app cases (right verdicts)")
         apps = f"{round(app['dr'] * app['n'])}/{app['n']}" if app else "-"
         out.append(f"| {det} | {cell['bare']} | {cell['tools']} | {cell['rag']} | {cell['history']} | "
-                   f"{cell['operator']} | {worst} | {tcs} | {looks} | {harm} | {att} | {apps} |")
+                   f"{cell['operator']} | {cell['structured']} | {worst} | {tus} | {tcs} | {looks} | {harm} | {att} | {apps} |")
     return "\n".join(out)
 
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ohd_guard.app_cases import app_cases
     from ohd_guard.attacks import make_attacks
-    from ohd_guard.contexts import fit_mix, in_contexts
+    from ohd_guard.contexts import fit_mix, in_contexts, tool_use
     from ohd_guard.datasets import (
         dedupe_against,
         load_calibration_prompts,
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for label in (1, 0):
             traffic += stratified([p for p in src if p.label == label], args.traffic // 2, seed=0)
     fit_bare = bare + traffic
-    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material
+    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then the tool-use items
     fit_ctx = fit_all[len(fit_bare):]
     y_all = np.array([x.label for x in fit_all])
     sources = [*sources, "toxicchat_train_human (fit split)", "guardreasonertrain_prompts_5k (fit split)",
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     tc = dedupe_against(tc_dev, fit_bare)
     if len(tc) > args.toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
         tc = random.Random(2).sample(tc, args.toxicchat_dev)
-    extra: dict[str, list] = {}
+    extra: dict[str, list] = {"held-out tool use": tool_use("heldout")}  # requests addressed to held-out tools
     if args.extra_per_set:  # bare look-alikes, public harmful sets and adaptive attacks, none fitted on
         k = args.extra_per_set
         extra["own look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         attacks = make_attacks(seeds, ("instruction_suffix", "benign_padding", "past_tense", "jailbreak_wrapper",
                                        "multi_turn", "split_turns"), include_direct=False)
         extra.update({f"attack: {a}": v for a, v in attacks.items()})
-    say(f"fit: {len(fit_bare)} bare ({int(y_all[:len(fit_bare)].sum())} unsafe) + {len(fit_ctx)} in context; "
+    say(f"fit: {len(fit_bare)} bare ({int(y_all[:len(fit_bare)].sum())} unsafe) + {len(fit_ctx)} in context "
+        f"({int(y_all[len(fit_bare):].sum())} unsafe); "
         f"eval: {len(hu)}+{len(hs)} held-out x {len(EVAL_CONTEXTS)} contexts, ToxicChat dev {len(tc)} "
         f"({sum(p.label for p in tc)} toxic)")
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from ohd_guard.datasets import LabelledConversation, LabelledPrompt
 from ohd_guard.errors import InvalidInputError
-from ohd_guard.tools import with_tools
+from ohd_guard.tools import response_instruction, with_system_section, with_tools
 
 __all__ = [
     "CONTEXT_KINDS",
@@ -45,9 +45,10 @@ __all__ = [
     "in_contexts",
     "material",
     "place",
+    "tool_use",
 ]
 
-CONTEXT_KINDS: tuple[str, ...] = ("bare", "tools", "rag", "history", "operator", "jailbreak", "padding")
+CONTEXT_KINDS: tuple[str, ...] = ("bare", "tools", "rag", "history", "operator", "structured", "jailbreak", "padding")
 """Every context :func:`place` knows, in report order."""
 
 Split = Literal["fit", "heldout"]
@@ -142,6 +143,8 @@ class ContextMaterial:
     greetings: tuple[str, ...]
     exchanges: tuple[tuple[str, str], ...]  # benign (user, assistant) pairs
     harmful_turns: tuple[tuple[str, str], ...]  # (harmful user request, assistant refusal)
+    tool_asks: tuple[tuple[str, str, int], ...] = ()  # (tool name, a request addressed to it, label)
+    schemas: tuple[dict[str, Any], ...] = ()  # JSON schemas a structured-output request asks the answer to follow
 
 
 @cache
@@ -190,6 +193,9 @@ def material(split: Split = "fit", passages: Sequence[str | LabelledPrompt] = ()
         greetings=_half(raw["greetings"], split),
         exchanges=tuple(map(tuple, _half(raw["exchanges"], split))),
         harmful_turns=tuple(map(tuple, _half(raw["harmful_turns"], split))),
+        tool_asks=tuple((n, ask, label) for n in sorted(names) for label, key in ((0, "benign"), (1, "harmful"))
+                        for ask in raw["tool_asks"][n][key]),
+        schemas=_half(raw["response_schemas"], split),
     )
 
 
@@ -278,6 +284,17 @@ def _history(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, li
     return ("history/after_harmful" if earlier_harmful else "history/benign"), msgs, earlier_harmful
 
 
+def _structured(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, list[dict[str, Any]]]:
+    """The request with a JSON-answer instruction in the system prompt, as structured-output chat
+    models render it (``ChatOhdGuard.with_structured_output``, the server's ``response_format``)."""
+    msgs = [{"role": "system", "content": rng.choice(m.operators)}] if rng.random() < 0.3 else []
+    if rng.random() < 0.8:
+        variant, fmt = "json_schema", {"type": "json_schema", "json_schema": {"schema": rng.choice(m.schemas)}}
+    else:
+        variant, fmt = "json_object", {"type": "json_object"}
+    return f"structured/{variant}", with_system_section([*msgs, _user(text)], response_instruction(fmt))
+
+
 def _padding(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, list[dict[str, Any]]]:
     where = rng.choice(("before", "after", "both"))
     pads = rng.sample(m.passages, rng.randint(1, 3) + (where == "both"))
@@ -315,6 +332,8 @@ def _place(prompt: LabelledPrompt, kind: str, rng: random.Random, m: ContextMate
         variant, msgs, earlier_harmful = _history(text, m, rng)
     elif kind == "operator":
         variant, msgs = "operator", [{"role": "system", "content": rng.choice(m.operators)}, _user(text)]
+    elif kind == "structured":
+        variant, msgs = _structured(text, m, rng)
     elif kind == "jailbreak":
         variant, msgs = "jailbreak", [_user(rng.choice(m.wrappers).format(request=text))]
     elif kind == "padding":
@@ -331,14 +350,41 @@ def place(prompt: LabelledPrompt, kind: str, rng: random.Random, split: Split = 
     return _place(prompt, kind, rng, material(split, passages))
 
 
-FIT_CONTEXTS: tuple[str, ...] = ("tools", "rag", "history", "operator", "jailbreak", "padding")
+FIT_CONTEXTS: tuple[str, ...] = ("tools", "rag", "history", "operator", "structured", "jailbreak", "padding")
 """The contexts the shipped profiles are fitted in (every kind but ``bare``)."""
+
+
+def tool_use(split: Split = "fit", seed: int = 0) -> list[ContextConversation]:
+    """Requests addressed to a bound tool, both labels: what the tool is for ("tools/own_use", benign)
+    or a harmful use of it (same variant, label 1), with the tool among 1-4 bound; and the agent's
+    second model call after the tool answered a benign request ("tools/own_result"). Placing other
+    prompts beside tools never shows a probe the tool's own use case, and a probe fitted without it
+    flags "What's the weather?" once a weather tool is bound."""
+    _check_split(split)
+    m = material(split)
+    out = []
+    for name, ask, label in m.tool_asks + tuple((t["schema"]["function"]["name"], t["call"]["ask"], 0) for t in m.tools):
+        rng = random.Random(f"{seed}:{split}:tool_use:{ask}")
+        tool = _tool_named(m, name)
+        msgs = [{"role": "system", "content": rng.choice(m.operators)}] if rng.random() < 0.3 else []
+        out.append(ContextConversation(
+            with_tools([*msgs, _user(ask)], _schemas(m, rng, tool), rng.choice((None, None, "auto"))), label,
+            "tool misuse" if label else "tool use", "ohd_guard.contexts", context="tools", variant="tools/own_use",
+            request=ask))
+    for tool in m.tools:
+        call, name = tool["call"], tool["schema"]["function"]["name"]
+        rng = random.Random(f"{seed}:{split}:tool_result:{name}")
+        msgs = [_user(call["ask"]), *_call_round(rng, name, call["arguments"], call["result"])]
+        out.append(ContextConversation(with_tools(msgs, _schemas(m, rng, tool)), 0, "tool use", "ohd_guard.contexts",
+                                       context="tools", variant="tools/own_result", request=call["result"]))
+    return out
 
 
 def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEXTS, seed: int = 0,
             split: Split = "fit") -> list[LabelledPrompt | ContextConversation]:
     """The shipped fits' recipe: every prompt once bare, then once in one context of ``kinds`` drawn
-    for it (seeded), from the ``split`` material. A probe fitted on bare prompts alone reads their
+    for it (seeded), from the ``split`` material, then (when ``kinds`` has ``tools``) the
+    :func:`tool_use` items of that material. A probe fitted on bare prompts alone reads their
     surface form and moves when tools, RAG templates, history or operator prompts surround them; this
     keeps the bare prompts and adds the same requests (labels kept) in the contexts users run.
     Prompts with an image stay bare only."""
@@ -349,7 +395,7 @@ def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEX
     m = material(split)
     placed = [_place(p, pick.choice(list(kinds)), random.Random(f"fit:{i}"), m) for i, p in enumerate(prompts)
               if getattr(p, "image", None) is None]
-    return [*prompts, *placed]
+    return [*prompts, *placed, *(tool_use(split, seed) if "tools" in kinds else [])]
 
 
 def in_contexts(

@@ -22,6 +22,7 @@ from ohd_guard.contexts import (
     in_contexts,
     material,
     place,
+    tool_use,
 )
 from ohd_guard.conversation import to_conversation
 from ohd_guard.datasets import LabelledConversation, LabelledPrompt, load_calibration_prompts
@@ -86,13 +87,15 @@ def test_labels_kept_and_every_kind_balanced(fit_items):
     variants = Counter((x.variant, x.label) for x in fit_items)
     for v in ("tools/defs", "tools/round", "tools/after_call", "tools/in_result", "history/benign",
               "history/after_harmful", "padding/before", "padding/after", "padding/both", "rag/langchain_rag_prompt",
-              "rag/langchain_retrieval_chain", "rag/llamaindex_chat", "rag/llamaindex_text"):
+              "rag/langchain_retrieval_chain", "rag/llamaindex_chat", "rag/llamaindex_text", "structured/json_schema",
+              "structured/json_object"):
         assert variants[(v, 0)] > 0 and variants[(v, 1)] > 0, v
 
 
 def test_fit_and_heldout_material_disjoint(fit_items, heldout_items):
     fit, held = material("fit"), material("heldout")
-    for field in ("passages", "operators", "wrappers", "greetings", "exchanges", "harmful_turns", "frames"):
+    for field in ("passages", "operators", "wrappers", "greetings", "exchanges", "harmful_turns", "frames", "tool_asks",
+                  "schemas"):
         a, b = getattr(fit, field), getattr(held, field)
         assert a and b and not {json.dumps(x) for x in a} & {json.dumps(x) for x in b}, field
     names = lambda m: {t["schema"]["function"]["name"] for t in m.tools}  # noqa: E731
@@ -106,6 +109,13 @@ def test_fit_and_heldout_material_disjoint(fit_items, heldout_items):
         assert not [w for w in other.wrappers if w.split("{request}")[0] in text]
     used = set().union(*map(_tool_names, heldout_items))
     assert len(used) >= 8 and used <= names(held)
+    for split, m, other in (("fit", fit, held), ("heldout", held, fit)):
+        items = tool_use(split)
+        assert set().union(*map(_tool_names, items)) <= names(m)
+        schemas_used = {json.dumps(sc, sort_keys=True) for sc in m.schemas}
+        structured = [x for x in (fit_items if split == "fit" else heldout_items) if x.variant == "structured/json_schema"]
+        assert structured and all(any(sc in _contents(x) for sc in schemas_used) for x in structured)
+        assert not [x for x in structured if any(json.dumps(sc, sort_keys=True) in _contents(x) for sc in other.schemas)]
 
 
 def test_material_is_well_formed():
@@ -126,11 +136,12 @@ def test_material_is_well_formed():
 
 def test_every_item_converts_and_renders_with_a_chat_template(fit_items, heldout_items):
     _, tok = tiny_model("qwen2")
-    convs = [to_conversation(x.messages) for x in fit_items + heldout_items]
-    for x, c in zip(fit_items, convs):
+    items = fit_items + tool_use("fit") + heldout_items + tool_use("heldout")
+    convs = [to_conversation(x.messages) for x in items]
+    for x, c in zip(items, convs):
         rendered = tok.apply_chat_template(c.to_text_chat_messages(), tokenize=False, add_generation_prompt=True)
         assert x.request in rendered and rendered.endswith("<|im_start|>assistant\n")
-        if x.variant in ("tools/in_result", "tools/after_call"):
+        if x.variant in ("tools/in_result", "tools/after_call", "tools/own_result"):
             assert c.messages[-1].text.startswith("[tool result: ")  # the tool result is screened as input
     enc = encode_conversations(tok, convs[:16])
     assert enc["input_ids"].shape[0] == 16
@@ -234,22 +245,43 @@ def test_bad_input_fails_with_a_named_error():
         place("hello", "bare", random.Random(0))  # type: ignore[arg-type]
 
 
+def test_tool_use_addresses_a_bound_tool_with_both_labels():
+    items = tool_use("fit")
+    assert tool_use("fit") == items and tool_use("fit", seed=1) != items  # seeded
+    counts = Counter((x.variant, x.label) for x in items)
+    assert counts[("tools/own_use", 1)] >= 20 and counts[("tools/own_use", 0)] >= 30 and counts[("tools/own_result", 0)] >= 10
+    asks = {(n, ask): label for n, ask, label in material("fit").tool_asks}
+    for x in items:
+        assert x.context == "tools" and x.category == ("tool misuse" if x.label else "tool use")
+        if x.variant == "tools/own_use":
+            assert x.messages[-1] == {"role": "user", "content": x.request}
+            # the tool the request is addressed to is among the bound ones
+            addressed = [n for (n, ask) in asks if ask == x.request] or [
+                t["schema"]["function"]["name"] for t in material("fit").tools if t["call"]["ask"] == x.request]
+            assert addressed and addressed[0] in _tool_names(x)
+            assert asks.get((addressed[0], x.request), 0) == x.label
+        else:  # the agent's second model call: the ask, its call and the tool's benign result
+            assert x.messages[-1]["role"] == "tool" and x.messages[-1]["content"] == x.request and x.label == 0
+            assert has_tool_result(x.messages) and x.messages[-2]["tool_calls"][0]["function"]["name"] in _tool_names(x)
+
+
 def test_fit_mix_is_the_bare_prompts_then_each_once_in_a_drawn_context():
     mixed = fit_mix(PROMPTS)
-    assert mixed[: len(PROMPTS)] == PROMPTS and len(mixed) == 2 * len(PROMPTS)
-    placed = mixed[len(PROMPTS):]
+    assert mixed[: len(PROMPTS)] == PROMPTS and mixed[2 * len(PROMPTS):] == tool_use("fit")
+    placed = mixed[len(PROMPTS): 2 * len(PROMPTS)]
     assert [x.request for x in placed] == [p.text for p in PROMPTS]  # one each, in order
     assert [x.label for x in placed] == [p.label for p in PROMPTS]
     assert {x.context for x in placed} <= set(FIT_CONTEXTS) and len({x.context for x in placed}) >= 4
     assert fit_mix(PROMPTS) == mixed and fit_mix(PROMPTS, seed=1) != mixed  # seeded
-    assert {x.context for x in fit_mix(PROMPTS, kinds=("rag",))[len(PROMPTS):]} == {"rag"}
+    assert {x.context for x in fit_mix(PROMPTS, kinds=("rag",))[len(PROMPTS):]} == {"rag"}  # no tool use without tools
     fit_passages = set(material("fit").passages)
     assert all(any(p in _contents(x) for p in fit_passages) for x in placed if x.context == "rag")
 
 
 def test_fit_mix_keeps_image_prompts_bare_and_refuses_unknown_kinds():
     pic = LabelledPrompt("what is in this picture?", 0, image=Image.new("RGB", (8, 8)))
-    assert fit_mix([pic, PROMPTS[0]]) [:2] == [pic, PROMPTS[0]] and len(fit_mix([pic, PROMPTS[0]])) == 3
+    mixed = fit_mix([pic, PROMPTS[0]], kinds=("rag",))
+    assert mixed[:2] == [pic, PROMPTS[0]] and len(mixed) == 3 and mixed[2].request == PROMPTS[0].text
     for bad in (("bare",), ("nope",), ()):
         with pytest.raises(InvalidInputError, match="context kinds must be"):
             fit_mix(PROMPTS, kinds=bad)
