@@ -63,8 +63,9 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
 
 def _in_contexts(args, items: list, sources: list[str], model, processor) -> tuple[list, list[str]]:
     """The fit items as the shipped profiles are fitted: each once bare and once placed in one of
-    ``--contexts`` (``ohd_guard.contexts.fit_mix``); unchanged with ``--contexts none``. A placed
-    prompt longer than the model's context window is left out (said on stderr)."""
+    ``--contexts`` (``ohd_guard.contexts.fit_mix``), with ``tools`` also the requests addressed to a
+    bound tool (``tool_use``); unchanged with ``--contexts none``. A placed prompt longer than the
+    model's context window is left out (said on stderr)."""
     if not args.contexts:
         return items, sources
     from ohd_guard.adapters import get_adapter
@@ -80,8 +81,9 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
     if len(fits) < len(placed):
         print(f"note: {len(placed) - len(fits)} of {len(placed)} prompts placed in a context are longer than the "
               f"model's context window ({window} tokens) and left out", file=sys.stderr, flush=True)
+    tool_use = " and the requests addressed to a bound tool (tool_use)" if "tools" in args.contexts else ""
     return [*items, *fits], [*sources, f"each once in a context ({', '.join(args.contexts)}) of ohd_guard.contexts "
-                                       "(fit material)"]
+                                       f"(fit material){tool_use}"]
 
 
 def _contexts(value: str) -> tuple[str, ...]:
@@ -267,8 +269,8 @@ def add_parser(sub) -> None:
     c.add_argument("--output", "-o", type=Path, required=True, help="where the profile JSON is written")
     c.add_argument("--contexts", type=_contexts, default="all", metavar="all|none|KIND,...",
                    help="also fit on each prompt placed once in one of these contexts (tools, rag, history, operator, "
-                        "jailbreak, padding; ohd_guard.contexts), as the shipped profiles are (default: all); none "
-                        "fits on the bare prompts only")
+                        "structured, jailbreak, padding; ohd_guard.contexts; tools also adds requests addressed to a "
+                        "bound tool), as the shipped profiles are (default: all); none fits on the bare prompts only")
     c.add_argument("--heads", type=positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
     c.add_argument("--pool", choices=["last", "mean", "max", "content-mean", "content-max"], default="mean",
                    help="residual: read the last prompt token, the mean / max over every prompt position, or over "

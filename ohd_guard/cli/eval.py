@@ -139,7 +139,7 @@ def add_parser(sub) -> None:
                    help="comma-separated subset of the attacks (default: all)")
     e.add_argument("--contexts", type=_context_names, action="append", default=None, metavar="NAMES",
                    help="evaluate every set's text items placed in these contexts instead (comma-separated, from: "
-                        "bare, tools, rag, history, operator, jailbreak, padding; bare is always added) with "
+                        "bare, tools, rag, history, operator, structured, jailbreak, padding; bare is always added) with "
                         "held-out context material: DR/FPR/AUROC per context and the change from bare")
     e.add_argument("--context-limit", type=positive_int, default=None, metavar="N",
                    help="with --contexts: place at most N unsafe and N safe items of each set, evenly spread through it "
