@@ -75,6 +75,57 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_dev: int,
+                extra_per_set: int) -> dict[str, Any]:
+    """The fit items (bare, then in context, then tool use), the evaluation sets and the fit's sources, as
+    ``fit_bare``, ``fit_all``, ``sources``, ``evals`` (held-out split per context), ``tc`` (ToxicChat
+    dev) and ``extra`` (held-out tool use, look-alikes, public harmful sets, attacks). Deterministic:
+    every script comparing candidates on these sizes sees the same items."""
+    from ohd_guard.attacks import make_attacks
+    from ohd_guard.contexts import fit_mix, in_contexts, tool_use
+    from ohd_guard.datasets import (
+        dedupe_against,
+        load_calibration_prompts,
+        load_shared_set,
+        shipped_fit_items,
+        split_dev,
+        stratified,
+    )
+
+    items, sources = shipped_fit_items()
+    bare = stratified([p for p in items if p.label == 1], per_class, seed=0)
+    bare += stratified([p for p in items if p.label == 0], per_class, seed=0)
+    tc_fit, tc_dev = split_dev(load_shared_set("toxicchat_train_human"), 0.25, seed=0)
+    gr_fit, _ = split_dev(load_shared_set("guardreasonertrain_prompts_5k"), 0.25, seed=0)
+    traffic = []
+    for src in (tc_fit, gr_fit):
+        for label in (1, 0):
+            traffic += stratified([p for p in src if p.label == label], traffic_n // 2, seed=0)
+    fit_bare = bare + traffic
+    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then the tool-use items
+    sources = [*sources, "toxicchat_train_human (fit split)", "guardreasonertrain_prompts_5k (fit split)",
+               "each once in a context of ohd_guard.contexts (fit material)"]
+    held = dedupe_against(load_calibration_prompts("heldout"), fit_bare)
+    hu = stratified([p for p in held if p.label == 1], eval_per_class, seed=1)
+    hs = stratified([p for p in held if p.label == 0], eval_per_class, seed=1)
+    evals = {c: in_contexts(hu + hs, kinds=(c,), seed=1, split="heldout") for c in EVAL_CONTEXTS}
+    tc = dedupe_against(tc_dev, fit_bare)
+    if len(tc) > toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
+        tc = random.Random(2).sample(tc, toxicchat_dev)
+    extra: dict[str, list] = {"held-out tool use": tool_use("heldout")}  # requests addressed to held-out tools
+    if extra_per_set:  # bare look-alikes, public harmful sets and adaptive attacks, none fitted on
+        k = extra_per_set
+        extra["own look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
+        for name in ("oktest", "phtest_harmless", "coconot_contrast", "orbench_hard", "advbench", "harmfulqa",
+                     "catqa", "do_not_answer", "past_tense"):
+            extra[name] = stratified(dedupe_against(load_shared_set(name), fit_bare), k, seed=4)
+        seeds = stratified([p for p in held if p.label == 1 and not p.category.startswith("contrast_")], k, seed=5)
+        attacks = make_attacks(seeds, ("instruction_suffix", "benign_padding", "past_tense", "jailbreak_wrapper",
+                                       "multi_turn", "split_turns"), include_direct=False)
+        extra.update({f"attack: {a}": v for a, v in attacks.items()})
+    return dict(fit_bare=fit_bare, fit_all=fit_all, sources=sources, evals=evals, tc=tc, extra=extra)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default); a local "
@@ -106,16 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from ohd_guard.app_cases import app_cases
-    from ohd_guard.attacks import make_attacks
-    from ohd_guard.contexts import fit_mix, in_contexts, tool_use
-    from ohd_guard.datasets import (
-        dedupe_against,
-        load_calibration_prompts,
-        load_shared_set,
-        shipped_fit_items,
-        split_dev,
-        stratified,
-    )
+    from ohd_guard.datasets import stratified
     from ohd_guard.detectors import Judge, ResidualProbe, SAHs, shared_prefill
     from ohd_guard.detectors.base import probe_threshold
     from ohd_guard.evaluation import joint_scores
@@ -131,39 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model)
 
     # -- data ----------------------------------------------------------------------------------
-    items, sources = shipped_fit_items()
-    bare = stratified([p for p in items if p.label == 1], args.per_class, seed=0)
-    bare += stratified([p for p in items if p.label == 0], args.per_class, seed=0)
-    tc_fit, tc_dev = split_dev(load_shared_set("toxicchat_train_human"), 0.25, seed=0)
-    gr_fit, _ = split_dev(load_shared_set("guardreasonertrain_prompts_5k"), 0.25, seed=0)
-    traffic = []
-    for src in (tc_fit, gr_fit):
-        for label in (1, 0):
-            traffic += stratified([p for p in src if p.label == label], args.traffic // 2, seed=0)
-    fit_bare = bare + traffic
-    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then the tool-use items
+    data = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set)
+    fit_bare, fit_all, sources, evals, tc, extra = (data[k] for k in ("fit_bare", "fit_all", "sources", "evals", "tc",
+                                                                     "extra"))
     fit_ctx = fit_all[len(fit_bare):]
     y_all = np.array([x.label for x in fit_all])
-    sources = [*sources, "toxicchat_train_human (fit split)", "guardreasonertrain_prompts_5k (fit split)",
-               "each once in a context of ohd_guard.contexts (fit material)"]
-    held = dedupe_against(load_calibration_prompts("heldout"), fit_bare)
-    hu = stratified([p for p in held if p.label == 1], args.eval_per_class, seed=1)
-    hs = stratified([p for p in held if p.label == 0], args.eval_per_class, seed=1)
-    evals = {c: in_contexts(hu + hs, kinds=(c,), seed=1, split="heldout") for c in EVAL_CONTEXTS}
-    tc = dedupe_against(tc_dev, fit_bare)
-    if len(tc) > args.toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
-        tc = random.Random(2).sample(tc, args.toxicchat_dev)
-    extra: dict[str, list] = {"held-out tool use": tool_use("heldout")}  # requests addressed to held-out tools
-    if args.extra_per_set:  # bare look-alikes, public harmful sets and adaptive attacks, none fitted on
-        k = args.extra_per_set
-        extra["own look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
-        for name in ("oktest", "phtest_harmless", "coconot_contrast", "orbench_hard", "advbench", "harmfulqa",
-                     "catqa", "do_not_answer", "past_tense"):
-            extra[name] = stratified(dedupe_against(load_shared_set(name), fit_bare), k, seed=4)
-        seeds = stratified([p for p in held if p.label == 1 and not p.category.startswith("contrast_")], k, seed=5)
-        attacks = make_attacks(seeds, ("instruction_suffix", "benign_padding", "past_tense", "jailbreak_wrapper",
-                                       "multi_turn", "split_turns"), include_direct=False)
-        extra.update({f"attack: {a}": v for a, v in attacks.items()})
+    hu = [x for x in evals["bare"] if x.label == 1]
+    hs = [x for x in evals["bare"] if x.label == 0]
     say(f"fit: {len(fit_bare)} bare ({int(y_all[:len(fit_bare)].sum())} unsafe) + {len(fit_ctx)} in context "
         f"({int(y_all[len(fit_bare):].sum())} unsafe); "
         f"eval: {len(hu)}+{len(hs)} held-out x {len(EVAL_CONTEXTS)} contexts, ToxicChat dev {len(tc)} "

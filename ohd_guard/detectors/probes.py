@@ -135,7 +135,17 @@ class SAHs(Detector):
         check_sets(unsafe, safe)
         t0 = time.perf_counter()
         feats = PrefillReader(model, processor).read(list(unsafe) + list(safe), self.batch_size).heads
+        return self.fit_heads(model, processor, feats, unsafe, safe, t0)
+
+    def fit_heads(self, model, processor, feats: np.ndarray, unsafe: Sequence[Any], safe: Sequence[Any],
+                  started: float | None = None) -> "SAHs":
+        """Fit on every head's last-token output already read (``PrefillReader(...).read(unsafe + safe).heads``,
+        ``[N, layers, heads, head_dim]``): probe settings compared on one set of reads, without a prefill each."""
+        check_sets(unsafe, safe)
+        t0 = time.perf_counter() if started is None else started
         y = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
+        if feats.ndim != 4 or feats.shape[0] != len(y):
+            raise InvalidInputError(f"expected heads of shape [{len(y)}, layers, heads, head_dim], got {feats.shape}")
         ranked = self.rank_heads(feats, y)[: self.top_k]
         heads = [HeadRef(layer=r[2], head=r[3]) for r in ranked]
         X = self._design(feats, heads)

@@ -80,6 +80,19 @@ def test_sahs_ranks_planted_head_first_and_separates(planted_model, tmp_path):
     np.testing.assert_allclose(same.score(trig(TEST) + TEST), s)
 
 
+def test_sahs_fitted_on_ready_reads_is_the_same_probe(planted_model):
+    """``fit_heads`` (probe settings compared on one set of reads) is exactly ``fit`` without the prefill."""
+    model, tok, _ = planted_model
+    unsafe, safe = trig(TRAIN), TRAIN
+    feats = PrefillReader(model, tok).read(unsafe + safe).heads
+    a = SAHs(top_k=3, folds=4).fit(model, tok, unsafe, safe).profile
+    b = SAHs(top_k=3, folds=4).fit_heads(model, tok, feats, unsafe, safe).profile
+    assert b.heads == a.heads and b.data_hash == a.data_hash
+    np.testing.assert_allclose(b.coef, a.coef, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InvalidInputError, match="expected heads of shape"):
+        SAHs().fit_heads(model, tok, feats[:-1], unsafe, safe)
+
+
 def test_hiddendetect_band_starts_where_the_planted_signal_does(tmp_path):
     """Make the planted head (layer 2) write along the LM-head rows of the refusal tokens: the logit
     lens sees refusal only from layer 2 on, and the chosen band must not start earlier."""
