@@ -95,11 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     F = reads["fit"]
     y_fit = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
 
-    def linear(profile: Any) -> tuple[Any, list]:
-        return profile.logistic(), list(profile.heads)
-
     def scorer(profile: Any):
-        lg, heads = linear(profile)
+        lg, heads = profile.logistic(), list(profile.heads)
         return lambda feats: lg.decision(SAHs._design(feats, heads))
 
     def fit(k: int, idx: np.ndarray | None = None, l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)) -> Any:

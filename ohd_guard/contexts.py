@@ -228,11 +228,15 @@ def _schemas(m: ContextMaterial, rng: random.Random, first: dict[str, Any] | Non
     return [t["schema"] for t in chosen]
 
 
+def _operator_first(m: ContextMaterial, rng: random.Random) -> list[dict[str, Any]]:
+    """An operator's system prompt, 30 % of the time: agents and structured-output apps often have one,
+    and ``with_tools`` / ``with_system_section`` append their section to it."""
+    return [{"role": "system", "content": rng.choice(m.operators)}] if rng.random() < 0.3 else []
+
+
 def _tools(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, list[dict[str, Any]]]:
     variant = rng.choice(("defs", "defs", "round", "after_call", "in_result"))
-    msgs: list[dict[str, Any]] = []
-    if rng.random() < 0.3:  # agents often have an operator prompt too; with_tools appends to it
-        msgs.append({"role": "system", "content": rng.choice(m.operators)})
+    msgs = _operator_first(m, rng)
     if variant == "defs":
         schemas = _schemas(m, rng, None)
         msgs.append(_user(text))
@@ -285,9 +289,9 @@ def _history(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, li
 
 
 def _structured(text: str, m: ContextMaterial, rng: random.Random) -> tuple[str, list[dict[str, Any]]]:
-    """The request with a JSON-answer instruction in the system prompt, as structured-output chat
-    models render it (``ChatOhdGuard.with_structured_output``, the server's ``response_format``)."""
-    msgs = [{"role": "system", "content": rng.choice(m.operators)}] if rng.random() < 0.3 else []
+    """The request with a JSON-answer instruction in the system prompt, as
+    ``ChatOhdGuard.with_structured_output`` renders it (:func:`~ohd_guard.tools.response_instruction`)."""
+    msgs = _operator_first(m, rng)
     if rng.random() < 0.8:
         variant, fmt = "json_schema", {"type": "json_schema", "json_schema": {"schema": rng.choice(m.schemas)}}
     else:
@@ -366,7 +370,7 @@ def tool_use(split: Split = "fit", seed: int = 0) -> list[ContextConversation]:
     for name, ask, label in m.tool_asks + tuple((t["schema"]["function"]["name"], t["call"]["ask"], 0) for t in m.tools):
         rng = random.Random(f"{seed}:{split}:tool_use:{ask}")
         tool = _tool_named(m, name)
-        msgs = [{"role": "system", "content": rng.choice(m.operators)}] if rng.random() < 0.3 else []
+        msgs = _operator_first(m, rng)
         out.append(ContextConversation(
             with_tools([*msgs, _user(ask)], _schemas(m, rng, tool), rng.choice((None, None, "auto"))), label,
             "tool misuse" if label else "tool use", "ohd_guard.contexts", context="tools", variant="tools/own_use",
