@@ -45,6 +45,7 @@ __all__ = [
     "in_contexts",
     "material",
     "place",
+    "structured_use",
     "tool_use",
 ]
 
@@ -145,6 +146,7 @@ class ContextMaterial:
     harmful_turns: tuple[tuple[str, str], ...]  # (harmful user request, assistant refusal)
     tool_asks: tuple[tuple[str, str, int], ...] = ()  # (tool name, a request addressed to it, label)
     schemas: tuple[dict[str, Any], ...] = ()  # JSON schemas a structured-output request asks the answer to follow
+    schema_asks: tuple[tuple[str, str, int], ...] = ()  # (schema title, a request for an answer in it, label)
 
 
 @cache
@@ -196,6 +198,8 @@ def material(split: Split = "fit", passages: Sequence[str | LabelledPrompt] = ()
         tool_asks=tuple((n, ask, label) for n in sorted(names) for label, key in ((0, "benign"), (1, "harmful"))
                         for ask in raw["tool_asks"][n][key]),
         schemas=_half(raw["response_schemas"], split),
+        schema_asks=tuple((s["title"], ask, label) for s in _half(raw["response_schemas"], split)
+                          for label, key in ((0, "benign"), (1, "harmful")) for ask in raw["schema_asks"][s["title"]][key]),
     )
 
 
@@ -384,11 +388,31 @@ def tool_use(split: Split = "fit", seed: int = 0) -> list[ContextConversation]:
     return out
 
 
+def structured_use(split: Split = "fit", seed: int = 0) -> list[ContextConversation]:
+    """Requests asking for an answer in a JSON schema made for them, both labels: what the schema is for
+    ("How do I change a flat tyre?" with a steps schema, benign) or harm in its shape (the steps to make
+    a Molotov cocktail, label 1), as ``ChatOhdGuard.with_structured_output`` renders them
+    ("structured/own_use"). Placing other prompts beside a schema never shows a probe the schema's own
+    use, and a 64-head probe fitted without it flagged langchain-tests' structured-output joke."""
+    _check_split(split)
+    m = material(split)
+    by_title = {s["title"]: s for s in m.schemas}
+    out = []
+    for title, ask, label in m.schema_asks:
+        rng = random.Random(f"{seed}:{split}:structured_use:{ask}")
+        fmt = {"type": "json_schema", "json_schema": {"schema": by_title[title]}}
+        msgs = with_system_section([*_operator_first(m, rng), _user(ask)], response_instruction(fmt))
+        out.append(ContextConversation(msgs, label, "structured misuse" if label else "structured use",
+                                       "ohd_guard.contexts", context="structured", variant="structured/own_use",
+                                       request=ask))
+    return out
+
+
 def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEXTS, seed: int = 0,
             split: Split = "fit") -> list[LabelledPrompt | ContextConversation]:
     """The shipped fits' recipe: every prompt once bare, then once in one context of ``kinds`` drawn
     for it (seeded), from the ``split`` material, then (when ``kinds`` has ``tools``) the
-    :func:`tool_use` items of that material. A probe fitted on bare prompts alone reads their
+    :func:`tool_use` items of that material and (when it has ``structured``) its :func:`structured_use` items. A probe fitted on bare prompts alone reads their
     surface form and moves when tools, RAG templates, history or operator prompts surround them; this
     keeps the bare prompts and adds the same requests (labels kept) in the contexts users run.
     Prompts with an image stay bare only."""
@@ -399,7 +423,8 @@ def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEX
     m = material(split)
     placed = [_place(p, pick.choice(list(kinds)), random.Random(f"fit:{i}"), m) for i, p in enumerate(prompts)
               if getattr(p, "image", None) is None]
-    return [*prompts, *placed, *(tool_use(split, seed) if "tools" in kinds else [])]
+    return [*prompts, *placed, *(tool_use(split, seed) if "tools" in kinds else []),
+            *(structured_use(split, seed) if "structured" in kinds else [])]
 
 
 def in_contexts(

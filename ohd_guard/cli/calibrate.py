@@ -64,7 +64,8 @@ def _fit_items(args) -> tuple[list, list, list[str]]:
 def _in_contexts(args, items: list, sources: list[str], model, processor) -> tuple[list, list[str]]:
     """The fit items as the shipped profiles are fitted: each once bare and once placed in one of
     ``--contexts`` (``ohd_guard.contexts.fit_mix``), with ``tools`` also the requests addressed to a
-    bound tool (``tool_use``); unchanged with ``--contexts none``. A placed prompt longer than the
+    bound tool (``tool_use``), with ``structured`` the requests a response schema is for
+    (``structured_use``); unchanged with ``--contexts none``. A placed prompt longer than the
     model's context window is left out (said on stderr)."""
     if not args.contexts:
         return items, sources
@@ -81,9 +82,11 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
     if len(fits) < len(placed):
         print(f"note: {len(placed) - len(fits)} of {len(placed)} prompts placed in a context are longer than the "
               f"model's context window ({window} tokens) and left out", file=sys.stderr, flush=True)
-    tool_use = " and the requests addressed to a bound tool (tool_use)" if "tools" in args.contexts else ""
+    extra = [text for kind, text in (("tools", "the requests addressed to a bound tool (tool_use)"),
+                                     ("structured", "the requests in a response schema made for them (structured_use)"))
+             if kind in args.contexts]
     return [*items, *fits], [*sources, f"each once in a context ({', '.join(args.contexts)}) of ohd_guard.contexts "
-                                       f"(fit material){tool_use}"]
+                                       f"(fit material){''.join(' and ' + t for t in extra)}"]
 
 
 def _contexts(value: str) -> tuple[str, ...]:

@@ -77,13 +77,14 @@ def test_calibrate_contexts_choose_what_the_prompts_are_placed_in(saved, tmp_pat
 
 def test_placed_prompts_longer_than_the_window_are_left_out_and_said(default_profile, saved, capsys):
     """The default places prompts in every context and adds the requests addressed to a bound tool
-    (30 harmful, 50 benign); the tiny model's 512-token window cannot hold the longest placements
+    (30 harmful, 50 benign) and the requests in a schema made for them (15 and 15); the tiny model's 512-token window cannot hold the longest placements
     (RAG, padding, several tools), which are dropped with a note instead of failing the fit."""
-    from ohd_guard.contexts import FIT_CONTEXTS, tool_use
+    from ohd_guard.contexts import FIT_CONTEXTS, structured_use, tool_use
 
     profile = load_profile(default_profile)
-    assert any(f"in a context ({', '.join(FIT_CONTEXTS)})" in s and "tool_use" in s for s in profile.sources)
-    n_tool = {label: sum(x.label == label for x in tool_use("fit")) for label in (0, 1)}
+    assert any(f"in a context ({', '.join(FIT_CONTEXTS)})" in s and "tool_use" in s and "structured_use" in s
+               for s in profile.sources)
+    n_tool = {label: sum(x.label == label for x in tool_use("fit") + structured_use("fit")) for label in (0, 1)}
     assert 8 < profile.n_unsafe < 16 + n_tool[1] and 8 < profile.n_safe < 16 + n_tool[0]
 
 

@@ -22,6 +22,7 @@ from ohd_guard.contexts import (
     in_contexts,
     material,
     place,
+    structured_use,
     tool_use,
 )
 from ohd_guard.conversation import to_conversation
@@ -136,7 +137,8 @@ def test_material_is_well_formed():
 
 def test_every_item_converts_and_renders_with_a_chat_template(fit_items, heldout_items):
     _, tok = tiny_model("qwen2")
-    items = fit_items + tool_use("fit") + heldout_items + tool_use("heldout")
+    items = [*fit_items, *tool_use("fit"), *structured_use("fit"), *heldout_items, *tool_use("heldout"),
+             *structured_use("heldout")]
     convs = [to_conversation(x.messages) for x in items]
     for x, c in zip(items, convs):
         rendered = tok.apply_chat_template(c.to_text_chat_messages(), tokenize=False, add_generation_prompt=True)
@@ -265,15 +267,33 @@ def test_tool_use_addresses_a_bound_tool_with_both_labels():
             assert has_tool_result(x.messages) and x.messages[-2]["tool_calls"][0]["function"]["name"] in _tool_names(x)
 
 
+def test_structured_use_asks_for_an_answer_in_a_schema_made_for_it_with_both_labels():
+    items = structured_use("fit")
+    assert structured_use("fit") == items and structured_use("fit", seed=1) != items  # seeded
+    assert Counter(x.label for x in items) == {0: 15, 1: 15}
+    fit, held = material("fit"), material("heldout")
+    asks = {ask: (title, label) for title, ask, label in fit.schema_asks}
+    for x in items:
+        title, label = asks[x.request]
+        schema = next(s for s in fit.schemas if s["title"] == title)
+        assert x.context == "structured" and x.variant == "structured/own_use" and x.label == label
+        assert x.messages[-1] == {"role": "user", "content": x.request}
+        assert x.messages[0]["role"] == "system" and json.dumps(schema, sort_keys=True) in _contents(x)
+    # the joke schema (langchain-tests' app case) and its requests are held out
+    assert "Joke" in {s["title"] for s in held.schemas} and "Joke" not in {t for t, _, _ in fit.schema_asks}
+    assert not {x.request for x in items} & {x.request for x in structured_use("heldout")}
+
+
 def test_fit_mix_is_the_bare_prompts_then_each_once_in_a_drawn_context():
     mixed = fit_mix(PROMPTS)
-    assert mixed[: len(PROMPTS)] == PROMPTS and mixed[2 * len(PROMPTS):] == tool_use("fit")
+    assert mixed[: len(PROMPTS)] == PROMPTS and mixed[2 * len(PROMPTS):] == tool_use("fit") + structured_use("fit")
     placed = mixed[len(PROMPTS): 2 * len(PROMPTS)]
     assert [x.request for x in placed] == [p.text for p in PROMPTS]  # one each, in order
     assert [x.label for x in placed] == [p.label for p in PROMPTS]
     assert {x.context for x in placed} <= set(FIT_CONTEXTS) and len({x.context for x in placed}) >= 4
     assert fit_mix(PROMPTS) == mixed and fit_mix(PROMPTS, seed=1) != mixed  # seeded
     assert {x.context for x in fit_mix(PROMPTS, kinds=("rag",))[len(PROMPTS):]} == {"rag"}  # no tool use without tools
+    assert fit_mix(PROMPTS, kinds=("structured",))[2 * len(PROMPTS):] == structured_use("fit")
     fit_passages = set(material("fit").passages)
     assert all(any(p in _contents(x) for p in fit_passages) for x in placed if x.context == "rag")
 
