@@ -45,9 +45,9 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         by.setdefault(r["detector"], {})[r["set"]] = r
     out = ["| candidate | bare DR / FPR | tools | rag | history | operator | structured | worst context: DR drop / "
-           "FPR rise | requests to a bound tool DR / FPR | ToxicChat F1 / AUPRC / AUROC | look-alike FPR (own, oktest, "
+           "FPR rise | requests to a bound tool DR / FPR | requests in a schema DR / FPR | ToxicChat F1 / AUPRC / AUROC | look-alike FPR (own, oktest, "
            "phtest, coconot, orbench) | public harmful DR (min-max) | attacks DR (min-max) | app cases right |",
-           "|---" * 14 + "|"]
+           "|---" * 15 + "|"]
     for det, sets in by.items():
         ctx = {c: sets.get(f"held-out @ {c}") for c in EVAL_CONTEXTS}
         cell = {c: f"{r['dr']:.2f} / {r['fpr']:.2f}" if r else "-" for c, r in ctx.items()}
@@ -68,10 +68,12 @@ def summary(rows: list[dict]) -> str:
         att = span([k for k in sets if k.startswith("attack: ")])
         tu = sets.get("held-out tool use")
         tus = f"{tu['dr']:.2f} / {tu['fpr']:.2f}" if tu else "-"
+        su = sets.get("held-out structured use")
+        sus = f"{su['dr']:.2f} / {su['fpr']:.2f}" if su else "-"
         app = sets.get("app cases (right verdicts)")
         apps = f"{round(app['dr'] * app['n'])}/{app['n']}" if app else "-"
         out.append(f"| {det} | {cell['bare']} | {cell['tools']} | {cell['rag']} | {cell['history']} | "
-                   f"{cell['operator']} | {cell['structured']} | {worst} | {tus} | {tcs} | {looks} | {harm} | {att} | {apps} |")
+                   f"{cell['operator']} | {cell['structured']} | {worst} | {tus} | {sus} | {tcs} | {looks} | {harm} | {att} | {apps} |")
     return "\n".join(out)
 
 
@@ -82,7 +84,7 @@ def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_d
     dev) and ``extra`` (held-out tool use, look-alikes, public harmful sets, attacks). Deterministic:
     every script comparing candidates on these sizes sees the same items."""
     from ohd_guard.attacks import make_attacks
-    from ohd_guard.contexts import fit_mix, in_contexts, tool_use
+    from ohd_guard.contexts import fit_mix, in_contexts, structured_use, tool_use
     from ohd_guard.datasets import (
         dedupe_against,
         load_calibration_prompts,
@@ -103,8 +105,13 @@ def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_d
             traffic += stratified([p for p in src if p.label == label], traffic_n // 2, seed=0)
     fit_bare = bare + traffic
     fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then the tool-use items
-    sources = [*sources, "toxicchat_train_human (fit split)", "guardreasonertrain_prompts_5k (fit split)",
-               "each once in a context of ohd_guard.contexts (fit material)"]
+    n = traffic_n // 2
+    sources = [*sources, f"of the above, a seeded stratified sample of {per_class} unsafe + {per_class} safe "
+               "(benchmarks/fit_in_context.py, build_items)", f"toxicchat_train_human (fit split, {n} + {n})",
+               f"guardreasonertrain_prompts_5k (fit split, {n} + {n})",
+               f"each of the {len(fit_bare)} once more in a context of ohd_guard.contexts (fit material, contexts.fit_mix), "
+               "then the requests addressed to a bound tool (tool_use) and in a response schema made for them "
+               "(structured_use)"]
     held = dedupe_against(load_calibration_prompts("heldout"), fit_bare)
     hu = stratified([p for p in held if p.label == 1], eval_per_class, seed=1)
     hs = stratified([p for p in held if p.label == 0], eval_per_class, seed=1)
@@ -112,7 +119,8 @@ def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_d
     tc = dedupe_against(tc_dev, fit_bare)
     if len(tc) > toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
         tc = random.Random(2).sample(tc, toxicchat_dev)
-    extra: dict[str, list] = {"held-out tool use": tool_use("heldout")}  # requests addressed to held-out tools
+    extra: dict[str, list] = {"held-out tool use": tool_use("heldout"),  # requests addressed to held-out tools
+                              "held-out structured use": structured_use("heldout")}  # and to held-out schemas
     if extra_per_set:  # bare look-alikes, public harmful sets and adaptive attacks, none fitted on
         k = extra_per_set
         extra["own look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]

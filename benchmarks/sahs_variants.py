@@ -18,6 +18,10 @@ threshold is each probe's own (probability 0.5), fixed at fit time.
 
     python benchmarks/sahs_variants.py --reads /tmp/reads.npz --per-class 250 --traffic 200 \\
         --eval-per-class 40 --toxicchat-dev 400 --extra-per-set 30
+
+Reads are cached per item (key: the item's messages), so a run with more items reads only the new ones.
+``--select-heads 16,32,48,64`` first picks the number of heads on a dev split of the *fit* items (never
+the evaluation sets); ``--write kN PATH`` saves that variant's profile with its held-out metrics.
 """
 
 from __future__ import annotations
@@ -33,13 +37,23 @@ import numpy as np
 from fit_in_context import build_items, summary
 
 
-def _digest(sets: dict[str, list]) -> str:
-    h = hashlib.sha256()
-    for name, items in sets.items():
-        h.update(name.encode())
-        for x in items:
-            h.update(repr(getattr(x, "messages", None) or getattr(x, "text", x)).encode())
-    return h.hexdigest()
+def _key(x: Any) -> str:
+    """An item's cache key: its messages (or text) and image bytes; the same conversation in two sets, or in
+    two runs with other sizes, is read once."""
+    h = hashlib.sha256(repr(getattr(x, "messages", None) or getattr(x, "text", x)).encode())
+    if (img := getattr(x, "image", None)) is not None:
+        h.update(img.tobytes() if hasattr(img, "tobytes") else repr(img).encode())
+    return h.hexdigest()[:32]
+
+
+def _group_dev_split(items: list, share: float, seed: int) -> np.ndarray:
+    """A dev mask over the fit items holding out ``share`` of the *requests*: a prompt's bare item and its
+    placed copy land on the same side, so the dev score is not a memorised twin."""
+    groups = [getattr(x, "request", "") or x.text for x in items]
+    uniq = sorted(set(groups))
+    dev = set(np.random.default_rng(seed).permutation(len(uniq))[: int(share * len(uniq))].tolist())
+    held = {uniq[i] for i in dev}
+    return np.array([g in held for g in groups])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,10 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--bags", type=int, default=10)
     ap.add_argument("--variants", default="shipped,k8,k16,k32,k64,k16 l2<=100,bag k16,shipped + k16")
+    ap.add_argument("--select-heads", default=None, metavar="K,K,...",
+                    help="first choose the number of heads on a dev split of the FIT items (a quarter of the requests, "
+                         "bare and placed copies together): fit on the rest, print dev log-loss/AUROC per context, "
+                         "and pick the lowest dev log-loss (within 0.005: fewer heads); adds that kN to --variants")
+    ap.add_argument("--write", nargs=2, default=None, metavar=("VARIANT", "PATH"),
+                    help="save a kN variant's profile ('selected': the one --select-heads chose), fitted on all fit "
+                         "items, with the fit's sources and its metrics on the whole held-out calibration split, bare")
     args = ap.parse_args(argv)
+    if args.write and not ((args.write[0] == "selected" and args.select_heads)
+                           or (args.write[0].startswith("k") and args.write[0][1:].isdigit())):
+        ap.error(f"--write: only a kN variant (or 'selected' with --select-heads) has one profile, not {args.write[0]!r}")
 
     from ohd_guard.app_cases import app_cases
+    from ohd_guard.datasets import load_calibration_prompts
     from ohd_guard.detectors import PrefillReader, SAHs, load_profile
+    from ohd_guard.detectors.base import evaluate_scores
     from ohd_guard.loading import load_model
     from ohd_guard.metrics import auroc, average_precision, f1_at_threshold, tpr_at_fpr
     from ohd_guard.shipped import default_profile
@@ -74,23 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     sets[f"ToxicChat dev ({sum(p.label for p in tc)}/{len(tc)} toxic)"] = tc
     sets.update(d["extra"])
     sets["app cases (right verdicts)"] = app_cases()
-    digest = _digest(sets)
-    reads: dict[str, np.ndarray] = {}
+    if args.write:  # the profile records its metrics on the whole held-out split, as every shipped profile does
+        sets["held-out split (all, bare)"] = load_calibration_prompts("heldout")
+    cache: dict[str, np.ndarray] = {}
     if args.reads.exists():
         with np.load(args.reads) as z:
-            if str(z["digest"]) == digest:
-                reads = {name: z[f"set{k}"] for k, name in enumerate(sets)}
-                say(f"reads loaded from {args.reads}")
-            else:
-                say(f"{args.reads} holds other items: reading again")
-    if not reads:
-        reader = PrefillReader(model, tok)
+            cache = dict(zip(z["keys"].tolist(), z["heads"]))
+    keys = {name: [_key(x) for x in items] for name, items in sets.items()}
+    todo = {k: x for name, items in sets.items() for k, x in zip(keys[name], items) if k not in cache}
+    say(f"{len(cache)} reads cached in {args.reads}, {len(todo)} items to read")
+    if todo:
         t0 = time.perf_counter()
-        for name, items in sets.items():
-            reads[name] = reader.read(items, args.batch_size).heads.astype(np.float32)
-            say(f"read {name}: {len(items)} items ({time.perf_counter() - t0:.0f} s so far)")
-        np.savez(args.reads, digest=np.array(digest), **{f"set{k}": reads[n] for k, n in enumerate(sets)})
+        fresh = PrefillReader(model, tok).read(list(todo.values()), args.batch_size).heads.astype(np.float32)
+        cache.update(zip(todo, fresh))
+        say(f"read {len(todo)} items in {time.perf_counter() - t0:.0f} s")
+        np.savez(args.reads, keys=np.array(list(cache)), heads=np.stack(list(cache.values())))
         say(f"reads saved to {args.reads}")
+    reads = {name: np.stack([cache[k] for k in keys[name]]) for name in sets}
 
     F = reads["fit"]
     y_fit = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
@@ -108,7 +134,32 @@ def main(argv: list[str] | None = None) -> int:
 
     shipped = load_profile(default_profile())
     scorers: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}  # the kN variants' profiles, for --write
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.select_heads:
+        dev = _group_dev_split(sets["fit"], 0.25, seed=0)
+        ctx = np.array([getattr(x, "context", "bare") for x in sets["fit"]])
+        kinds = [c for c in dict.fromkeys(ctx[dev]) if len(set(y_fit[dev & (ctx == c)])) == 2]
+        print(f"| heads (dev: {int(dev.sum())} of {len(dev)} fit items, {int(y_fit[dev].sum())} unsafe) | L2 | "
+              "dev log-loss | dev AUROC | " + " | ".join(kinds) + " |")
+        print("|---:|" + "---:|" * (3 + len(kinds)))
+        losses = {}
+        for k in (int(v) for v in args.select_heads.split(",")):
+            prof = fit(k, np.flatnonzero(~dev))
+            z = scorer(prof)(F[dev])
+            y = y_fit[dev]
+            p = np.clip(1 / (1 + np.exp(-z)), 1e-12, 1 - 1e-12)
+            losses[k] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+            per = [auroc(z[ctx[dev] == c], y[ctx[dev] == c]) for c in kinds]
+            print(f"| {k} | {prof.l2:g} | {losses[k]:.4f} | {auroc(z, y):.3f} | " + " | ".join(f"{a:.3f}" for a in per) + " |")
+        best = min(losses.values())
+        chosen = min(k for k, v in losses.items() if v <= best + 0.005)
+        print(f"\nchosen on the dev split: {chosen} heads\n")
+        say(f"dev split chose k{chosen}")
+        if f"k{chosen}" not in wanted:
+            wanted.append(f"k{chosen}")
+        if args.write and args.write[0] == "selected":
+            args.write[0] = f"k{chosen}"
     for v in wanted:
         t0 = time.perf_counter()
         if v == "shipped":
@@ -128,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(scorer(fit(k, idx)))
             scorers[v] = lambda f, parts=parts: np.mean([p(f) for p in parts], axis=0)
         elif v.startswith("k") and v[1:].isdigit():
-            scorers[v] = scorer(fit(int(v[1:])))
+            profiles[v] = fit(int(v[1:]))
+            scorers[v] = scorer(profiles[v])
         else:
             ap.error(f"unknown variant {v!r}")
         say(f"{v}: ready ({time.perf_counter() - t0:.0f} s)")
@@ -163,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
         f = lambda k, r=r: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
         print(f"| {r['detector']} | {r['set']} | {r['n']} | {f('dr')} | {f('fpr')} | {f('auroc')} | {f('f1')} | {f('auprc')} |")
     print("\n" + summary(rows))
+    if args.write:
+        v, path = args.write
+        prof = profiles.get(v) or fit(int(v[1:]))
+        held = sets["held-out split (all, bare)"]
+        z, y = scorer(prof)(reads["held-out split (all, bare)"]), np.array([x.label for x in held])
+        m = evaluate_scores("heldout", z[y == 1], z[y == 0], prof.threshold)
+        prof.model_copy(update={"sources": d["sources"], "metrics": [*prof.metrics, m]}).save(path)
+        say(f"wrote {v} to {path}: held-out AUROC {m.auroc:.3f}, DR {m.detection_rate:.3f}, "
+            f"FPR {m.false_positive_rate:.3f}")
     return 0
 
 
