@@ -46,16 +46,6 @@ def _key(x: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def _group_dev_split(items: list, share: float, seed: int) -> np.ndarray:
-    """A dev mask over the fit items holding out ``share`` of the *requests*: a prompt's bare item and its
-    placed copy land on the same side, so the dev score is not a memorised twin."""
-    groups = [getattr(x, "request", "") or x.text for x in items]
-    uniq = sorted(set(groups))
-    dev = set(np.random.default_rng(seed).permutation(len(uniq))[: int(share * len(uniq))].tolist())
-    held = {uniq[i] for i in dev}
-    return np.array([g in held for g in groups])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reads", type=Path, required=True, help="npz of the reads (written once, reused when it matches)")
@@ -136,24 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     scorers: dict[str, Any] = {}
     profiles: dict[str, Any] = {}  # the kN variants' profiles, for --write
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.select_heads:
-        dev = _group_dev_split(sets["fit"], 0.25, seed=0)
+    if args.select_heads:  # the same choice as ohd-guard calibrate --heads auto|K,K,...
+        sel = SAHs(select_top_k=[int(v) for v in args.select_heads.split(",")])
+        chosen = sel.select_heads(F, y_fit, sets["fit"])
+        dev = sel.dev_mask_
         ctx = np.array([getattr(x, "context", "bare") for x in sets["fit"]])
         kinds = [c for c in dict.fromkeys(ctx[dev]) if len(set(y_fit[dev & (ctx == c)])) == 2]
         print(f"| heads (dev: {int(dev.sum())} of {len(dev)} fit items, {int(y_fit[dev].sum())} unsafe) | L2 | "
               "dev log-loss | dev AUROC | " + " | ".join(kinds) + " |")
         print("|---:|" + "---:|" * (3 + len(kinds)))
-        losses = {}
-        for k in (int(v) for v in args.select_heads.split(",")):
-            prof = fit(k, np.flatnonzero(~dev))
-            z = scorer(prof)(F[dev])
-            y = y_fit[dev]
-            p = np.clip(1 / (1 + np.exp(-z)), 1e-12, 1 - 1e-12)
-            losses[k] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+        y = y_fit[dev]
+        for r in sel.selection_:
+            z = r["dev_scores"]
             per = [auroc(z[ctx[dev] == c], y[ctx[dev] == c]) for c in kinds]
-            print(f"| {k} | {prof.l2:g} | {losses[k]:.4f} | {auroc(z, y):.3f} | " + " | ".join(f"{a:.3f}" for a in per) + " |")
-        best = min(losses.values())
-        chosen = min(k for k, v in losses.items() if v <= best + 0.005)
+            print(f"| {r['heads']} | {r['l2']:g} | {r['dev_log_loss']:.4f} | {auroc(z, y):.3f} | "
+                  + " | ".join(f"{a:.3f}" for a in per) + " |")
         print(f"\nchosen on the dev split: {chosen} heads\n")
         say(f"dev split chose k{chosen}")
         if f"k{chosen}" not in wanted:

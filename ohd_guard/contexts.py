@@ -45,6 +45,7 @@ __all__ = [
     "in_contexts",
     "material",
     "place",
+    "request_dev_mask",
     "structured_use",
     "tool_use",
 ]
@@ -406,6 +407,22 @@ def structured_use(split: Split = "fit", seed: int = 0) -> list[ContextConversat
                                        "ohd_guard.contexts", context="structured", variant="structured/own_use",
                                        request=ask))
     return out
+
+
+def request_dev_mask(items: Sequence[Any], share: float = 0.25, seed: int = 0) -> list[bool]:
+    """A dev split over fit items that holds back ``share`` of the *requests*: a prompt's bare item and
+    every placed copy of it (same :attr:`ContextConversation.request`) land on the same side, so a
+    choice made on the dev side (the SAHs head count) is not judged on a memorised twin. Seeded; the
+    held-back requests are a random permutation's first ``share``, by sorted request text."""
+    if not 0.0 < share < 1.0:
+        raise InvalidInputError(f"share must be strictly between 0 and 1, not {share!r}")
+    import numpy as np
+
+    groups = [x if isinstance(x, str) else (getattr(x, "request", "") or getattr(x, "text", "")
+                                            or repr(getattr(x, "messages", x))) for x in items]
+    uniq = sorted(set(groups))
+    held = {uniq[i] for i in np.random.default_rng(seed).permutation(len(uniq))[: int(share * len(uniq))].tolist()}
+    return [g in held for g in groups]
 
 
 def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEXTS, seed: int = 0,

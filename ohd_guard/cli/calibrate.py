@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,23 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
              if kind in args.contexts]
     return [*items, *fits], [*sources, f"each once in a context ({', '.join(args.contexts)}) of ohd_guard.contexts "
                                        f"(fit material){''.join(' and ' + t for t in extra)}"]
+
+
+AUTO_HEADS: tuple[int, ...] = (8, 16, 24, 32, 48, 64)
+"""The head counts ``--heads auto`` chooses from."""
+
+
+def _heads(value: str) -> tuple[int, ...]:
+    """``--heads``: one count, ``auto`` (:data:`AUTO_HEADS`) or a comma list of counts to choose from."""
+    if value.strip() == "auto":
+        return AUTO_HEADS
+    try:
+        counts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(k < 1 for k in counts):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, 'auto' or a comma list of them, not {value!r}")
+    return counts
 
 
 def _contexts(value: str) -> tuple[str, ...]:
@@ -218,24 +236,34 @@ def _calibrate_probe(args, model, processor, unsafe: list, safe: list, heldout_i
 
     from ohd_guard.detectors import Fused, HiddenDetect, OhdProfile, ResidualProbe, SAHs
     from ohd_guard.detectors.base import evaluate_scores
+    from ohd_guard.errors import InvalidInputError
 
     _note_resolution(args, len(safe))
     bs = args.batch_size
     rule: Any = {} if args.target_fpr is None else {"threshold": args.target_fpr}  # else the kind's default rule
+    if len(args.heads) > 1 and args.detector != "sahs":
+        raise InvalidInputError(f"--heads {','.join(map(str, args.heads))} chooses a count for --detector sahs only; "
+                                f"give {args.detector} one count")
     if args.detector == "sahs":
-        det: SAHs | ResidualProbe | HiddenDetect | Fused = SAHs(top_k=args.heads, batch_size=bs, **rule)
+        choose = {"select_top_k": args.heads} if len(args.heads) > 1 else {}
+        det: SAHs | ResidualProbe | HiddenDetect | Fused = SAHs(top_k=args.heads[0], batch_size=bs, **choose, **rule)
     elif args.detector == "residual":
         det = ResidualProbe(pool=args.pool, top_k=args.layers, batch_size=bs, **rule)
     elif args.detector == "hiddendetect":
         det = HiddenDetect(batch_size=bs, **rule)
     else:
         ohd = OhdProfile.load(args.ohd_profile or shipped(args)["ohd"], allow_edited=args.allow_edited)
-        det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads, batch_size=bs), batch_size=bs, **rule)
+        det = Fused(ohd, n_angles=args.angles, sahs=SAHs(top_k=args.heads[0], batch_size=bs), batch_size=bs, **rule)
     t0 = time.perf_counter()
     if not args.quiet:
         print(f"[calibrate] fitting {det.name} on {len(unsafe)} unsafe + {len(safe)} safe prompts", file=sys.stderr, flush=True)
     det.fit(model, processor, unsafe, safe)
     state = det.profile.model_copy(update={"sources": sources, "seconds": round(time.perf_counter() - t0, 2)})
+    if isinstance(det, SAHs) and det.selection_ and det.dev_mask_ is not None:
+        print(table([{k: r[k] for k in ("heads", "l2", "dev_log_loss")} for r in det.selection_],
+                    ["heads", "l2", "dev_log_loss"]))
+        print(f"heads chosen on a dev split of the fit items ({int(det.dev_mask_.sum())} of {len(det.dev_mask_)}): "
+              f"{det.top_k}")
     if args.detector == "hiddendetect" and (cv := _cross_validate(
             args, lambda u, s: HiddenDetect(batch_size=bs, **rule).fit(model, processor, u, s), unsafe, safe)):
         state = state.model_copy(update={"metrics": [*state.metrics, cv]})
@@ -274,7 +302,10 @@ def add_parser(sub) -> None:
                    help="also fit on each prompt placed once in one of these contexts (tools, rag, history, operator, "
                         "structured, jailbreak, padding; ohd_guard.contexts; tools also adds requests addressed to a "
                         "bound tool), as the shipped profiles are (default: all); none fits on the bare prompts only")
-    c.add_argument("--heads", type=positive_int, default=16, help="sahs/fused: heads in the probe (default 16)")
+    c.add_argument("--heads", type=_heads, default=(16,), metavar="N|auto|K,K,...",
+                   help="sahs: heads in the probe (default 16); 'auto' or a comma list chooses the count on a dev "
+                        "split of the fit items (a quarter of the requests; lowest dev log-loss, fewer heads on a "
+                        f"tie; auto: {','.join(map(str, AUTO_HEADS))}), as the shipped 0.5B profile's 24 were chosen")
     c.add_argument("--pool", choices=["last", "mean", "max", "content-mean", "content-max"], default="mean",
                    help="residual: read the last prompt token, the mean / max over every prompt position, or over "
                         "the user and tool-result text only (content-mean / content-max) (default mean)")

@@ -113,15 +113,21 @@ class SAHs(Detector):
     def __init__(
         self, top_k: int = 16, folds: int = 5, head_l2: float = 0.1, l2_grid: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0),
         threshold: Literal["prob", "kde"] | float = "prob", batch_size: int = 8, seed: int = 0,
+        select_top_k: Sequence[int] = (),
     ):
         super().__init__()
-        if top_k < 1 or folds < 2:
-            raise InvalidInputError(f"need top_k >= 1 and folds >= 2, got {top_k} and {folds}")
+        if top_k < 1 or folds < 2 or any(k < 1 for k in select_top_k):
+            raise InvalidInputError(f"need top_k >= 1 (and every select_top_k) and folds >= 2, got {top_k}, "
+                                    f"{list(select_top_k)} and {folds}")
         self.top_k, self.folds, self.head_l2, self.l2_grid = top_k, folds, head_l2, tuple(l2_grid)
         self.threshold_rule, self.batch_size, self.seed = threshold, batch_size, seed
+        self.select_top_k = tuple(sorted(set(select_top_k)))
         self._probe: Logistic | None = None
         self.oof_: np.ndarray | None = None
         """Out-of-fold calibration scores of the last fit (unsafe first), for a fused detector on top."""
+        self.selection_: list[dict[str, Any]] = []
+        """With ``select_top_k``: per candidate head count, its L2 and dev log-loss (and the dev scores)."""
+        self.dev_mask_: np.ndarray | None = None
 
     def rank_heads(self, heads: np.ndarray, y: np.ndarray) -> list[tuple[float, float, int, int]]:
         """``(cv balanced accuracy, cv log-loss, layer, head)`` for every head, best first."""
@@ -146,13 +152,12 @@ class SAHs(Detector):
         y = np.r_[np.ones(len(unsafe), int), np.zeros(len(safe), int)]
         if feats.ndim != 4 or feats.shape[0] != len(y):
             raise InvalidInputError(f"expected heads of shape [{len(y)}, layers, heads, head_dim], got {feats.shape}")
+        if self.select_top_k:
+            self.top_k = self.select_heads(feats, y, list(unsafe) + list(safe))
         ranked = self.rank_heads(feats, y)[: self.top_k]
         heads = [HeadRef(layer=r[2], head=r[3]) for r in ranked]
         X = self._design(feats, heads)
-        folds = stratified_folds(y, min(self.folds, int(min((y == 1).sum(), (y == 0).sum()))), self.seed)
-        cv = {l2: out_of_fold(X, y, l2, folds) for l2 in self.l2_grid}
-        l2 = min(self.l2_grid, key=lambda v: (log_loss(cv[v], y), -v))
-        oof = cv[l2]
+        l2, oof = self._cv_l2(X, y)
         probe = Logistic.fit(X, y, l2)
         profile = SAHsProfile(
             heads=heads, head_cv_accuracy=[r[0] for r in ranked], head_dim=int(feats.shape[-1]),
@@ -162,6 +167,39 @@ class SAHs(Detector):
         self._bind(model, processor, profile)
         self.oof_ = oof
         return self
+
+    def _cv_l2(self, X: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """The L2 strength of ``l2_grid`` with the lowest out-of-fold log-loss, and its out-of-fold scores."""
+        folds = stratified_folds(y, min(self.folds, int(min((y == 1).sum(), (y == 0).sum()))), self.seed)
+        cv = {l2: out_of_fold(X, y, l2, folds) for l2 in self.l2_grid}
+        l2 = min(self.l2_grid, key=lambda v: (log_loss(cv[v], y), -v))
+        return l2, cv[l2]
+
+    def select_heads(self, feats: np.ndarray, y: np.ndarray, items: Sequence[Any]) -> int:
+        """The head count of ``select_top_k`` to fit with: each fitted (heads ranked, L2 chosen) on the fit
+        items outside a dev split of a quarter of the *requests* (:func:`ohd_guard.contexts.request_dev_mask`:
+        a prompt's bare and placed copies on one side) and scored on the dev side by mean log-loss; the
+        lowest wins, and within 0.005 of it the fewest heads. Chosen on fit data only: picking the count on
+        evaluation sets would report a selected, not a measured, result."""
+        from ohd_guard.contexts import request_dev_mask
+
+        dev = np.array(request_dev_mask(items, 0.25, self.seed))
+        if any(len(set(y[side].tolist())) < 2 for side in (dev, ~dev)):
+            raise CalibrationError("too few calibration requests to hold back a dev split with both classes; "
+                                   "fix the number of heads instead of select_top_k")
+        ranked = self.rank_heads(feats[~dev], y[~dev])
+        self.selection_, self.dev_mask_ = [], dev
+        for k in (k for k in self.select_top_k if k <= len(ranked)):
+            X = self._design(feats, [HeadRef(layer=r[2], head=r[3]) for r in ranked[:k]])
+            l2, _ = self._cv_l2(X[~dev], y[~dev])
+            z = Logistic.fit(X[~dev], y[~dev], l2).decision(X[dev])
+            loss = float(np.mean(np.logaddexp(0.0, -np.where(y[dev] == 1, 1.0, -1.0) * z)))
+            self.selection_.append({"heads": k, "l2": l2, "dev_log_loss": loss, "dev_scores": z})
+        if not self.selection_:
+            raise CalibrationError(f"no candidate head count {list(self.select_top_k)} is at most the model's "
+                                   f"{len(ranked)} heads")
+        best = min(r["dev_log_loss"] for r in self.selection_)
+        return min(r["heads"] for r in self.selection_ if r["dev_log_loss"] <= best + 0.005)
 
     @staticmethod
     def _design(feats: np.ndarray, heads: Sequence[HeadRef]) -> np.ndarray:

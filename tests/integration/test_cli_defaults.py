@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 
 import pytest
 
@@ -104,6 +105,26 @@ def test_calibrate_warns_when_a_trailing_question_mark_separates_the_classes(sav
     assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
                  "--heads", "2"]) == 0
     assert "question mark" not in capsys.readouterr().err  # balanced: no warning
+
+
+def test_calibrate_chooses_the_number_of_heads_on_a_dev_split(saved, tmp_path, capsys):
+    """``--heads 1,2,4`` (``auto``: AUTO_HEADS) prints each count's dev log-loss and fits with the chosen one."""
+    out = tmp_path / "h.json"
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--quiet",
+                 "--heads", "1,2,4", "--contexts", "none"]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split(" | ") for line in printed.splitlines() if line.startswith("| ") and "dev_log_loss" not in line]
+    losses = {int(r[0].strip("| ")): float(r[2].strip(" |")) for r in rows if r[0].strip("| ").isdigit()}
+    assert sorted(losses) == [1, 2, 4]
+    chosen = int(re.search(r"heads chosen on a dev split of the fit items \(\d+ of \d+\): (\d+)", printed).group(1))
+    assert chosen == min(k for k, v in losses.items() if v <= min(losses.values()) + 0.005)
+    assert len(load_profile(out).heads) == chosen
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--heads", "two"])
+    assert "comma list" in capsys.readouterr().err
+    assert main(["calibrate", "--model", saved["model"], "--data", saved["data"], "-o", str(out), "--heads", "1,2",
+                 "--detector", "hiddendetect"]) == 2
+    assert "for --detector sahs only" in capsys.readouterr().err
 
 
 def test_eval_defaults_to_the_default_kind(saved, default_profile, capsys):

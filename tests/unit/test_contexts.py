@@ -22,6 +22,7 @@ from ohd_guard.contexts import (
     in_contexts,
     material,
     place,
+    request_dev_mask,
     structured_use,
     tool_use,
 )
@@ -296,6 +297,18 @@ def test_fit_mix_is_the_bare_prompts_then_each_once_in_a_drawn_context():
     assert fit_mix(PROMPTS, kinds=("structured",))[2 * len(PROMPTS):] == structured_use("fit")
     fit_passages = set(material("fit").passages)
     assert all(any(p in _contents(x) for p in fit_passages) for x in placed if x.context == "rag")
+
+
+def test_request_dev_mask_keeps_a_prompt_and_its_placed_copies_together():
+    mixed = fit_mix(PROMPTS)
+    dev = request_dev_mask(mixed, 0.25, seed=0)
+    side: dict[str, bool] = {}
+    for x, d in zip(mixed, dev):
+        assert side.setdefault(getattr(x, "request", "") or x.text, d) == d  # bare item and placed copy agree
+    assert sum(side.values()) == int(0.25 * len(side))
+    assert request_dev_mask(mixed, 0.25, seed=0) == dev and request_dev_mask(mixed, 0.25, seed=1) != dev
+    with pytest.raises(InvalidInputError, match="share"):
+        request_dev_mask(mixed, 1.0)
 
 
 def test_fit_mix_keeps_image_prompts_bare_and_refuses_unknown_kinds():

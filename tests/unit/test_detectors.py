@@ -93,6 +93,30 @@ def test_sahs_fitted_on_ready_reads_is_the_same_probe(planted_model):
         SAHs().fit_heads(model, tok, feats[:-1], unsafe, safe)
 
 
+def test_sahs_chooses_its_head_count_on_a_dev_split_of_the_requests(planted_model):
+    """``select_top_k`` (``ohd-guard calibrate --heads auto``): each count fitted outside a dev quarter of
+    the requests and scored on it; the chosen count follows the rule (lowest dev log-loss, fewer heads
+    within 0.005), the final fit uses it and keeps the planted head, and one candidate is a fixed top_k."""
+    model, tok, _ = planted_model
+    unsafe, safe = trig(CLEAN), CLEAN
+    det = SAHs(folds=3, select_top_k=(4, 1, 2)).fit(model, tok, unsafe, safe)
+    rows = det.selection_
+    assert [r["heads"] for r in rows] == [1, 2, 4] and all(np.isfinite(r["dev_log_loss"]) for r in rows)
+    best = min(r["dev_log_loss"] for r in rows)
+    assert det.top_k == min(r["heads"] for r in rows if r["dev_log_loss"] <= best + 0.005)
+    assert len(det.profile.heads) == det.top_k and det.profile.heads[0] == HeadRef(layer=1, head=2)
+    dev = det.dev_mask_
+    assert dev is not None and 0 < dev.sum() < len(dev) and len(rows[0]["dev_scores"]) == dev.sum()
+    fixed = SAHs(top_k=2, folds=3).fit(model, tok, unsafe, safe).profile
+    single = SAHs(folds=3, select_top_k=(2,)).fit(model, tok, unsafe, safe).profile
+    assert single.heads == fixed.heads
+    np.testing.assert_allclose(single.coef, fixed.coef, rtol=1e-6)
+    with pytest.raises(CalibrationError, match="dev split"):  # 4 requests: the dev quarter holds one class
+        SAHs(select_top_k=(1, 2)).fit(model, tok, trig(CLEAN[:2]), CLEAN[:2])
+    with pytest.raises(InvalidInputError, match="select_top_k"):
+        SAHs(select_top_k=(0, 2))
+
+
 def test_hiddendetect_band_starts_where_the_planted_signal_does(tmp_path):
     """Make the planted head (layer 2) write along the LM-head rows of the refusal tokens: the logit
     lens sees refusal only from layer 2 on, and the chosen band must not start earlier."""
