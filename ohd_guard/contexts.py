@@ -27,6 +27,8 @@ from functools import cache
 from importlib import resources
 from typing import Any, Literal
 
+import numpy as np
+
 from ohd_guard.datasets import LabelledConversation, LabelledPrompt
 from ohd_guard.errors import InvalidInputError
 from ohd_guard.tools import response_instruction, with_system_section, with_tools
@@ -416,8 +418,6 @@ def request_dev_mask(items: Sequence[Any], share: float = 0.25, seed: int = 0) -
     held-back requests are a random permutation's first ``share``, by sorted request text."""
     if not 0.0 < share < 1.0:
         raise InvalidInputError(f"share must be strictly between 0 and 1, not {share!r}")
-    import numpy as np
-
     groups = [x if isinstance(x, str) else (getattr(x, "request", "") or getattr(x, "text", "")
                                             or repr(getattr(x, "messages", x))) for x in items]
     uniq = sorted(set(groups))
@@ -429,7 +429,8 @@ def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEX
             split: Split = "fit") -> list[LabelledPrompt | ContextConversation]:
     """The shipped fits' recipe: every prompt once bare, then once in one context of ``kinds`` drawn
     for it (seeded), from the ``split`` material, then (when ``kinds`` has ``tools``) the
-    :func:`tool_use` items of that material and (when it has ``structured``) its :func:`structured_use` items. A probe fitted on bare prompts alone reads their
+    :func:`tool_use` items of that material and (when it has ``structured``) its :func:`structured_use`
+    items. A probe fitted on bare prompts alone reads their
     surface form and moves when tools, RAG templates, history or operator prompts surround them; this
     keeps the bare prompts and adds the same requests (labels kept) in the contexts users run.
     Prompts with an image stay bare only."""
