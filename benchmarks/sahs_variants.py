@@ -3,8 +3,7 @@
 Issue #22: two refits of the 0.5B default (same recipe, context material changed a little) moved single
 verdicts by several log-odds and traded held-out AUROC for ToxicChat AUROC. This script reads every
 head's last-token output once, for the fit items and every evaluation set of ``fit_in_context.py``
-(same sizes, same items; ``build_items``), saves the reads (``--reads``; reused when the items are the
-same), then fits each variant from them in seconds to minutes and prints ``fit_in_context``'s tables:
+(same sizes, same items; ``build_items``), saves the reads (``--reads``, cached per item), then fits each variant from them in seconds to minutes and prints ``fit_in_context``'s tables:
 
 * ``k8``, ``k16`` (the shipped recipe), ``k32``, ``k64``: heads in the probe;
 * ``k16 l2<=100``: the L2 grid extended to 10 and 100 (stronger shrinkage);

@@ -180,6 +180,11 @@ def _cross_validate(args, fit, unsafe: list, safe: list) -> Any:
 
 
 def cmd_calibrate(args) -> int:
+    if len(args.heads) > 1 and args.detector != "sahs":  # before the data and the model are loaded
+        from ohd_guard.errors import InvalidInputError
+
+        raise InvalidInputError(f"--heads {','.join(map(str, args.heads))} chooses a count for --detector sahs only; "
+                                f"give {args.detector} one count")
     bare, heldout_items, sources = _fit_items(args)
     model, processor = load_model(args)
     items, sources = _in_contexts(args, bare, sources, model, processor)
@@ -236,14 +241,10 @@ def _calibrate_probe(args, model, processor, unsafe: list, safe: list, heldout_i
 
     from ohd_guard.detectors import Fused, HiddenDetect, OhdProfile, ResidualProbe, SAHs
     from ohd_guard.detectors.base import evaluate_scores
-    from ohd_guard.errors import InvalidInputError
 
     _note_resolution(args, len(safe))
     bs = args.batch_size
     rule: Any = {} if args.target_fpr is None else {"threshold": args.target_fpr}  # else the kind's default rule
-    if len(args.heads) > 1 and args.detector != "sahs":
-        raise InvalidInputError(f"--heads {','.join(map(str, args.heads))} chooses a count for --detector sahs only; "
-                                f"give {args.detector} one count")
     if args.detector == "sahs":
         choose = {"select_top_k": args.heads} if len(args.heads) > 1 else {}
         det: SAHs | ResidualProbe | HiddenDetect | Fused = SAHs(top_k=args.heads[0], batch_size=bs, **choose, **rule)
@@ -303,7 +304,7 @@ def add_parser(sub) -> None:
                         "structured, jailbreak, padding; ohd_guard.contexts; tools also adds requests addressed to a "
                         "bound tool), as the shipped profiles are (default: all); none fits on the bare prompts only")
     c.add_argument("--heads", type=_heads, default=(16,), metavar="N|auto|K,K,...",
-                   help="sahs: heads in the probe (default 16); 'auto' or a comma list chooses the count on a dev "
+                   help="sahs/fused: heads in the probe (default 16); for sahs, 'auto' or a comma list chooses the count on a dev "
                         "split of the fit items (a quarter of the requests; lowest dev log-loss, fewer heads on a "
                         f"tie; auto: {','.join(map(str, AUTO_HEADS))}), as the shipped 0.5B profile's 24 were chosen")
     c.add_argument("--pool", choices=["last", "mean", "max", "content-mean", "content-max"], default="mean",
