@@ -18,7 +18,9 @@ threshold is each probe's own (probability 0.5), fixed at fit time.
     python benchmarks/sahs_variants.py --reads /tmp/reads.npz --per-class 250 --traffic 200 \\
         --eval-per-class 40 --toxicchat-dev 400 --extra-per-set 30
 
-Reads are cached per item (key: the item's messages), so a run with more items reads only the new ones.
+Reads are cached per item (key: the item's messages), so a run with more items reads only the new ones,
+and saved every ``--save-every`` items, so a read stopped part way (the 1.5B model reads about 7 s per
+item on 2 CPU cores) goes on from there; ``--model`` names the model (one reads file per model).
 ``--select-heads 16,32,48,64`` first picks the number of heads on a dev split of the *fit* items (never
 the evaluation sets); ``--write kN PATH`` saves that variant's profile with its held-out metrics.
 """
@@ -47,7 +49,11 @@ def _key(x: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reads", type=Path, required=True, help="npz of the reads (written once, reused when it matches)")
+    ap.add_argument("--reads", type=Path, required=True,
+                    help="npz of the reads, cached per item and saved every --save-every items (one file per model)")
+    ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default)")
+    ap.add_argument("--save-every", type=int, default=128, help="items read between saves of --reads (a long read "
+                    "that is stopped keeps what it read)")
     ap.add_argument("--per-class", type=int, default=150)
     ap.add_argument("--traffic", type=int, default=120)
     ap.add_argument("--eval-per-class", type=int, default=30)
@@ -72,14 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     from ohd_guard.datasets import load_calibration_prompts
     from ohd_guard.detectors import PrefillReader, SAHs, load_profile
     from ohd_guard.detectors.base import evaluate_scores
-    from ohd_guard.loading import load_model
+    from ohd_guard.loading import embedded_model, load_model
     from ohd_guard.metrics import auroc, average_precision, f1_at_threshold, tpr_at_fpr
     from ohd_guard.shipped import default_profile
 
     def say(msg: str) -> None:
         print(f"[variants {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    model, tok = load_model(None)
+    embedded = embedded_model(args.model)
+    if embedded is None:
+        ap.error(f"--model: not an embedded model: {args.model!r}")
+    model, tok = load_model(embedded.name)
     d = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set)
     unsafe = [x for x in d["fit_all"] if x.label == 1]
     safe = [x for x in d["fit_all"] if x.label == 0]
@@ -94,17 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     cache: dict[str, np.ndarray] = {}
     if args.reads.exists():
         with np.load(args.reads) as z:
+            # files written before --model existed hold the default model's reads
+            owner = str(z["model"]) if "model" in z.files else embedded_model(None).name
+            if owner != embedded.name:
+                ap.error(f"--reads {args.reads} holds {owner}'s reads, not {embedded.name}'s: name another file")
             cache = dict(zip(z["keys"].tolist(), z["heads"]))
     keys = {name: [_key(x) for x in items] for name, items in sets.items()}
     todo = {k: x for name, items in sets.items() for k, x in zip(keys[name], items) if k not in cache}
     say(f"{len(cache)} reads cached in {args.reads}, {len(todo)} items to read")
-    if todo:
-        t0 = time.perf_counter()
-        fresh = PrefillReader(model, tok).read(list(todo.values()), args.batch_size).heads.astype(np.float32)
-        cache.update(zip(todo, fresh))
-        say(f"read {len(todo)} items in {time.perf_counter() - t0:.0f} s")
-        np.savez(args.reads, keys=np.array(list(cache)), heads=np.stack(list(cache.values())))
-        say(f"reads saved to {args.reads}")
+    reader, pending, t0 = PrefillReader(model, tok), list(todo.items()), time.perf_counter()
+    for i in range(0, len(pending), args.save_every):  # fit items first: a stopped read can still select heads
+        chunk = pending[i:i + args.save_every]
+        fresh = reader.read([x for _, x in chunk], args.batch_size).heads.astype(np.float32)
+        cache.update(zip((k for k, _ in chunk), fresh))
+        tmp = args.reads.with_name(args.reads.name + ".part.npz")  # written whole, then renamed: never half a file
+        np.savez(tmp, keys=np.array(list(cache)), heads=np.stack(list(cache.values())), model=embedded.name)
+        tmp.replace(args.reads)
+        say(f"read {i + len(chunk)} of {len(pending)} items in {time.perf_counter() - t0:.0f} s; saved to {args.reads}")
     reads = {name: np.stack([cache[k] for k in keys[name]]) for name in sets}
 
     F = reads["fit"]
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         order = np.r_[idx[y_fit[idx] == 1], idx[y_fit[idx] == 0]]
         return SAHs(top_k=k, l2_grid=l2_grid).fit_heads(model, tok, F[order], u, s).profile
 
-    shipped = load_profile(default_profile())
+    shipped = load_profile(default_profile(embedded.name))
     scorers: dict[str, Any] = {}
     profiles: dict[str, Any] = {}  # the kN variants' profiles, for --write
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
