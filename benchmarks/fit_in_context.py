@@ -79,7 +79,7 @@ def summary(rows: list[dict]) -> str:
 
 def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_dev: int,
                 extra_per_set: int) -> dict[str, Any]:
-    """The fit items (bare, then in context, then tool and structured use), the evaluation sets and the fit's sources, as
+    """The fit items (bare, then in context, then tool and structured use and past-tense rewrites), the evaluation sets and the fit's sources, as
     ``fit_bare``, ``fit_all``, ``sources``, ``evals`` (held-out split per context), ``tc`` (ToxicChat
     dev) and ``extra`` (held-out tool use, look-alikes, public harmful sets, attacks). Deterministic:
     every script comparing candidates on these sizes sees the same items."""
@@ -104,14 +104,14 @@ def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_d
         for label in (1, 0):
             traffic += stratified([p for p in src if p.label == label], traffic_n // 2, seed=0)
     fit_bare = bare + traffic
-    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then tool and structured use
+    fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then tool and structured use, past tense
     n = traffic_n // 2
     sources = [*sources, f"of the above, a seeded stratified sample of {per_class} unsafe + {per_class} safe "
                "(benchmarks/fit_in_context.py, build_items)", f"toxicchat_train_human (fit split, {n} + {n})",
                f"guardreasonertrain_prompts_5k (fit split, {n} + {n})",
                f"each of the {len(fit_bare)} once more in a context of ohd_guard.contexts (fit material, contexts.fit_mix), "
                "then the requests addressed to a bound tool (tool_use) and in a response schema made for them "
-               "(structured_use)"]
+               "(structured_use), and a share of them rewritten to the past tense (past_tense_use)"]
     held = dedupe_against(load_calibration_prompts("heldout"), fit_bare)
     hu = stratified([p for p in held if p.label == 1], eval_per_class, seed=1)
     hs = stratified([p for p in held if p.label == 0], eval_per_class, seed=1)

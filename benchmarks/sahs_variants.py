@@ -22,7 +22,13 @@ Reads are cached per item (key: the item's messages), so a run with more items r
 and saved every ``--save-every`` items, so a read stopped part way (the 1.5B model reads about 7 s per
 item on 2 CPU cores) goes on from there; ``--model`` names the model (one reads file per model).
 ``--select-heads 16,32,48,64`` first picks the number of heads on a dev split of the *fit* items (never
-the evaluation sets); ``--write kN PATH`` saves that variant's profile with its held-out metrics.
+the evaluation sets); with ``--gate-app-cases``, the lowest dev log-loss count whose profile is right on
+every app case; ``--write kN PATH`` saves that variant's profile with its held-out metrics. The shipped
+0.5B profile (2026-12-05, later):
+
+    python benchmarks/sahs_variants.py --reads /tmp/reads.npz --per-class 250 --traffic 200 \
+        --eval-per-class 40 --toxicchat-dev 400 --extra-per-set 30 --select-heads 16,24,32,48,64 \
+        --gate-app-cases --write selected ohd_guard/profiles/qwen2.5-coder-0.5b-instruct.sahs.json
 """
 
 from __future__ import annotations
@@ -66,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="first choose the number of heads on a dev split of the FIT items (a quarter of the requests, "
                          "bare and placed copies together): fit on the rest, print dev log-loss/AUROC per context, "
                          "and pick the lowest dev log-loss (within 0.005: fewer heads); adds that kN to --variants")
+    ap.add_argument("--gate-app-cases", action="store_true",
+                    help="with --select-heads: take the lowest dev log-loss count whose profile (fitted on all fit items) "
+                         "is right on every app case (ohd_guard.app_cases; they then stop being an independent check)")
     ap.add_argument("--write", nargs=2, default=None, metavar=("VARIANT", "PATH"),
                     help="save a kN variant's profile ('selected': the one --select-heads chose), fitted on all fit "
                          "items, with the fit's sources and its metrics on the whole held-out calibration split, bare")
     args = ap.parse_args(argv)
+    if args.gate_app_cases and not args.select_heads:
+        ap.error("--gate-app-cases gates the --select-heads choice: name the counts with --select-heads")
     if args.write and not ((args.write[0] == "selected" and args.select_heads)
                            or (args.write[0].startswith("k") and args.write[0][1:].isdigit())):
         ap.error(f"--write: only a kN variant (or 'selected' with --select-heads) has one profile, not {args.write[0]!r}")
@@ -156,6 +167,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['heads']} | {r['l2']:g} | {r['dev_log_loss']:.4f} | {auroc(z, y):.3f} | "
                   + " | ".join(f"{a:.3f}" for a in per) + " |")
         print(f"\nchosen on the dev split: {chosen} heads\n")
+        if args.gate_app_cases:  # a default that refuses "What's the weather in Paris?" with its tool does not ship
+            y_case = np.array([c.label for c in sets["app cases (right verdicts)"]])
+            for r in sorted(sel.selection_, key=lambda r: r["dev_log_loss"]):
+                prof = fit(r["heads"])
+                wrong = int(((scorer(prof)(reads["app cases (right verdicts)"]) > 0) != (y_case == 1)).sum())
+                print(f"app-case gate: {r['heads']} heads (dev log-loss {r['dev_log_loss']:.4f}): {wrong} app cases wrong")
+                if not wrong:
+                    chosen = r["heads"]
+                    profiles[f"k{chosen}"] = prof
+                    break
+            else:
+                ap.error("--gate-app-cases: no head count gets every app case right")
+            print(f"\nchosen on the dev split and the app-case gate: {chosen} heads\n")
         say(f"dev split chose k{chosen}")
         if f"k{chosen}" not in wanted:
             wanted.append(f"k{chosen}")

@@ -8,6 +8,10 @@ there. Output items are :class:`ContextConversation` (a :class:`~ohd_guard.datas
 with the context's name), whose OpenAI-style messages go straight into ``to_conversation`` and
 every detector.
 
+:func:`past_tense_use` adds rule-based past-tense rewrites of a share of the prompts (both labels;
+:func:`to_past_tense`, also the ``past_tense`` attack of :mod:`ohd_guard.attacks`), since a probe fitted
+on present-tense requests passes "In the past, how did people X?".
+
 Everything is deterministic for a seed: each placement draws from its own ``random.Random`` keyed
 by (seed, split, kind, repeat, prompt text), so adding a prompt or a kind changes no other item.
 The context material (tool schemas, passages, operator prompts, jailbreak wrappers, chat turns) is
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -46,6 +51,9 @@ __all__ = [
     "fit_mix",
     "in_contexts",
     "material",
+    "PAST_TENSE_FALLBACK",
+    "past_tense_use",
+    "to_past_tense",
     "place",
     "request_dev_mask",
     "structured_use",
@@ -425,12 +433,94 @@ def request_dev_mask(items: Sequence[Any], share: float = 0.25, seed: int = 0) -
     return [g in held for g in groups]
 
 
+# ---------------------------------------------------------------------------------- past tense
+_PRONOUNS = {"i": "they", "me": "them", "my": "their", "mine": "theirs", "myself": "themselves"}
+_POLITE = re.compile(r"^(?:(?:please|hey|hi|ok|okay)[,!]?\s+)*(?:(?:can|could|would|will) you\s+(?:please\s+)?)?", re.I)
+_TELL = re.compile(r"^(?:tell|show|teach|explain|describe|detail|outline|walk)(?: me| to me| us)?(?: through)?"
+                   r"(?: step[- ]by[- ]step| in detail| exactly| precisely)?\s+(?=how\b)", re.I)
+_HOW = "In the past, how did people {0}?"
+_SUBJ = r"(?:i|you|we|one|someone|somebody|people|a person)"
+_PAST_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p, re.I | re.S), t) for p, t in (
+    (rf"^how (?:do|can|could|would|should|might|does|will) {_SUBJ} (.+)", _HOW),
+    (r"^how (?:to|i can|i could|one can|someone can|you can|i would) (.+)", _HOW),
+    (r"^(?:what(?:'s| is| are) the|is there (?:a|any)) (?:\w+ ){0,2}(?:way|ways|method|methods)"
+     r" (?:to|for me to|i can) (.+)", _HOW),
+    (r"^i (?:want|need|would like|'d like) to (?:know |learn |find out )?(?:how to )?(.+)", _HOW),
+    (rf"^how (many|much) (.+?) (?:would|will|does|do|should|can|could) (?:it|{_SUBJ}) (.+)", "How {0} {1} did it {2}?"),
+    (rf"^(what|which) (.+?) (?:should|can|could|do|would|might) {_SUBJ} (.+)", "{0} {1} did people {2}?"),
+    (rf"^(where|when|why) (?:can|could|do|should|would|might) {_SUBJ} (.+)", "{0} did people {1}?"),
+    (r"^(what|which|who|where|when)((?: \S+)*?) (is|are) (.+)", "{0}{1} {2} {3}?"),
+    (r"^(write|create|generate|draft|compose|make|design|build|plan|code) (?:me |us )?(.+)",
+     "In the past, how did people {0} {1}?"),
+    (r"^list (?:me |us )?(.+)", "In the past, what were {0}?"),
+    (r"^(?:give|provide|send) (?:me |us )?(.+)", "In the past, how did people put together {0}?"),
+))
+
+
+def _past(core: str) -> str | None:
+    core = _TELL.sub("", _POLITE.sub("", core, count=1), count=1)
+    for pattern, template in _PAST_RULES:
+        m = pattern.match(core)
+        if m is None:
+            continue
+        groups = [re.sub(r"\b(i|me|my|mine|myself)\b", lambda w: _PRONOUNS[w.group(1).lower()], g, flags=re.I)
+                  for g in m.groups()]
+        if template.startswith("{0}{1} {2}"):  # what/which ... is/are -> was/were
+            groups[2] = {"is": "was", "are": "were"}[groups[2].lower()]
+        if template.startswith("In the past, how did people {0} "):  # the verb of an imperative
+            groups[0] = groups[0].lower()
+        out = template.format(*groups)
+        return out[0].upper() + out[1:]
+    return None
+
+
+PAST_TENSE_FALLBACK = "How was the following done in the past:"
+"""What :func:`to_past_tense` puts before a request no rule rewrites (quoted)."""
+
+
+def to_past_tense(text: str) -> str:
+    """A rule-based past-tense rewrite of a request ("How do I X?" -> "In the past, how did people X?").
+
+    Refusal training generalises poorly to the past tense (Andriushchenko & Flammarion, 2024, who
+    rewrite with an LLM; the shared ``past_tense`` set holds those rewrites of JBB). The rules cover
+    the usual request shapes, in the whole request, else in its last sentence or after a leading
+    clause ("For my crew, how do I ..."); anything else becomes "How was the following done in the
+    past: ...". First-person pronouns of the kept clause become third-person.
+    """
+    core = text.strip().rstrip("?.! ")
+    if (out := _past(core)) is not None:
+        return out
+    for cut in (r"^(.*[.?!]\s+)(\S.*)$", r"^([^,.?!]{1,60},\s+)(\S.*)$"):  # last sentence; after a leading clause
+        m = re.match(cut, core, re.S)
+        if m and (out := _past(m.group(2))) is not None:
+            return m.group(1) + (out if cut.startswith("^(.*") else out[0].lower() + out[1:])
+    return f'{PAST_TENSE_FALLBACK} "{text.strip()}"'
+
+
+def past_tense_use(prompts: Sequence[LabelledPrompt], share: float = 0.3, seed: int = 0) -> list[ContextConversation]:
+    """A seeded ``share`` of the text prompts of each label that a rule rewrites to the past tense
+    (:func:`ohd_guard.attacks.to_past_tense`: "How do I X?" -> "In the past, how did people X?"), label
+    kept ("jailbreak/past_tense"). Refusal training and probes fitted on present-tense requests pass
+    the rewrite (Andriushchenko & Flammarion, 2024); benign rewrites are there so the tense alone does not flag."""
+    if not 0.0 < share <= 1.0:
+        raise InvalidInputError(f"share must be in (0, 1], not {share!r}")
+    rng = random.Random(f"{seed}:past_tense_use")
+    out = []
+    for label in (1, 0):  # only requests a rule rewrites (not the quoted fallback), so each reads as a question
+        pool = [(p, past) for p in prompts if p.label == label and getattr(p, "image", None) is None
+                and not (past := to_past_tense(_check_prompt(p))).startswith(PAST_TENSE_FALLBACK)]
+        for p, past in rng.sample(pool, round(share * len(pool))):
+            out.append(ContextConversation([_user(past)], label, p.category, p.source, context="jailbreak",
+                                           variant="jailbreak/past_tense", request=p.text))
+    return out
+
+
 def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEXTS, seed: int = 0,
             split: Split = "fit") -> list[LabelledPrompt | ContextConversation]:
     """The shipped fits' recipe: every prompt once bare, then once in one context of ``kinds`` drawn
     for it (seeded), from the ``split`` material, then (when ``kinds`` has ``tools``) the
-    :func:`tool_use` items of that material and (when it has ``structured``) its :func:`structured_use`
-    items. A probe fitted on bare prompts alone reads their
+    :func:`tool_use` items of that material, (when it has ``structured``) its :func:`structured_use`
+    items and (when it has ``jailbreak``) :func:`past_tense_use` of the prompts. A probe fitted on bare prompts alone reads their
     surface form and moves when tools, RAG templates, history or operator prompts surround them; this
     keeps the bare prompts and adds the same requests (labels kept) in the contexts users run.
     Prompts with an image stay bare only."""
@@ -442,7 +532,8 @@ def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEX
     placed = [_place(p, pick.choice(list(kinds)), random.Random(f"fit:{i}"), m) for i, p in enumerate(prompts)
               if getattr(p, "image", None) is None]
     return [*prompts, *placed, *(tool_use(split, seed) if "tools" in kinds else []),
-            *(structured_use(split, seed) if "structured" in kinds else [])]
+            *(structured_use(split, seed) if "structured" in kinds else []),
+            *(past_tense_use(prompts, seed=seed) if "jailbreak" in kinds else [])]
 
 
 def in_contexts(

@@ -66,7 +66,7 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
     """The fit items as the shipped profiles are fitted: each once bare and once placed in one of
     ``--contexts`` (``ohd_guard.contexts.fit_mix``), with ``tools`` also the requests addressed to a
     bound tool (``tool_use``), with ``structured`` the requests a response schema is for
-    (``structured_use``); unchanged with ``--contexts none``. A placed prompt longer than the
+    (``structured_use``), with ``jailbreak`` past-tense rewrites (``past_tense_use``); unchanged with ``--contexts none``. A placed prompt longer than the
     model's context window is left out (said on stderr)."""
     if not args.contexts:
         return items, sources
@@ -84,7 +84,8 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
         print(f"note: {len(placed) - len(fits)} of {len(placed)} prompts placed in a context are longer than the "
               f"model's context window ({window} tokens) and left out", file=sys.stderr, flush=True)
     extra = [text for kind, text in (("tools", "the requests addressed to a bound tool (tool_use)"),
-                                     ("structured", "the requests in a response schema made for them (structured_use)"))
+                                     ("structured", "the requests in a response schema made for them (structured_use)"),
+                                     ("jailbreak", "a share of the prompts rewritten to the past tense (past_tense_use)"))
              if kind in args.contexts]
     return [*items, *fits], [*sources, f"each once in a context ({', '.join(args.contexts)}) of ohd_guard.contexts "
                                        f"(fit material){''.join(' and ' + t for t in extra)}"]

@@ -8,10 +8,13 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 
 import pytest
 
 from ohd_guard.cli import main
+from ohd_guard.contexts import past_tense_use
+from ohd_guard.datasets import LabelledPrompt
 from ohd_guard.detectors import load_profile
 from ohd_guard.shipped import DEFAULT_DETECTOR
 from ohd_guard.testing import PLANTED_CLEAN_PROMPTS, with_trigger
@@ -57,8 +60,11 @@ def test_calibrate_prints_out_of_fold_metrics_for_every_kind(saved, tmp_path, ca
                  "--contexts", "operator,jailbreak"]) == 0  # short contexts: all fit the tiny model's 512-token window
     printed = capsys.readouterr().out
     row = next(line for line in printed.splitlines() if line.startswith("| calibration (out-of-fold) |"))
-    # every calibration prompt scored once, by a fit that did not see it: bare and once in a context
-    assert row.split(" | ")[1:3] == ["16", "16"]
+    # every calibration prompt scored once, by a fit that did not see it: bare, once in a context, and
+    # (jailbreak) a share of them rewritten to the past tense
+    past = Counter(x.label for x in past_tense_use([LabelledPrompt(t, 1) for t in TRIGGER]
+                                                   + [LabelledPrompt(t, 0) for t in CLEAN]))
+    assert row.split(" | ")[1:3] == [str(16 + past[1]), str(16 + past[0])]
     profile = load_profile(out)
     assert any(m.split == "calibration (out-of-fold)" for m in profile.metrics)
     assert any("in a context" in s for s in profile.sources)
@@ -78,14 +84,17 @@ def test_calibrate_contexts_choose_what_the_prompts_are_placed_in(saved, tmp_pat
 
 def test_placed_prompts_longer_than_the_window_are_left_out_and_said(default_profile, saved, capsys):
     """The default places prompts in every context and adds the requests addressed to a bound tool
-    (30 harmful, 50 benign) and the requests in a schema made for them (15 and 15); the tiny model's 512-token window cannot hold the longest placements
+    (30 harmful, 50 benign), the requests in a schema made for them (15 and 15) and past-tense rewrites of
+    a share of the prompts; the tiny model's 512-token window cannot hold the longest placements
     (RAG, padding, several tools), which are dropped with a note instead of failing the fit."""
     from ohd_guard.contexts import FIT_CONTEXTS, structured_use, tool_use
 
     profile = load_profile(default_profile)
     assert any(f"in a context ({', '.join(FIT_CONTEXTS)})" in s and "tool_use" in s and "structured_use" in s
-               for s in profile.sources)
-    n_tool = {label: sum(x.label == label for x in tool_use("fit") + structured_use("fit")) for label in (0, 1)}
+               and "past_tense_use" in s for s in profile.sources)
+    extra = tool_use("fit") + structured_use("fit") + past_tense_use([LabelledPrompt(t, 1) for t in TRIGGER]
+                                                                     + [LabelledPrompt(t, 0) for t in CLEAN])
+    n_tool = {label: sum(x.label == label for x in extra) for label in (0, 1)}
     assert 8 < profile.n_unsafe < 16 + n_tool[1] and 8 < profile.n_safe < 16 + n_tool[0]
 
 

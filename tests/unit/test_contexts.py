@@ -16,14 +16,17 @@ from ohd_guard.contexts import (
     FIT_CONTEXTS,
     LLAMAINDEX_QA_SYSTEM,
     LLAMAINDEX_TEXT_QA,
+    PAST_TENSE_FALLBACK,
     RAG_TEMPLATES,
     ContextConversation,
     fit_mix,
     in_contexts,
     material,
+    past_tense_use,
     place,
     request_dev_mask,
     structured_use,
+    to_past_tense,
     tool_use,
 )
 from ohd_guard.conversation import to_conversation
@@ -287,7 +290,8 @@ def test_structured_use_asks_for_an_answer_in_a_schema_made_for_it_with_both_lab
 
 def test_fit_mix_is_the_bare_prompts_then_each_once_in_a_drawn_context():
     mixed = fit_mix(PROMPTS)
-    assert mixed[: len(PROMPTS)] == PROMPTS and mixed[2 * len(PROMPTS):] == tool_use("fit") + structured_use("fit")
+    assert mixed[: len(PROMPTS)] == PROMPTS
+    assert mixed[2 * len(PROMPTS):] == tool_use("fit") + structured_use("fit") + past_tense_use(PROMPTS)
     placed = mixed[len(PROMPTS): 2 * len(PROMPTS)]
     assert [x.request for x in placed] == [p.text for p in PROMPTS]  # one each, in order
     assert [x.label for x in placed] == [p.label for p in PROMPTS]
@@ -297,6 +301,26 @@ def test_fit_mix_is_the_bare_prompts_then_each_once_in_a_drawn_context():
     assert fit_mix(PROMPTS, kinds=("structured",))[2 * len(PROMPTS):] == structured_use("fit")
     fit_passages = set(material("fit").passages)
     assert all(any(p in _contents(x) for p in fit_passages) for x in placed if x.context == "rag")
+
+
+def test_past_tense_use_rewrites_a_seeded_share_of_each_label():
+    prompts = _balanced(60)
+    items = past_tense_use(prompts)
+    assert past_tense_use(prompts) == items and past_tense_use(prompts, seed=1) != items  # seeded
+    by_text = {p.text: p for p in prompts}
+    for x in items:
+        p = by_text[x.request]
+        assert x.label == p.label and x.context == "jailbreak" and x.variant == "jailbreak/past_tense"
+        assert x.messages == [{"role": "user", "content": to_past_tense(p.text)}] and x.text != p.text
+        assert not x.text.startswith(PAST_TENSE_FALLBACK)  # only requests a rule rewrites
+    eligible = Counter(p.label for p in prompts if not to_past_tense(p.text).startswith(PAST_TENSE_FALLBACK))
+    assert Counter(x.label for x in items) == {k: round(0.3 * n) for k, n in eligible.items()}
+    assert len(past_tense_use(prompts, share=1.0)) == sum(eligible.values())
+    pic = LabelledPrompt("How do I bake bread?", 0, image=Image.new("RGB", (8, 8)))
+    assert past_tense_use([pic], share=1.0) == []  # image prompts stay as they are
+    for bad in (0.0, 1.5):
+        with pytest.raises(InvalidInputError, match="share"):
+            past_tense_use(prompts, share=bad)
 
 
 def test_request_dev_mask_keeps_a_prompt_and_its_placed_copies_together():
