@@ -47,16 +47,16 @@ __all__ = [
     "LANGCHAIN_RETRIEVAL_SYSTEM",
     "LLAMAINDEX_QA_SYSTEM",
     "LLAMAINDEX_TEXT_QA",
+    "PAST_TENSE_FALLBACK",
     "RAG_TEMPLATES",
     "fit_mix",
     "in_contexts",
     "material",
-    "PAST_TENSE_FALLBACK",
     "past_tense_use",
-    "to_past_tense",
     "place",
     "request_dev_mask",
     "structured_use",
+    "to_past_tense",
     "tool_use",
 ]
 
@@ -499,7 +499,7 @@ def to_past_tense(text: str) -> str:
 
 def past_tense_use(prompts: Sequence[LabelledPrompt], share: float = 0.3, seed: int = 0) -> list[ContextConversation]:
     """A seeded ``share`` of the text prompts of each label that a rule rewrites to the past tense
-    (:func:`ohd_guard.attacks.to_past_tense`: "How do I X?" -> "In the past, how did people X?"), label
+    (:func:`to_past_tense`: "How do I X?" -> "In the past, how did people X?"), label
     kept ("jailbreak/past_tense"). Refusal training and probes fitted on present-tense requests pass
     the rewrite (Andriushchenko & Flammarion, 2024); benign rewrites are there so the tense alone does not flag."""
     if not 0.0 < share <= 1.0:
