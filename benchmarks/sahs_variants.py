@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = {k: x for name, items in sets.items() for k, x in zip(keys[name], items) if k not in cache}
     say(f"{len(cache)} reads cached in {args.reads}, {len(todo)} items to read")
     reader, pending, t0 = PrefillReader(model, tok), list(todo.items()), time.perf_counter()
-    for i in range(0, len(pending), args.save_every):  # fit items first: a stopped read can still select heads
+    for i in range(0, len(pending), args.save_every):  # fit items come first, evaluation sets after them
         chunk = pending[i:i + args.save_every]
         fresh = reader.read([x for _, x in chunk], args.batch_size).heads.astype(np.float32)
         cache.update(zip((k for k, _ in chunk), fresh))
