@@ -19,7 +19,7 @@ threshold is each probe's own (probability 0.5), fixed at fit time.
         --eval-per-class 40 --toxicchat-dev 400 --extra-per-set 30
 
 Reads are cached per item (key: the item's messages), so a run with more items reads only the new ones,
-and saved every ``--save-every`` items, so a read stopped part way (the 1.5B model reads about 7 s per
+and saved every ``--save-every`` items, so a read stopped part way (the 1.5B model reads 4-7 s per
 item on 2 CPU cores) goes on from there; ``--model`` names the model (one reads file per model).
 ``--select-heads 16,32,48,64`` first picks the number of heads on a dev split of the *fit* items (never
 the evaluation sets); with ``--gate-app-cases``, the lowest dev log-loss count whose profile is right on
