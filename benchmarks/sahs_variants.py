@@ -170,17 +170,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.gate_app_cases:  # a default that refuses "What's the weather in Paris?" with its tool does not ship
             y_case = np.array([c.label for c in sets["app cases (right verdicts)"]])
             for r in sorted(sel.selection_, key=lambda r: r["dev_log_loss"]):
-                prof = fit(r["heads"])
+                prof = profiles[f"k{r['heads']}"] = fit(r["heads"])  # kept: a kN variant reuses it
                 wrong = int(((scorer(prof)(reads["app cases (right verdicts)"]) > 0) != (y_case == 1)).sum())
                 print(f"app-case gate: {r['heads']} heads (dev log-loss {r['dev_log_loss']:.4f}): {wrong} app cases wrong")
                 if not wrong:
                     chosen = r["heads"]
-                    profiles[f"k{chosen}"] = prof
                     break
             else:
                 ap.error("--gate-app-cases: no head count gets every app case right")
             print(f"\nchosen on the dev split and the app-case gate: {chosen} heads\n")
-        say(f"dev split chose k{chosen}")
+        say(f"chose k{chosen}")
         if f"k{chosen}" not in wanted:
             wanted.append(f"k{chosen}")
         if args.write and args.write[0] == "selected":
@@ -204,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(scorer(fit(k, idx)))
             scorers[v] = lambda f, parts=parts: np.mean([p(f) for p in parts], axis=0)
         elif v.startswith("k") and v[1:].isdigit():
-            profiles[v] = fit(int(v[1:]))
+            if v not in profiles:
+                profiles[v] = fit(int(v[1:]))
             scorers[v] = scorer(profiles[v])
         else:
             ap.error(f"unknown variant {v!r}")

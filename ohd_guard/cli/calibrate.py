@@ -66,8 +66,9 @@ def _in_contexts(args, items: list, sources: list[str], model, processor) -> tup
     """The fit items as the shipped profiles are fitted: each once bare and once placed in one of
     ``--contexts`` (``ohd_guard.contexts.fit_mix``), with ``tools`` also the requests addressed to a
     bound tool (``tool_use``), with ``structured`` the requests a response schema is for
-    (``structured_use``), with ``jailbreak`` past-tense rewrites (``past_tense_use``); unchanged with ``--contexts none``. A placed prompt longer than the
-    model's context window is left out (said on stderr)."""
+    (``structured_use``), with ``jailbreak`` past-tense rewrites (``past_tense_use``); unchanged with
+    ``--contexts none``. A placed prompt longer than the model's context window is left out (said on
+    stderr)."""
     if not args.contexts:
         return items, sources
     from ohd_guard.adapters import get_adapter
