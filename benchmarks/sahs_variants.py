@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reads", type=Path, required=True,
                     help="npz of the reads, cached per item and saved every --save-every items (one file per model)")
     ap.add_argument("--model", default=None, help="embedded model name (default: the embedded default)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the dtype the model reads in (a reads file holds one dtype; bfloat16 reads about 4.6x faster "
+                         "on a CPU with AMX, and its profile records that it was fitted in bfloat16)")
     ap.add_argument("--save-every", type=int, default=128, help="items read between saves of --reads (a long read "
                     "that is stopped keeps what it read)")
     ap.add_argument("--per-class", type=int, default=150)
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     embedded = embedded_model(args.model)
     if embedded is None:
         ap.error(f"--model: not an embedded model: {args.model!r}")
-    model, tok = load_model(embedded.name)
+    model, tok = load_model(embedded.name, dtype=args.dtype)
     d = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set)
     unsafe = [x for x in d["fit_all"] if x.label == 1]
     safe = [x for x in d["fit_all"] if x.label == 0]
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             owner = str(z["model"]) if "model" in z.files else embedded_model(None).name
             if owner != embedded.name:
                 ap.error(f"--reads {args.reads} holds {owner}'s reads, not {embedded.name}'s: name another file")
+            read_dtype = str(z["dtype"]) if "dtype" in z.files else "float32"  # older files: float32 reads
+            if read_dtype != args.dtype:
+                ap.error(f"--reads {args.reads} holds {read_dtype} reads, not {args.dtype}: name another file")
             cache = dict(zip(z["keys"].tolist(), z["heads"]))
     keys = {name: [_key(x) for x in items] for name, items in sets.items()}
     todo = {k: x for name, items in sets.items() for k, x in zip(keys[name], items) if k not in cache}
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         fresh = reader.read([x for _, x in chunk], args.batch_size).heads.astype(np.float32)
         cache.update(zip((k for k, _ in chunk), fresh))
         tmp = args.reads.with_name(args.reads.name + ".part.npz")  # written whole, then renamed: never half a file
-        np.savez(tmp, keys=np.array(list(cache)), heads=np.stack(list(cache.values())), model=embedded.name)
+        np.savez(tmp, keys=np.array(list(cache)), heads=np.stack(list(cache.values())), model=embedded.name,
+                 dtype=args.dtype)
         tmp.replace(args.reads)
         say(f"read {i + len(chunk)} of {len(pending)} items in {time.perf_counter() - t0:.0f} s; saved to {args.reads}")
     reads = {name: np.stack([cache[k] for k in keys[name]]) for name in sets}
