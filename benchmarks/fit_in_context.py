@@ -78,11 +78,14 @@ def summary(rows: list[dict]) -> str:
 
 
 def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_dev: int,
-                extra_per_set: int) -> dict[str, Any]:
+                extra_per_set: int, toxicchat_fit: tuple[int, int] | None = None) -> dict[str, Any]:
     """The fit items (bare, then in context, then tool and structured use and past-tense rewrites), the evaluation sets and the fit's sources, as
     ``fit_bare``, ``fit_all``, ``sources``, ``evals`` (held-out split per context), ``tc`` (ToxicChat
     dev) and ``extra`` (held-out tool use, look-alikes, public harmful sets, attacks). Deterministic:
-    every script comparing candidates on these sizes sees the same items."""
+    every script comparing candidates on these sizes sees the same items. ``toxicchat_fit``
+    (toxic, non-toxic) replaces ``traffic_n // 2`` of each for ToxicChat's fit split only (it holds 267
+    toxic prompts of 1,978); the larger of two counts is a superset of the smaller (the same seeded
+    order), so a bigger ToxicChat share adds reads rather than replacing them."""
     from ohd_guard.attacks import make_attacks
     from ohd_guard.contexts import fit_mix, in_contexts, structured_use, tool_use
     from ohd_guard.datasets import (
@@ -99,24 +102,30 @@ def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_d
     bare += stratified([p for p in items if p.label == 0], per_class, seed=0)
     tc_fit, tc_dev = split_dev(load_shared_set("toxicchat_train_human"), 0.25, seed=0)
     gr_fit, _ = split_dev(load_shared_set("guardreasonertrain_prompts_5k"), 0.25, seed=0)
-    traffic = []
-    for src in (tc_fit, gr_fit):
-        for label in (1, 0):
-            traffic += stratified([p for p in src if p.label == label], traffic_n // 2, seed=0)
+    n = traffic_n // 2
+    tc_n = toxicchat_fit or (n, n)
+    tc_u, tc_s = (stratified([p for p in tc_fit if p.label == label], k, seed=0) for label, k in zip((1, 0), tc_n))
+    gr = [x for label in (1, 0) for x in stratified([p for p in gr_fit if p.label == label], n, seed=0)]
+    # ToxicChat beyond n per class goes last: fit_mix draws contexts in list order, so the items of the
+    # plain recipe keep their placements (and cached reads) when ToxicChat's share grows
+    traffic = tc_u[:n] + tc_s[:n] + gr + tc_u[n:] + tc_s[n:]
     fit_bare = bare + traffic
     fit_all = fit_mix(fit_bare)  # each once bare, once in a context of the fit material, then tool and structured use, past tense
-    n = traffic_n // 2
     sources = [*sources, f"of the above, a seeded stratified sample of {per_class} unsafe + {per_class} safe "
-               "(benchmarks/fit_in_context.py, build_items)", f"toxicchat_train_human (fit split, {n} + {n})",
+               "(benchmarks/fit_in_context.py, build_items)",
+               f"toxicchat_train_human (fit split, {len(tc_u)} + {len(tc_s)})",
                f"guardreasonertrain_prompts_5k (fit split, {n} + {n})",
                f"each of the {len(fit_bare)} once more in a context of ohd_guard.contexts (fit material, contexts.fit_mix), "
                "then the requests addressed to a bound tool (tool_use) and in a response schema made for them "
                "(structured_use), and a share of them rewritten to the past tense (past_tense_use)"]
-    held = dedupe_against(load_calibration_prompts("heldout"), fit_bare)
+    # evaluation items are deduplicated against the whole fit splits of the traffic sets, not only the
+    # sampled fit items, so they stay the same whatever share of a set the fit takes
+    seen = bare + tc_fit + gr_fit
+    held = dedupe_against(load_calibration_prompts("heldout"), seen)
     hu = stratified([p for p in held if p.label == 1], eval_per_class, seed=1)
     hs = stratified([p for p in held if p.label == 0], eval_per_class, seed=1)
     evals = {c: in_contexts(hu + hs, kinds=(c,), seed=1, split="heldout") for c in EVAL_CONTEXTS}
-    tc = dedupe_against(tc_dev, fit_bare)
+    tc = dedupe_against(tc_dev, seen)
     if len(tc) > toxicchat_dev:  # a seeded random sample keeps the set's real class ratio (about 13 % toxic)
         tc = random.Random(2).sample(tc, toxicchat_dev)
     extra: dict[str, list] = {"held-out tool use": tool_use("heldout"),  # requests addressed to held-out tools
@@ -126,7 +135,7 @@ def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_d
         extra["own look-alike pairs"] = [p for p in held if p.category.startswith("contrast_")]
         for name in ("oktest", "phtest_harmless", "coconot_contrast", "orbench_hard", "advbench", "harmfulqa",
                      "catqa", "do_not_answer", "past_tense"):
-            extra[name] = stratified(dedupe_against(load_shared_set(name), fit_bare), k, seed=4)
+            extra[name] = stratified(dedupe_against(load_shared_set(name), seen), k, seed=4)
         seeds = stratified([p for p in held if p.label == 1 and not p.category.startswith("contrast_")], k, seed=5)
         attacks = make_attacks(seeds, ("instruction_suffix", "benign_padding", "past_tense", "jailbreak_wrapper",
                                        "multi_turn", "split_turns"), include_direct=False)
@@ -141,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=150, help="shipped fit prompts per class")
     ap.add_argument("--traffic", type=int, default=120, help="real-traffic fit prompts per class")
     ap.add_argument("--eval-per-class", type=int, default=30, help="held-out prompts per class, per context")
+    ap.add_argument("--toxicchat-fit", default=None, metavar="TOXIC,NONTOXIC",
+                    help="ToxicChat fit prompts per class instead of --traffic's half each (its fit split holds 267 "
+                         "toxic of 1,978): real traffic's own mix of requests, most of them benign")
     ap.add_argument("--toxicchat-dev", type=int, default=150, help="ToxicChat dev prompts (at their real ratio)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--target-fpr", type=float, default=None, help="threshold for this FPR on the benign fit items")
@@ -181,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model)
 
     # -- data ----------------------------------------------------------------------------------
-    data = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set)
+    tc_fit = tuple(int(v) for v in args.toxicchat_fit.split(",")) if args.toxicchat_fit else None
+    data = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set,
+                    tc_fit)
     fit_bare, fit_all, sources, evals, tc, extra = (data[k] for k in ("fit_bare", "fit_all", "sources", "evals", "tc",
                                                                      "extra"))
     fit_ctx = fit_all[len(fit_bare):]
