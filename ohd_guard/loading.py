@@ -204,7 +204,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU (fast and exact there), bfloat16 on accelerators."""
+    """``auto``: float32 on CPU (exact; on a CPU with AMX, ``"bfloat16"`` prefills several times faster,
+    ``benchmarks/bench_dtype.py``), bfloat16 on accelerators."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
