@@ -77,6 +77,15 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def class_counts(text: str) -> tuple[int, int]:
+    """``--toxicchat-fit`` as argparse reads it: "TOXIC,NONTOXIC", two counts."""
+    try:
+        toxic, nontoxic = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOXIC,NONTOXIC (two integers), not {text!r}") from None
+    return toxic, nontoxic
+
+
 def build_items(per_class: int, traffic_n: int, eval_per_class: int, toxicchat_dev: int,
                 extra_per_set: int, toxicchat_fit: tuple[int, int] | None = None) -> dict[str, Any]:
     """The fit items (bare, then in context, then tool and structured use and past-tense rewrites), the evaluation sets and the fit's sources, as
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=150, help="shipped fit prompts per class")
     ap.add_argument("--traffic", type=int, default=120, help="real-traffic fit prompts per class")
     ap.add_argument("--eval-per-class", type=int, default=30, help="held-out prompts per class, per context")
-    ap.add_argument("--toxicchat-fit", default=None, metavar="TOXIC,NONTOXIC",
+    ap.add_argument("--toxicchat-fit", type=class_counts, default=None, metavar="TOXIC,NONTOXIC",
                     help="ToxicChat fit prompts per class instead of --traffic's half each (its fit split holds 267 "
                          "toxic of 1,978): real traffic's own mix of requests, most of them benign")
     ap.add_argument("--toxicchat-dev", type=int, default=150, help="ToxicChat dev prompts (at their real ratio)")
@@ -193,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model)
 
     # -- data ----------------------------------------------------------------------------------
-    tc_fit = tuple(int(v) for v in args.toxicchat_fit.split(",")) if args.toxicchat_fit else None
     data = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set,
-                    tc_fit)
+                       args.toxicchat_fit)
     fit_bare, fit_all, sources, evals, tc, extra = (data[k] for k in ("fit_bare", "fit_all", "sources", "evals", "tc",
                                                                      "extra"))
     fit_ctx = fit_all[len(fit_bare):]

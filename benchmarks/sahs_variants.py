@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fit_in_context import build_items, summary
+from fit_in_context import build_items, class_counts, summary
 
 
 def _key(x: Any) -> str:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=150)
     ap.add_argument("--traffic", type=int, default=120)
     ap.add_argument("--eval-per-class", type=int, default=30)
-    ap.add_argument("--toxicchat-fit", default=None, metavar="TOXIC,NONTOXIC",
+    ap.add_argument("--toxicchat-fit", type=class_counts, default=None, metavar="TOXIC,NONTOXIC",
                     help="ToxicChat fit prompts per class instead of --traffic's half each (its fit split holds 267 "
                          "toxic of 1,978): real traffic's own mix of requests, most of them benign")
     ap.add_argument("--toxicchat-dev", type=int, default=150)
@@ -106,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     if embedded is None:
         ap.error(f"--model: not an embedded model: {args.model!r}")
     model, tok = load_model(embedded.name, dtype=args.dtype)
-    tc_fit = tuple(int(v) for v in args.toxicchat_fit.split(",")) if args.toxicchat_fit else None
     d = build_items(args.per_class, args.traffic, args.eval_per_class, args.toxicchat_dev, args.extra_per_set,
-                    tc_fit)
+                    args.toxicchat_fit)
     unsafe = [x for x in d["fit_all"] if x.label == 1]
     safe = [x for x in d["fit_all"] if x.label == 0]
     tc = d["tc"]

@@ -521,8 +521,9 @@ def fit_mix(prompts: Sequence[LabelledPrompt], kinds: Sequence[str] = FIT_CONTEX
     for it (seeded), from the ``split`` material, then (when ``kinds`` has ``tools``) the
     :func:`tool_use` items of that material, (when it has ``structured``) its :func:`structured_use`
     items and (when it has ``jailbreak``) :func:`past_tense_use` of the prompts. A probe fitted on bare
-    prompts alone reads their surface form and moves when tools, RAG templates, history or operator prompts surround them; this
-    keeps the bare prompts and adds the same requests (labels kept) in the contexts users run.
+    prompts alone reads their surface form and moves when tools, RAG templates, history or operator
+    prompts surround them; this keeps the bare prompts and adds the same requests (labels kept) in the
+    contexts users run.
     Prompts with an image stay bare only."""
     unknown = [k for k in kinds if k not in CONTEXT_KINDS or k == "bare"]
     if unknown or not kinds:
