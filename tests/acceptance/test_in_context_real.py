@@ -75,20 +75,13 @@ FLOORS_1_5B = {  # the 1.5B SAHs profile fitted in context (session 15), on this
 
 
 @pytest.fixture(scope="module")
-def guard_1_5b():
-    import importlib.util
-
+def guard_1_5b(embedded_model_named):
     from ohd_guard.detectors import load_profile
     from ohd_guard.guard import OhdGuard
-    from ohd_guard.loading import embedded_model, load_model
     from ohd_guard.shipped import default_profile
 
-    m = embedded_model("qwen2.5-coder-1.5b-instruct")
-    missing = [p for p in m.packages if importlib.util.find_spec(p) is None]
-    if missing:
-        pytest.skip(f"{m.name} needs pip install 'ohd-guard[{m.extra}]' ({missing[0]} is not installed)")
-    model, tok = load_model(m.name)
-    g = OhdGuard(model, tok, load_profile(default_profile(m.name)), on_error="raise")
+    model, tok = embedded_model_named("qwen2.5-coder-1.5b-instruct")
+    g = OhdGuard(model, tok, load_profile(default_profile("qwen2.5-coder-1.5b-instruct")), on_error="raise")
     yield g
     g.close()
 
@@ -96,7 +89,6 @@ def guard_1_5b():
 @pytest.mark.parametrize("context", list(FLOORS_1_5B))
 def test_the_1_5b_profile_holds_its_floor_in_context(guard_1_5b, context):
     got = rates_in_context(guard_1_5b, context, N_1_5B)
-    print(context, got)
     floor_auroc, floor_dr, ceiling_fpr = FLOORS_1_5B[context]
     assert got[0] >= floor_auroc and got[1] >= floor_dr and got[2] <= ceiling_fpr, (context, got)
 

@@ -7,8 +7,6 @@ CI installs both); without them their tests skip and say which extra is missing.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,6 @@ from ohd_guard.datasets import evenly, load_calibration_prompts
 from ohd_guard.detectors import bind_detector, load_profile
 from ohd_guard.evaluation import joint_scores
 from ohd_guard.guard import OhdGuard
-from ohd_guard.loading import embedded_model, load_model
 from ohd_guard.rendering import encode_conversations
 from ohd_guard.shipped import DEFAULT_DETECTOR, KINDS, default_profile, shipped_profiles
 
@@ -39,13 +36,9 @@ FLAGS_DEMO = {"qwen2.5-coder-0.5b-instruct": True, "qwen2.5-coder-1.5b-instruct"
 
 
 @pytest.fixture(scope="module", params=list(AUROC_BAR))
-def loaded(request, real_model):
+def loaded(request, embedded_model_named):
     name = request.param
-    m = embedded_model(name)
-    missing = [p for p in m.packages if importlib.util.find_spec(p) is None]
-    if missing:
-        pytest.skip(f"{name} needs pip install 'ohd-guard[{m.extra}]' ({missing[0]} is not installed)")
-    model, tok = real_model if name == embedded_model(None).name else load_model(name)
+    model, tok = embedded_model_named(name)
     dets = {k: bind_detector(load_profile(p), model, tok) for k, p in shipped_profiles(name).items()}
     held = load_calibration_prompts("heldout")
     n = SLICE[name]
@@ -116,11 +109,8 @@ LONG = "Summarise these notes for the team:\n" + "\n".join(f"- item {i}: the bui
 
 
 @pytest.fixture(scope="module")
-def gemma():
-    m = embedded_model("gemma3-270m")
-    if importlib.util.find_spec(m.packages[0]) is None:
-        pytest.skip(f"needs pip install 'ohd-guard[{m.extra}]'")
-    model, tok = load_model("gemma3-270m")
+def gemma(embedded_model_named):
+    model, tok = embedded_model_named("gemma3-270m")
     assert len(tok(LONG)["input_ids"]) > model.config.sliding_window, "the prompt must exceed the sliding window"
     return model, tok
 
